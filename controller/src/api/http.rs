@@ -1,0 +1,28 @@
+//! The admin HTTP server: `GET /api/state` returns the whole state as JSON.
+
+use std::sync::Arc;
+
+use axum::{Json, Router, extract::State, routing::get};
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    error::ControllerError,
+    store::{StateView, Store},
+};
+
+/// Serves the admin endpoints until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<Store>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ControllerError> {
+    let app = Router::new().route("/api/state", get(state)).with_state(store);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { crate::stopped(&mut shutdown).await })
+        .await
+        .map_err(ControllerError::Admin)
+}
+
+async fn state(State(store): State<Arc<Store>>) -> Json<StateView> {
+    Json(store.view())
+}

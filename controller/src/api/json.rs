@@ -1,0 +1,212 @@
+//! The HW1 JSON control channel (TCP, 8080 by default).
+//!
+//! One task per connection reads frames, answers each with exactly one JSON object per write, and probes
+//! the server with `{"cmd":"hello"}` while it has backends registered. The connection is the
+//! registration: when it closes, or the server stops answering hellos, its backends are removed.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use dataplane::BackendSpec;
+use serde_json::Value;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream, tcp::OwnedWriteHalf},
+    sync::watch,
+    time::Instant,
+};
+use tracing::{debug, info, warn};
+
+use super::{
+    framing::{Frame, Framer},
+    request::{self, Request},
+};
+use crate::{
+    probe::{Probe, ProbeAction, ProbeSettings},
+    store::{Origin, Registration, Store},
+};
+
+/// Largest unfinished request a connection may buffer before it is cut off.
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// What every control connection shares.
+#[derive(Debug)]
+pub struct JsonContext {
+    /// The registry.
+    pub store: Arc<Store>,
+    /// Hello probe timing.
+    pub probe: ProbeSettings,
+    /// How long a `register` waits for nodes' bind results.
+    pub bind_ack_timeout: Duration,
+}
+
+/// Accepts control connections until `shutdown` turns true.
+pub async fn serve(listener: TcpListener, ctx: Arc<JsonContext>, mut shutdown: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(Connection::new(stream, peer, Arc::clone(&ctx)).run());
+                }
+                Err(error) => {
+                    warn!(%error, "control channel accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            () = crate::stopped(&mut shutdown) => return,
+        }
+    }
+}
+
+/// One control connection.
+struct Connection {
+    stream: Option<TcpStream>,
+    peer: SocketAddr,
+    ctx: Arc<JsonContext>,
+    registration: Registration,
+    /// Running while the registration holds backends.
+    probe: Option<Probe>,
+}
+
+// === impl Connection ===
+
+impl Connection {
+    fn new(stream: TcpStream, peer: SocketAddr, ctx: Arc<JsonContext>) -> Self {
+        let registration = ctx.store.open_registration(Origin::json(peer));
+        Connection { stream: Some(stream), peer, ctx, registration, probe: None }
+    }
+
+    async fn run(mut self) {
+        let Some(stream) = self.stream.take() else { return };
+        let _ = stream.set_nodelay(true);
+        let (mut reader, mut writer) = stream.into_split();
+        debug!(peer = %self.peer, "control channel opened");
+        let mut framer = Framer::new(MAX_REQUEST);
+        let mut buf = vec![0u8; 8192];
+        let reason = loop {
+            let probe_at = self.probe.as_ref().map(Probe::deadline);
+            tokio::select! {
+                read = reader.read(&mut buf) => {
+                    let n = match read {
+                        Ok(0) => break "control channel closed".to_owned(),
+                        Ok(n) => n,
+                        Err(error) => break format!("control channel error: {error}"),
+                    };
+                    framer.push(&buf[..n]);
+                    if let Err(reason) = self.on_input(&mut framer, &mut writer).await {
+                        break reason;
+                    }
+                }
+                () = sleep_until(probe_at), if probe_at.is_some() => {
+                    if let Err(reason) = self.on_probe_timer(&mut writer).await {
+                        break reason;
+                    }
+                }
+            }
+        };
+        let _ = writer.shutdown().await;
+        debug!(peer = %self.peer, %reason, "control channel closed");
+        self.registration.close(reason);
+    }
+
+    /// Answers every complete frame; `Err` closes the connection with that reason.
+    async fn on_input(&mut self, framer: &mut Framer, writer: &mut OwnedWriteHalf) -> Result<(), String> {
+        while let Some(frame) = framer.next_frame() {
+            let reply = match frame {
+                Frame::Value(value) => self.on_request(&value).await,
+                Frame::Invalid(why) => Some(request::failed(&format!("invalid JSON: {why}"))),
+            };
+            if let Some(reply) = reply {
+                write(writer, &reply).await?;
+            }
+        }
+        if framer.is_over_limit() {
+            let why = format!("request larger than {MAX_REQUEST} bytes without a complete JSON object");
+            write(writer, &request::failed(&why)).await?;
+            return Err(why);
+        }
+        Ok(())
+    }
+
+    async fn on_request(&mut self, value: &Value) -> Option<Value> {
+        let request = match Request::parse(value) {
+            Ok(request) => request,
+            Err(why) => {
+                debug!(peer = %self.peer, %why, "bad request");
+                return Some(request::failed(&why));
+            }
+        };
+        let reply = match request {
+            Request::HelloAck => {
+                if let Some(probe) = &mut self.probe {
+                    probe.on_answer();
+                }
+                return None;
+            }
+            Request::Hello => {
+                // A server checking on the controller is alive too.
+                if let Some(probe) = &mut self.probe {
+                    probe.on_answer();
+                }
+                request::hello_ack()
+            }
+            Request::Register { service, backend_port, weight } => {
+                let backend = BackendSpec { addr: SocketAddr::new(self.peer.ip(), backend_port), weight };
+                match self.registration.register(service, backend, self.ctx.bind_ack_timeout).await {
+                    Ok(reply) if reply.success => request::successful(reply.message.as_deref()),
+                    Ok(reply) => {
+                        let why = reply.message.unwrap_or_default();
+                        info!(peer = %self.peer, %service, %why, "registration failed");
+                        request::failed(&why)
+                    }
+                    Err(error) => request::failed(&error.to_string()),
+                }
+            }
+            Request::Unregister { service, backend_port } => {
+                let backend = SocketAddr::new(self.peer.ip(), backend_port);
+                match self.ctx.store.unregister(service, backend, "unregistered by the server") {
+                    Ok(_) => request::successful(None),
+                    Err(error) => request::failed(&error.to_string()),
+                }
+            }
+        };
+        self.sync_probe();
+        Some(reply)
+    }
+
+    /// Probing runs exactly while the connection has backends registered.
+    fn sync_probe(&mut self) {
+        match (self.registration.has_backends(), self.probe.is_some()) {
+            (true, false) => self.probe = Some(Probe::new(self.ctx.probe, Instant::now())),
+            (false, true) => self.probe = None,
+            _ => {}
+        }
+    }
+
+    async fn on_probe_timer(&mut self, writer: &mut OwnedWriteHalf) -> Result<(), String> {
+        let Some(probe) = &mut self.probe else { return Ok(()) };
+        match probe.on_timer(Instant::now()) {
+            ProbeAction::Wait => Ok(()),
+            ProbeAction::SendHello(seq) => {
+                debug!(peer = %self.peer, seq, "hello");
+                write(writer, &request::hello()).await
+            }
+            ProbeAction::Expired { misses } => {
+                warn!(peer = %self.peer, misses, "server stopped answering hellos");
+                Err(format!("no answer to {misses} hellos in a row"))
+            }
+        }
+    }
+}
+
+/// Writes one JSON object and its newline in a single write, so an ack and a hello never share one.
+async fn write(writer: &mut OwnedWriteHalf, value: &Value) -> Result<(), String> {
+    let mut line = value.to_string();
+    line.push('\n');
+    writer.write_all(line.as_bytes()).await.map_err(|e| format!("control channel write failed: {e}"))
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at).await;
+    }
+}

@@ -1,0 +1,179 @@
+//! Requests of the HW1 JSON control channel, validated out of a parsed JSON value, and the replies.
+//!
+//! Every failure is a sentence for the `msg` of a `{"ack":"failed"}` reply.
+
+use dataplane::{Protocol, ServiceKey};
+use serde_json::{Map, Value, json};
+
+/// One request of a registered (or registering) server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `{"cmd":"register","protocol":P,"port":N}`, optionally `backend_port` and `weight`.
+    Register {
+        /// The service to join.
+        service: ServiceKey,
+        /// Where the backend listens (default: the service port).
+        backend_port: u16,
+        /// Relative weight (default 1).
+        weight: u32,
+    },
+    /// `{"cmd":"unregister","protocol":P,"port":N}`, optionally `backend_port`.
+    Unregister {
+        /// The service to leave.
+        service: ServiceKey,
+        /// Where the backend listens (default: the service port).
+        backend_port: u16,
+    },
+    /// `{"cmd":"hello"}` from the server: it asks whether the controller is alive.
+    Hello,
+    /// `{"ack":"hello"}`: the answer to a probe, or an unsolicited heartbeat.
+    HelloAck,
+}
+
+// === impl Request ===
+
+impl Request {
+    /// Validates one JSON value.
+    pub fn parse(value: &Value) -> Result<Self, String> {
+        let Value::Object(fields) = value else {
+            return Err(format!("expected a JSON object, got {}", kind(value)));
+        };
+        if let Some(ack) = fields.get("ack") {
+            return match ack.as_str() {
+                Some(a) if a.eq_ignore_ascii_case("hello") => Ok(Request::HelloAck),
+                _ => Err(format!("unexpected ack {ack}: only \"hello\" is answered by servers")),
+            };
+        }
+        let cmd = string_field(fields, "cmd")?;
+        if cmd.eq_ignore_ascii_case("hello") {
+            return Ok(Request::Hello);
+        }
+        let register = cmd.eq_ignore_ascii_case("register");
+        if !register && !cmd.eq_ignore_ascii_case("unregister") {
+            return Err(format!("unknown cmd {cmd:?} (expected register, unregister or hello)"));
+        }
+        let protocol = string_field(fields, "protocol")?;
+        let protocol: Protocol =
+            protocol.parse().map_err(|_| format!("unknown protocol {protocol:?} (expected tcp or udp)"))?;
+        let port = port_field(fields, "port")?.ok_or("missing field \"port\"")?;
+        let service = ServiceKey { protocol, port };
+        let backend_port = port_field(fields, "backend_port")?.unwrap_or(port);
+        if !register {
+            return Ok(Request::Unregister { service, backend_port });
+        }
+        let weight = match fields.get("weight") {
+            None | Some(Value::Null) => 1,
+            Some(w) => w
+                .as_u64()
+                .and_then(|w| u32::try_from(w).ok())
+                .filter(|&w| (1..=10_000).contains(&w))
+                .ok_or_else(|| format!("\"weight\" must be an integer in 1..=10000, got {w}"))?,
+        };
+        Ok(Request::Register { service, backend_port, weight })
+    }
+}
+
+fn string_field<'a>(fields: &'a Map<String, Value>, name: &str) -> Result<&'a str, String> {
+    match fields.get(name) {
+        None => Err(format!("missing field {name:?}")),
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(format!("{name:?} must be a string, got {}", kind(other))),
+    }
+}
+
+fn port_field(fields: &Map<String, Value>, name: &str) -> Result<Option<u16>, String> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|&p| p != 0)
+            .map(Some)
+            .ok_or_else(|| format!("{name:?} must be an integer in 1..=65535, got {v}")),
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// `{"ack":"successful"}`, with an optional note.
+pub fn successful(note: Option<&str>) -> Value {
+    match note {
+        Some(msg) => json!({"ack": "successful", "msg": msg}),
+        None => json!({"ack": "successful"}),
+    }
+}
+
+/// `{"ack":"failed","msg":why}`.
+pub fn failed(why: &str) -> Value {
+    json!({"ack": "failed", "msg": why})
+}
+
+/// The probe the controller sends: `{"cmd":"hello"}`.
+pub fn hello() -> Value {
+    json!({"cmd": "hello"})
+}
+
+/// The answer to a server's own hello: `{"ack":"hello"}`.
+pub fn hello_ack() -> Value {
+    json!({"ack": "hello"})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Request, String> {
+        Request::parse(&serde_json::from_str(text).unwrap())
+    }
+
+    #[test]
+    fn hw1_requests_with_any_case() {
+        assert_eq!(
+            parse(r#"{"cmd":"REGISTER","protocol":"Tcp","port":80}"#),
+            Ok(Request::Register { service: ServiceKey::tcp(80), backend_port: 80, weight: 1 })
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"unregister","protocol":"udp","port":53,"backend_port":5353}"#),
+            Ok(Request::Unregister { service: ServiceKey::udp(53), backend_port: 5353 })
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"register","protocol":"udp","port":53,"backend_port":5353,"weight":3}"#),
+            Ok(Request::Register { service: ServiceKey::udp(53), backend_port: 5353, weight: 3 })
+        );
+        assert_eq!(parse(r#"{"ack":"HELLO"}"#), Ok(Request::HelloAck));
+        assert_eq!(parse(r#"{"cmd":"hello"}"#), Ok(Request::Hello));
+    }
+
+    #[test]
+    fn every_bad_input_has_a_reason() {
+        let cases = [
+            (r#"[1]"#, "expected a JSON object, got an array"),
+            (r#"{"protocol":"tcp","port":80}"#, "missing field \"cmd\""),
+            (r#"{"cmd":7}"#, "\"cmd\" must be a string, got a number"),
+            (r#"{"cmd":"jump"}"#, "unknown cmd \"jump\""),
+            (r#"{"cmd":"register","port":80}"#, "missing field \"protocol\""),
+            (r#"{"cmd":"register","protocol":"sctp","port":80}"#, "unknown protocol \"sctp\""),
+            (r#"{"cmd":"register","protocol":"tcp"}"#, "missing field \"port\""),
+            (r#"{"cmd":"register","protocol":"tcp","port":"80"}"#, "\"port\" must be an integer in 1..=65535"),
+            (r#"{"cmd":"register","protocol":"tcp","port":0}"#, "\"port\" must be an integer in 1..=65535"),
+            (r#"{"cmd":"register","protocol":"tcp","port":65536}"#, "\"port\" must be an integer in 1..=65535"),
+            (r#"{"cmd":"register","protocol":"tcp","port":-1}"#, "\"port\" must be an integer in 1..=65535"),
+            (r#"{"cmd":"register","protocol":"tcp","port":8.5}"#, "\"port\" must be an integer in 1..=65535"),
+            (r#"{"cmd":"register","protocol":"tcp","port":80,"weight":0}"#, "\"weight\" must be an integer"),
+            (r#"{"ack":"successful"}"#, "unexpected ack"),
+        ];
+        for (input, reason) in cases {
+            let err = parse(input).unwrap_err();
+            assert!(err.starts_with(reason), "{input}: {err}");
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Command-line flags of `controller`. Every flag has an environment override; library code never sees
+//! this type, only the validated [`crate::Config`].
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use clap::Parser;
+
+/// Switchboard controller: the registry of services and backends, with an embedded data-plane node.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "controller", version, about)]
+pub struct Cli {
+    /// Address of the HW1 JSON control channel.
+    #[arg(long, env = "SWITCHBOARD_JSON_LISTEN", default_value = "0.0.0.0:8080")]
+    pub json_listen: SocketAddr,
+
+    /// Address of the gRPC API (Registry, Admin, health, reflection).
+    #[arg(long, env = "SWITCHBOARD_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
+    pub grpc_listen: SocketAddr,
+
+    /// Address of the admin HTTP server (`GET /api/state`).
+    #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN", default_value = "127.0.0.1:9901")]
+    pub admin_listen: SocketAddr,
+
+    /// IP address the embedded node binds frontends on.
+    #[arg(long, env = "SWITCHBOARD_FRONTEND_ADDRESS", default_value = "0.0.0.0")]
+    pub frontend_address: IpAddr,
+
+    /// Time between two hello probes to a registered server.
+    #[arg(long, env = "SWITCHBOARD_HELLO_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub hello_interval: Duration,
+
+    /// Time a server has to answer one hello.
+    #[arg(long, env = "SWITCHBOARD_HELLO_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub hello_timeout: Duration,
+
+    /// Unanswered hellos in a row after which a server is removed and its channel closed.
+    #[arg(long, env = "SWITCHBOARD_HELLO_FAILURES", default_value_t = 3)]
+    pub hello_failures: u32,
+
+    /// Ports services may use, e.g. `80,8000-8999`. The controller's own ports are always refused.
+    #[arg(long, env = "SWITCHBOARD_ALLOWED_PORTS", default_value = "1-65535")]
+    pub allowed_ports: String,
+
+    /// Print the whole routing table to stderr after every change.
+    #[arg(long, env = "SWITCHBOARD_PRINT_STATE")]
+    pub print_state: bool,
+
+    /// Do not run a data-plane node inside the controller.
+    #[arg(long, env = "SWITCHBOARD_NO_EMBEDDED_DATAPLANE")]
+    pub no_embedded_dataplane: bool,
+
+    /// How long a registration waits for nodes to report whether they could bind its frontend.
+    #[arg(long, env = "SWITCHBOARD_BIND_ACK_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub bind_ack_timeout: Duration,
+
+    /// Time allowed to connect to one backend before the next one is tried.
+    #[arg(long, env = "SWITCHBOARD_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// A UDP session with no datagram either way for this long ends.
+    #[arg(long, env = "SWITCHBOARD_UDP_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub udp_idle_timeout: Duration,
+
+    /// Most UDP sessions per frontend.
+    #[arg(long, env = "SWITCHBOARD_UDP_MAX_SESSIONS", default_value_t = 65_536)]
+    pub udp_max_sessions: usize,
+
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    pub check: bool,
+}

@@ -1,0 +1,159 @@
+//! The validated configuration of a controller, built from [`crate::Cli`]: parse first, bind later.
+
+use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+use dataplane::NodeConfig;
+
+use crate::{cli::Cli, error::ConfigError, probe::ProbeSettings};
+
+/// Everything a controller needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HW1 JSON control channel listener.
+    pub json_listen: SocketAddr,
+    /// gRPC listener.
+    pub grpc_listen: SocketAddr,
+    /// Admin HTTP listener.
+    pub admin_listen: SocketAddr,
+    /// Hello probes of registered servers.
+    pub probe: ProbeSettings,
+    /// Ports services may use.
+    pub allowed_ports: PortRanges,
+    /// Print the routing table after every change.
+    pub print_state: bool,
+    /// How long a registration waits for bind results.
+    pub bind_ack_timeout: Duration,
+    /// The embedded node, unless disabled.
+    pub embedded_node: Option<NodeConfig>,
+    /// Only validate.
+    pub check: bool,
+}
+
+/// A set of port ranges, e.g. `80,8000-8999`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortRanges(Vec<(u16, u16)>);
+
+// === impl Config ===
+
+impl TryFrom<Cli> for Config {
+    type Error = ConfigError;
+
+    fn try_from(cli: Cli) -> Result<Self, Self::Error> {
+        let positive = |flag: &'static str, d: Duration| {
+            if d.is_zero() { Err(ConfigError::Invalid { flag, why: "must be more than zero" }) } else { Ok(d) }
+        };
+        let probe = ProbeSettings {
+            interval: positive("hello-interval", cli.hello_interval)?,
+            timeout: positive("hello-timeout", cli.hello_timeout)?,
+            failures: match cli.hello_failures {
+                0 => return Err(ConfigError::Invalid { flag: "hello-failures", why: "must be at least 1" }),
+                n => n,
+            },
+        };
+        if cli.udp_max_sessions == 0 {
+            return Err(ConfigError::Invalid { flag: "udp-max-sessions", why: "must be at least 1" });
+        }
+        let embedded_node = (!cli.no_embedded_dataplane).then(|| NodeConfig {
+            node_id: "embedded".to_owned(),
+            frontend_address: cli.frontend_address,
+            connect_timeout: cli.connect_timeout,
+            udp_idle_timeout: cli.udp_idle_timeout,
+            udp_max_sessions: cli.udp_max_sessions,
+            load_report_interval: Duration::from_millis(100),
+        });
+        Ok(Config {
+            json_listen: cli.json_listen,
+            grpc_listen: cli.grpc_listen,
+            admin_listen: cli.admin_listen,
+            probe,
+            allowed_ports: cli.allowed_ports.parse()?,
+            print_state: cli.print_state,
+            bind_ack_timeout: positive("bind-ack-timeout", cli.bind_ack_timeout)?,
+            embedded_node,
+            check: cli.check,
+        })
+    }
+}
+
+// === impl PortRanges ===
+
+impl PortRanges {
+    /// True when `port` is in one of the ranges.
+    pub fn contains(&self, port: u16) -> bool {
+        self.0.iter().any(|&(lo, hi)| (lo..=hi).contains(&port))
+    }
+}
+
+impl Default for PortRanges {
+    fn default() -> Self {
+        PortRanges(vec![(1, 65535)])
+    }
+}
+
+impl FromStr for PortRanges {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |why: String| ConfigError::AllowedPorts { value: s.to_owned(), why };
+        let port = |p: &str| match p.trim().parse::<u16>() {
+            Ok(0) | Err(_) => Err(err(format!("{p:?} is not a port in 1..=65535"))),
+            Ok(p) => Ok(p),
+        };
+        let mut ranges = Vec::new();
+        for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+            let (lo, hi) = match part.split_once('-') {
+                Some((lo, hi)) => (port(lo)?, port(hi)?),
+                None => (port(part)?, port(part)?),
+            };
+            if lo > hi {
+                return Err(err(format!("range {part:?} is backwards")));
+            }
+            ranges.push((lo, hi));
+        }
+        if ranges.is_empty() {
+            return Err(err("no port given".to_owned()));
+        }
+        Ok(PortRanges(ranges))
+    }
+}
+
+impl fmt::Display for PortRanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, &(lo, hi)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            if lo == hi { write!(f, "{lo}")? } else { write!(f, "{lo}-{hi}")? }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges_parse_and_match() {
+        let r: PortRanges = "80, 8000-8999".parse().unwrap();
+        assert!(r.contains(80) && r.contains(8000) && r.contains(8999));
+        assert!(!r.contains(81) && !r.contains(9000));
+        assert_eq!(r.to_string(), "80,8000-8999");
+        for bad in ["", "0", "70000", "9-1", "a-b", "1-"] {
+            assert!(bad.parse::<PortRanges>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_zero_failures_is_not() {
+        use clap::Parser;
+        let config = Config::try_from(Cli::parse_from(["controller"])).unwrap();
+        assert_eq!(config.json_listen.port(), 8080);
+        assert_eq!(config.grpc_listen.port(), 50051);
+        assert_eq!(config.probe.interval, Duration::from_secs(2));
+        assert!(config.embedded_node.is_some());
+        let cli = Cli::parse_from(["controller", "--hello-failures", "0", "--hello-interval", "300ms"]);
+        assert_eq!(cli.hello_interval, Duration::from_millis(300));
+        assert!(Config::try_from(cli).is_err());
+    }
+}

@@ -1,0 +1,78 @@
+//! Errors of the controller, one enum per boundary.
+
+use std::{io, net::SocketAddr};
+
+use dataplane::ServiceKey;
+
+/// A registry change the store refuses. Its `Display` is the reason a registering server reads.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The port is outside `--allowed-ports`.
+    #[error("port {port} is outside the allowed ports {allowed}")]
+    PortNotAllowed {
+        /// The requested port.
+        port: u16,
+        /// The allowed ranges, as configured.
+        allowed: String,
+    },
+    /// The port is one of the controller's own listeners.
+    #[error("port {port} is the controller's own port")]
+    ReservedPort {
+        /// The requested port.
+        port: u16,
+    },
+    /// No such backend in that service.
+    #[error("no backend {backend} in service {service}")]
+    NotFound {
+        /// The service looked in.
+        service: ServiceKey,
+        /// The backend looked for.
+        backend: SocketAddr,
+    },
+}
+
+/// Why the controller cannot start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    /// A listener could not be bound.
+    #[error("cannot listen for {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The configured address.
+        addr: SocketAddr,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The reflection service could not load the descriptors.
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+    /// The admin HTTP server failed.
+    #[error("admin HTTP server: {0}")]
+    Admin(#[source] io::Error),
+}
+
+/// A configuration value that makes no sense.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// `--allowed-ports` could not be parsed.
+    #[error("invalid --allowed-ports {value:?}: {why}")]
+    AllowedPorts {
+        /// The value given.
+        value: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A value out of its range.
+    #[error("invalid --{flag}: {why}")]
+    Invalid {
+        /// The flag, without dashes.
+        flag: &'static str,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+}

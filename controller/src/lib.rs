@@ -1,0 +1,163 @@
+//! The Switchboard controller: the registry of services and their backends. Servers register over the
+//! HW1 JSON control channel or the gRPC `Registry` service; the [`Store`] versions every change into an
+//! immutable routing snapshot that data-plane nodes follow; by default one node runs embedded in this
+//! process, so a single command gives a working load balancer.
+//!
+//! # Layout
+//! - [`cli`] and [`config`]: flags, and the validated configuration built from them.
+//! - [`store`]: the single source of truth, snapshots, node bookkeeping.
+//! - [`probe`]: the hello health check shared by both registration channels.
+//! - [`api`]: JSON channel, gRPC, admin HTTP.
+//! - [`error`]: one error enum per boundary.
+
+pub mod api;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod probe;
+pub mod store;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use dataplane::{Node, NodeConfig};
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+    task::JoinSet,
+};
+
+pub use cli::Cli;
+pub use config::Config;
+pub use error::{ConfigError, ControllerError, StoreError};
+pub use store::Store;
+
+/// A controller whose listeners are bound, ready to [`run`](Controller::run).
+#[derive(Debug)]
+pub struct Controller {
+    config: Config,
+    json: TcpListener,
+    grpc: TcpListener,
+    admin: TcpListener,
+    store: Arc<Store>,
+}
+
+/// The addresses a controller listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BoundAddrs {
+    /// HW1 JSON control channel.
+    pub json: SocketAddr,
+    /// gRPC.
+    pub grpc: SocketAddr,
+    /// Admin HTTP.
+    pub admin: SocketAddr,
+}
+
+// === impl Controller ===
+
+impl Controller {
+    /// Binds every listener (any may use port 0) and creates the store, whose policy refuses the ports
+    /// actually bound.
+    pub async fn bind(config: Config) -> Result<Self, ControllerError> {
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            TcpListener::bind(addr).await.map_err(|source| ControllerError::Bind { what, addr, source })
+        };
+        let json = bind("the JSON control channel", config.json_listen).await?;
+        let grpc = bind("gRPC", config.grpc_listen).await?;
+        let admin = bind("admin HTTP", config.admin_listen).await?;
+        let mut reserved_ports = Vec::new();
+        for listener in [&json, &grpc, &admin] {
+            let addr = listener.local_addr().map_err(|source| ControllerError::Bind {
+                what: "a listener",
+                addr: config.json_listen,
+                source,
+            })?;
+            reserved_ports.push(addr.port());
+        }
+        let policy = store::Policy { allowed_ports: config.allowed_ports.clone(), reserved_ports };
+        let store = Store::new(policy, config.print_state);
+        Ok(Controller { config, json, grpc, admin, store })
+    }
+
+    /// Where the listeners are bound.
+    pub fn local_addrs(&self) -> BoundAddrs {
+        let addr = |l: &TcpListener| l.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        BoundAddrs { json: addr(&self.json), grpc: addr(&self.grpc), admin: addr(&self.admin) }
+    }
+
+    /// The one line printed on stdout once everything is bound.
+    pub fn ready_line(&self) -> String {
+        let a = self.local_addrs();
+        format!("READY json={} grpc={} admin={}", a.json, a.grpc, a.admin)
+    }
+
+    /// The store, for embedding and tests.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Serves until `shutdown` turns true or a server fails.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), ControllerError> {
+        let Controller { config, json, grpc, admin, store } = self;
+        let mut tasks = JoinSet::new();
+        let json_ctx = Arc::new(api::json::JsonContext {
+            store: Arc::clone(&store),
+            probe: config.probe,
+            bind_ack_timeout: config.bind_ack_timeout,
+        });
+        tasks.spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                api::json::serve(json, json_ctx, shutdown).await;
+                Ok(())
+            }
+        });
+        tasks.spawn(api::grpc::serve(
+            grpc,
+            Arc::clone(&store),
+            config.probe,
+            config.bind_ack_timeout,
+            shutdown.clone(),
+        ));
+        tasks.spawn(api::http::serve(admin, Arc::clone(&store), shutdown.clone()));
+        if let Some(node) = config.embedded_node {
+            tasks.spawn(run_embedded_node(node, Arc::clone(&store), shutdown));
+        }
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Err(error),
+                Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+                Err(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone), holding no borrow of the channel.
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Runs a node inside the controller: it follows the store's snapshots directly and its reports go
+/// straight into the store, exactly as a remote node's would after crossing the network.
+async fn run_embedded_node(
+    config: NodeConfig,
+    store: Arc<Store>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ControllerError> {
+    let node_id = config.node_id.clone();
+    let (reports_tx, mut reports) = mpsc::unbounded_channel();
+    store.node_connected(&node_id);
+    let node = tokio::spawn(Node::new(config).run(store.subscribe(), reports_tx, shutdown));
+    while let Some(report) = reports.recv().await {
+        store.node_report(&node_id, report);
+    }
+    store.node_disconnected(&node_id);
+    if let Err(join) = node.await
+        && join.is_panic()
+    {
+        std::panic::resume_unwind(join.into_panic());
+    }
+    Ok(())
+}

@@ -1,0 +1,835 @@
+//! The store: the controller's single source of truth.
+//!
+//! Every change goes through one short critical section that validates it, applies it, checks the
+//! invariants, bumps the version and publishes a new immutable [`RoutingSnapshot`] on a watch channel that
+//! every node (embedded or remote) follows. Nodes report back which frontends they bound and how many
+//! connections each backend holds; registrations wait on those reports to learn whether their port opened.
+//!
+//! A registration is the live session (a JSON control connection, a gRPC `Register` stream) that announced
+//! backends. Its [`Registration`] handle removes them when dropped, whichever way the session ends.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use dataplane::{
+    Algorithm, BackendLoad, BackendSpec, FrontendStatus, NodeReport, Protocol, RoutingSnapshot, ServiceKey, ServiceSpec,
+};
+use serde::Serialize;
+use tokio::{sync::watch, time::Instant};
+use tracing::{info, warn};
+
+use crate::{config::PortRanges, error::StoreError};
+
+/// Which ports services may use.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// `--allowed-ports`.
+    pub allowed_ports: PortRanges,
+    /// The controller's own listening ports: never a frontend.
+    pub reserved_ports: Vec<u16>,
+}
+
+/// Identifies a registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegistrationId(u64);
+
+/// Where a registration comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The channel.
+    pub kind: OriginKind,
+    /// The peer of that channel.
+    pub peer: SocketAddr,
+}
+
+/// The kinds of registration channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginKind {
+    /// The HW1 JSON control channel.
+    Json,
+    /// A gRPC `Register` stream.
+    Grpc,
+}
+
+/// The store. See the module documentation.
+#[derive(Debug)]
+pub struct Store {
+    /// A std mutex, not tokio's: critical sections are short, never hold an `.await`, and are taken from
+    /// both async tasks and `Drop`.
+    state: Mutex<State>,
+    policy: Policy,
+    print_state: bool,
+    snapshots: watch::Sender<Arc<RoutingSnapshot>>,
+    /// Bumped on every node report, so registrations waiting for bind results wake up.
+    node_updates: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    version: u64,
+    services: BTreeMap<ServiceKey, Service>,
+    registrations: HashMap<RegistrationId, RegistrationState>,
+    nodes: BTreeMap<String, NodeState>,
+    next_registration: u64,
+}
+
+#[derive(Debug, Default)]
+struct Service {
+    algorithm: Algorithm,
+    backends: BTreeMap<SocketAddr, Backend>,
+}
+
+#[derive(Debug)]
+struct Backend {
+    weight: u32,
+    owner: RegistrationId,
+}
+
+#[derive(Debug)]
+struct RegistrationState {
+    origin: Origin,
+    /// The registration's own verdict on its backends (agents report their local checks).
+    healthy: bool,
+    backends: BTreeSet<(ServiceKey, SocketAddr)>,
+}
+
+#[derive(Debug)]
+struct NodeState {
+    acked_version: Option<u64>,
+    last_seen: Instant,
+    frontends: BTreeMap<ServiceKey, Result<SocketAddr, String>>,
+    load: Vec<BackendLoad>,
+}
+
+/// Result of [`Store::register`] before any node has answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Registered {
+    /// First snapshot version that holds the backend.
+    pub version: u64,
+    /// False when the backend was already registered (then it is not rolled back on failure).
+    pub created: bool,
+}
+
+/// Whether nodes serve a service, as far as their reports tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrontendVerdict {
+    /// At least one connected node listens.
+    Serving,
+    /// No node is connected; the frontend opens when one connects.
+    NoNodes,
+    /// No node listens: each node's error.
+    Failed(String),
+}
+
+/// The answer to a registration, as the API layers phrase it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisterReply {
+    /// Whether the backend is registered.
+    pub success: bool,
+    /// The reason of a failure, or a note on a success.
+    pub message: Option<String>,
+    /// The backend as recorded.
+    pub backend: SocketAddr,
+}
+
+/// A live registration. Dropping it removes every backend it registered.
+#[derive(Debug)]
+pub struct Registration {
+    store: Arc<Store>,
+    id: RegistrationId,
+    close_reason: Option<String>,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// An empty store at version 0.
+    pub fn new(policy: Policy, print_state: bool) -> Arc<Self> {
+        Arc::new(Store {
+            state: Mutex::default(),
+            policy,
+            print_state,
+            snapshots: watch::Sender::new(Arc::default()),
+            node_updates: watch::Sender::new(0),
+        })
+    }
+
+    /// Follows the published snapshots (what a node consumes).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<RoutingSnapshot>> {
+        self.snapshots.subscribe()
+    }
+
+    /// The snapshot in force.
+    pub fn snapshot(&self) -> Arc<RoutingSnapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// Opens a registration session; it holds no backend yet.
+    pub fn open_registration(self: &Arc<Self>, origin: Origin) -> Registration {
+        let mut state = self.lock();
+        state.next_registration += 1;
+        let id = RegistrationId(state.next_registration);
+        state.registrations.insert(id, RegistrationState { origin, healthy: true, backends: BTreeSet::new() });
+        Registration { store: Arc::clone(self), id, close_reason: None }
+    }
+
+    /// Adds `backend` to `service` on behalf of `registration`, creating the service if needed. A backend
+    /// already registered by another registration moves to this one (a server that reconnected before its
+    /// old channel was noticed dead).
+    fn register(
+        &self,
+        registration: RegistrationId,
+        service: ServiceKey,
+        backend: BackendSpec,
+    ) -> Result<Registered, StoreError> {
+        self.check_port(service.port)?;
+        let mut state = self.lock();
+        let Some(reg) = state.registrations.get_mut(&registration) else {
+            // Only a closed handle could ask, and handles close on drop: nothing to register for.
+            return Ok(Registered { version: state.version, created: false });
+        };
+        let origin = reg.origin;
+        reg.backends.insert((service, backend.addr));
+        let entry = state.services.entry(service).or_default().backends.get(&backend.addr).map(|b| (b.owner, b.weight));
+        let created = entry.is_none();
+        match entry {
+            Some((owner, weight)) if owner == registration && weight == backend.weight => {
+                return Ok(Registered { version: state.version, created });
+            }
+            Some((owner, _)) if owner != registration => {
+                if let Some(previous) = state.registrations.get_mut(&owner) {
+                    previous.backends.remove(&(service, backend.addr));
+                }
+            }
+            _ => {}
+        }
+        let new_service = state.services.get(&service).is_none_or(|s| s.backends.is_empty());
+        if let Some(s) = state.services.get_mut(&service) {
+            s.backends.insert(backend.addr, Backend { weight: backend.weight, owner: registration });
+        }
+        let version = self.commit(&mut state);
+        let verb = if created { "backend registered" } else { "backend re-registered" };
+        info!(%service, backend = %backend.addr, weight = backend.weight, %origin, version, new_service, "{verb}");
+        self.print(&state);
+        Ok(Registered { version, created })
+    }
+
+    /// Removes `backend` from `service`, whichever registration announced it (HW1 `unregister` may come
+    /// from a new connection).
+    pub fn unregister(&self, service: ServiceKey, backend: SocketAddr, reason: &str) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        let owner = state
+            .services
+            .get(&service)
+            .and_then(|s| s.backends.get(&backend))
+            .map(|b| b.owner)
+            .ok_or(StoreError::NotFound { service, backend })?;
+        state.remove_backend(service, backend, owner);
+        let version = self.commit(&mut state);
+        log_removed(&state, service, backend, reason, version);
+        self.print(&state);
+        Ok(version)
+    }
+
+    /// Ends a registration: every backend it still owns is removed.
+    fn close_registration(&self, registration: RegistrationId, reason: &str) {
+        let mut state = self.lock();
+        let Some(reg) = state.registrations.remove(&registration) else { return };
+        if reg.backends.is_empty() {
+            return;
+        }
+        for &(service, backend) in &reg.backends {
+            state.remove_backend(service, backend, registration);
+        }
+        let version = self.commit(&mut state);
+        for &(service, backend) in &reg.backends {
+            log_removed(&state, service, backend, reason, version);
+        }
+        self.print(&state);
+    }
+
+    /// Removes one backend of a registration (a registration that failed to open its frontend).
+    fn withdraw(&self, registration: RegistrationId, service: ServiceKey, backend: SocketAddr, reason: &str) {
+        let mut state = self.lock();
+        let owned = state.registrations.get_mut(&registration).is_some_and(|r| r.backends.remove(&(service, backend)));
+        if owned {
+            state.remove_backend(service, backend, registration);
+            let version = self.commit(&mut state);
+            log_removed(&state, service, backend, reason, version);
+            self.print(&state);
+        }
+    }
+
+    /// Records a registration's own health verdict; an unhealthy one stays registered, out of rotation.
+    fn set_healthy(&self, registration: RegistrationId, healthy: bool) {
+        let mut state = self.lock();
+        let Some(reg) = state.registrations.get_mut(&registration) else { return };
+        if reg.healthy == healthy {
+            return;
+        }
+        reg.healthy = healthy;
+        let backends: Vec<_> = reg.backends.iter().copied().collect();
+        let version = self.commit(&mut state);
+        for (service, backend) in backends {
+            if healthy {
+                info!(%service, %backend, version, "backend healthy: back in rotation");
+            } else {
+                warn!(%service, %backend, version, "backend unhealthy: out of rotation");
+            }
+        }
+        self.print(&state);
+    }
+
+    /// A node joined: registrations wait for its bind results from now on.
+    pub fn node_connected(&self, node: &str) {
+        let mut state = self.lock();
+        state.nodes.insert(
+            node.to_owned(),
+            NodeState { acked_version: None, last_seen: Instant::now(), frontends: BTreeMap::new(), load: Vec::new() },
+        );
+        info!(node, "node joined");
+        drop(state);
+        self.node_updates.send_modify(|n| *n += 1);
+    }
+
+    /// A node's report: an applied version with its bind results, or its connection counts.
+    pub fn node_report(&self, node: &str, report: NodeReport) {
+        let mut state = self.lock();
+        let Some(status) = state.nodes.get_mut(node) else { return };
+        status.last_seen = Instant::now();
+        match report {
+            NodeReport::Applied { version, frontends } => {
+                status.acked_version = Some(version);
+                status.frontends =
+                    frontends.into_iter().map(|FrontendStatus { service, result }| (service, result)).collect();
+            }
+            NodeReport::Load(load) => status.load = load,
+        }
+        drop(state);
+        self.node_updates.send_modify(|n| *n += 1);
+    }
+
+    /// A node left: its frontends and counts leave the views.
+    pub fn node_disconnected(&self, node: &str) {
+        if self.lock().nodes.remove(node).is_some() {
+            info!(node, "node left");
+            self.node_updates.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Waits until the nodes' reports tell whether `service` is served at `version` or later, at most
+    /// `timeout`.
+    pub async fn await_frontend(&self, service: ServiceKey, version: u64, timeout: Duration) -> FrontendVerdict {
+        let deadline = Instant::now() + timeout;
+        let mut updates = self.node_updates.subscribe();
+        loop {
+            updates.borrow_and_update();
+            if let Some(verdict) = self.lock().frontend_verdict(service, version, false) {
+                return verdict;
+            }
+            if tokio::time::timeout_at(deadline, updates.changed()).await.is_err() {
+                break;
+            }
+        }
+        self.lock().frontend_verdict(service, version, true).unwrap_or(FrontendVerdict::NoNodes)
+    }
+
+    /// The whole state, for `/api/state` and the Admin API.
+    pub fn view(&self) -> StateView {
+        self.lock().view()
+    }
+
+    fn check_port(&self, port: u16) -> Result<(), StoreError> {
+        if self.policy.reserved_ports.contains(&port) {
+            return Err(StoreError::ReservedPort { port });
+        }
+        if !self.policy.allowed_ports.contains(port) {
+            return Err(StoreError::PortNotAllowed { port, allowed: self.policy.allowed_ports.to_string() });
+        }
+        Ok(())
+    }
+
+    /// Publishes the state as the next version. Called with the lock held, so versions are published in
+    /// order and never twice.
+    fn commit(&self, state: &mut State) -> u64 {
+        if let Err(broken) = state.check_invariants() {
+            // A bug, not bad input: loud in tests, logged in production, where the published state stays
+            // usable because it is rebuilt from scratch.
+            debug_assert!(false, "store invariant broken: {broken}");
+            warn!(%broken, "store invariant broken");
+        }
+        state.version += 1;
+        let snapshot = Arc::new(state.snapshot());
+        self.snapshots.send_replace(snapshot);
+        state.version
+    }
+
+    fn print(&self, state: &State) {
+        if self.print_state {
+            eprint!("{}", state.view());
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-applied change: mutations validate first and
+        // commit last, so the state behind a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+fn log_removed(state: &State, service: ServiceKey, backend: SocketAddr, reason: &str, version: u64) {
+    let service_left = !state.services.contains_key(&service);
+    info!(%service, %backend, reason, version, "backend removed");
+    if service_left {
+        info!(%service, version, "service removed: no backend left, its port closes on every node");
+    }
+}
+
+// === impl State ===
+
+impl State {
+    fn remove_backend(&mut self, service: ServiceKey, backend: SocketAddr, owner: RegistrationId) {
+        if let Some(reg) = self.registrations.get_mut(&owner) {
+            reg.backends.remove(&(service, backend));
+        }
+        if let Some(s) = self.services.get_mut(&service) {
+            s.backends.remove(&backend);
+            if s.backends.is_empty() {
+                self.services.remove(&service);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> RoutingSnapshot {
+        let services = self
+            .services
+            .iter()
+            .map(|(&key, service)| {
+                let backends = service
+                    .backends
+                    .iter()
+                    .filter(|(_, b)| self.registrations.get(&b.owner).is_some_and(|r| r.healthy))
+                    .map(|(&addr, b)| BackendSpec { addr, weight: b.weight })
+                    .collect();
+                (key, ServiceSpec { key, algorithm: service.algorithm, backends })
+            })
+            .collect();
+        RoutingSnapshot { version: self.version, services }
+    }
+
+    /// Every service has a backend; every backend's owner exists and lists it, and the reverse.
+    fn check_invariants(&self) -> Result<(), String> {
+        for (service, s) in &self.services {
+            if s.backends.is_empty() {
+                return Err(format!("service {service} has no backend"));
+            }
+            for (addr, b) in &s.backends {
+                if b.weight == 0 {
+                    return Err(format!("backend {addr} of {service} has weight 0"));
+                }
+                let listed = self.registrations.get(&b.owner).is_some_and(|r| r.backends.contains(&(*service, *addr)));
+                if !listed {
+                    return Err(format!("backend {addr} of {service} has no owning registration"));
+                }
+            }
+        }
+        for (id, reg) in &self.registrations {
+            for (service, addr) in &reg.backends {
+                let owned =
+                    self.services.get(service).and_then(|s| s.backends.get(addr)).is_some_and(|b| b.owner == *id);
+                if !owned {
+                    return Err(format!("registration {id:?} lists {service} {addr}, which it does not own"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn frontend_verdict(&self, service: ServiceKey, version: u64, last_call: bool) -> Option<FrontendVerdict> {
+        if self.nodes.is_empty() {
+            return Some(FrontendVerdict::NoNodes);
+        }
+        let mut errors = Vec::new();
+        let mut pending = Vec::new();
+        for (id, node) in &self.nodes {
+            match node.acked_version {
+                Some(acked) if acked >= version => match node.frontends.get(&service) {
+                    Some(Ok(_)) => return Some(FrontendVerdict::Serving),
+                    Some(Err(error)) => errors.push(format!("node {id}: {error}")),
+                    None => errors.push(format!("node {id}: service no longer in its snapshot")),
+                },
+                _ => pending.push(id),
+            }
+        }
+        if !pending.is_empty() && !last_call {
+            return None;
+        }
+        errors.extend(pending.into_iter().map(|id| format!("node {id}: no bind result in time")));
+        Some(FrontendVerdict::Failed(errors.join("; ")))
+    }
+
+    fn view(&self) -> StateView {
+        let mut counts: HashMap<(ServiceKey, SocketAddr), (u64, u64)> = HashMap::new();
+        for node in self.nodes.values() {
+            for row in &node.load {
+                let c = counts.entry((row.service, row.backend)).or_default();
+                c.0 += row.active;
+                c.1 += row.total;
+            }
+        }
+        let services = self
+            .services
+            .iter()
+            .map(|(&key, service)| {
+                let backends: Vec<BackendView> = service
+                    .backends
+                    .iter()
+                    .map(|(&addr, b)| {
+                        let (active, total) = counts.get(&(key, addr)).copied().unwrap_or_default();
+                        let reg = self.registrations.get(&b.owner);
+                        BackendView {
+                            address: addr,
+                            weight: b.weight,
+                            healthy: reg.is_some_and(|r| r.healthy),
+                            active_connections: active,
+                            total_connections: total,
+                            registration: reg.map(|r| r.origin.to_string()).unwrap_or_default(),
+                        }
+                    })
+                    .collect();
+                ServiceView {
+                    protocol: key.protocol,
+                    port: key.port,
+                    algorithm: service.algorithm,
+                    active_connections: backends.iter().map(|b| b.active_connections).sum(),
+                    backends,
+                }
+            })
+            .collect();
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|(id, node)| NodeView {
+                id: id.clone(),
+                acked_version: node.acked_version,
+                last_seen_ms_ago: u64::try_from(node.last_seen.elapsed().as_millis()).unwrap_or(u64::MAX),
+                frontends: node
+                    .frontends
+                    .iter()
+                    .map(|(&key, result)| FrontendView {
+                        protocol: key.protocol,
+                        port: key.port,
+                        listening: result.as_ref().ok().copied(),
+                        error: result.as_ref().err().cloned(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        StateView { version: self.version, services, nodes }
+    }
+}
+
+// === impl Registration ===
+
+impl Registration {
+    /// Registers `backend` for `service`, then waits (up to `ack_timeout`) for the nodes to say whether
+    /// they listen on it. When every node failed, the backend is withdrawn again and the reply says why.
+    pub async fn register(
+        &self,
+        service: ServiceKey,
+        backend: BackendSpec,
+        ack_timeout: Duration,
+    ) -> Result<RegisterReply, StoreError> {
+        let registered = self.store.register(self.id, service, backend)?;
+        let reply = |success: bool, message: Option<String>| RegisterReply { success, message, backend: backend.addr };
+        Ok(match self.store.await_frontend(service, registered.version, ack_timeout).await {
+            FrontendVerdict::Serving => reply(true, None),
+            FrontendVerdict::NoNodes => {
+                reply(true, Some("no data-plane node is connected; the frontend opens when one connects".to_owned()))
+            }
+            FrontendVerdict::Failed(why) => {
+                if registered.created {
+                    self.store.withdraw(self.id, service, backend.addr, "no node could open the frontend");
+                }
+                reply(false, Some(why))
+            }
+        })
+    }
+
+    /// Records the registration's own health verdict.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.store.set_healthy(self.id, healthy);
+    }
+
+    /// True while the registration holds at least one backend (then it is probed).
+    pub fn has_backends(&self) -> bool {
+        self.store.lock().registrations.get(&self.id).is_some_and(|r| !r.backends.is_empty())
+    }
+
+    /// Ends the registration, logging `reason` for each backend removed.
+    pub fn close(mut self, reason: impl Into<String>) {
+        self.close_reason = Some(reason.into());
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let reason = self.close_reason.as_deref().unwrap_or("registration ended");
+        self.store.close_registration(self.id, reason);
+    }
+}
+
+// === impl Origin ===
+
+impl Origin {
+    /// A JSON control channel from `peer`.
+    pub fn json(peer: SocketAddr) -> Self {
+        Origin { kind: OriginKind::Json, peer }
+    }
+
+    /// A gRPC `Register` stream from `peer`.
+    pub fn grpc(peer: SocketAddr) -> Self {
+        Origin { kind: OriginKind::Grpc, peer }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            OriginKind::Json => "json",
+            OriginKind::Grpc => "grpc",
+        };
+        write!(f, "{kind} {}", self.peer)
+    }
+}
+
+/// The controller's state as operators see it (`/api/state`, `Admin.ListServices`).
+#[derive(Debug, Clone, Serialize)]
+pub struct StateView {
+    /// Version of the snapshot in force.
+    pub version: u64,
+    /// Every service.
+    pub services: Vec<ServiceView>,
+    /// Every connected node.
+    pub nodes: Vec<NodeView>,
+}
+
+/// One service.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceView {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Public port.
+    pub port: u16,
+    /// Balancing algorithm.
+    pub algorithm: Algorithm,
+    /// Sum over its backends.
+    pub active_connections: u64,
+    /// Every registered backend, in rotation or not.
+    pub backends: Vec<BackendView>,
+}
+
+/// One backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendView {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Relative weight.
+    pub weight: u32,
+    /// In rotation.
+    pub healthy: bool,
+    /// Open connections (UDP: sessions) over all nodes.
+    pub active_connections: u64,
+    /// Connections ever opened over all nodes.
+    pub total_connections: u64,
+    /// The registration that announced it.
+    pub registration: String,
+}
+
+/// One connected node.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    /// Its name.
+    pub id: String,
+    /// Last snapshot version it applied.
+    pub acked_version: Option<u64>,
+    /// Time since its last report.
+    pub last_seen_ms_ago: u64,
+    /// Its frontends at that version.
+    pub frontends: Vec<FrontendView>,
+}
+
+/// One frontend of one node.
+#[derive(Debug, Clone, Serialize)]
+pub struct FrontendView {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Public port.
+    pub port: u16,
+    /// The bound address, when bound.
+    pub listening: Option<SocketAddr>,
+    /// Why it is not bound.
+    pub error: Option<String>,
+}
+
+impl fmt::Display for StateView {
+    /// The table `--print-state` prints.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "=== routing state v{}: {} service(s) ===", self.version, self.services.len())?;
+        for s in &self.services {
+            writeln!(f, "{}:{} {} ({} backend(s))", s.protocol, s.port, s.algorithm, s.backends.len())?;
+            for b in &s.backends {
+                let health = if b.healthy { "in rotation" } else { "out of rotation" };
+                writeln!(
+                    f,
+                    "    {} weight={} {health} active={} total={} via {}",
+                    b.address, b.weight, b.active_connections, b.total_connections, b.registration
+                )?;
+            }
+        }
+        for n in &self.nodes {
+            let acked = n.acked_version.map_or_else(|| "none".to_owned(), |v| v.to_string());
+            writeln!(f, "node {} acked v{acked}, {} frontend(s)", n.id, n.frontends.len())?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> Arc<Store> {
+        Store::new(Policy { allowed_ports: "1-9000".parse().unwrap(), reserved_ports: vec![8080] }, false)
+    }
+
+    fn origin(ip: &str) -> Origin {
+        Origin::json(format!("{ip}:40000").parse().unwrap())
+    }
+
+    fn backend(addr: &str) -> BackendSpec {
+        BackendSpec { addr: addr.parse().unwrap(), weight: 1 }
+    }
+
+    #[test]
+    fn every_change_bumps_the_version_and_publishes_a_snapshot() {
+        let store = store();
+        let rx = store.subscribe();
+        let a = store.open_registration(origin("127.0.0.2"));
+        let r1 = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        assert_eq!(r1, Registered { version: 1, created: true });
+        // The same registration again changes nothing: no new version.
+        assert_eq!(store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap().version, 1);
+        let b = store.open_registration(origin("127.0.0.3"));
+        assert_eq!(store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.3:80")).unwrap().version, 2);
+        let snapshot = rx.borrow().clone();
+        assert_eq!(snapshot.version, 2);
+        assert_eq!(snapshot.services[&ServiceKey::tcp(80)].backends.len(), 2);
+
+        drop(a);
+        assert_eq!(store.snapshot().version, 3);
+        assert_eq!(store.snapshot().services[&ServiceKey::tcp(80)].backends, vec![backend("127.0.0.3:80")]);
+        drop(b);
+        assert_eq!(store.snapshot().version, 4);
+        assert!(store.snapshot().services.is_empty(), "the last backend takes its service along");
+    }
+
+    #[test]
+    fn ports_outside_the_policy_are_refused_without_a_new_version() {
+        let store = store();
+        let a = store.open_registration(origin("127.0.0.2"));
+        let err = store.register(a.id, ServiceKey::tcp(9001), backend("127.0.0.2:9001")).unwrap_err();
+        assert_eq!(err.to_string(), "port 9001 is outside the allowed ports 1-9000");
+        let err = store.register(a.id, ServiceKey::udp(8080), backend("127.0.0.2:8080")).unwrap_err();
+        assert_eq!(err, StoreError::ReservedPort { port: 8080 });
+        assert_eq!(store.snapshot().version, 0);
+        assert!(!a.has_backends());
+    }
+
+    #[test]
+    fn unregister_works_from_any_registration_and_reports_unknown_backends() {
+        let store = store();
+        let a = store.open_registration(origin("127.0.0.2"));
+        store.register(a.id, ServiceKey::udp(53), backend("127.0.0.2:53")).unwrap();
+        let addr = "127.0.0.2:53".parse().unwrap();
+        assert!(matches!(store.unregister(ServiceKey::udp(53), addr, "test"), Ok(2)));
+        assert!(!a.has_backends());
+        assert_eq!(
+            store.unregister(ServiceKey::udp(53), addr, "test"),
+            Err(StoreError::NotFound { service: ServiceKey::udp(53), backend: addr })
+        );
+        drop(a);
+        assert_eq!(store.snapshot().version, 2, "an empty registration closes without a new version");
+    }
+
+    #[test]
+    fn a_backend_registered_again_moves_to_the_new_registration() {
+        let store = store();
+        let old = store.open_registration(origin("127.0.0.2"));
+        let new = store.open_registration(origin("127.0.0.2"));
+        store.register(old.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        let again = store.register(new.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        assert!(!again.created);
+        drop(old);
+        assert_eq!(store.snapshot().services[&ServiceKey::tcp(80)].backends.len(), 1, "the old channel owns nothing");
+        drop(new);
+        assert!(store.snapshot().services.is_empty());
+    }
+
+    #[test]
+    fn unhealthy_backends_stay_registered_out_of_rotation() {
+        let store = store();
+        let a = store.open_registration(origin("127.0.0.2"));
+        store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        a.set_healthy(false);
+        let snapshot = store.snapshot();
+        assert!(snapshot.services[&ServiceKey::tcp(80)].backends.is_empty(), "the frontend stays, empty");
+        assert!(!store.view().services[0].backends[0].healthy);
+        a.set_healthy(true);
+        assert_eq!(store.snapshot().services[&ServiceKey::tcp(80)].backends.len(), 1);
+        assert_eq!(store.snapshot().version, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed() {
+        let store = store();
+        let reg = store.open_registration(origin("127.0.0.2"));
+        // No node at all: success with a note.
+        let reply = reg.register(ServiceKey::tcp(80), backend("127.0.0.2:80"), Duration::from_secs(2)).await.unwrap();
+        assert!(reply.success && reply.message.unwrap().contains("no data-plane node"));
+
+        store.node_connected("a");
+        store.node_connected("b");
+        let report = |store: Arc<Store>, node: &'static str, result: Result<SocketAddr, String>| async move {
+            let mut rx = store.subscribe();
+            let version = rx.wait_for(|s| s.services.contains_key(&ServiceKey::tcp(81))).await.unwrap().version;
+            store.node_report(
+                node,
+                NodeReport::Applied {
+                    version,
+                    frontends: vec![FrontendStatus { service: ServiceKey::tcp(81), result }],
+                },
+            );
+        };
+        let a = tokio::spawn(report(Arc::clone(&store), "a", Err("bind 0.0.0.0:81: Address in use".into())));
+        let b = tokio::spawn(report(Arc::clone(&store), "b", Err("bind 0.0.0.0:81: Permission denied".into())));
+        let reply = reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), Duration::from_secs(2)).await.unwrap();
+        a.await.unwrap();
+        b.await.unwrap();
+        assert!(!reply.success);
+        let why = reply.message.unwrap();
+        assert!(why.contains("node a: bind 0.0.0.0:81: Address in use"), "{why}");
+        assert!(why.contains("node b: bind 0.0.0.0:81: Permission denied"), "{why}");
+        assert!(!store.snapshot().services.contains_key(&ServiceKey::tcp(81)), "rolled back");
+
+        // One node that never answers: failure after the timeout, naming it.
+        store.node_disconnected("b");
+        let reply = reg.register(ServiceKey::tcp(82), backend("127.0.0.2:82"), Duration::from_secs(2)).await.unwrap();
+        assert_eq!(reply.message.as_deref(), Some("node a: no bind result in time"));
+    }
+}

@@ -1,0 +1,23 @@
+//! Relays: the per-frontend tasks that move client traffic to backends.
+
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::table::RoutingTable;
+
+pub mod tcp;
+pub mod udp;
+
+/// What every relay task of a node shares: the current routing table and the node's settings.
+#[derive(Debug)]
+pub struct RelayContext {
+    /// Swapped whole on every snapshot; read once per connection or new session.
+    pub table: ArcSwap<RoutingTable>,
+    /// Time allowed to connect to one backend before the next is tried.
+    pub connect_timeout: Duration,
+    /// A UDP session with no datagram either way for this long ends.
+    pub udp_idle_timeout: Duration,
+    /// Most UDP sessions one frontend keeps; datagrams that would open more are dropped.
+    pub udp_max_sessions: usize,
+}

@@ -1,0 +1,73 @@
+//! TCP relay: accept, pick a backend, connect (falling over to the next backend on failure), then copy
+//! both directions until both sides are closed, passing half-closes through.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    io::copy_bidirectional,
+    net::{TcpListener, TcpStream},
+    time::timeout,
+};
+use tracing::{debug, warn};
+
+use super::RelayContext;
+use crate::{snapshot::ServiceKey, stats::ConnectionGuard, table::ServiceRoute};
+
+/// Accepts clients of `service` until the task is aborted (the frontend closes).
+pub async fn serve(listener: TcpListener, service: ServiceKey, ctx: Arc<RelayContext>) {
+    loop {
+        let (client, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors or memory: back off briefly instead of spinning on the error.
+                warn!(%service, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // One table read per connection; the connection keeps the route it started with.
+        let route = ctx.table.load().route(&service);
+        let connect_timeout = ctx.connect_timeout;
+        tokio::spawn(async move {
+            let Some(route) = route else { return };
+            relay(client, peer, service, &route, connect_timeout).await;
+        });
+    }
+}
+
+async fn relay(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    service: ServiceKey,
+    route: &ServiceRoute,
+    connect_timeout: Duration,
+) {
+    let Some((mut upstream, backend, _guard)) = connect(route, service, connect_timeout).await else {
+        warn!(%service, client = %peer, backends = route.backends.len(), "no backend accepted the connection");
+        return;
+    };
+    let _ = client.set_nodelay(true);
+    match copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => debug!(%service, client = %peer, %backend, up, down, "connection closed"),
+        Err(error) => debug!(%service, client = %peer, %backend, %error, "connection ended with an error"),
+    }
+}
+
+/// Tries the balancer's pick, then every other backend once.
+async fn connect(
+    route: &ServiceRoute,
+    service: ServiceKey,
+    connect_timeout: Duration,
+) -> Option<(TcpStream, SocketAddr, ConnectionGuard)> {
+    for backend in route.candidates() {
+        match timeout(connect_timeout, TcpStream::connect(backend.addr)).await {
+            Ok(Ok(upstream)) => {
+                let _ = upstream.set_nodelay(true);
+                return Some((upstream, backend.addr, backend.stats.open()));
+            }
+            Ok(Err(error)) => debug!(%service, backend = %backend.addr, %error, "backend refused; trying the next"),
+            Err(_) => debug!(%service, backend = %backend.addr, "connect timed out; trying the next"),
+        }
+    }
+    None
+}

@@ -1,0 +1,162 @@
+//! The routing snapshot: the versioned, immutable routing state a controller publishes to nodes.
+//!
+//! These are plain domain types: the controller builds them, nodes consume them, and only the API layers
+//! convert them to and from wire messages.
+
+use std::{collections::BTreeMap, fmt, net::SocketAddr, str::FromStr};
+
+use serde::Serialize;
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// A stream service: each client connection is relayed to one backend.
+    Tcp,
+    /// A datagram service: each client address is a session pinned to one backend.
+    Udp,
+}
+
+/// A service: the (protocol, port) pair that clients reach on every node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServiceKey {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Public port of the frontend.
+    pub port: u16,
+}
+
+/// How a service spreads new connections over its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Each new connection or session goes to the next backend in turn.
+    #[default]
+    RoundRobin,
+}
+
+/// One backend in rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct BackendSpec {
+    /// Where the backend listens.
+    pub addr: SocketAddr,
+    /// Relative weight (at least 1).
+    pub weight: u32,
+}
+
+/// One service as nodes serve it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServiceSpec {
+    /// Protocol and port.
+    pub key: ServiceKey,
+    /// Balancing algorithm.
+    pub algorithm: Algorithm,
+    /// Backends that may take new connections, in a stable order. May be empty (all backends out of
+    /// rotation): the frontend stays open because the service still has registered backends.
+    pub backends: Vec<BackendSpec>,
+}
+
+/// The whole routing state at one version. Immutable once published.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RoutingSnapshot {
+    /// Strictly increasing with every published change.
+    pub version: u64,
+    /// Every service that has at least one registered backend.
+    pub services: BTreeMap<ServiceKey, ServiceSpec>,
+}
+
+// === impl Protocol ===
+
+impl Protocol {
+    /// Lower-case name as used on the wire: `tcp` or `udp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = UnknownName;
+
+    /// Case-insensitive, as the HW1 channel requires.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("tcp") {
+            Ok(Protocol::Tcp)
+        } else if s.eq_ignore_ascii_case("udp") {
+            Ok(Protocol::Udp)
+        } else {
+            Err(UnknownName)
+        }
+    }
+}
+
+// === impl ServiceKey ===
+
+impl ServiceKey {
+    /// A TCP service on `port`.
+    pub fn tcp(port: u16) -> Self {
+        ServiceKey { protocol: Protocol::Tcp, port }
+    }
+
+    /// A UDP service on `port`.
+    pub fn udp(port: u16) -> Self {
+        ServiceKey { protocol: Protocol::Udp, port }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.protocol, self.port)
+    }
+}
+
+// === impl Algorithm ===
+
+impl Algorithm {
+    /// Name as used in flags, JSON and gRPC.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = UnknownName;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("round_robin") { Ok(Algorithm::RoundRobin) } else { Err(UnknownName) }
+    }
+}
+
+/// A protocol or algorithm name that is not known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown name")]
+pub struct UnknownName;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_names_are_case_insensitive() {
+        assert_eq!("TCP".parse(), Ok(Protocol::Tcp));
+        assert_eq!("Udp".parse(), Ok(Protocol::Udp));
+        assert_eq!("sctp".parse::<Protocol>(), Err(UnknownName));
+        assert_eq!(ServiceKey::udp(53).to_string(), "udp:53");
+    }
+}

@@ -1,0 +1,129 @@
+//! Per-backend connection counters, shared by the data path (atomics only) and the load reporter.
+//!
+//! Counters are keyed by (service, backend address) and outlive routing-table rebuilds, so a connection
+//! opened under snapshot N is still counted, and still decremented, after snapshot N+1 replaced it.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use crate::snapshot::ServiceKey;
+
+/// Live counters of one backend of one service on this node.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    active: AtomicU64,
+    total: AtomicU64,
+}
+
+/// Keeps one connection (TCP) or session (UDP) counted as active until dropped.
+#[derive(Debug)]
+pub struct ConnectionGuard {
+    stats: Arc<BackendStats>,
+}
+
+/// One row of a load report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendLoad {
+    /// The service.
+    pub service: ServiceKey,
+    /// The backend.
+    pub backend: SocketAddr,
+    /// Connections or sessions open now.
+    pub active: u64,
+    /// Connections or sessions opened since this node first saw the backend.
+    pub total: u64,
+}
+
+/// Owner of every [`BackendStats`] of a node.
+///
+/// A std mutex: it is taken only when a routing table is rebuilt and when a load report is collected,
+/// never on the data path, and never across an `.await`.
+#[derive(Debug, Default)]
+pub struct StatsRegistry {
+    entries: Mutex<HashMap<(ServiceKey, SocketAddr), Arc<BackendStats>>>,
+}
+
+// === impl BackendStats ===
+
+impl BackendStats {
+    /// Counts a new connection; it stays active until the guard is dropped.
+    pub fn open(self: &Arc<Self>) -> ConnectionGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.total.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard { stats: Arc::clone(self) }
+    }
+
+    /// Connections open now.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Connections ever opened.
+    pub fn total(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+// === impl ConnectionGuard ===
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// === impl StatsRegistry ===
+
+impl StatsRegistry {
+    /// The counters of `backend` in `service`, created on first use.
+    pub fn get(&self, service: ServiceKey, backend: SocketAddr) -> Arc<BackendStats> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(entries.entry((service, backend)).or_default())
+    }
+
+    /// Every counter, sorted; forgets backends that neither a routing table nor a connection references
+    /// any more.
+    pub fn collect(&self) -> Vec<BackendLoad> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.retain(|_, stats| Arc::strong_count(stats) > 1);
+        let mut rows: Vec<BackendLoad> = entries
+            .iter()
+            .map(|(&(service, backend), stats)| BackendLoad {
+                service,
+                backend,
+                active: stats.active(),
+                total: stats.total(),
+            })
+            .collect();
+        rows.sort_by_key(|r| (r.service, r.backend));
+        rows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_count_exactly_and_unused_entries_are_forgotten() {
+        let registry = StatsRegistry::default();
+        let addr: SocketAddr = "127.0.0.2:80".parse().unwrap();
+        let stats = registry.get(ServiceKey::tcp(80), addr);
+        let a = stats.open();
+        let b = stats.open();
+        drop(a);
+        assert_eq!(registry.collect()[0].active, 1);
+        assert_eq!(registry.collect()[0].total, 2);
+        drop(stats);
+        // The guard still references the counters: kept.
+        assert_eq!(registry.collect().len(), 1);
+        drop(b);
+        assert!(registry.collect().is_empty());
+    }
+}

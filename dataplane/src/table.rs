@@ -1,0 +1,111 @@
+//! The node's routing table: a snapshot resolved for the data path (counters attached, balancers built),
+//! swapped as a whole so no connection ever sees half of one version and half of another.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use crate::{
+    balance::Balancer,
+    snapshot::{RoutingSnapshot, ServiceKey},
+    stats::{BackendStats, StatsRegistry},
+};
+
+/// Routing state of a node at one snapshot version.
+#[derive(Debug, Default)]
+pub struct RoutingTable {
+    /// Version of the snapshot this table was built from.
+    pub version: u64,
+    services: HashMap<ServiceKey, Arc<ServiceRoute>>,
+}
+
+/// How to reach the backends of one service.
+#[derive(Debug)]
+pub struct ServiceRoute {
+    /// Backends in rotation, in snapshot order.
+    pub backends: Vec<RouteBackend>,
+    /// Picks among `backends`.
+    pub balancer: Balancer,
+}
+
+/// One backend in rotation.
+#[derive(Debug)]
+pub struct RouteBackend {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Relative weight.
+    pub weight: u32,
+    /// Its live counters on this node.
+    pub stats: Arc<BackendStats>,
+}
+
+// === impl RoutingTable ===
+
+impl RoutingTable {
+    /// Resolves `snapshot`; balancers continue from `previous`.
+    pub fn build(snapshot: &RoutingSnapshot, previous: &RoutingTable, stats: &StatsRegistry) -> Self {
+        let services = snapshot
+            .services
+            .values()
+            .map(|spec| {
+                let backends = spec
+                    .backends
+                    .iter()
+                    .map(|b| RouteBackend { addr: b.addr, weight: b.weight, stats: stats.get(spec.key, b.addr) })
+                    .collect();
+                let balancer = Balancer::build(spec.algorithm, previous.services.get(&spec.key).map(|r| &r.balancer));
+                (spec.key, Arc::new(ServiceRoute { backends, balancer }))
+            })
+            .collect();
+        RoutingTable { version: snapshot.version, services }
+    }
+
+    /// The route of `service`, if this table has it.
+    pub fn route(&self, service: &ServiceKey) -> Option<Arc<ServiceRoute>> {
+        self.services.get(service).cloned()
+    }
+}
+
+// === impl ServiceRoute ===
+
+impl ServiceRoute {
+    /// Backends in the order to try them for one new connection: the balancer's pick first, then the
+    /// others, so a refusing backend is skipped without another pick.
+    pub fn candidates(&self) -> impl Iterator<Item = &RouteBackend> {
+        let len = self.backends.len();
+        let start = self.balancer.pick(len).unwrap_or(0);
+        (0..len).map(move |i| &self.backends[(start + i) % len])
+    }
+
+    /// True when `addr` is still in rotation.
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        self.backends.iter().any(|b| b.addr == addr)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::{Algorithm, BackendSpec, ServiceSpec};
+
+    fn snapshot(version: u64, backends: &[&str]) -> RoutingSnapshot {
+        let key = ServiceKey::tcp(80);
+        let backends = backends.iter().map(|a| BackendSpec { addr: a.parse().unwrap(), weight: 1 }).collect();
+        let spec = ServiceSpec { key, algorithm: Algorithm::RoundRobin, backends };
+        RoutingSnapshot { version, services: [(key, spec)].into() }
+    }
+
+    #[test]
+    fn counters_survive_rebuilds_and_candidates_cover_every_backend() {
+        let stats = StatsRegistry::default();
+        let t1 = RoutingTable::build(&snapshot(1, &["127.0.0.2:80", "127.0.0.3:80"]), &RoutingTable::default(), &stats);
+        let route = t1.route(&ServiceKey::tcp(80)).unwrap();
+        let _conn = route.backends[0].stats.open();
+        let t2 = RoutingTable::build(&snapshot(2, &["127.0.0.2:80"]), &t1, &stats);
+        let route2 = t2.route(&ServiceKey::tcp(80)).unwrap();
+        assert_eq!(route2.backends[0].stats.active(), 1);
+        assert!(!route2.contains("127.0.0.3:80".parse().unwrap()));
+        let order: Vec<_> = route.candidates().map(|b| b.addr.to_string()).collect();
+        assert_eq!(order.len(), 2);
+        assert_ne!(order[0], order[1]);
+        assert!(t2.route(&ServiceKey::udp(80)).is_none());
+    }
+}
