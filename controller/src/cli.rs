@@ -10,7 +10,7 @@ use clap::Parser;
 
 /// Switchboard controller: the registry of services and backends, with an embedded data-plane node.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "controller", version, about)]
+#[command(name = "controller", version, about, args_override_self = true)]
 pub struct Cli {
     /// Address of the HW1 JSON control channel.
     #[arg(long, env = "SWITCHBOARD_JSON_LISTEN", default_value = "0.0.0.0:8080")]

@@ -75,6 +75,11 @@ impl Controller {
         }
         let policy = store::Policy { allowed_ports: config.allowed_ports.clone(), reserved_ports };
         let store = Store::new(policy, config.print_state);
+        // The embedded node counts as connected from the start: a registration that arrives right after
+        // READY waits for its bind result instead of being told that no node is there.
+        if let Some(node) = &config.embedded_node {
+            store.node_connected(&node.node_id);
+        }
         Ok(Controller { config, json, grpc, admin, store })
     }
 
@@ -139,7 +144,7 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-/// Runs a node inside the controller: it follows the store's snapshots directly and its reports go
+/// Runs a node inside the controller (already marked connected by [`Controller::bind`]): it follows the store's snapshots directly and its reports go
 /// straight into the store, exactly as a remote node's would after crossing the network.
 async fn run_embedded_node(
     config: NodeConfig,
@@ -148,7 +153,6 @@ async fn run_embedded_node(
 ) -> Result<(), ControllerError> {
     let node_id = config.node_id.clone();
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    store.node_connected(&node_id);
     let node = tokio::spawn(Node::new(config).run(store.subscribe(), reports_tx, shutdown));
     while let Some(report) = reports.recv().await {
         store.node_report(&node_id, report);

@@ -1,0 +1,470 @@
+//! The harness. Every wait polls real state under a deadline; nothing sleeps for a fixed time hoping
+//! state has settled.
+//!
+//! Binaries are resolved from the target directory of the running test (or `SWITCHBOARD_BIN_DIR`), and
+//! built once per test process first, so `cargo test --workspace` never runs stale binaries.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::Stdio,
+    sync::{
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpSocket, TcpStream, UdpSocket, tcp::OwnedWriteHalf},
+    process::{Child, Command},
+    sync::mpsc,
+    task::JoinHandle,
+    time::{Instant, timeout},
+};
+
+/// How long any single wait may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------------------------------------
+// Binaries and processes
+
+/// Path of a workspace binary, built first if needed.
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("SWITCHBOARD_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    let dir = BUILT.get_or_init(|| {
+        // target/<profile>/deps/e2e-HASH -> target/<profile>
+        let exe = std::env::current_exe().expect("test executable path");
+        let dir = exe.parent().and_then(|d| d.parent()).expect("target directory").to_path_buf();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+        let mut build = std::process::Command::new(cargo);
+        build.args(["build", "--quiet", "--workspace", "--bins"]).current_dir(workspace);
+        if dir.file_name().is_some_and(|p| p == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build");
+        assert!(status.success(), "cargo build --workspace --bins failed");
+        dir
+    });
+    dir.join(name)
+}
+
+/// A running binary, killed when dropped. Its stderr is kept and printed if the test fails.
+pub struct Process {
+    name: String,
+    child: Child,
+    /// `key=value` pairs of its READY line.
+    pub ready: HashMap<String, String>,
+    stderr: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Starts `name` with `args` and waits for its `READY` line on stdout.
+    pub async fn spawn(name: &str, args: &[String]) -> Process {
+        let mut child = Command::new(bin(name))
+            .args(args)
+            .env("RUST_LOG", "info,dataplane=debug,controller=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let sink = Arc::clone(&stderr);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = err_lines.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut out_lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut process = Process { name: name.to_owned(), child, ready: HashMap::new(), stderr };
+        let ready = timeout(DEADLINE, async {
+            loop {
+                match out_lines.next_line().await {
+                    Ok(Some(line)) if line.starts_with("READY ") => return Some(line),
+                    Ok(Some(_)) => {}
+                    _ => return None,
+                }
+            }
+        })
+        .await;
+        let Ok(Some(line)) = ready else {
+            panic!("{name} printed no READY line\n{}", process.stderr_text());
+        };
+        tokio::spawn(async move { while let Ok(Some(_)) = out_lines.next_line().await {} });
+        process.ready = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        process
+    }
+
+    /// An address of the READY line.
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        self.ready.get(key).and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("READY has no {key}="))
+    }
+
+    /// Everything it wrote to stderr so far.
+    pub fn stderr_text(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- stderr of {} -----\n{}\n----- end of {} -----", self.name, self.stderr_text(), self.name);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Per-test networks
+
+/// A loopback /24 of its own for one test: `.1` for frontends, other hosts for backends. Nothing else
+/// binds these addresses, so a port picked by one backend is free on every other host of the block.
+#[derive(Debug, Clone, Copy)]
+pub struct Net {
+    a: u8,
+    b: u8,
+}
+
+impl Net {
+    /// A block no other test of this run uses (and, by the process id, unlikely any other run).
+    pub fn new() -> Net {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) + std::process::id() * 64;
+        // 127.0.0.0/16 is left to everything else.
+        let a = u8::try_from(n / 256 % 254).unwrap() + 1;
+        let b = u8::try_from(n % 256).unwrap();
+        Net { a, b }
+    }
+
+    /// Host `n` of the block.
+    pub fn host(&self, n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, self.a, self.b, n))
+    }
+
+    /// Where frontends listen.
+    pub fn frontend(&self) -> IpAddr {
+        self.host(1)
+    }
+}
+
+impl Default for Net {
+    fn default() -> Self {
+        Net::new()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Controller
+
+/// A running `controller` with port-0 listeners and its frontends on `net`'s frontend address.
+pub struct Controller {
+    /// The process.
+    pub process: Process,
+    /// The test network.
+    pub net: Net,
+}
+
+impl Controller {
+    /// Starts a controller with quick hellos (so tests that stop answering do not wait long) plus `extra`.
+    pub async fn spawn(net: Net, extra: &[&str]) -> Controller {
+        let mut args: Vec<String> = [
+            "--json-listen",
+            "127.0.0.1:0",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--hello-interval",
+            "500ms",
+            "--hello-timeout",
+            "500ms",
+            "--hello-failures",
+            "3",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(["--frontend-address".to_owned(), net.frontend().to_string()]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        Controller { process: Process::spawn("controller", &args).await, net }
+    }
+
+    /// The JSON control channel.
+    pub fn json_addr(&self) -> SocketAddr {
+        self.process.addr("json")
+    }
+
+    /// The gRPC endpoint, as a URL.
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.process.addr("grpc"))
+    }
+
+    /// The frontend of `port`.
+    pub fn frontend(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.net.frontend(), port)
+    }
+
+    /// `GET /api/state`.
+    pub async fn state(&self) -> Value {
+        let mut stream = TcpStream::connect(self.process.addr("admin")).await.expect("admin connect");
+        stream.write_all(b"GET /api/state HTTP/1.0\r\nHost: switchboard\r\n\r\n").await.unwrap();
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.unwrap();
+        let text = String::from_utf8(response).unwrap();
+        let (_, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+        serde_json::from_str(body).expect("JSON state")
+    }
+
+    /// Polls the state until `pred` holds and every node has applied the latest version (so the node's
+    /// sockets match the state), or fails the test after [`DEADLINE`].
+    pub async fn wait_state(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let state = self.state().await;
+            let version = state["version"].as_u64();
+            let applied = state["nodes"]
+                .as_array()
+                .is_some_and(|nodes| nodes.iter().all(|n| n["acked_version"].as_u64() >= version));
+            if applied && pred(&state) {
+                return state;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; last state: {state:#}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The backends of a service in the state (empty when the service does not exist).
+    pub fn backends(state: &Value, protocol: &str, port: u16) -> Vec<Value> {
+        state["services"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["protocol"] == protocol && s["port"] == port)
+            .and_then(|s| s["backends"].as_array().cloned())
+            .unwrap_or_default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// JSON control channel client
+
+/// A server's control connection. Its reader task answers hellos at once (unless told not to) and passes
+/// every message on; dropping the client closes the connection.
+pub struct JsonClient {
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
+    messages: mpsc::UnboundedReceiver<Value>,
+    answer_hellos: Arc<AtomicBool>,
+    hellos: Arc<AtomicUsize>,
+    reader: JoinHandle<()>,
+}
+
+impl JsonClient {
+    /// Connects to `ctl` from `source` (so the controller sees that host as the backend's address).
+    pub async fn connect(ctl: &Controller, source: IpAddr) -> JsonClient {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(source, 0)).unwrap();
+        let stream = socket.connect(ctl.json_addr()).await.expect("control channel connect");
+        let (read, writer) = stream.into_split();
+        let writer = Arc::new(tokio::sync::Mutex::new(writer));
+        let (tx, messages) = mpsc::unbounded_channel();
+        let answer_hellos = Arc::new(AtomicBool::new(true));
+        let hellos = Arc::new(AtomicUsize::new(0));
+        let (answer, count, ack_writer) = (Arc::clone(&answer_hellos), Arc::clone(&hellos), Arc::clone(&writer));
+        let mut lines = BufReader::new(read).lines();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?}: {e}"));
+                if value == json!({"cmd": "hello"}) {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    if answer.load(Ordering::SeqCst) {
+                        let _ = ack_writer.lock().await.write_all(b"{\"ack\":\"hello\"}\n").await;
+                    }
+                }
+                if tx.send(value).is_err() {
+                    break;
+                }
+            }
+        });
+        JsonClient { writer, messages, answer_hellos, hellos, reader }
+    }
+
+    /// Stops answering hellos (a server that hangs but keeps its connection).
+    pub fn stop_answering(&self) {
+        self.answer_hellos.store(false, Ordering::SeqCst);
+    }
+
+    /// Hellos received so far.
+    pub fn hellos(&self) -> usize {
+        self.hellos.load(Ordering::SeqCst)
+    }
+
+    /// Writes raw bytes in one write.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.lock().await.write_all(bytes).await.expect("control channel write");
+    }
+
+    /// Writes one JSON object and a newline.
+    pub async fn send(&mut self, value: &Value) {
+        let mut line = value.to_string();
+        line.push('\n');
+        self.send_raw(line.as_bytes()).await;
+    }
+
+    /// The next message, hellos included; `None` once the controller closed the connection.
+    pub async fn next_message(&mut self) -> Option<Value> {
+        timeout(DEADLINE, self.messages.recv()).await.expect("timed out waiting for a message")
+    }
+
+    /// The next message that is not a hello.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let message = self.next_message().await.expect("control channel closed before a reply");
+            if message != json!({"cmd": "hello"}) {
+                return message;
+            }
+        }
+    }
+
+    /// Sends `register` and returns the reply.
+    pub async fn register(&mut self, protocol: &str, port: u16) -> Value {
+        self.send(&json!({"cmd": "register", "protocol": protocol, "port": port})).await;
+        self.recv().await
+    }
+
+    /// Waits until the controller closes the connection, returning how many messages came meanwhile.
+    pub async fn wait_closed(&mut self) -> usize {
+        let mut seen = 0;
+        while self.next_message().await.is_some() {
+            seen += 1;
+        }
+        seen
+    }
+}
+
+impl Drop for JsonClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Demo backends
+
+/// A TCP echo server that counts the connections it accepted.
+pub struct TcpEcho {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl TcpEcho {
+    /// Listens on `ip` at `port` (0 for any).
+    pub async fn start(ip: IpAddr, port: u16) -> TcpEcho {
+        let listener = TcpListener::bind(SocketAddr::new(ip, port)).await.expect("echo bind");
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        TcpEcho { addr, accepted, task }
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TcpEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A UDP server that answers each datagram with `NAME:` followed by the datagram.
+pub struct UdpEcho {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl UdpEcho {
+    /// Listens on `ip` at `port` (0 for any), answering with `name` as prefix.
+    pub async fn start(ip: IpAddr, port: u16, name: &str) -> UdpEcho {
+        let socket = UdpSocket::bind(SocketAddr::new(ip, port)).await.expect("udp echo bind");
+        let addr = socket.local_addr().unwrap();
+        let prefix = format!("{name}:").into_bytes();
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 65_536];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                let mut reply = prefix.clone();
+                reply.extend_from_slice(&buf[..n]);
+                let _ = socket.send_to(&reply, peer).await;
+            }
+        });
+        UdpEcho { addr, task }
+    }
+}
+
+impl Drop for UdpEcho {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Clients
+
+/// Connects to `addr`, sends `payload`, half-closes, and returns everything read back.
+pub async fn tcp_roundtrip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    timeout(DEADLINE, async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(payload).await?;
+        stream.shutdown().await?;
+        let mut back = Vec::new();
+        stream.read_to_end(&mut back).await?;
+        Ok(back)
+    })
+    .await
+    .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "round trip timed out")))
+}
+
+/// Sends one datagram from `socket` to `addr` and waits for the answer.
+pub async fn udp_roundtrip(socket: &UdpSocket, addr: SocketAddr, payload: &[u8]) -> Vec<u8> {
+    socket.send_to(payload, addr).await.unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let (n, from) = timeout(DEADLINE, socket.recv_from(&mut buf)).await.expect("UDP answer timed out").unwrap();
+    assert_eq!(from, addr, "the answer must come from the frontend address");
+    buf.truncate(n);
+    buf
+}

@@ -1,0 +1,9 @@
+//! End-to-end test support for Switchboard: spawns the real binaries on ephemeral ports, reads their
+//! `READY` lines, and talks to them over real sockets. The tests themselves live in `tests/e2e/` (one test
+//! binary, to keep link time down on small machines).
+//!
+//! # Layout
+//! - [`harness`]: processes (build, spawn, READY, stderr capture), per-test loopback networks, the
+//!   controller's state polled with a deadline, JSON control-channel clients and demo backends.
+
+pub mod harness;

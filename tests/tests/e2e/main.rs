@@ -1,0 +1,8 @@
+//! End-to-end tests: the real `controller` binary on port-0 listeners, real sockets, state polled from
+//! `/api/state` with a deadline. One test binary for the whole suite.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod grpc;
+mod json_channel;
+mod relay;

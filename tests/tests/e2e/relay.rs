@@ -1,0 +1,154 @@
+//! Traffic through the embedded node: TCP and UDP relay, round robin, failover.
+
+use serde_json::json;
+use switchboard_tests::harness::{Controller, JsonClient, Net, TcpEcho, UdpEcho, tcp_roundtrip, udp_roundtrip};
+use tokio::net::UdpSocket;
+
+#[tokio::test]
+async fn tcp_traffic_reaches_two_servers_in_round_robin() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &[]).await;
+    let a = TcpEcho::start(net.host(2), 0).await;
+    let port = a.addr.port();
+    let b = TcpEcho::start(net.host(3), port).await;
+
+    let mut server_a = JsonClient::connect(&ctl, net.host(2)).await;
+    let mut server_b = JsonClient::connect(&ctl, net.host(3)).await;
+    assert_eq!(server_a.register("tcp", port).await, json!({"ack": "successful"}));
+    assert_eq!(server_b.register("tcp", port).await, json!({"ack": "successful"}));
+    ctl.wait_state("two tcp backends", |s| Controller::backends(s, "tcp", port).len() == 2).await;
+
+    for i in 0..10 {
+        let payload = format!("hello {i}");
+        let back = tcp_roundtrip(ctl.frontend(port), payload.as_bytes()).await.unwrap();
+        assert_eq!(back, payload.as_bytes());
+    }
+    assert_eq!((a.accepted(), b.accepted()), (5, 5), "round robin alternates between the two servers");
+
+    // The node counted every connection and the counts reach the controller.
+    let state = ctl
+        .wait_state("connection totals", |s| {
+            Controller::backends(s, "tcp", port)
+                .iter()
+                .all(|b| b["total_connections"] == 5 && b["active_connections"] == 0)
+        })
+        .await;
+    assert_eq!(state["services"][0]["algorithm"], "round_robin");
+}
+
+#[tokio::test]
+async fn udp_traffic_reaches_two_servers_in_round_robin_and_replies_leave_from_the_frontend() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &[]).await;
+    let a = UdpEcho::start(net.host(2), 0, "a").await;
+    let port = a.addr.port();
+    let _b = UdpEcho::start(net.host(3), port, "b").await;
+
+    let mut server_a = JsonClient::connect(&ctl, net.host(2)).await;
+    let mut server_b = JsonClient::connect(&ctl, net.host(3)).await;
+    assert_eq!(server_a.register("udp", port).await, json!({"ack": "successful"}));
+    assert_eq!(server_b.register("UDP", port).await, json!({"ack": "successful"}));
+    ctl.wait_state("two udp backends", |s| Controller::backends(s, "udp", port).len() == 2).await;
+
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        // A new client address is a new session: sessions alternate between the servers.
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let first = udp_roundtrip(&client, ctl.frontend(port), b"ping").await;
+        // Later datagrams of the same client stay on its server.
+        let second = udp_roundtrip(&client, ctl.frontend(port), b"again").await;
+        let name = String::from_utf8(first).unwrap();
+        assert!(name.ends_with(":ping"), "{name}");
+        let server = name.split(':').next().unwrap().to_owned();
+        assert_eq!(String::from_utf8(second).unwrap(), format!("{server}:again"), "session pinned");
+        names.push(server);
+    }
+    names.sort();
+    assert_eq!(names, ["a", "a", "b", "b"]);
+    ctl.wait_state("four udp sessions", |s| {
+        Controller::backends(s, "udp", port).iter().map(|b| b["active_connections"].as_u64().unwrap()).sum::<u64>() == 4
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refusing_backend_never_fails_a_client_while_another_is_up() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &[]).await;
+    let live = TcpEcho::start(net.host(2), 0).await;
+    let port = live.addr.port();
+    // Host 3 registers the same port but nothing listens there: connections to it are refused.
+    let mut server_live = JsonClient::connect(&ctl, net.host(2)).await;
+    let mut server_dead = JsonClient::connect(&ctl, net.host(3)).await;
+    assert_eq!(server_live.register("tcp", port).await["ack"], "successful");
+    assert_eq!(server_dead.register("tcp", port).await["ack"], "successful");
+    ctl.wait_state("two backends", |s| Controller::backends(s, "tcp", port).len() == 2).await;
+
+    for i in 0..20 {
+        let payload = format!("request {i}");
+        let back = tcp_roundtrip(ctl.frontend(port), payload.as_bytes()).await.expect("client connection");
+        assert_eq!(back, payload.as_bytes(), "connection {i}");
+    }
+    assert_eq!(live.accepted(), 20);
+}
+
+#[tokio::test]
+async fn half_close_is_passed_through_and_the_other_direction_keeps_flowing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &[]).await;
+    // A backend that reads until EOF, then answers with what it read: only works if our FIN reaches it.
+    let listener = tokio::net::TcpListener::bind((net.host(2), 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let backend = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        stream.read_to_end(&mut got).await.unwrap();
+        stream.write_all(format!("read {} bytes", got.len()).as_bytes()).await.unwrap();
+    });
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    assert_eq!(server.register("tcp", port).await["ack"], "successful");
+
+    let mut client = tokio::net::TcpStream::connect(ctl.frontend(port)).await.unwrap();
+    client.write_all(&[7u8; 100_000]).await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.unwrap();
+    assert_eq!(answer, "read 100000 bytes");
+    backend.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_removed_backend_gets_no_new_connections_but_keeps_its_open_ones() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &[]).await;
+    let a = TcpEcho::start(net.host(2), 0).await;
+    let port = a.addr.port();
+    let b = TcpEcho::start(net.host(3), port).await;
+    let mut server_a = JsonClient::connect(&ctl, net.host(2)).await;
+    let mut server_b = JsonClient::connect(&ctl, net.host(3)).await;
+    assert_eq!(server_a.register("tcp", port).await["ack"], "successful");
+    assert_eq!(server_b.register("tcp", port).await["ack"], "successful");
+
+    // Round robin starts at the first backend (host 2): this connection lands on `a`.
+    let mut open = tokio::net::TcpStream::connect(ctl.frontend(port)).await.unwrap();
+    open.write_all(b"first").await.unwrap();
+    let mut buf = [0u8; 5];
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(a.accepted(), 1);
+
+    server_a.send(&json!({"cmd": "unregister", "protocol": "tcp", "port": port})).await;
+    assert_eq!(server_a.recv().await, json!({"ack": "successful"}));
+    ctl.wait_state("a removed", |s| Controller::backends(s, "tcp", port).len() == 1).await;
+
+    for _ in 0..4 {
+        tcp_roundtrip(ctl.frontend(port), b"x").await.unwrap();
+    }
+    assert_eq!((a.accepted(), b.accepted()), (1, 4), "no new connection for the removed backend");
+    open.write_all(b"still").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"still", "the open connection keeps working");
+}
