@@ -4,7 +4,12 @@
 use std::{env, fs, path::PathBuf};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["switchboard/v1/types.proto", "switchboard/v1/registry.proto", "switchboard/v1/admin.proto"];
+    let files = [
+        "switchboard/v1/types.proto",
+        "switchboard/v1/registry.proto",
+        "switchboard/v1/dataplane.proto",
+        "switchboard/v1/admin.proto",
+    ];
     println!("cargo:rerun-if-changed=switchboard");
 
     let fds = protox::compile(files, ["."])?;

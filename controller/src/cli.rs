@@ -56,6 +56,11 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_BIND_ACK_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub bind_ack_timeout: Duration,
 
+    /// Warm-up after start: nodes keep serving services this controller has not relearned yet, so servers
+    /// can re-register after a controller restart without their ports closing. 0 disables it.
+    #[arg(long, env = "SWITCHBOARD_RESYNC_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub resync_grace: Duration,
+
     /// Time allowed to connect to one backend before the next one is tried.
     #[arg(long, env = "SWITCHBOARD_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
@@ -67,6 +72,11 @@ pub struct Cli {
     /// Most UDP sessions per frontend.
     #[arg(long, env = "SWITCHBOARD_UDP_MAX_SESSIONS", default_value_t = 65_536)]
     pub udp_max_sessions: usize,
+
+    /// How long connections to a removed backend go on before they are closed; also how long the embedded
+    /// node waits for open connections on shutdown.
+    #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
 
     /// Validate the configuration and exit.
     #[arg(long)]

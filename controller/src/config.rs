@@ -23,6 +23,8 @@ pub struct Config {
     pub print_state: bool,
     /// How long a registration waits for bind results.
     pub bind_ack_timeout: Duration,
+    /// Warm-up window after start, during which nodes keep services not yet re-registered.
+    pub resync_grace: Duration,
     /// The embedded node, unless disabled.
     pub embedded_node: Option<NodeConfig>,
     /// Only validate.
@@ -60,6 +62,7 @@ impl TryFrom<Cli> for Config {
             udp_idle_timeout: cli.udp_idle_timeout,
             udp_max_sessions: cli.udp_max_sessions,
             load_report_interval: Duration::from_millis(100),
+            drain_timeout: cli.drain_timeout,
         });
         Ok(Config {
             json_listen: cli.json_listen,
@@ -69,6 +72,7 @@ impl TryFrom<Cli> for Config {
             allowed_ports: cli.allowed_ports.parse()?,
             print_state: cli.print_state,
             bind_ack_timeout: positive("bind-ack-timeout", cli.bind_ack_timeout)?,
+            resync_grace: cli.resync_grace,
             embedded_node,
             check: cli.check,
         })

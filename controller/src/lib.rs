@@ -39,6 +39,7 @@ pub struct Controller {
     grpc: TcpListener,
     admin: TcpListener,
     store: Arc<Store>,
+    embedded: Option<store::NodeSession>,
 }
 
 /// The addresses a controller listens on.
@@ -75,12 +76,13 @@ impl Controller {
         }
         let policy = store::Policy { allowed_ports: config.allowed_ports.clone(), reserved_ports };
         let store = Store::new(policy, config.print_state);
+        if !config.resync_grace.is_zero() {
+            store.begin_warm_up();
+        }
         // The embedded node counts as connected from the start: a registration that arrives right after
         // READY waits for its bind result instead of being told that no node is there.
-        if let Some(node) = &config.embedded_node {
-            store.node_connected(&node.node_id);
-        }
-        Ok(Controller { config, json, grpc, admin, store })
+        let embedded = config.embedded_node.as_ref().map(|node| store.connect_node(&node.node_id, None));
+        Ok(Controller { config, json, grpc, admin, store, embedded })
     }
 
     /// Where the listeners are bound.
@@ -102,8 +104,17 @@ impl Controller {
 
     /// Serves until `shutdown` turns true or a server fails.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), ControllerError> {
-        let Controller { config, json, grpc, admin, store } = self;
+        let Controller { config, json, grpc, admin, store, embedded } = self;
         let mut tasks = JoinSet::new();
+        if !config.resync_grace.is_zero() {
+            let store = Arc::clone(&store);
+            let grace = config.resync_grace;
+            tasks.spawn(async move {
+                tokio::time::sleep(grace).await;
+                store.end_warm_up();
+                Ok(())
+            });
+        }
         let json_ctx = Arc::new(api::json::JsonContext {
             store: Arc::clone(&store),
             probe: config.probe,
@@ -124,8 +135,8 @@ impl Controller {
             shutdown.clone(),
         ));
         tasks.spawn(api::http::serve(admin, Arc::clone(&store), shutdown.clone()));
-        if let Some(node) = config.embedded_node {
-            tasks.spawn(run_embedded_node(node, Arc::clone(&store), shutdown));
+        if let (Some(node), Some(session)) = (config.embedded_node, embedded) {
+            tasks.spawn(run_embedded_node(node, session, Arc::clone(&store), shutdown));
         }
         while let Some(done) = tasks.join_next().await {
             match done {
@@ -148,16 +159,16 @@ pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 /// straight into the store, exactly as a remote node's would after crossing the network.
 async fn run_embedded_node(
     config: NodeConfig,
+    session: store::NodeSession,
     store: Arc<Store>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ControllerError> {
-    let node_id = config.node_id.clone();
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
     let node = tokio::spawn(Node::new(config).run(store.subscribe(), reports_tx, shutdown));
     while let Some(report) = reports.recv().await {
-        store.node_report(&node_id, report);
+        session.report(report);
     }
-    store.node_disconnected(&node_id);
+    drop(session);
     if let Err(join) = node.await
         && join.is_panic()
     {

@@ -72,10 +72,15 @@ pub struct Store {
 #[derive(Debug, Default)]
 struct State {
     version: u64,
+    /// See [`RoutingSnapshot::warming_up`].
+    warming_up: bool,
+    /// Services removed while warming up, so nodes drop them even though the snapshots are partial.
+    retired: BTreeSet<ServiceKey>,
     services: BTreeMap<ServiceKey, Service>,
     registrations: HashMap<RegistrationId, RegistrationState>,
     nodes: BTreeMap<String, NodeState>,
     next_registration: u64,
+    next_node_session: u64,
 }
 
 #[derive(Debug, Default)]
@@ -100,6 +105,11 @@ struct RegistrationState {
 
 #[derive(Debug)]
 struct NodeState {
+    /// Which connection of the node is current: a node that reconnects before its old stream is noticed
+    /// dead replaces it, and the old stream's end must not disconnect the new one.
+    session: u64,
+    connected: bool,
+    address: Option<SocketAddr>,
     acked_version: Option<u64>,
     last_seen: Instant,
     frontends: BTreeMap<ServiceKey, Result<SocketAddr, String>>,
@@ -135,6 +145,14 @@ pub struct RegisterReply {
     pub message: Option<String>,
     /// The backend as recorded.
     pub backend: SocketAddr,
+}
+
+/// A connected node (embedded, or a `Sync` stream). Dropping it marks the node disconnected.
+#[derive(Debug)]
+pub struct NodeSession {
+    store: Arc<Store>,
+    node: String,
+    session: u64,
 }
 
 /// A live registration. Dropping it removes every backend it registered.
@@ -209,6 +227,7 @@ impl Store {
             _ => {}
         }
         let new_service = state.services.get(&service).is_none_or(|s| s.backends.is_empty());
+        state.retired.remove(&service);
         if let Some(s) = state.services.get_mut(&service) {
             s.backends.insert(backend.addr, Backend { weight: backend.weight, owner: registration });
         }
@@ -285,22 +304,69 @@ impl Store {
         self.print(&state);
     }
 
-    /// A node joined: registrations wait for its bind results from now on.
-    pub fn node_connected(&self, node: &str) {
+    /// Starts the warm-up window of a freshly started controller: until [`Store::end_warm_up`], snapshots
+    /// tell nodes to keep the services they serve that this controller has not relearned yet.
+    pub fn begin_warm_up(&self) {
         let mut state = self.lock();
-        state.nodes.insert(
-            node.to_owned(),
-            NodeState { acked_version: None, last_seen: Instant::now(), frontends: BTreeMap::new(), load: Vec::new() },
-        );
-        info!(node, "node joined");
-        drop(state);
-        self.node_updates.send_modify(|n| *n += 1);
+        state.warming_up = true;
+        let version = self.commit(&mut state);
+        info!(version, "warming up: nodes keep their services until servers have re-registered");
     }
 
-    /// A node's report: an applied version with its bind results, or its connection counts.
-    pub fn node_report(&self, node: &str, report: NodeReport) {
+    /// Ends the warm-up window: from now on nodes serve exactly what the store holds.
+    pub fn end_warm_up(&self) {
         let mut state = self.lock();
-        let Some(status) = state.nodes.get_mut(node) else { return };
+        if !state.warming_up {
+            return;
+        }
+        state.warming_up = false;
+        state.retired.clear();
+        let version = self.commit(&mut state);
+        info!(version, services = state.services.len(), "warm-up over: nodes now serve exactly this state");
+        self.print(&state);
+    }
+
+    /// A node already applied `version` (from a controller that ran before this one): versions continue
+    /// above it, so no node is ever sent a version it knows or an older one.
+    pub fn observe_version(&self, version: u64) {
+        let mut state = self.lock();
+        if version >= state.version {
+            state.version = version;
+            let version = self.commit(&mut state);
+            info!(version, "version raised above a node's");
+        }
+    }
+
+    /// A node joined (or rejoined): registrations wait for its bind results from now on.
+    pub fn connect_node(self: &Arc<Self>, node: &str, address: Option<SocketAddr>) -> NodeSession {
+        let mut state = self.lock();
+        state.next_node_session += 1;
+        let session = state.next_node_session;
+        let replaced = state.nodes.get(node).is_some_and(|n| n.connected);
+        state.nodes.insert(
+            node.to_owned(),
+            NodeState {
+                session,
+                connected: true,
+                address,
+                acked_version: None,
+                last_seen: Instant::now(),
+                frontends: BTreeMap::new(),
+                load: Vec::new(),
+            },
+        );
+        drop(state);
+        match address {
+            Some(address) => info!(node, %address, replaced, "node joined"),
+            None => info!(node, "node joined"),
+        }
+        self.node_updates.send_modify(|n| *n += 1);
+        NodeSession { store: Arc::clone(self), node: node.to_owned(), session }
+    }
+
+    fn node_report(&self, node: &str, session: u64, report: NodeReport) {
+        let mut state = self.lock();
+        let Some(status) = state.nodes.get_mut(node).filter(|n| n.session == session) else { return };
         status.last_seen = Instant::now();
         match report {
             NodeReport::Applied { version, frontends } => {
@@ -314,12 +380,18 @@ impl Store {
         self.node_updates.send_modify(|n| *n += 1);
     }
 
-    /// A node left: its frontends and counts leave the views.
-    pub fn node_disconnected(&self, node: &str) {
-        if self.lock().nodes.remove(node).is_some() {
-            info!(node, "node left");
-            self.node_updates.send_modify(|n| *n += 1);
-        }
+    /// A node left: it stays listed as disconnected, its counts leave the cluster view and its frontends no
+    /// longer answer for registrations.
+    fn disconnect_node(&self, node: &str, session: u64) {
+        let mut state = self.lock();
+        let Some(status) = state.nodes.get_mut(node).filter(|n| n.session == session && n.connected) else {
+            return;
+        };
+        status.connected = false;
+        status.load.clear();
+        drop(state);
+        info!(node, "node left");
+        self.node_updates.send_modify(|n| *n += 1);
     }
 
     /// Waits until the nodes' reports tell whether `service` is served at `version` or later, at most
@@ -401,6 +473,9 @@ impl State {
             s.backends.remove(&backend);
             if s.backends.is_empty() {
                 self.services.remove(&service);
+                if self.warming_up {
+                    self.retired.insert(service);
+                }
             }
         }
     }
@@ -419,7 +494,7 @@ impl State {
                 (key, ServiceSpec { key, algorithm: service.algorithm, backends })
             })
             .collect();
-        RoutingSnapshot { version: self.version, services }
+        RoutingSnapshot { version: self.version, services, warming_up: self.warming_up, retired: self.retired.clone() }
     }
 
     /// Every service has a backend; every backend's owner exists and lists it, and the reverse.
@@ -451,12 +526,13 @@ impl State {
     }
 
     fn frontend_verdict(&self, service: ServiceKey, version: u64, last_call: bool) -> Option<FrontendVerdict> {
-        if self.nodes.is_empty() {
+        let connected = || self.nodes.iter().filter(|(_, n)| n.connected);
+        if connected().next().is_none() {
             return Some(FrontendVerdict::NoNodes);
         }
         let mut errors = Vec::new();
         let mut pending = Vec::new();
-        for (id, node) in &self.nodes {
+        for (id, node) in connected() {
             match node.acked_version {
                 Some(acked) if acked >= version => match node.frontends.get(&service) {
                     Some(Ok(_)) => return Some(FrontendVerdict::Serving),
@@ -516,6 +592,8 @@ impl State {
             .iter()
             .map(|(id, node)| NodeView {
                 id: id.clone(),
+                connected: node.connected,
+                address: node.address,
                 acked_version: node.acked_version,
                 last_seen_ms_ago: u64::try_from(node.last_seen.elapsed().as_millis()).unwrap_or(u64::MAX),
                 frontends: node
@@ -531,6 +609,26 @@ impl State {
             })
             .collect();
         StateView { version: self.version, services, nodes }
+    }
+}
+
+// === impl NodeSession ===
+
+impl NodeSession {
+    /// Records one report of the node.
+    pub fn report(&self, report: NodeReport) {
+        self.store.node_report(&self.node, self.session, report);
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+}
+
+impl Drop for NodeSession {
+    fn drop(&mut self) {
+        self.store.disconnect_node(&self.node, self.session);
     }
 }
 
@@ -656,6 +754,10 @@ pub struct BackendView {
 pub struct NodeView {
     /// Its name.
     pub id: String,
+    /// False once its stream ended.
+    pub connected: bool,
+    /// Where its sync stream comes from (none for the embedded node).
+    pub address: Option<SocketAddr>,
     /// Last snapshot version it applied.
     pub acked_version: Option<u64>,
     /// Time since its last report.
@@ -694,7 +796,8 @@ impl fmt::Display for StateView {
         }
         for n in &self.nodes {
             let acked = n.acked_version.map_or_else(|| "none".to_owned(), |v| v.to_string());
-            writeln!(f, "node {} acked v{acked}, {} frontend(s)", n.id, n.frontends.len())?;
+            let link = if n.connected { "connected" } else { "disconnected" };
+            writeln!(f, "node {} {link}, acked v{acked}, {} frontend(s)", n.id, n.frontends.len())?;
         }
         Ok(())
     }
@@ -795,6 +898,29 @@ mod tests {
         assert_eq!(store.snapshot().version, 3);
     }
 
+    #[test]
+    fn warm_up_snapshots_retire_removed_services_and_versions_jump_above_known_ones() {
+        let store = store();
+        store.begin_warm_up();
+        assert!(store.snapshot().warming_up);
+        let a = store.open_registration(origin("127.0.0.2"));
+        store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        drop(a);
+        assert_eq!(store.snapshot().retired, [ServiceKey::tcp(80)].into());
+        let b = store.open_registration(origin("127.0.0.2"));
+        store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        assert!(store.snapshot().retired.is_empty(), "re-registered: no longer retired");
+
+        store.observe_version(500);
+        assert_eq!(store.snapshot().version, 501);
+        store.observe_version(20);
+        assert_eq!(store.snapshot().version, 501, "an older version changes nothing");
+        store.end_warm_up();
+        let last = store.snapshot();
+        assert_eq!((last.version, last.warming_up), (502, false));
+        assert_eq!(last.services.len(), 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed() {
         let store = store();
@@ -803,21 +929,26 @@ mod tests {
         let reply = reg.register(ServiceKey::tcp(80), backend("127.0.0.2:80"), Duration::from_secs(2)).await.unwrap();
         assert!(reply.success && reply.message.unwrap().contains("no data-plane node"));
 
-        store.node_connected("a");
-        store.node_connected("b");
-        let report = |store: Arc<Store>, node: &'static str, result: Result<SocketAddr, String>| async move {
+        let node_a = Arc::new(store.connect_node("a", None));
+        let node_b = Arc::new(store.connect_node("b", None));
+        let report = |store: Arc<Store>, node: Arc<NodeSession>, result: Result<SocketAddr, String>| async move {
             let mut rx = store.subscribe();
             let version = rx.wait_for(|s| s.services.contains_key(&ServiceKey::tcp(81))).await.unwrap().version;
-            store.node_report(
-                node,
-                NodeReport::Applied {
-                    version,
-                    frontends: vec![FrontendStatus { service: ServiceKey::tcp(81), result }],
-                },
-            );
+            node.report(NodeReport::Applied {
+                version,
+                frontends: vec![FrontendStatus { service: ServiceKey::tcp(81), result }],
+            });
         };
-        let a = tokio::spawn(report(Arc::clone(&store), "a", Err("bind 0.0.0.0:81: Address in use".into())));
-        let b = tokio::spawn(report(Arc::clone(&store), "b", Err("bind 0.0.0.0:81: Permission denied".into())));
+        let a = tokio::spawn(report(
+            Arc::clone(&store),
+            Arc::clone(&node_a),
+            Err("bind 0.0.0.0:81: Address in use".into()),
+        ));
+        let b = tokio::spawn(report(
+            Arc::clone(&store),
+            Arc::clone(&node_b),
+            Err("bind 0.0.0.0:81: Permission denied".into()),
+        ));
         let reply = reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), Duration::from_secs(2)).await.unwrap();
         a.await.unwrap();
         b.await.unwrap();
@@ -827,9 +958,33 @@ mod tests {
         assert!(why.contains("node b: bind 0.0.0.0:81: Permission denied"), "{why}");
         assert!(!store.snapshot().services.contains_key(&ServiceKey::tcp(81)), "rolled back");
 
-        // One node that never answers: failure after the timeout, naming it.
-        store.node_disconnected("b");
+        // One node that never answers: failure after the timeout, naming it. Node b left: it is listed as
+        // disconnected and no longer asked.
+        drop(node_b);
+        assert!(!store.view().nodes[1].connected);
         let reply = reg.register(ServiceKey::tcp(82), backend("127.0.0.2:82"), Duration::from_secs(2)).await.unwrap();
         assert_eq!(reply.message.as_deref(), Some("node a: no bind result in time"));
+        drop(node_a);
+    }
+
+    #[test]
+    fn a_reconnecting_node_replaces_its_old_session() {
+        let store = store();
+        let old = store.connect_node("n1", None);
+        let new = store.connect_node("n1", None);
+        old.report(NodeReport::Applied { version: 9, frontends: Vec::new() });
+        assert_eq!(store.view().nodes[0].acked_version, None, "reports of a replaced session are ignored");
+        drop(old);
+        assert!(store.view().nodes[0].connected, "the old stream's end does not disconnect the new one");
+        new.report(NodeReport::Load(vec![BackendLoad {
+            service: ServiceKey::tcp(80),
+            backend: "127.0.0.2:80".parse().unwrap(),
+            active: 3,
+            total: 4,
+        }]));
+        drop(new);
+        let view = store.view();
+        assert!(!view.nodes[0].connected);
+        assert!(view.services.is_empty());
     }
 }

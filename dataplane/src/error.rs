@@ -16,3 +16,40 @@ pub enum FrontendError {
         source: io::Error,
     },
 }
+
+/// Why a sync stream with the controller ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// `--controller` is not a valid URL.
+    #[error("invalid controller URL: {0}")]
+    Url(String),
+    /// The controller could not be reached.
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The stream failed.
+    #[error("stream failed: {}", .0.message())]
+    Stream(#[from] tonic::Status),
+    /// The controller sent something that is not a valid snapshot.
+    #[error("bad snapshot: {0}")]
+    Snapshot(#[from] crate::convert::ConvertError),
+    /// The stream closed under us.
+    #[error("the stream closed")]
+    Closed,
+}
+
+/// Why a `dataplane` process cannot start or keep running.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// The admin listener could not be bound.
+    #[error("cannot listen for admin HTTP on {addr}: {source}")]
+    Bind {
+        /// The configured address.
+        addr: std::net::SocketAddr,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin HTTP server failed.
+    #[error("admin HTTP server: {0}")]
+    Admin(#[source] std::io::Error),
+}

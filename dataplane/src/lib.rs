@@ -1,31 +1,101 @@
 //! The Switchboard data plane: a node owns one frontend socket per service of the current routing
 //! snapshot and relays TCP connections and UDP sessions to the service's backends. It is a library so the
-//! controller can embed a node and a `dataplane` process can run the very same code on other hosts.
+//! controller can embed a node, and the `dataplane` binary runs the very same node on other hosts, fed by
+//! the controller's `Dataplane.Sync` stream.
 //!
 //! The node consumes snapshots from a `watch` channel and answers with [`NodeReport`]s (which frontends are
 //! bound, per-backend connection counts). The data path reads one immutable [`RoutingTable`] per connection
-//! or new UDP session, swapped atomically, so it takes no lock.
+//! or new UDP session, swapped atomically, so it takes no lock. When the controller is gone a remote node
+//! keeps serving its last snapshot.
 //!
 //! # Layout
 //! - [`snapshot`]: the routing state domain types shared with the controller.
-//! - [`node`]: the reconcile loop: table swap, frontends opened and closed, reports.
+//! - [`node`]: the reconcile loop: table swap, frontends opened and closed, drains, reports.
 //! - [`table`]: a snapshot resolved for the data path.
 //! - [`balance`]: which backend takes the next connection.
 //! - [`relay`]: TCP and UDP relays.
 //! - [`listener`]: how frontend sockets are bound.
-//! - [`stats`]: per-backend connection counters.
+//! - [`stats`]: per-backend connection counters and evictions.
+//! - [`sync`]: the remote node's link to the controller; [`convert`]: domain types to and from the wire.
+//! - [`cli`], [`admin`]: the `dataplane` binary's flags and admin HTTP server.
 
+pub mod admin;
 pub mod balance;
+pub mod cli;
+pub mod convert;
 pub mod error;
 pub mod listener;
 pub mod node;
 pub mod relay;
 pub mod snapshot;
 pub mod stats;
+pub mod sync;
 pub mod table;
 
-pub use error::FrontendError;
-pub use node::{FrontendStatus, Node, NodeConfig, NodeReport};
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
+
+pub use cli::{Cli, DataplaneConfig};
+pub use error::{DataplaneError, FrontendError, SyncError};
+pub use node::{FrontendStatus, Node, NodeConfig, NodeHandle, NodeReport, NodeState};
 pub use snapshot::{Algorithm, BackendSpec, Protocol, RoutingSnapshot, ServiceKey, ServiceSpec};
 pub use stats::BackendLoad;
 pub use table::RoutingTable;
+
+/// A `dataplane` process whose admin listener is bound, ready to [`run`](Dataplane::run).
+#[derive(Debug)]
+pub struct Dataplane {
+    config: DataplaneConfig,
+    admin: TcpListener,
+}
+
+// === impl Dataplane ===
+
+impl Dataplane {
+    /// Binds the admin listener (port 0 allowed). Frontends are bound later, as snapshots list them.
+    pub async fn bind(config: DataplaneConfig) -> Result<Self, DataplaneError> {
+        let addr = config.admin_listen;
+        let admin = TcpListener::bind(addr).await.map_err(|source| DataplaneError::Bind { addr, source })?;
+        Ok(Dataplane { config, admin })
+    }
+
+    /// Where the admin server listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.config.admin_listen)
+    }
+
+    /// The one line printed on stdout once bound.
+    pub fn ready_line(&self) -> String {
+        format!("READY admin={} node={}", self.admin_addr(), self.config.node.node_id)
+    }
+
+    /// Serves until `shutdown` turns true, then drains: frontends close at once, open connections get the
+    /// drain timeout to finish.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), DataplaneError> {
+        let Dataplane { config, admin } = self;
+        let node = Node::new(config.node.clone());
+        let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(RoutingSnapshot::default()));
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = watch::channel(sync::SyncStatus::default());
+        let admin = tokio::spawn(admin::serve(
+            admin,
+            config.node.node_id.clone(),
+            config.sync.controller.clone(),
+            node.handle(),
+            status_rx,
+            shutdown.clone(),
+        ));
+        let sync = tokio::spawn(sync::run(config.sync, snapshots_tx, reports_rx, status_tx));
+        node.run(snapshots_rx, reports_tx, shutdown).await;
+        // The node is done: the controller sees the stream end and drops the node.
+        sync.abort();
+        match admin.await {
+            Ok(result) => result.map_err(DataplaneError::Admin),
+            Err(_) => Ok(()),
+        }
+    }
+}

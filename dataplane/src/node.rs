@@ -3,6 +3,10 @@
 //!
 //! A node knows nothing about where snapshots come from: the controller's embedded node reads the store's
 //! watch channel directly, a remote node a gRPC stream. Both run this same loop.
+//!
+//! Connections outlive the routing state that created them: a removed backend's connections go on until
+//! `drain_timeout`, and a node told to stop closes its frontends, then waits up to the same grace for its
+//! connections to finish.
 
 use std::{
     collections::HashMap,
@@ -13,9 +17,10 @@ use std::{
 
 use arc_swap::ArcSwap;
 use tokio::{
-    sync::{mpsc, watch},
-    task::JoinHandle,
+    sync::{mpsc, oneshot, watch},
+    task::{JoinHandle, JoinSet},
 };
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::{
@@ -41,6 +46,9 @@ pub struct NodeConfig {
     pub udp_max_sessions: usize,
     /// Shortest time between two load reports.
     pub load_report_interval: Duration,
+    /// How long connections of a removed backend go on, and how long a stopping node waits for its
+    /// connections.
+    pub drain_timeout: Duration,
 }
 
 /// What a node tells whoever feeds it snapshots.
@@ -50,7 +58,7 @@ pub enum NodeReport {
     Applied {
         /// The version applied.
         version: u64,
-        /// One entry per service of that snapshot.
+        /// One entry per service the node serves at that version.
         frontends: Vec<FrontendStatus>,
     },
     /// The node's per-backend counters changed.
@@ -66,6 +74,22 @@ pub struct FrontendStatus {
     pub result: Result<SocketAddr, String>,
 }
 
+/// What the node serves now, for its admin API.
+#[derive(Clone, Debug, Default)]
+pub struct NodeState {
+    /// The routing state in force (during a controller's warm-up, more than the controller sent).
+    pub snapshot: Arc<RoutingSnapshot>,
+    /// One entry per service of `snapshot`.
+    pub frontends: Vec<FrontendStatus>,
+}
+
+/// Read access to a running node, for its admin API.
+#[derive(Clone, Debug)]
+pub struct NodeHandle {
+    state: watch::Receiver<NodeState>,
+    stats: Arc<StatsRegistry>,
+}
+
 /// One data-plane node.
 pub struct Node {
     config: NodeConfig,
@@ -74,11 +98,15 @@ pub struct Node {
     frontends: HashMap<ServiceKey, Frontend>,
     /// Last bind error per service, so a failure repeated on every snapshot is logged once.
     failures: HashMap<ServiceKey, String>,
+    state: watch::Sender<NodeState>,
+    /// Drain timers of removed backends.
+    drains: JoinSet<()>,
 }
 
-/// An open frontend: its socket lives inside `task`.
+/// An open frontend: its socket lives inside `task`, which returns once `stop` fires.
 struct Frontend {
     local: SocketAddr,
+    stop: oneshot::Sender<()>,
     task: JoinHandle<()>,
 }
 
@@ -92,12 +120,27 @@ impl Node {
             connect_timeout: config.connect_timeout,
             udp_idle_timeout: config.udp_idle_timeout,
             udp_max_sessions: config.udp_max_sessions,
+            connections: TaskTracker::new(),
         });
-        Node { config, ctx, stats: Arc::default(), frontends: HashMap::new(), failures: HashMap::new() }
+        Node {
+            config,
+            ctx,
+            stats: Arc::default(),
+            frontends: HashMap::new(),
+            failures: HashMap::new(),
+            state: watch::Sender::new(NodeState::default()),
+            drains: JoinSet::new(),
+        }
+    }
+
+    /// Read access to this node's state and counters, valid while it runs.
+    pub fn handle(&self) -> NodeHandle {
+        NodeHandle { state: self.state.subscribe(), stats: Arc::clone(&self.stats) }
     }
 
     /// Applies every snapshot published on `snapshots` and reports on `reports`, until `shutdown` turns
-    /// true, the snapshot source goes away, or nobody reads the reports. Closes every frontend on the way out.
+    /// true, the snapshot source goes away, or nobody reads the reports. Then it stops accepting, closes
+    /// every frontend, and waits up to the drain timeout for open connections before returning.
     pub async fn run(
         mut self,
         mut snapshots: watch::Receiver<Arc<RoutingSnapshot>>,
@@ -118,16 +161,19 @@ impl Node {
             }
         }
         reporter.abort();
-        for (service, frontend) in self.frontends.drain() {
-            let addr = frontend.local;
-            frontend.close().await;
-            info!(node = %self.config.node_id, %service, %addr, "port closed");
-        }
+        self.stop().await;
     }
 
-    async fn apply(&mut self, snapshot: &RoutingSnapshot) -> Vec<FrontendStatus> {
+    async fn apply(&mut self, received: &RoutingSnapshot) -> Vec<FrontendStatus> {
+        let snapshot = received.applied_over(&self.state.borrow().snapshot);
         // The new table first: connections accepted from here on see the new backends.
-        let table = RoutingTable::build(snapshot, &self.ctx.table.load(), &self.stats);
+        let old = self.ctx.table.load_full();
+        let table = RoutingTable::build(&snapshot, &old, &self.stats);
+        for (service, backend) in old.entries() {
+            if !table.contains(&service, backend.addr) && backend.stats.active() > 0 {
+                self.schedule_drain(service, backend.addr, Arc::clone(&backend.stats));
+            }
+        }
         self.ctx.table.store(Arc::new(table));
 
         let gone: Vec<ServiceKey> =
@@ -150,27 +196,52 @@ impl Node {
             };
             statuses.push(FrontendStatus { service, result });
         }
+        if received.warming_up && snapshot.services.len() > received.services.len() {
+            info!(
+                node = %self.config.node_id,
+                kept = snapshot.services.len() - received.services.len(),
+                "controller warming up: keeping services it does not list yet"
+            );
+        }
+        self.state.send_replace(NodeState { snapshot: Arc::new(snapshot), frontends: statuses.clone() });
         statuses
+    }
+
+    /// Closes the connections of a backend that left rotation once the drain timeout is over, unless it
+    /// is back in rotation by then.
+    fn schedule_drain(&mut self, service: ServiceKey, backend: SocketAddr, stats: Arc<crate::stats::BackendStats>) {
+        let ctx = Arc::clone(&self.ctx);
+        let drain = self.config.drain_timeout;
+        info!(%service, %backend, open = stats.active(), ?drain, "backend left rotation: draining its connections");
+        self.drains.spawn(async move {
+            tokio::time::sleep(drain).await;
+            if !ctx.table.load().contains(&service, backend) && stats.active() > 0 {
+                info!(%service, %backend, open = stats.active(), "drain timeout: closing the remaining connections");
+                stats.evict();
+            }
+        });
+        while self.drains.try_join_next().is_some() {}
     }
 
     fn open(&mut self, service: ServiceKey) -> Result<SocketAddr, String> {
         let addr = SocketAddr::new(self.config.frontend_address, service.port);
         let ctx = Arc::clone(&self.ctx);
+        let (stop, stopped) = oneshot::channel();
         let opened = match service.protocol {
             Protocol::Tcp => listener::bind_tcp(addr).and_then(|l| {
                 let local = l.local_addr().map_err(|source| crate::FrontendError::Bind { addr, source })?;
-                Ok((local, tokio::spawn(relay::tcp::serve(l, service, ctx))))
+                Ok((local, tokio::spawn(relay::tcp::serve(l, service, ctx, stopped))))
             }),
             Protocol::Udp => listener::bind_udp(addr).and_then(|s| {
                 let local = s.local_addr().map_err(|source| crate::FrontendError::Bind { addr, source })?;
-                Ok((local, tokio::spawn(relay::udp::serve(s, service, ctx))))
+                Ok((local, tokio::spawn(relay::udp::serve(s, service, ctx, stopped))))
             }),
         };
         match opened {
             Ok((local, task)) => {
                 info!(node = %self.config.node_id, %service, addr = %local, "port opened");
                 self.failures.remove(&service);
-                self.frontends.insert(service, Frontend { local, task });
+                self.frontends.insert(service, Frontend { local, stop, task });
                 Ok(local)
             }
             Err(error) => {
@@ -183,17 +254,53 @@ impl Node {
             }
         }
     }
+
+    /// Stops accepting, then gives open connections the drain timeout to finish before closing them.
+    async fn stop(mut self) {
+        for (service, frontend) in self.frontends.drain() {
+            let addr = frontend.local;
+            frontend.close().await;
+            info!(node = %self.config.node_id, %service, %addr, "port closed");
+        }
+        self.drains.shutdown().await;
+        let connections = &self.ctx.connections;
+        connections.close();
+        if !connections.is_empty() {
+            let grace = self.config.drain_timeout;
+            info!(node = %self.config.node_id, open = connections.len(), ?grace, "waiting for open connections");
+            if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+                warn!(node = %self.config.node_id, open = connections.len(), "grace over: closing the remaining connections");
+                self.stats.evict_all();
+                connections.wait().await;
+            }
+        }
+        info!(node = %self.config.node_id, "node stopped");
+    }
 }
 
 // === impl Frontend ===
 
 impl Frontend {
-    /// Stops accepting and releases the port before returning: the socket is dropped with the task.
+    /// Stops accepting and releases the port before returning.
     async fn close(self) {
-        self.task.abort();
-        // `abort` only schedules the cancellation; awaiting the task is what guarantees the port is closed
-        // by the time the node acknowledges the snapshot.
+        let _ = self.stop.send(());
+        // Waiting for the task is what guarantees the socket is closed by the time the node acknowledges
+        // the snapshot.
         let _ = self.task.await;
+    }
+}
+
+// === impl NodeHandle ===
+
+impl NodeHandle {
+    /// What the node serves now.
+    pub fn state(&self) -> NodeState {
+        self.state.borrow().clone()
+    }
+
+    /// The node's per-backend counters.
+    pub fn load(&self) -> Vec<BackendLoad> {
+        self.stats.collect()
     }
 }
 

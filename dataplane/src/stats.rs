@@ -12,19 +12,24 @@ use std::{
     },
 };
 
+use tokio::sync::watch;
+
 use crate::snapshot::ServiceKey;
 
 /// Live counters of one backend of one service on this node.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct BackendStats {
     active: AtomicU64,
     total: AtomicU64,
+    /// Bumped to close every connection open at that moment (drain timeout, end of a shutdown grace).
+    evictions: watch::Sender<u64>,
 }
 
 /// Keeps one connection (TCP) or session (UDP) counted as active until dropped.
 #[derive(Debug)]
 pub struct ConnectionGuard {
     stats: Arc<BackendStats>,
+    evictions: watch::Receiver<u64>,
 }
 
 /// One row of a load report.
@@ -51,12 +56,23 @@ pub struct StatsRegistry {
 
 // === impl BackendStats ===
 
+impl Default for BackendStats {
+    fn default() -> Self {
+        BackendStats { active: AtomicU64::new(0), total: AtomicU64::new(0), evictions: watch::Sender::new(0) }
+    }
+}
+
 impl BackendStats {
     /// Counts a new connection; it stays active until the guard is dropped.
     pub fn open(self: &Arc<Self>) -> ConnectionGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.total.fetch_add(1, Ordering::Relaxed);
-        ConnectionGuard { stats: Arc::clone(self) }
+        ConnectionGuard { stats: Arc::clone(self), evictions: self.evictions.subscribe() }
+    }
+
+    /// Tells every connection open now to close; connections opened later are not affected.
+    pub fn evict(&self) {
+        self.evictions.send_modify(|n| *n += 1);
     }
 
     /// Connections open now.
@@ -72,6 +88,14 @@ impl BackendStats {
 
 // === impl ConnectionGuard ===
 
+impl ConnectionGuard {
+    /// Resolves when the connection must close (its backend was evicted after it opened).
+    pub async fn evicted(&mut self) {
+        // The sender lives in the stats this guard holds, so `changed` only returns on an eviction.
+        let _ = self.evictions.changed().await;
+    }
+}
+
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -85,6 +109,20 @@ impl StatsRegistry {
     pub fn get(&self, service: ServiceKey, backend: SocketAddr) -> Arc<BackendStats> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         Arc::clone(entries.entry((service, backend)).or_default())
+    }
+
+    /// Closes every open connection of every backend.
+    pub fn evict_all(&self) {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        for stats in entries.values() {
+            stats.evict();
+        }
+    }
+
+    /// Connections open over every backend.
+    pub fn active(&self) -> u64 {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.values().map(|s| s.active()).sum()
     }
 
     /// Every counter, sorted; forgets backends that neither a routing table nor a connection references
@@ -125,5 +163,16 @@ mod tests {
         assert_eq!(registry.collect().len(), 1);
         drop(b);
         assert!(registry.collect().is_empty());
+    }
+
+    #[tokio::test]
+    async fn eviction_reaches_open_connections_only() {
+        let stats = Arc::new(BackendStats::default());
+        let mut old = stats.open();
+        stats.evict();
+        let mut new = stats.open();
+        tokio::time::timeout(std::time::Duration::from_secs(1), old.evicted()).await.expect("old connection evicted");
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(20), new.evicted()).await;
+        assert!(pending.is_err(), "a connection opened after the eviction stays");
     }
 }

@@ -58,6 +58,16 @@ impl RoutingTable {
         RoutingTable { version: snapshot.version, services }
     }
 
+    /// Every (service, backend) of the table with its counters.
+    pub fn entries(&self) -> impl Iterator<Item = (ServiceKey, &RouteBackend)> {
+        self.services.iter().flat_map(|(key, route)| route.backends.iter().map(move |b| (*key, b)))
+    }
+
+    /// True when `backend` is in rotation for `service`.
+    pub fn contains(&self, service: &ServiceKey, backend: SocketAddr) -> bool {
+        self.services.get(service).is_some_and(|r| r.contains(backend))
+    }
+
     /// The route of `service`, if this table has it.
     pub fn route(&self, service: &ServiceKey) -> Option<Arc<ServiceRoute>> {
         self.services.get(service).cloned()
@@ -90,7 +100,7 @@ mod tests {
         let key = ServiceKey::tcp(80);
         let backends = backends.iter().map(|a| BackendSpec { addr: a.parse().unwrap(), weight: 1 }).collect();
         let spec = ServiceSpec { key, algorithm: Algorithm::RoundRobin, backends };
-        RoutingSnapshot { version, services: [(key, spec)].into() }
+        RoutingSnapshot { version, services: [(key, spec)].into(), ..Default::default() }
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! The wire contract of Switchboard: the gRPC services of package `switchboard.v1` (`Registry`, `Admin`),
+//! The wire contract of Switchboard: the gRPC services of package `switchboard.v1` (`Registry`, `Dataplane`,
+//! `Admin`),
 //! generated at build time from `proto/switchboard/v1/*.proto`. Only the API layers of the other crates use
 //! these types; everything else works with domain types.
 //!

@@ -1,5 +1,6 @@
-//! The gRPC API: `switchboard.v1.Registry` (the gRPC twin of the JSON channel), `switchboard.v1.Admin`,
-//! the standard health service and server reflection (so `grpcurl` works without .proto files).
+//! The gRPC API: `switchboard.v1.Registry` (the gRPC twin of the JSON channel), `switchboard.v1.Dataplane`
+//! (nodes' sync streams, in [`super::sync`]), `switchboard.v1.Admin`, the standard health service and
+//! server reflection (so `grpcurl` works without .proto files).
 //!
 //! Wire types are converted to domain types here and nowhere else.
 
@@ -9,11 +10,12 @@ use std::{
     time::Duration,
 };
 
-use dataplane::{BackendSpec, Protocol, ServiceKey};
+use dataplane::{BackendSpec, ServiceKey};
 use switchboard_proto::v1::{
-    self, DeregisterRequest, DeregisterResponse, Hello, ListServicesRequest, ListServicesResponse, RegisterAck,
-    RegisterRequest, RegisterResponse, Registration as RegistrationMsg,
+    self, DeregisterRequest, DeregisterResponse, Hello, ListNodesRequest, ListNodesResponse, ListServicesRequest,
+    ListServicesResponse, RegisterAck, RegisterRequest, RegisterResponse, Registration as RegistrationMsg,
     admin_server::{Admin, AdminServer},
+    dataplane_server::DataplaneServer,
     register_request, register_response,
     registry_server::{Registry, RegistryServer},
 };
@@ -43,6 +45,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RegistryServer<RegistryApi>>().await;
     health.set_serving::<AdminServer<AdminApi>>().await;
+    health.set_serving::<DataplaneServer<super::sync::DataplaneApi>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(switchboard_proto::FILE_DESCRIPTOR_SET)
@@ -52,11 +55,16 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| ControllerError::Reflection(e.to_string()))?;
 
     let registry = RegistryApi { store: Arc::clone(&store), probe, bind_ack_timeout };
+    let dataplane = super::sync::DataplaneApi { store: Arc::clone(&store) };
     tonic::transport::Server::builder()
+        // Notices dead peers (a node or agent host gone without a FIN) instead of keeping their streams.
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(RegistryServer::new(registry))
+        .add_service(DataplaneServer::new(dataplane))
         .add_service(AdminServer::new(AdminApi { store }))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
@@ -229,17 +237,7 @@ fn registration(
 }
 
 fn service_key(key: Option<&v1::ServiceKey>) -> Result<ServiceKey, Status> {
-    let key = key.ok_or_else(|| Status::invalid_argument("missing service"))?;
-    let protocol = match v1::Protocol::try_from(key.protocol) {
-        Ok(v1::Protocol::Tcp) => Protocol::Tcp,
-        Ok(v1::Protocol::Udp) => Protocol::Udp,
-        _ => return Err(Status::invalid_argument("service protocol must be PROTOCOL_TCP or PROTOCOL_UDP")),
-    };
-    let port = u16::try_from(key.port)
-        .ok()
-        .filter(|&p| p != 0)
-        .ok_or_else(|| Status::invalid_argument(format!("service port {} is not in 1..=65535", key.port)))?;
-    Ok(ServiceKey { protocol, port })
+    ServiceKey::try_from(key).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 fn backend_ip(address: &str, peer: IpAddr) -> Result<IpAddr, Status> {
@@ -266,6 +264,36 @@ impl Admin for AdminApi {
     ) -> Result<Response<ListServicesResponse>, Status> {
         Ok(Response::new(self.store.view().into()))
     }
+
+    async fn list_nodes(&self, _request: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
+        let view = self.store.view();
+        let nodes = view
+            .nodes
+            .into_iter()
+            .map(|n| v1::NodeInfo {
+                id: n.id,
+                connected: n.connected,
+                acked_version: n.acked_version,
+                last_seen_ms_ago: n.last_seen_ms_ago,
+                address: n.address.map(|a| a.to_string()).unwrap_or_default(),
+                frontends: n
+                    .frontends
+                    .iter()
+                    .map(|f| {
+                        let result = match (&f.listening, &f.error) {
+                            (Some(addr), _) => v1::frontend_result::Result::Listening(addr.to_string()),
+                            (None, error) => v1::frontend_result::Result::Error(error.clone().unwrap_or_default()),
+                        };
+                        v1::FrontendResult {
+                            service: Some(ServiceKey { protocol: f.protocol, port: f.port }.into()),
+                            result: Some(result),
+                        }
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(ListNodesResponse { version: view.version, nodes }))
+    }
 }
 
 impl From<StateView> for ListServicesResponse {
@@ -274,14 +302,7 @@ impl From<StateView> for ListServicesResponse {
             .services
             .into_iter()
             .map(|s| v1::ServiceInfo {
-                service: Some(v1::ServiceKey {
-                    protocol: match s.protocol {
-                        Protocol::Tcp => v1::Protocol::Tcp,
-                        Protocol::Udp => v1::Protocol::Udp,
-                    }
-                    .into(),
-                    port: s.port.into(),
-                }),
+                service: Some(ServiceKey { protocol: s.protocol, port: s.port }.into()),
                 algorithm: s.algorithm.to_string(),
                 active_connections: s.active_connections,
                 backends: s

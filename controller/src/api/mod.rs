@@ -6,3 +6,4 @@ pub mod grpc;
 pub mod http;
 pub mod json;
 pub mod request;
+pub mod sync;

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use tokio_util::task::TaskTracker;
 
 use crate::table::RoutingTable;
 
@@ -20,4 +21,6 @@ pub struct RelayContext {
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions one frontend keeps; datagrams that would open more are dropped.
     pub udp_max_sessions: usize,
+    /// Every TCP connection task, so a shutdown can wait for them to finish.
+    pub connections: TaskTracker,
 }

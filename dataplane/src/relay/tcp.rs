@@ -6,6 +6,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
     io::copy_bidirectional,
     net::{TcpListener, TcpStream},
+    sync::oneshot,
     time::timeout,
 };
 use tracing::{debug, warn};
@@ -13,10 +14,21 @@ use tracing::{debug, warn};
 use super::RelayContext;
 use crate::{snapshot::ServiceKey, stats::ConnectionGuard, table::ServiceRoute};
 
-/// Accepts clients of `service` until the task is aborted (the frontend closes).
-pub async fn serve(listener: TcpListener, service: ServiceKey, ctx: Arc<RelayContext>) {
+/// Accepts clients of `service` until `stop` fires (the frontend closes). Connections already accepted
+/// go on; they are tracked in the context so a shutdown can wait for them.
+pub async fn serve(
+    listener: TcpListener,
+    service: ServiceKey,
+    ctx: Arc<RelayContext>,
+    mut stop: oneshot::Receiver<()>,
+) {
     loop {
-        let (client, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (client, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors or memory: back off briefly instead of spinning on the error.
@@ -28,9 +40,9 @@ pub async fn serve(listener: TcpListener, service: ServiceKey, ctx: Arc<RelayCon
         // One table read per connection; the connection keeps the route it started with.
         let route = ctx.table.load().route(&service);
         let connect_timeout = ctx.connect_timeout;
-        tokio::spawn(async move {
+        ctx.connections.spawn(async move {
             let Some(route) = route else { return };
-            relay(client, peer, service, &route, connect_timeout).await;
+            relay(client, peer, service, route, connect_timeout).await;
         });
     }
 }
@@ -39,17 +51,22 @@ async fn relay(
     mut client: TcpStream,
     peer: SocketAddr,
     service: ServiceKey,
-    route: &ServiceRoute,
+    route: Arc<ServiceRoute>,
     connect_timeout: Duration,
 ) {
-    let Some((mut upstream, backend, _guard)) = connect(route, service, connect_timeout).await else {
+    let Some((mut upstream, backend, mut guard)) = connect(&route, service, connect_timeout).await else {
         warn!(%service, client = %peer, backends = route.backends.len(), "no backend accepted the connection");
         return;
     };
+    // The connection keeps its backend's counters through the guard, not the whole route.
+    drop(route);
     let _ = client.set_nodelay(true);
-    match copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => debug!(%service, client = %peer, %backend, up, down, "connection closed"),
-        Err(error) => debug!(%service, client = %peer, %backend, %error, "connection ended with an error"),
+    tokio::select! {
+        copied = copy_bidirectional(&mut client, &mut upstream) => match copied {
+            Ok((up, down)) => debug!(%service, client = %peer, %backend, up, down, "connection closed"),
+            Err(error) => debug!(%service, client = %peer, %backend, %error, "connection ended with an error"),
+        },
+        () = guard.evicted() => debug!(%service, client = %peer, %backend, "connection closed: drain time is over"),
     }
 }
 

@@ -15,7 +15,7 @@ use std::{
 
 use tokio::{
     net::UdpSocket,
-    sync::mpsc,
+    sync::{mpsc, oneshot},
     task::{AbortHandle, JoinSet},
     time::{Duration, Instant},
 };
@@ -51,9 +51,9 @@ struct SessionTask {
     ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
 }
 
-/// Relays datagrams of `service` until the task is aborted (the frontend closes); aborting it also ends
-/// every session, so the port is really released.
-pub async fn serve(socket: UdpSocket, service: ServiceKey, ctx: Arc<RelayContext>) {
+/// Relays datagrams of `service` until `stop` fires (the frontend closes). Every session ends with it, and
+/// is waited for, so the port is really released when this returns.
+pub async fn serve(socket: UdpSocket, service: ServiceKey, ctx: Arc<RelayContext>, mut stop: oneshot::Receiver<()>) {
     let frontend = Arc::new(socket);
     let epoch = Instant::now();
     let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
@@ -66,6 +66,10 @@ pub async fn serve(socket: UdpSocket, service: ServiceKey, ctx: Arc<RelayContext
         buf.clear();
         tokio::select! {
             biased;
+            _ = &mut stop => {
+                tasks.shutdown().await;
+                return;
+            }
             Some((peer, id)) = ended_rx.recv() => {
                 if sessions.get(&peer).is_some_and(|s: &Session| s.id == id) {
                     sessions.remove(&peer);

@@ -1,0 +1,97 @@
+//! `switchboard.v1.Dataplane`: the controller's end of each node's `Sync` stream.
+//!
+//! The stream is the node's session: its snapshots go out from the store's watch channel (the current one
+//! at once, then each change; a watch coalesces bursts, and every snapshot is the full state, so a node
+//! that skips a version misses nothing), its acks and load reports come back into the store, and its end
+//! marks the node disconnected.
+
+use std::sync::Arc;
+
+use dataplane::{NodeReport, RoutingSnapshot};
+use switchboard_proto::v1::{self, ControllerMessage, NodeMessage, dataplane_server::Dataplane, node_message};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, warn};
+
+use crate::store::{NodeSession, Store};
+
+/// `switchboard.v1.Dataplane`.
+#[derive(Debug)]
+pub struct DataplaneApi {
+    /// The registry the nodes follow.
+    pub store: Arc<Store>,
+}
+
+#[tonic::async_trait]
+impl Dataplane for DataplaneApi {
+    type SyncStream = ReceiverStream<Result<ControllerMessage, Status>>;
+
+    async fn sync(&self, request: Request<Streaming<NodeMessage>>) -> Result<Response<Self::SyncStream>, Status> {
+        let peer = request.remote_addr();
+        let mut inbound = request.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream ended before `hello`"))?;
+        let Some(node_message::Msg::Hello(hello)) = first.msg else {
+            return Err(Status::invalid_argument("the first message must be `hello`"));
+        };
+        if hello.node_id.trim().is_empty() {
+            return Err(Status::invalid_argument("node_id must not be empty"));
+        }
+        // Continue above whatever the node already applied (it may come from a controller that ran before).
+        self.store.observe_version(hello.known_version);
+        let session = self.store.connect_node(&hello.node_id, peer);
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(follow(session, self.store.subscribe(), inbound, tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+async fn follow(
+    session: NodeSession,
+    mut snapshots: watch::Receiver<Arc<RoutingSnapshot>>,
+    mut inbound: Streaming<NodeMessage>,
+    tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+) {
+    let node = session.node().to_owned();
+    // The current snapshot goes out first.
+    snapshots.mark_changed();
+    let mut sent = 0u64;
+    loop {
+        tokio::select! {
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snapshot = Arc::clone(&snapshots.borrow_and_update());
+                // Versions only increase on a stream; a repeat would be a bug upstream, never worth sending.
+                if snapshot.version <= sent && sent != 0 {
+                    continue;
+                }
+                sent = snapshot.version;
+                let message = ControllerMessage { msg: Some(v1::controller_message::Msg::Snapshot((&*snapshot).into())) };
+                debug!(%node, version = sent, "snapshot sent");
+                if tx.send(Ok(message)).await.is_err() {
+                    break;
+                }
+            }
+            message = inbound.message() => {
+                let report = match message {
+                    Ok(Some(NodeMessage { msg: Some(node_message::Msg::Ack(ack)) })) => NodeReport::try_from(ack),
+                    Ok(Some(NodeMessage { msg: Some(node_message::Msg::Load(load)) })) => NodeReport::try_from(load),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!(%node, %status, "sync stream failed");
+                        break;
+                    }
+                };
+                match report {
+                    Ok(report) => session.report(report),
+                    Err(error) => warn!(%node, %error, "ignoring an invalid report"),
+                }
+            }
+            () = tx.closed() => break,
+        }
+    }
+    // Dropping the session marks the node disconnected.
+}

@@ -1,0 +1,107 @@
+//! The node's admin HTTP server: `GET /api/state` returns what the node serves, its frontends, its
+//! per-backend counts and whether it follows a controller.
+
+use std::net::SocketAddr;
+
+use axum::{Json, Router, extract::State, routing::get};
+use serde::Serialize;
+use tokio::{net::TcpListener, sync::watch};
+
+use crate::{
+    node::NodeHandle,
+    snapshot::{Protocol, RoutingSnapshot},
+    sync::SyncStatus,
+};
+
+/// What `/api/state` reads.
+#[derive(Clone)]
+struct AdminState {
+    node_id: String,
+    controller: String,
+    node: NodeHandle,
+    sync: watch::Receiver<SyncStatus>,
+}
+
+#[derive(Serialize)]
+struct StateView {
+    node_id: String,
+    controller: String,
+    connected: bool,
+    last_error: Option<String>,
+    version: u64,
+    warming_up: bool,
+    snapshot: RoutingSnapshot,
+    frontends: Vec<FrontendView>,
+    backends: Vec<LoadView>,
+}
+
+#[derive(Serialize)]
+struct FrontendView {
+    protocol: Protocol,
+    port: u16,
+    listening: Option<SocketAddr>,
+    error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct LoadView {
+    protocol: Protocol,
+    port: u16,
+    backend: SocketAddr,
+    active_connections: u64,
+    total_connections: u64,
+}
+
+/// Serves `/api/state` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    node_id: String,
+    controller: String,
+    node: NodeHandle,
+    sync: watch::Receiver<SyncStatus>,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let state = AdminState { node_id, controller, node, sync };
+    let app = Router::new().route("/api/state", get(state_view)).with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await
+}
+
+async fn state_view(State(admin): State<AdminState>) -> Json<StateView> {
+    let node = admin.node.state();
+    let sync = admin.sync.borrow().clone();
+    Json(StateView {
+        node_id: admin.node_id,
+        controller: admin.controller,
+        connected: sync.connected,
+        last_error: sync.last_error,
+        version: node.snapshot.version,
+        warming_up: node.snapshot.warming_up,
+        snapshot: (*node.snapshot).clone(),
+        frontends: node
+            .frontends
+            .iter()
+            .map(|f| FrontendView {
+                protocol: f.service.protocol,
+                port: f.service.port,
+                listening: f.result.as_ref().ok().copied(),
+                error: f.result.as_ref().err().cloned(),
+            })
+            .collect(),
+        backends: admin
+            .node
+            .load()
+            .into_iter()
+            .map(|l| LoadView {
+                protocol: l.service.protocol,
+                port: l.service.port,
+                backend: l.backend,
+                active_connections: l.active,
+                total_connections: l.total,
+            })
+            .collect(),
+    })
+}

@@ -1,0 +1,231 @@
+//! Conversions between the domain types of this crate and the `switchboard.v1` wire messages. Both ends of
+//! the sync stream use them, so the controller and nodes cannot disagree on the mapping; generated types go
+//! no further than the API layers.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use switchboard_proto::v1;
+
+use crate::{
+    node::{FrontendStatus, NodeReport},
+    snapshot::{Algorithm, BackendSpec, Protocol, RoutingSnapshot, ServiceKey, ServiceSpec},
+    stats::BackendLoad,
+};
+
+/// A wire message that does not make a valid domain value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what}: {why}")]
+pub struct ConvertError {
+    /// Which field.
+    pub what: &'static str,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+fn invalid(what: &'static str, why: impl Into<String>) -> ConvertError {
+    ConvertError { what, why: why.into() }
+}
+
+impl From<ServiceKey> for v1::ServiceKey {
+    fn from(key: ServiceKey) -> Self {
+        let protocol = match key.protocol {
+            Protocol::Tcp => v1::Protocol::Tcp,
+            Protocol::Udp => v1::Protocol::Udp,
+        };
+        v1::ServiceKey { protocol: protocol.into(), port: key.port.into() }
+    }
+}
+
+impl TryFrom<Option<&v1::ServiceKey>> for ServiceKey {
+    type Error = ConvertError;
+
+    fn try_from(key: Option<&v1::ServiceKey>) -> Result<Self, Self::Error> {
+        let key = key.ok_or_else(|| invalid("service", "missing"))?;
+        let protocol = match v1::Protocol::try_from(key.protocol) {
+            Ok(v1::Protocol::Tcp) => Protocol::Tcp,
+            Ok(v1::Protocol::Udp) => Protocol::Udp,
+            _ => return Err(invalid("service protocol", "must be PROTOCOL_TCP or PROTOCOL_UDP")),
+        };
+        let port = u16::try_from(key.port)
+            .ok()
+            .filter(|&p| p != 0)
+            .ok_or_else(|| invalid("service port", format!("{} is not in 1..=65535", key.port)))?;
+        Ok(ServiceKey { protocol, port })
+    }
+}
+
+fn socket_addr(what: &'static str, text: &str) -> Result<SocketAddr, ConvertError> {
+    text.parse().map_err(|_| invalid(what, format!("{text:?} is not ip:port")))
+}
+
+impl From<&RoutingSnapshot> for v1::Snapshot {
+    fn from(snapshot: &RoutingSnapshot) -> Self {
+        v1::Snapshot {
+            version: snapshot.version,
+            services: snapshot
+                .services
+                .values()
+                .map(|s| v1::ServiceSpec {
+                    service: Some(s.key.into()),
+                    algorithm: s.algorithm.to_string(),
+                    backends: s
+                        .backends
+                        .iter()
+                        .map(|b| v1::BackendSpec { address: b.addr.to_string(), weight: b.weight })
+                        .collect(),
+                })
+                .collect(),
+            warming_up: snapshot.warming_up,
+            retired: snapshot.retired.iter().map(|&k| k.into()).collect(),
+        }
+    }
+}
+
+impl TryFrom<v1::Snapshot> for RoutingSnapshot {
+    type Error = ConvertError;
+
+    fn try_from(snapshot: v1::Snapshot) -> Result<Self, Self::Error> {
+        let mut services = BTreeMap::new();
+        for s in snapshot.services {
+            let key = ServiceKey::try_from(s.service.as_ref())?;
+            let algorithm: Algorithm =
+                s.algorithm.parse().map_err(|_| invalid("algorithm", format!("{:?} is unknown", s.algorithm)))?;
+            let backends = s
+                .backends
+                .iter()
+                .map(|b| Ok(BackendSpec { addr: socket_addr("backend address", &b.address)?, weight: b.weight.max(1) }))
+                .collect::<Result<_, ConvertError>>()?;
+            services.insert(key, ServiceSpec { key, algorithm, backends });
+        }
+        let retired = snapshot.retired.iter().map(|k| ServiceKey::try_from(Some(k))).collect::<Result<_, _>>()?;
+        Ok(RoutingSnapshot { version: snapshot.version, services, warming_up: snapshot.warming_up, retired })
+    }
+}
+
+impl From<&FrontendStatus> for v1::FrontendResult {
+    fn from(status: &FrontendStatus) -> Self {
+        let result = match &status.result {
+            Ok(addr) => v1::frontend_result::Result::Listening(addr.to_string()),
+            Err(error) => v1::frontend_result::Result::Error(error.clone()),
+        };
+        v1::FrontendResult { service: Some(status.service.into()), result: Some(result) }
+    }
+}
+
+impl TryFrom<&v1::FrontendResult> for FrontendStatus {
+    type Error = ConvertError;
+
+    fn try_from(result: &v1::FrontendResult) -> Result<Self, Self::Error> {
+        let service = ServiceKey::try_from(result.service.as_ref())?;
+        let result = match &result.result {
+            Some(v1::frontend_result::Result::Listening(addr)) => Ok(socket_addr("listening address", addr)?),
+            Some(v1::frontend_result::Result::Error(error)) => Err(error.clone()),
+            None => return Err(invalid("frontend result", "neither listening nor error")),
+        };
+        Ok(FrontendStatus { service, result })
+    }
+}
+
+impl From<&BackendLoad> for v1::BackendLoad {
+    fn from(load: &BackendLoad) -> Self {
+        v1::BackendLoad {
+            service: Some(load.service.into()),
+            backend: load.backend.to_string(),
+            active: load.active,
+            total: load.total,
+        }
+    }
+}
+
+impl TryFrom<&v1::BackendLoad> for BackendLoad {
+    type Error = ConvertError;
+
+    fn try_from(load: &v1::BackendLoad) -> Result<Self, Self::Error> {
+        Ok(BackendLoad {
+            service: ServiceKey::try_from(load.service.as_ref())?,
+            backend: socket_addr("backend", &load.backend)?,
+            active: load.active,
+            total: load.total,
+        })
+    }
+}
+
+impl From<&NodeReport> for v1::NodeMessage {
+    fn from(report: &NodeReport) -> Self {
+        let msg = match report {
+            NodeReport::Applied { version, frontends } => v1::node_message::Msg::Ack(v1::SnapshotAck {
+                version: *version,
+                frontends: frontends.iter().map(Into::into).collect(),
+            }),
+            NodeReport::Load(rows) => {
+                v1::node_message::Msg::Load(v1::LoadReport { backends: rows.iter().map(Into::into).collect() })
+            }
+        };
+        v1::NodeMessage { msg: Some(msg) }
+    }
+}
+
+impl TryFrom<v1::SnapshotAck> for NodeReport {
+    type Error = ConvertError;
+
+    fn try_from(ack: v1::SnapshotAck) -> Result<Self, Self::Error> {
+        let frontends = ack.frontends.iter().map(FrontendStatus::try_from).collect::<Result<_, _>>()?;
+        Ok(NodeReport::Applied { version: ack.version, frontends })
+    }
+}
+
+impl TryFrom<v1::LoadReport> for NodeReport {
+    type Error = ConvertError;
+
+    fn try_from(load: v1::LoadReport) -> Result<Self, Self::Error> {
+        Ok(NodeReport::Load(load.backends.iter().map(BackendLoad::try_from).collect::<Result<_, _>>()?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_and_reports_survive_the_wire() {
+        let key = ServiceKey::udp(53);
+        let spec = ServiceSpec {
+            key,
+            algorithm: Algorithm::RoundRobin,
+            backends: vec![BackendSpec { addr: "127.0.0.2:5353".parse().unwrap(), weight: 3 }],
+        };
+        let snapshot = RoutingSnapshot {
+            version: 42,
+            services: [(key, spec)].into(),
+            warming_up: true,
+            retired: [ServiceKey::tcp(80)].into(),
+        };
+        assert_eq!(RoutingSnapshot::try_from(v1::Snapshot::from(&snapshot)).unwrap(), snapshot);
+
+        let report = NodeReport::Applied {
+            version: 42,
+            frontends: vec![
+                FrontendStatus { service: key, result: Ok("0.0.0.0:53".parse().unwrap()) },
+                FrontendStatus { service: ServiceKey::tcp(80), result: Err("bind 0.0.0.0:80: denied".into()) },
+            ],
+        };
+        let Some(v1::node_message::Msg::Ack(ack)) = v1::NodeMessage::from(&report).msg else { panic!() };
+        assert_eq!(NodeReport::try_from(ack).unwrap(), report);
+    }
+
+    #[test]
+    fn invalid_wire_values_are_errors_not_panics() {
+        assert!(ServiceKey::try_from(None).is_err());
+        assert!(ServiceKey::try_from(Some(&v1::ServiceKey { protocol: 1, port: 70_000 })).is_err());
+        assert!(ServiceKey::try_from(Some(&v1::ServiceKey { protocol: 9, port: 80 })).is_err());
+        let bad = v1::Snapshot {
+            services: vec![v1::ServiceSpec {
+                service: Some(ServiceKey::tcp(80).into()),
+                algorithm: "round_robin".into(),
+                backends: vec![v1::BackendSpec { address: "nowhere".into(), weight: 1 }],
+            }],
+            ..Default::default()
+        };
+        assert!(RoutingSnapshot::try_from(bad).is_err());
+    }
+}

@@ -1,0 +1,183 @@
+//! The node side of the `Dataplane.Sync` stream: follows the controller's snapshots and sends the node's
+//! reports back.
+//!
+//! Static stability: the node's snapshot channel belongs to this client, not to the connection, so when
+//! the controller goes away the node keeps serving the last snapshot (new connections included) while this
+//! client retries with capped, jittered backoff. On reconnect the node says which version it has and the
+//! controller continues above it.
+
+use std::{
+    hash::{BuildHasher, RandomState},
+    sync::Arc,
+    time::Duration,
+};
+
+use switchboard_proto::v1::{self, controller_message, dataplane_client::DataplaneClient};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use crate::{error::SyncError, node::NodeReport, snapshot::RoutingSnapshot};
+
+/// How a node reaches its controller.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// gRPC URL of the controller, e.g. `http://127.0.0.1:50051`.
+    pub controller: String,
+    /// This node's name.
+    pub node_id: String,
+    /// First retry delay.
+    pub backoff_min: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+}
+
+/// Whether the node currently follows a controller, for its admin API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncStatus {
+    /// A sync stream is open.
+    pub connected: bool,
+    /// Why the last attempt or stream ended.
+    pub last_error: Option<String>,
+}
+
+/// Follows the controller until `reports` closes (the node stopped). Never gives up on the controller.
+pub async fn run(
+    config: SyncConfig,
+    snapshots: watch::Sender<Arc<RoutingSnapshot>>,
+    mut reports: mpsc::UnboundedReceiver<NodeReport>,
+    status: watch::Sender<SyncStatus>,
+) {
+    let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
+    let mut last_load: Option<NodeReport> = None;
+    loop {
+        let outcome = session(&config, &snapshots, &mut reports, &mut last_load, &status, &mut backoff).await;
+        let error = match outcome {
+            Ok(Ended::NodeStopped) => return,
+            Ok(Ended::ByController) => "the controller ended the stream".to_owned(),
+            Err(error) => error.to_string(),
+        };
+        status.send_replace(SyncStatus { connected: false, last_error: Some(error.clone()) });
+        let delay = backoff.next();
+        warn!(controller = %config.controller, %error, retry_in = ?delay, "controller unreachable; serving the last snapshot");
+        // Reports keep coming while disconnected: remember the latest load, resent on reconnect.
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            tokio::select! {
+                () = &mut sleep => break,
+                report = reports.recv() => match report {
+                    Some(report @ NodeReport::Load(_)) => last_load = Some(report),
+                    Some(NodeReport::Applied { .. }) => {}
+                    None => return,
+                },
+            }
+        }
+    }
+}
+
+enum Ended {
+    NodeStopped,
+    ByController,
+}
+
+async fn session(
+    config: &SyncConfig,
+    snapshots: &watch::Sender<Arc<RoutingSnapshot>>,
+    reports: &mut mpsc::UnboundedReceiver<NodeReport>,
+    last_load: &mut Option<NodeReport>,
+    status: &watch::Sender<SyncStatus>,
+    backoff: &mut Backoff,
+) -> Result<Ended, SyncError> {
+    let channel = Endpoint::from_shared(config.controller.clone())
+        .map_err(|e| SyncError::Url(e.to_string()))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await?;
+    let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
+    let known_version = snapshots.borrow().version;
+    let hello = v1::NodeHello { node_id: config.node_id.clone(), known_version };
+    tx.send(v1::NodeMessage { msg: Some(v1::node_message::Msg::Hello(hello)) }).await.map_err(|_| SyncError::Closed)?;
+    let mut inbound = DataplaneClient::new(channel).sync(ReceiverStream::new(rx)).await?.into_inner();
+    info!(controller = %config.controller, node = %config.node_id, known_version, "following the controller");
+    status.send_replace(SyncStatus { connected: true, last_error: None });
+    backoff.reset();
+    if let Some(load) = last_load.as_ref() {
+        tx.send(load.into()).await.map_err(|_| SyncError::Closed)?;
+    }
+    loop {
+        tokio::select! {
+            message = inbound.message() => {
+                let Some(message) = message? else { return Ok(Ended::ByController) };
+                let Some(controller_message::Msg::Snapshot(snapshot)) = message.msg else { continue };
+                let snapshot = RoutingSnapshot::try_from(snapshot)?;
+                let current = snapshots.borrow().version;
+                if snapshot.version <= current && current != 0 {
+                    // The controller promises increasing versions; an old one would undo newer state.
+                    warn!(version = snapshot.version, current, "ignoring a snapshot that is not newer");
+                    continue;
+                }
+                debug!(version = snapshot.version, services = snapshot.services.len(), "snapshot received");
+                snapshots.send_replace(Arc::new(snapshot));
+            }
+            report = reports.recv() => {
+                let Some(report) = report else { return Ok(Ended::NodeStopped) };
+                if matches!(report, NodeReport::Load(_)) {
+                    *last_load = Some(report.clone());
+                }
+                tx.send((&report).into()).await.map_err(|_| SyncError::Closed)?;
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter between half and all of the current step.
+#[derive(Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    step: Duration,
+    seed: RandomState,
+    attempt: u64,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Self {
+        Backoff { min, max, step: min, seed: RandomState::new(), attempt: 0 }
+    }
+
+    fn next(&mut self) -> Duration {
+        self.attempt += 1;
+        let step = self.step;
+        self.step = (self.step * 2).min(self.max);
+        // Jitter spreads the reconnects of many nodes after a controller restart.
+        let fraction = (self.seed.hash_one(self.attempt) % 1000) as f64 / 1000.0;
+        step.mul_f64(0.5 + fraction / 2.0)
+    }
+
+    fn reset(&mut self) {
+        self.step = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..8).map(|_| b.next()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        for d in &delays {
+            assert!(*d <= Duration::from_secs(2), "{d:?}");
+        }
+        assert!(delays[7] >= Duration::from_secs(1), "capped step, at least half of it: {:?}", delays[7]);
+        b.reset();
+        assert!(b.next() <= Duration::from_millis(100));
+    }
+}
