@@ -128,8 +128,8 @@ pub struct Registered {
 /// Whether nodes serve a service, as far as their reports tell.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FrontendVerdict {
-    /// At least one connected node listens.
-    Serving,
+    /// At least one connected node listens; the others' errors, if any.
+    Serving(Option<String>),
     /// No node is connected; the frontend opens when one connects.
     NoNodes,
     /// No node listens: each node's error.
@@ -530,12 +530,14 @@ impl State {
         if connected().next().is_none() {
             return Some(FrontendVerdict::NoNodes);
         }
+        // Every connected node is heard (or the time is up), so a success can still name the nodes that failed.
+        let mut serving = false;
         let mut errors = Vec::new();
         let mut pending = Vec::new();
         for (id, node) in connected() {
             match node.acked_version {
                 Some(acked) if acked >= version => match node.frontends.get(&service) {
-                    Some(Ok(_)) => return Some(FrontendVerdict::Serving),
+                    Some(Ok(_)) => serving = true,
                     Some(Err(error)) => errors.push(format!("node {id}: {error}")),
                     None => errors.push(format!("node {id}: service no longer in its snapshot")),
                 },
@@ -546,7 +548,12 @@ impl State {
             return None;
         }
         errors.extend(pending.into_iter().map(|id| format!("node {id}: no bind result in time")));
-        Some(FrontendVerdict::Failed(errors.join("; ")))
+        let errors = errors.join("; ");
+        Some(match (serving, errors.is_empty()) {
+            (true, true) => FrontendVerdict::Serving(None),
+            (true, false) => FrontendVerdict::Serving(Some(errors)),
+            (false, _) => FrontendVerdict::Failed(errors),
+        })
     }
 
     fn view(&self) -> StateView {
@@ -608,7 +615,7 @@ impl State {
                     .collect(),
             })
             .collect();
-        StateView { version: self.version, services, nodes }
+        StateView { version: self.version, warming_up: self.warming_up, services, nodes }
     }
 }
 
@@ -646,7 +653,7 @@ impl Registration {
         let registered = self.store.register(self.id, service, backend)?;
         let reply = |success: bool, message: Option<String>| RegisterReply { success, message, backend: backend.addr };
         Ok(match self.store.await_frontend(service, registered.version, ack_timeout).await {
-            FrontendVerdict::Serving => reply(true, None),
+            FrontendVerdict::Serving(note) => reply(true, note),
             FrontendVerdict::NoNodes => {
                 reply(true, Some("no data-plane node is connected; the frontend opens when one connects".to_owned()))
             }
@@ -711,6 +718,8 @@ impl fmt::Display for Origin {
 pub struct StateView {
     /// Version of the snapshot in force.
     pub version: u64,
+    /// The controller is in its warm-up window (see `--resync-grace`).
+    pub warming_up: bool,
     /// Every service.
     pub services: Vec<ServiceView>,
     /// Every connected node.
@@ -782,7 +791,8 @@ pub struct FrontendView {
 impl fmt::Display for StateView {
     /// The table `--print-state` prints.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "=== routing state v{}: {} service(s) ===", self.version, self.services.len())?;
+        let warm = if self.warming_up { " (warming up)" } else { "" };
+        writeln!(f, "=== routing state v{}{warm}: {} service(s) ===", self.version, self.services.len())?;
         for s in &self.services {
             writeln!(f, "{}:{} {} ({} backend(s))", s.protocol, s.port, s.algorithm, s.backends.len())?;
             for b in &s.backends {
@@ -964,6 +974,16 @@ mod tests {
         assert!(!store.view().nodes[1].connected);
         let reply = reg.register(ServiceKey::tcp(82), backend("127.0.0.2:82"), Duration::from_secs(2)).await.unwrap();
         assert_eq!(reply.message.as_deref(), Some("node a: no bind result in time"));
+
+        // One node listens, another fails: success, naming the failing node.
+        let node_c = Arc::new(store.connect_node("c", None));
+        let a = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_a), Ok("0.0.0.0:81".parse().unwrap())));
+        let c = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_c), Err("bind 0.0.0.0:81: in use".into())));
+        let reply = reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), Duration::from_secs(2)).await.unwrap();
+        a.await.unwrap();
+        c.await.unwrap();
+        assert!(reply.success);
+        assert_eq!(reply.message.as_deref(), Some("node c: bind 0.0.0.0:81: in use"));
         drop(node_a);
     }
 

@@ -9,7 +9,7 @@ use tokio::{net::TcpListener, sync::watch};
 
 use crate::{
     node::NodeHandle,
-    snapshot::{Protocol, RoutingSnapshot},
+    snapshot::{Protocol, ServiceSpec},
     sync::SyncStatus,
 };
 
@@ -30,7 +30,7 @@ struct StateView {
     last_error: Option<String>,
     version: u64,
     warming_up: bool,
-    snapshot: RoutingSnapshot,
+    services: Vec<ServiceSpec>,
     frontends: Vec<FrontendView>,
     backends: Vec<LoadView>,
 }
@@ -80,7 +80,7 @@ async fn state_view(State(admin): State<AdminState>) -> Json<StateView> {
         last_error: sync.last_error,
         version: node.snapshot.version,
         warming_up: node.snapshot.warming_up,
-        snapshot: (*node.snapshot).clone(),
+        services: node.snapshot.services.values().cloned().collect(),
         frontends: node
             .frontends
             .iter()

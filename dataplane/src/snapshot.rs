@@ -62,7 +62,7 @@ pub struct ServiceSpec {
 }
 
 /// The whole routing state at one version. Immutable once published.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoutingSnapshot {
     /// Strictly increasing with every published change.
     pub version: u64,

@@ -21,12 +21,14 @@ use std::{
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::{TcpListener, TcpSocket, TcpStream, UdpSocket, tcp::OwnedWriteHalf},
-    process::{Child, Command},
+    net::{UdpSocket, tcp::OwnedWriteHalf},
+    process::Child,
     sync::mpsc,
     task::JoinHandle,
     time::{Instant, timeout},
 };
+
+pub use crate::hosts::{Host, Network};
 
 /// How long any single wait may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(15);
@@ -68,9 +70,10 @@ pub struct Process {
 }
 
 impl Process {
-    /// Starts `name` with `args` and waits for its `READY` line on stdout.
-    pub async fn spawn(name: &str, args: &[String]) -> Process {
-        let mut child = Command::new(bin(name))
+    /// Starts `name` with `args` on `host` and waits for its `READY` line on stdout.
+    pub async fn spawn(host: &Host, name: &str, args: &[String]) -> Process {
+        let mut child = host
+            .command(&bin(name))
             .args(args)
             .env("RUST_LOG", "info,dataplane=debug,controller=debug")
             .stdin(Stdio::null())
@@ -125,6 +128,24 @@ impl Process {
     /// True while the process runs.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Kills it (SIGKILL: a crash, no clean-up) and reaps it.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    /// Sends SIGTERM.
+    pub fn terminate(&self) {
+        let pid = self.child.id().expect("process still running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    }
+
+    /// Waits (up to `limit`) for the process to exit and returns its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let status = timeout(limit, self.child.wait()).await.expect("process did not exit in time").unwrap();
+        status.code()
     }
 }
 
@@ -182,33 +203,44 @@ impl Default for Net {
 pub struct Controller {
     /// The process.
     pub process: Process,
-    /// The test network.
+    /// The test network (loopback tests).
     pub net: Net,
+    host: Host,
+    args: Vec<String>,
 }
 
+/// Quick hellos, so tests that stop answering do not wait long.
+const CONTROLLER_DEFAULTS: [&str; 6] =
+    ["--hello-interval", "500ms", "--hello-timeout", "500ms", "--hello-failures", "3"];
+
 impl Controller {
-    /// Starts a controller with quick hellos (so tests that stop answering do not wait long) plus `extra`.
+    /// Starts a controller on the machine, listening on `net`'s host .254, frontends on `net`'s .1.
     pub async fn spawn(net: Net, extra: &[&str]) -> Controller {
-        let mut args: Vec<String> = [
-            "--json-listen",
-            "127.0.0.1:0",
-            "--grpc-listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--hello-interval",
-            "500ms",
-            "--hello-timeout",
-            "500ms",
-            "--hello-failures",
-            "3",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        args.extend(["--frontend-address".to_owned(), net.frontend().to_string()]);
+        let mut args = vec!["--frontend-address".to_owned(), net.frontend().to_string()];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
-        Controller { process: Process::spawn("controller", &args).await, net }
+        Controller::spawn_on(Host::Root, net.host(254), net, &args).await
+    }
+
+    /// Starts a controller on `host`, every listener on `ip` port 0, plus `args`.
+    pub async fn spawn_on(host: Host, ip: IpAddr, net: Net, args: &[String]) -> Controller {
+        let mut all: Vec<String> = CONTROLLER_DEFAULTS.iter().map(|s| (*s).to_owned()).collect();
+        for flag in ["--json-listen", "--grpc-listen", "--admin-listen"] {
+            all.extend([flag.to_owned(), SocketAddr::new(ip, 0).to_string()]);
+        }
+        all.extend(args.iter().cloned());
+        let process = Process::spawn(&host, "controller", &all).await;
+        Controller { process, net, host, args: all }
+    }
+
+    /// Kills the controller (a crash) and starts it again on the same addresses, as an operator would.
+    pub async fn restart(&mut self) {
+        self.process.kill().await;
+        let mut args = self.args.clone();
+        // Later flags win: the same ports as before.
+        for (flag, key) in [("--json-listen", "json"), ("--grpc-listen", "grpc"), ("--admin-listen", "admin")] {
+            args.extend([flag.to_owned(), self.process.addr(key).to_string()]);
+        }
+        self.process = Process::spawn(&self.host, "controller", &args).await;
     }
 
     /// The JSON control channel.
@@ -221,32 +253,26 @@ impl Controller {
         format!("http://{}", self.process.addr("grpc"))
     }
 
-    /// The frontend of `port`.
+    /// The embedded node's frontend of `port`.
     pub fn frontend(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.net.frontend(), port)
     }
 
     /// `GET /api/state`.
     pub async fn state(&self) -> Value {
-        let mut stream = TcpStream::connect(self.process.addr("admin")).await.expect("admin connect");
-        stream.write_all(b"GET /api/state HTTP/1.0\r\nHost: switchboard\r\n\r\n").await.unwrap();
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.unwrap();
-        let text = String::from_utf8(response).unwrap();
-        let (_, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-        serde_json::from_str(body).expect("JSON state")
+        http_get_json(&self.host, self.process.addr("admin"), "/api/state").await
     }
 
-    /// Polls the state until `pred` holds and every node has applied the latest version (so the node's
-    /// sockets match the state), or fails the test after [`DEADLINE`].
+    /// Polls the state until `pred` holds and every connected node has applied the latest version (so
+    /// the nodes' sockets match the state), or fails the test after [`DEADLINE`].
     pub async fn wait_state(&self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let state = self.state().await;
             let version = state["version"].as_u64();
-            let applied = state["nodes"]
-                .as_array()
-                .is_some_and(|nodes| nodes.iter().all(|n| n["acked_version"].as_u64() >= version));
+            let applied = state["nodes"].as_array().is_some_and(|nodes| {
+                nodes.iter().filter(|n| n["connected"] == true).all(|n| n["acked_version"].as_u64() >= version)
+            });
             if applied && pred(&state) {
                 return state;
             }
@@ -265,6 +291,85 @@ impl Controller {
             .and_then(|s| s["backends"].as_array().cloned())
             .unwrap_or_default()
     }
+
+    /// The node called `id` in the state.
+    pub fn node<'a>(state: &'a Value, id: &str) -> Option<&'a Value> {
+        state["nodes"].as_array()?.iter().find(|n| n["id"] == id)
+    }
+}
+
+/// A running `dataplane` process.
+pub struct DataplaneNode {
+    /// The process.
+    pub process: Process,
+    /// Its node id.
+    pub id: String,
+    /// The address its frontends bind.
+    pub frontend_ip: IpAddr,
+    host: Host,
+}
+
+impl DataplaneNode {
+    /// Starts a node on `host` following `ctl`, frontends on `frontend_ip`, admin on `admin_ip` port 0.
+    pub async fn spawn(
+        host: Host,
+        ctl: &Controller,
+        id: &str,
+        frontend_ip: IpAddr,
+        admin_ip: IpAddr,
+        extra: &[&str],
+    ) -> Self {
+        let mut args: Vec<String> = vec![
+            "--controller".into(),
+            ctl.grpc_url(),
+            "--node-id".into(),
+            id.into(),
+            "--frontend-address".into(),
+            frontend_ip.to_string(),
+            "--admin-listen".into(),
+            SocketAddr::new(admin_ip, 0).to_string(),
+            "--backoff-max".into(),
+            "500ms".into(),
+        ];
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        let process = Process::spawn(&host, "dataplane", &args).await;
+        assert_eq!(process.ready.get("node").map(String::as_str), Some(id));
+        DataplaneNode { process, id: id.to_owned(), frontend_ip, host }
+    }
+
+    /// Its frontend of `port`.
+    pub fn frontend(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.frontend_ip, port)
+    }
+
+    /// `GET /api/state` of the node.
+    pub async fn state(&self) -> Value {
+        http_get_json(&self.host, self.process.addr("admin"), "/api/state").await
+    }
+}
+
+/// A gRPC channel to `addr`, connected from `host` (so a client can live in a namespace).
+pub async fn grpc_channel(host: &Host, addr: SocketAddr) -> tonic::transport::Channel {
+    let host = host.clone();
+    let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
+        let host = host.clone();
+        async move { host.tcp_connect(addr, None).await.map(hyper_util::rt::TokioIo::new) }
+    });
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_with_connector(connector)
+        .await
+        .expect("gRPC connect")
+}
+
+async fn http_get_json(host: &Host, addr: SocketAddr, path: &str) -> Value {
+    let mut stream = host.tcp_connect(addr, None).await.expect("admin connect");
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: switchboard\r\n\r\n").as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let text = String::from_utf8(response).unwrap();
+    let (_, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    serde_json::from_str(body).expect("JSON state")
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -281,11 +386,15 @@ pub struct JsonClient {
 }
 
 impl JsonClient {
-    /// Connects to `ctl` from `source` (so the controller sees that host as the backend's address).
+    /// Connects to `ctl` from `source` on the machine (the controller sees `source` as the backend's
+    /// address).
     pub async fn connect(ctl: &Controller, source: IpAddr) -> JsonClient {
-        let socket = TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::new(source, 0)).unwrap();
-        let stream = socket.connect(ctl.json_addr()).await.expect("control channel connect");
+        JsonClient::connect_from(&Host::Root, ctl.json_addr(), Some(source)).await
+    }
+
+    /// Connects to the JSON channel at `json` from `host` (and `source` on it, if given).
+    pub async fn connect_from(host: &Host, json: SocketAddr, source: Option<IpAddr>) -> JsonClient {
+        let stream = host.tcp_connect(json, source).await.expect("control channel connect");
         let (read, writer) = stream.into_split();
         let writer = Arc::new(tokio::sync::Mutex::new(writer));
         let (tx, messages) = mpsc::unbounded_channel();
@@ -381,9 +490,14 @@ pub struct TcpEcho {
 }
 
 impl TcpEcho {
-    /// Listens on `ip` at `port` (0 for any).
+    /// Listens on `ip` at `port` (0 for any) on the machine.
     pub async fn start(ip: IpAddr, port: u16) -> TcpEcho {
-        let listener = TcpListener::bind(SocketAddr::new(ip, port)).await.expect("echo bind");
+        TcpEcho::start_on(&Host::Root, ip, port).await
+    }
+
+    /// Listens on `ip` at `port` (0 for any) on `host`.
+    pub async fn start_on(host: &Host, ip: IpAddr, port: u16) -> TcpEcho {
+        let listener = host.tcp_listen(SocketAddr::new(ip, port)).await.expect("echo bind");
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&accepted);
@@ -421,7 +535,7 @@ pub struct UdpEcho {
 impl UdpEcho {
     /// Listens on `ip` at `port` (0 for any), answering with `name` as prefix.
     pub async fn start(ip: IpAddr, port: u16, name: &str) -> UdpEcho {
-        let socket = UdpSocket::bind(SocketAddr::new(ip, port)).await.expect("udp echo bind");
+        let socket = Host::Root.udp_bind(SocketAddr::new(ip, port)).await.expect("udp echo bind");
         let addr = socket.local_addr().unwrap();
         let prefix = format!("{name}:").into_bytes();
         let task = tokio::spawn(async move {
@@ -447,8 +561,13 @@ impl Drop for UdpEcho {
 
 /// Connects to `addr`, sends `payload`, half-closes, and returns everything read back.
 pub async fn tcp_roundtrip(addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    tcp_roundtrip_from(&Host::Root, addr, payload).await
+}
+
+/// [`tcp_roundtrip`] from `host`.
+pub async fn tcp_roundtrip_from(host: &Host, addr: SocketAddr, payload: &[u8]) -> std::io::Result<Vec<u8>> {
     timeout(DEADLINE, async {
-        let mut stream = TcpStream::connect(addr).await?;
+        let mut stream = host.tcp_connect(addr, None).await?;
         stream.write_all(payload).await?;
         stream.shutdown().await?;
         let mut back = Vec::new();
@@ -467,4 +586,59 @@ pub async fn udp_roundtrip(socket: &UdpSocket, addr: SocketAddr, payload: &[u8])
     assert_eq!(from, addr, "the answer must come from the frontend address");
     buf.truncate(n);
     buf
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// gRPC registrations
+
+/// A live `Registry.Register` stream that answers every hello as healthy; dropping it ends the stream.
+pub struct GrpcRegistration {
+    /// The controller's answer to the registration.
+    pub ack: switchboard_proto::v1::RegisterAck,
+    task: JoinHandle<()>,
+}
+
+impl GrpcRegistration {
+    /// Registers `backend` for TCP `port` over `channel`.
+    pub async fn tcp(
+        channel: tonic::transport::Channel,
+        port: u16,
+        backend: SocketAddr,
+    ) -> Result<GrpcRegistration, tonic::Status> {
+        use switchboard_proto::v1::{
+            self, HelloAck, RegisterRequest, Registration, register_request::Msg as Out, register_response::Msg as In,
+            registry_client::RegistryClient,
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let registration = Registration {
+            service: Some(v1::ServiceKey { protocol: v1::Protocol::Tcp.into(), port: port.into() }),
+            backend_address: backend.ip().to_string(),
+            backend_port: backend.port().into(),
+            ..Default::default()
+        };
+        tx.send(RegisterRequest { msg: Some(Out::Register(registration)) }).await.unwrap();
+        let mut inbound =
+            RegistryClient::new(channel).register(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        let ack = match inbound.message().await?.and_then(|m| m.msg) {
+            Some(In::Ack(ack)) => ack,
+            other => return Err(tonic::Status::internal(format!("expected an ack, got {other:?}"))),
+        };
+        let task = tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                if let Some(In::Hello(hello)) = message.msg {
+                    let answer = HelloAck { seq: hello.seq, healthy: Some(true) };
+                    if tx.send(RegisterRequest { msg: Some(Out::HelloAck(answer)) }).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(GrpcRegistration { ack, task })
+    }
+}
+
+impl Drop for GrpcRegistration {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

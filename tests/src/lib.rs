@@ -5,5 +5,7 @@
 //! # Layout
 //! - [`harness`]: processes (build, spawn, READY, stderr capture), per-test loopback networks, the
 //!   controller's state polled with a deadline, JSON control-channel clients and demo backends.
+//! - [`hosts`]: the machine, or network namespaces on a bridge, as hosts for processes and sockets.
 
 pub mod harness;
+pub mod hosts;

@@ -5,4 +5,5 @@
 
 mod grpc;
 mod json_channel;
+mod nodes;
 mod relay;

@@ -1,0 +1,170 @@
+//! Data-plane nodes as separate processes: one registration served by every node, NACKs, drains and
+//! SIGTERM.
+
+use std::time::Duration;
+
+use serde_json::json;
+use switchboard_proto::v1::{ListNodesRequest, admin_client::AdminClient, frontend_result};
+use switchboard_tests::harness::{Controller, DataplaneNode, Host, JsonClient, Net, TcpEcho, tcp_roundtrip};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    time::Instant,
+};
+
+async fn two_nodes(net: Net, extra: &[&str]) -> (Controller, DataplaneNode, DataplaneNode) {
+    let ctl = Controller::spawn(net, &["--no-embedded-dataplane"]).await;
+    let n1 = DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(1), net.host(254), extra).await;
+    let n2 = DataplaneNode::spawn(Host::Root, &ctl, "n2", net.host(11), net.host(254), extra).await;
+    wait_synced(&ctl, &["n1", "n2"]).await;
+    (ctl, n1, n2)
+}
+
+/// Waits until every node of `ids` is connected and has applied the controller's latest version.
+async fn wait_synced(ctl: &Controller, ids: &[&str]) {
+    ctl.wait_state("nodes synced", |s| {
+        ids.iter()
+            .all(|id| Controller::node(s, id).is_some_and(|n| n["connected"] == true && !n["acked_version"].is_null()))
+    })
+    .await;
+}
+
+async fn echo_line(stream: &mut TcpStream, line: &[u8]) -> std::io::Result<Vec<u8>> {
+    stream.write_all(line).await?;
+    let mut back = vec![0u8; line.len()];
+    stream.read_exact(&mut back).await?;
+    Ok(back)
+}
+
+#[tokio::test]
+async fn a_service_registered_once_is_served_by_every_node_and_unregistering_closes_it_on_all() {
+    let net = Net::new();
+    let (ctl, n1, n2) = two_nodes(net, &[]).await;
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let port = backend.addr.port();
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    assert_eq!(server.register("tcp", port).await, json!({"ack": "successful"}));
+
+    for node in [&n1, &n2] {
+        assert_eq!(tcp_roundtrip(node.frontend(port), b"through a node").await.unwrap(), b"through a node");
+        let state = node.state().await;
+        assert_eq!(state["connected"], true);
+        assert_eq!(state["frontends"][0]["listening"], node.frontend(port).to_string());
+    }
+
+    // The controller's node bookkeeping, as operators see it over gRPC.
+    let mut admin = AdminClient::connect(ctl.grpc_url()).await.unwrap();
+    let nodes = admin.list_nodes(ListNodesRequest {}).await.unwrap().into_inner();
+    assert_eq!(nodes.nodes.len(), 2);
+    for node in &nodes.nodes {
+        assert!(node.connected, "{node:?}");
+        assert_eq!(node.acked_version, Some(nodes.version), "{node:?}");
+        assert!(matches!(node.frontends[0].result, Some(frontend_result::Result::Listening(_))), "{node:?}");
+        assert!(node.address.starts_with("127."), "{node:?}");
+    }
+
+    server.send(&json!({"cmd": "unregister", "protocol": "tcp", "port": port})).await;
+    assert_eq!(server.recv().await["ack"], "successful");
+    ctl.wait_state("closed on both nodes", |s| Controller::backends(s, "tcp", port).is_empty()).await;
+    for node in [&n1, &n2] {
+        assert!(TcpStream::connect(node.frontend(port)).await.is_err(), "{} still listens", node.id);
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_cannot_bind_nacks_and_the_reply_names_it() {
+    let net = Net::new();
+    let (ctl, n1, n2) = two_nodes(net, &[]).await;
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let port = backend.addr.port();
+    let _squatter = tokio::net::TcpListener::bind(n2.frontend(port)).await.unwrap();
+
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    let reply = server.register("tcp", port).await;
+    assert_eq!(reply["ack"], "successful", "served by n1: {reply}");
+    let msg = reply["msg"].as_str().unwrap();
+    assert!(msg.contains(&format!("node n2: bind {}: Address already in use", n2.frontend(port))), "{msg}");
+    assert_eq!(tcp_roundtrip(n1.frontend(port), b"n1 serves").await.unwrap(), b"n1 serves");
+
+    let mut admin = AdminClient::connect(ctl.grpc_url()).await.unwrap();
+    let nodes = admin.list_nodes(ListNodesRequest {}).await.unwrap().into_inner();
+    let n2_info = nodes.nodes.iter().find(|n| n.id == "n2").unwrap();
+    let Some(frontend_result::Result::Error(error)) = &n2_info.frontends[0].result else {
+        panic!("n2 must report its bind error: {n2_info:?}");
+    };
+    assert!(error.contains("Address already in use"), "{error}");
+}
+
+#[tokio::test]
+async fn a_removed_backends_connection_lasts_until_the_drain_timeout() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &["--drain-timeout", "1s"]).await;
+    let a = TcpEcho::start(net.host(2), 0).await;
+    let port = a.addr.port();
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    assert_eq!(server.register("tcp", port).await["ack"], "successful");
+
+    let mut open = TcpStream::connect(ctl.frontend(port)).await.unwrap();
+    assert_eq!(echo_line(&mut open, b"before").await.unwrap(), b"before");
+    drop(server);
+    ctl.wait_state("backend removed", |s| Controller::backends(s, "tcp", port).is_empty()).await;
+    let removed = Instant::now();
+    // Still relayed after its backend left (and its port closed)...
+    assert_eq!(echo_line(&mut open, b"during").await.unwrap(), b"during");
+    assert!(TcpStream::connect(ctl.frontend(port)).await.is_err(), "no new connections");
+    // ...until the drain timeout closes it.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), open.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the drain timeout must close the connection");
+    assert!(removed.elapsed() >= Duration::from_millis(800), "closed too early: {:?}", removed.elapsed());
+}
+
+#[tokio::test]
+async fn sigterm_stops_accepting_and_exits_0_once_open_connections_finish() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &["--no-embedded-dataplane"]).await;
+    let mut n1 =
+        DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(1), net.host(254), &["--drain-timeout", "30s"]).await;
+    wait_synced(&ctl, &["n1"]).await;
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let port = backend.addr.port();
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    assert_eq!(server.register("tcp", port).await, json!({"ack": "successful"}));
+
+    let mut open = TcpStream::connect(n1.frontend(port)).await.unwrap();
+    assert_eq!(echo_line(&mut open, b"one").await.unwrap(), b"one");
+    n1.process.terminate();
+    // The frontend closes at once...
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(n1.frontend(port)).await.is_ok() {
+        assert!(Instant::now() < deadline, "the frontend stayed open after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...the open connection keeps working, and when it ends the node exits 0, long before its grace.
+    assert_eq!(echo_line(&mut open, b"two").await.unwrap(), b"two");
+    assert!(n1.process.is_running(), "it waits for the open connection");
+    drop(open);
+    assert_eq!(n1.process.wait_exit(Duration::from_secs(10)).await, Some(0));
+    ctl.wait_state("n1 left", |s| Controller::node(s, "n1").is_some_and(|n| n["connected"] == false)).await;
+}
+
+#[tokio::test]
+async fn sigterm_closes_connections_still_open_when_the_grace_ends_and_exits_0() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &["--no-embedded-dataplane"]).await;
+    let mut n1 =
+        DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(1), net.host(254), &["--drain-timeout", "500ms"]).await;
+    wait_synced(&ctl, &["n1"]).await;
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let port = backend.addr.port();
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    assert_eq!(server.register("tcp", port).await, json!({"ack": "successful"}));
+
+    let mut open = TcpStream::connect(n1.frontend(port)).await.unwrap();
+    assert_eq!(echo_line(&mut open, b"one").await.unwrap(), b"one");
+    n1.process.terminate();
+    assert_eq!(n1.process.wait_exit(Duration::from_secs(10)).await, Some(0));
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "the connection was closed by the node");
+}
