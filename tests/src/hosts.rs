@@ -120,8 +120,13 @@ pub struct Network {
 }
 
 impl Network {
-    /// Creates one namespace per name, each with an address in a /24 of its own, all on one bridge. Fails
-    /// with a reason (no root, no `ip`, no namespace support) so callers can skip with that reason.
+    /// Why network namespaces cannot be made here, if they cannot (not root). Tests that need them print
+    /// this and skip; as root, a failure to create them is a test failure.
+    pub fn unavailable() -> Option<String> {
+        (!nix::unistd::geteuid().is_root()).then(|| "network namespaces need root".to_owned())
+    }
+
+    /// Creates one namespace per name, each with an address in a /24 of its own, all on one bridge.
     pub async fn create(names: &[&str]) -> Result<Network, String> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let n = NEXT.fetch_add(1, Ordering::Relaxed);

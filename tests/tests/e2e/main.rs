@@ -5,5 +5,6 @@
 
 mod grpc;
 mod json_channel;
+mod multihost;
 mod nodes;
 mod relay;
