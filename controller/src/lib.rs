@@ -108,10 +108,12 @@ impl Controller {
         let mut tasks = JoinSet::new();
         if !config.resync_grace.is_zero() {
             let store = Arc::clone(&store);
-            let grace = config.resync_grace;
+            let (grace, mut shutdown) = (config.resync_grace, shutdown.clone());
             tasks.spawn(async move {
-                tokio::time::sleep(grace).await;
-                store.end_warm_up();
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => store.end_warm_up(),
+                    () = stopped(&mut shutdown) => {}
+                }
                 Ok(())
             });
         }

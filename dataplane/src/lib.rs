@@ -46,6 +46,22 @@ pub use snapshot::{Algorithm, BackendSpec, Protocol, RoutingSnapshot, ServiceKey
 pub use stats::BackendLoad;
 pub use table::RoutingTable;
 
+/// Resolves on the first SIGINT or SIGTERM: how both binaries learn they must stop.
+pub async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; only SIGINT stops the process");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
 /// A `dataplane` process whose admin listener is bound, ready to [`run`](Dataplane::run).
 #[derive(Debug)]
 pub struct Dataplane {

@@ -168,3 +168,14 @@ async fn sigterm_closes_connections_still_open_when_the_grace_ends_and_exits_0()
     let read = tokio::time::timeout(Duration::from_secs(5), open.read_to_end(&mut rest)).await;
     assert!(read.is_ok(), "the connection was closed by the node");
 }
+
+#[tokio::test]
+async fn the_controller_exits_0_on_sigterm_without_waiting_out_its_warm_up() {
+    let net = Net::new();
+    let mut ctl = Controller::spawn(net, &["--resync-grace", "60s"]).await;
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    assert_eq!(server.register("tcp", backend.addr.port()).await["ack"], "successful");
+    ctl.process.terminate();
+    assert_eq!(ctl.process.wait_exit(Duration::from_secs(10)).await, Some(0));
+}
