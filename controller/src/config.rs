@@ -52,6 +52,8 @@ impl TryFrom<Cli> for Config {
                 n => n,
             },
         };
+        positive("connect-timeout", cli.connect_timeout)?;
+        positive("udp-idle-timeout", cli.udp_idle_timeout)?;
         if cli.udp_max_sessions == 0 {
             return Err(ConfigError::Invalid { flag: "udp-max-sessions", why: "must be at least 1" });
         }

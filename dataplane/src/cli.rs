@@ -87,8 +87,15 @@ impl TryFrom<Cli> for DataplaneConfig {
         if cli.udp_max_sessions == 0 {
             return Err(err("udp-max-sessions", "must be at least 1"));
         }
-        if cli.load_report_interval.is_zero() || cli.backoff_max.is_zero() {
-            return Err(err("load-report-interval", "durations must be more than zero"));
+        for (flag, value) in [
+            ("connect-timeout", cli.connect_timeout),
+            ("udp-idle-timeout", cli.udp_idle_timeout),
+            ("load-report-interval", cli.load_report_interval),
+            ("backoff-max", cli.backoff_max),
+        ] {
+            if value.is_zero() {
+                return Err(err(flag, "must be more than zero"));
+            }
         }
         let node_id = match cli.node_id {
             Some(id) if id.trim().is_empty() => return Err(err("node-id", "must not be empty")),

@@ -212,12 +212,14 @@ impl Node {
     fn schedule_drain(&mut self, service: ServiceKey, backend: SocketAddr, stats: Arc<crate::stats::BackendStats>) {
         let ctx = Arc::clone(&self.ctx);
         let drain = self.config.drain_timeout;
+        let generation = stats.left_rotation();
         info!(%service, %backend, open = stats.active(), ?drain, "backend left rotation: draining its connections");
         self.drains.spawn(async move {
             tokio::time::sleep(drain).await;
+            // Back in rotation by now: its connections are welcome again.
             if !ctx.table.load().contains(&service, backend) && stats.active() > 0 {
-                info!(%service, %backend, open = stats.active(), "drain timeout: closing the remaining connections");
-                stats.evict();
+                info!(%service, %backend, "drain timeout: closing the connections opened before it left");
+                stats.evict_through(generation);
             }
         });
         while self.drains.try_join_next().is_some() {}

@@ -17,18 +17,23 @@ use tokio::sync::watch;
 use crate::snapshot::ServiceKey;
 
 /// Live counters of one backend of one service on this node.
+///
+/// Connections are stamped with the generation current when they open; each time the backend leaves
+/// rotation the generation moves on, so a drain can close exactly the connections that predate it.
 #[derive(Debug)]
 pub struct BackendStats {
     active: AtomicU64,
     total: AtomicU64,
-    /// Bumped to close every connection open at that moment (drain timeout, end of a shutdown grace).
-    evictions: watch::Sender<u64>,
+    generation: AtomicU64,
+    /// Connections of this generation or older must close.
+    evicted_through: watch::Sender<u64>,
 }
 
 /// Keeps one connection (TCP) or session (UDP) counted as active until dropped.
 #[derive(Debug)]
 pub struct ConnectionGuard {
     stats: Arc<BackendStats>,
+    generation: u64,
     evictions: watch::Receiver<u64>,
 }
 
@@ -58,7 +63,12 @@ pub struct StatsRegistry {
 
 impl Default for BackendStats {
     fn default() -> Self {
-        BackendStats { active: AtomicU64::new(0), total: AtomicU64::new(0), evictions: watch::Sender::new(0) }
+        BackendStats {
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            generation: AtomicU64::new(1),
+            evicted_through: watch::Sender::new(0),
+        }
     }
 }
 
@@ -67,12 +77,30 @@ impl BackendStats {
     pub fn open(self: &Arc<Self>) -> ConnectionGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.total.fetch_add(1, Ordering::Relaxed);
-        ConnectionGuard { stats: Arc::clone(self), evictions: self.evictions.subscribe() }
+        let generation = self.generation.load(Ordering::Acquire);
+        ConnectionGuard { stats: Arc::clone(self), generation, evictions: self.evicted_through.subscribe() }
     }
 
-    /// Tells every connection open now to close; connections opened later are not affected.
+    /// The backend left rotation: returns the generation of every connection open now, for
+    /// [`BackendStats::evict_through`] once their drain time is over.
+    pub fn left_rotation(&self) -> u64 {
+        self.generation.fetch_add(1, Ordering::AcqRel)
+    }
+
+    /// Closes every connection of `generation` or older.
+    pub fn evict_through(&self, generation: u64) {
+        self.evicted_through.send_if_modified(|through| {
+            let newer = generation > *through;
+            if newer {
+                *through = generation;
+            }
+            newer
+        });
+    }
+
+    /// Closes every connection open now; connections opened later are not affected.
     pub fn evict(&self) {
-        self.evictions.send_modify(|n| *n += 1);
+        self.evict_through(self.left_rotation());
     }
 
     /// Connections open now.
@@ -91,8 +119,9 @@ impl BackendStats {
 impl ConnectionGuard {
     /// Resolves when the connection must close (its backend was evicted after it opened).
     pub async fn evicted(&mut self) {
-        // The sender lives in the stats this guard holds, so `changed` only returns on an eviction.
-        let _ = self.evictions.changed().await;
+        let generation = self.generation;
+        // The sender lives in the stats this guard holds, so this only returns on an eviction.
+        let _ = self.evictions.wait_for(|through| *through >= generation).await;
     }
 }
 
@@ -174,5 +203,19 @@ mod tests {
         tokio::time::timeout(std::time::Duration::from_secs(1), old.evicted()).await.expect("old connection evicted");
         let pending = tokio::time::timeout(std::time::Duration::from_millis(20), new.evicted()).await;
         assert!(pending.is_err(), "a connection opened after the eviction stays");
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_only_connections_older_than_the_removal() {
+        let stats = Arc::new(BackendStats::default());
+        let mut before = stats.open();
+        let first_removal = stats.left_rotation();
+        // Back in rotation, a new connection, then removed again.
+        let mut middle = stats.open();
+        let _second_removal = stats.left_rotation();
+        stats.evict_through(first_removal);
+        tokio::time::timeout(std::time::Duration::from_secs(1), before.evicted()).await.expect("closed");
+        let spared = tokio::time::timeout(std::time::Duration::from_millis(20), middle.evicted()).await;
+        assert!(spared.is_err(), "the middle connection has its own drain time");
     }
 }

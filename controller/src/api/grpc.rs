@@ -54,8 +54,8 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1().map_err(|e| ControllerError::Reflection(e.to_string()))?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| ControllerError::Reflection(e.to_string()))?;
 
-    let registry = RegistryApi { store: Arc::clone(&store), probe, bind_ack_timeout };
-    let dataplane = super::sync::DataplaneApi { store: Arc::clone(&store) };
+    let registry = RegistryApi { store: Arc::clone(&store), probe, bind_ack_timeout, shutdown: shutdown.clone() };
+    let dataplane = super::sync::DataplaneApi { store: Arc::clone(&store), shutdown: shutdown.clone() };
     tonic::transport::Server::builder()
         // Notices dead peers (a node or agent host gone without a FIN) instead of keeping their streams.
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
@@ -80,6 +80,8 @@ pub struct RegistryApi {
     store: Arc<Store>,
     probe: ProbeSettings,
     bind_ack_timeout: Duration,
+    /// Ends every `Register` stream, so a graceful server shutdown does not wait on them forever.
+    shutdown: watch::Receiver<bool>,
 }
 
 /// `switchboard.v1.Admin`.
@@ -115,7 +117,14 @@ impl Registry for RegistryApi {
         let success = ack.success;
         tx.send(Ok(response(register_response::Msg::Ack(ack)))).await.map_err(|_| Status::cancelled("client left"))?;
         if success {
-            let session = Session { registration, inbound, tx, peer, bind_ack_timeout: self.bind_ack_timeout };
+            let session = Session {
+                registration,
+                inbound,
+                tx,
+                peer,
+                bind_ack_timeout: self.bind_ack_timeout,
+                shutdown: self.shutdown.clone(),
+            };
             tokio::spawn(session.run(probe));
         }
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -139,6 +148,7 @@ struct Session {
     tx: ResponseTx,
     peer: SocketAddr,
     bind_ack_timeout: Duration,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl Session {
@@ -181,6 +191,7 @@ impl Session {
                     }
                 },
                 () = self.tx.closed() => break "stream closed by the client".to_owned(),
+                () = crate::stopped(&mut self.shutdown) => break "controller shutting down".to_owned(),
             }
         };
         self.registration.close(reason);

@@ -183,6 +183,8 @@ impl Connection {
     }
 
     async fn on_probe_timer(&mut self, writer: &mut OwnedWriteHalf) -> Result<(), String> {
+        // Its backends may have been unregistered from another connection since the last request here.
+        self.sync_probe();
         let Some(probe) = &mut self.probe else { return Ok(()) };
         match probe.on_timer(Instant::now()) {
             ProbeAction::Wait => Ok(()),

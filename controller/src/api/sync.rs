@@ -16,11 +16,17 @@ use tracing::{debug, warn};
 
 use crate::store::{NodeSession, Store};
 
+/// Largest version a node may claim to know: far beyond any real history (a change per microsecond for
+/// a century), far enough below `u64::MAX` that versions never wrap.
+const MAX_KNOWN_VERSION: u64 = 1 << 62;
+
 /// `switchboard.v1.Dataplane`.
 #[derive(Debug)]
 pub struct DataplaneApi {
     /// The registry the nodes follow.
     pub store: Arc<Store>,
+    /// Ends every sync stream, so a graceful server shutdown does not wait on them forever.
+    pub shutdown: watch::Receiver<bool>,
 }
 
 #[tonic::async_trait]
@@ -37,11 +43,14 @@ impl Dataplane for DataplaneApi {
         if hello.node_id.trim().is_empty() {
             return Err(Status::invalid_argument("node_id must not be empty"));
         }
+        if hello.known_version > MAX_KNOWN_VERSION {
+            return Err(Status::invalid_argument(format!("known_version {} is not plausible", hello.known_version)));
+        }
         // Continue above whatever the node already applied (it may come from a controller that ran before).
         self.store.observe_version(hello.known_version);
         let session = self.store.connect_node(&hello.node_id, peer);
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(follow(session, self.store.subscribe(), inbound, tx));
+        tokio::spawn(follow(session, self.store.subscribe(), inbound, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -51,6 +60,7 @@ async fn follow(
     mut snapshots: watch::Receiver<Arc<RoutingSnapshot>>,
     mut inbound: Streaming<NodeMessage>,
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+    mut shutdown: watch::Receiver<bool>,
 ) {
     let node = session.node().to_owned();
     // The current snapshot goes out first.
@@ -91,6 +101,7 @@ async fn follow(
                 }
             }
             () = tx.closed() => break,
+            () = crate::stopped(&mut shutdown) => break,
         }
     }
     // Dropping the session marks the node disconnected.

@@ -47,7 +47,7 @@ struct SessionTask {
     last_active: Arc<AtomicU64>,
     epoch: Instant,
     idle: Duration,
-    _guard: ConnectionGuard,
+    guard: ConnectionGuard,
     ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
 }
 
@@ -163,10 +163,12 @@ async fn open_session(
         last_active: Arc::clone(&last_active),
         epoch,
         idle: ctx.udp_idle_timeout,
-        _guard: backend.stats.open(),
+        guard: backend.stats.open(),
         ended: ended.clone(),
     };
     debug!(%service, client = %peer, backend = %backend.addr, "session opened");
+    // Sessions aborted since (backend out of rotation, send failure) are reaped here, not left to pile up.
+    while tasks.try_join_next().is_some() {}
     let task = tasks.spawn(task.run());
     Some(Session { id, backend: backend.addr, upstream, last_active, checked_version: table_version, task })
 }
@@ -175,13 +177,20 @@ async fn open_session(
 
 impl SessionTask {
     /// Carries replies back to the client until the session is idle or the backend is unreachable.
-    async fn run(self) {
+    async fn run(mut self) {
         let mut buf = Vec::with_capacity(MAX_DATAGRAM);
         loop {
             buf.clear();
             let last = self.last_active.load(Ordering::Relaxed);
             let idle_at = self.epoch + Duration::from_millis(last) + self.idle;
-            match tokio::time::timeout_at(idle_at, self.upstream.recv_buf(&mut buf)).await {
+            let received = tokio::select! {
+                received = tokio::time::timeout_at(idle_at, self.upstream.recv_buf(&mut buf)) => received,
+                () = self.guard.evicted() => {
+                    debug!(client = %self.peer, "session closed: drain time is over");
+                    break;
+                }
+            };
+            match received {
                 Ok(Ok(_)) => {
                     self.last_active.store(elapsed_ms(self.epoch), Ordering::Relaxed);
                     if let Err(error) = self.frontend.send_to(&buf, self.peer).await {

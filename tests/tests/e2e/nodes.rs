@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use serde_json::json;
 use switchboard_proto::v1::{ListNodesRequest, admin_client::AdminClient, frontend_result};
-use switchboard_tests::harness::{Controller, DataplaneNode, Host, JsonClient, Net, TcpEcho, tcp_roundtrip};
+use switchboard_tests::harness::{
+    Controller, DataplaneNode, GrpcRegistration, Host, JsonClient, Net, TcpEcho, tcp_roundtrip,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -170,12 +172,22 @@ async fn sigterm_closes_connections_still_open_when_the_grace_ends_and_exits_0()
 }
 
 #[tokio::test]
-async fn the_controller_exits_0_on_sigterm_without_waiting_out_its_warm_up() {
+async fn the_controller_exits_0_on_sigterm_with_nodes_and_streams_connected() {
     let net = Net::new();
     let mut ctl = Controller::spawn(net, &["--resync-grace", "60s"]).await;
+    let n1 = DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(11), net.host(254), &[]).await;
+    wait_synced(&ctl, &["n1"]).await;
     let backend = TcpEcho::start(net.host(2), 0).await;
     let mut server = JsonClient::connect(&ctl, net.host(2)).await;
     assert_eq!(server.register("tcp", backend.addr.port()).await["ack"], "successful");
+    let other = TcpEcho::start(net.host(3), 0).await;
+    let channel = tonic::transport::Endpoint::from_shared(ctl.grpc_url()).unwrap().connect().await.unwrap();
+    let grpc = GrpcRegistration::tcp(channel, other.addr.port(), other.addr).await.unwrap();
+    assert!(grpc.ack.success);
+
+    // A sync stream, a Register stream, a JSON channel and the warm-up timer are all open: none of them
+    // may hold the controller.
     ctl.process.terminate();
     assert_eq!(ctl.process.wait_exit(Duration::from_secs(10)).await, Some(0));
+    drop(n1);
 }
