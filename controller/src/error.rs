@@ -21,6 +21,12 @@ pub enum StoreError {
         /// The requested port.
         port: u16,
     },
+    /// A weight outside 1..=10000.
+    #[error("weight {weight} is not in 1..=10000")]
+    InvalidWeight {
+        /// The requested weight.
+        weight: u32,
+    },
     /// No such backend in that service.
     #[error("no backend {backend} in service {service}")]
     NotFound {

@@ -20,7 +20,10 @@ use dataplane::{
     Algorithm, BackendLoad, BackendSpec, FrontendStatus, NodeReport, Protocol, RoutingSnapshot, ServiceKey, ServiceSpec,
 };
 use serde::Serialize;
-use tokio::{sync::watch, time::Instant};
+use tokio::{
+    sync::{broadcast, watch},
+    time::Instant,
+};
 use tracing::{info, warn};
 
 use crate::{config::PortRanges, error::StoreError};
@@ -67,6 +70,53 @@ pub struct Store {
     snapshots: watch::Sender<Arc<RoutingSnapshot>>,
     /// Bumped on every node report, so registrations waiting for bind results wake up.
     node_updates: watch::Sender<u64>,
+    /// Every state change, for `Admin.WatchEvents`.
+    events: broadcast::Sender<Event>,
+}
+
+/// One state change, as `Admin.WatchEvents` streams it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Event {
+    /// What happened.
+    pub kind: EventKind,
+    /// Snapshot version after the change.
+    pub version: u64,
+    /// The service concerned.
+    pub service: Option<ServiceKey>,
+    /// The backend concerned.
+    pub backend: Option<SocketAddr>,
+    /// The node concerned.
+    pub node: Option<String>,
+    /// A removal's reason, a new weight.
+    pub detail: String,
+}
+
+/// The kinds of [`Event`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A backend joined a service (or moved to a new registration).
+    BackendRegistered,
+    /// A backend left its service.
+    BackendRemoved,
+    /// Back in rotation after its registration reported it healthy.
+    BackendHealthy,
+    /// Out of rotation, still registered.
+    BackendUnhealthy,
+    /// Drained by an operator.
+    BackendDraining,
+    /// Its weight changed.
+    WeightChanged,
+    /// A service got its first backend.
+    ServiceAdded,
+    /// A service lost its last backend.
+    ServiceRemoved,
+    /// A node connected.
+    NodeJoined,
+    /// A node disconnected.
+    NodeLeft,
+    /// The warm-up window ended.
+    WarmUpOver,
 }
 
 #[derive(Debug, Default)]
@@ -93,6 +143,8 @@ struct Service {
 struct Backend {
     weight: u32,
     owner: RegistrationId,
+    /// Drained by an operator: out of rotation until its registration ends.
+    draining: bool,
 }
 
 #[derive(Debug)]
@@ -174,6 +226,7 @@ impl Store {
             print_state,
             snapshots: watch::Sender::new(Arc::default()),
             node_updates: watch::Sender::new(0),
+            events: broadcast::Sender::new(1024),
         })
     }
 
@@ -215,6 +268,8 @@ impl Store {
         reg.backends.insert((service, backend.addr));
         let entry = state.services.entry(service).or_default().backends.get(&backend.addr).map(|b| (b.owner, b.weight));
         let created = entry.is_none();
+        let draining =
+            state.services.get(&service).and_then(|s| s.backends.get(&backend.addr)).is_some_and(|b| b.draining);
         match entry {
             Some((owner, weight)) if owner == registration && weight == backend.weight => {
                 return Ok(Registered { version: state.version, created });
@@ -229,11 +284,15 @@ impl Store {
         let new_service = state.services.get(&service).is_none_or(|s| s.backends.is_empty());
         state.retired.remove(&service);
         if let Some(s) = state.services.get_mut(&service) {
-            s.backends.insert(backend.addr, Backend { weight: backend.weight, owner: registration });
+            s.backends.insert(backend.addr, Backend { weight: backend.weight, owner: registration, draining });
         }
         let version = self.commit(&mut state);
         let verb = if created { "backend registered" } else { "backend re-registered" };
         info!(%service, backend = %backend.addr, weight = backend.weight, %origin, version, new_service, "{verb}");
+        if new_service {
+            self.emit(Event::service(EventKind::ServiceAdded, version, service, ""));
+        }
+        self.emit(Event::backend(EventKind::BackendRegistered, version, service, backend.addr, &origin.to_string()));
         self.print(&state);
         Ok(Registered { version, created })
     }
@@ -250,7 +309,7 @@ impl Store {
             .ok_or(StoreError::NotFound { service, backend })?;
         state.remove_backend(service, backend, owner);
         let version = self.commit(&mut state);
-        log_removed(&state, service, backend, reason, version);
+        self.removed(&state, service, backend, reason, version);
         self.print(&state);
         Ok(version)
     }
@@ -267,7 +326,7 @@ impl Store {
         }
         let version = self.commit(&mut state);
         for &(service, backend) in &reg.backends {
-            log_removed(&state, service, backend, reason, version);
+            self.removed(&state, service, backend, reason, version);
         }
         self.print(&state);
     }
@@ -279,7 +338,7 @@ impl Store {
         if owned {
             state.remove_backend(service, backend, registration);
             let version = self.commit(&mut state);
-            log_removed(&state, service, backend, reason, version);
+            self.removed(&state, service, backend, reason, version);
             self.print(&state);
         }
     }
@@ -297,8 +356,10 @@ impl Store {
         for (service, backend) in backends {
             if healthy {
                 info!(%service, %backend, version, "backend healthy: back in rotation");
+                self.emit(Event::backend(EventKind::BackendHealthy, version, service, backend, ""));
             } else {
                 warn!(%service, %backend, version, "backend unhealthy: out of rotation");
+                self.emit(Event::backend(EventKind::BackendUnhealthy, version, service, backend, ""));
             }
         }
         self.print(&state);
@@ -323,6 +384,14 @@ impl Store {
         state.retired.clear();
         let version = self.commit(&mut state);
         info!(version, services = state.services.len(), "warm-up over: nodes now serve exactly this state");
+        self.emit(Event {
+            kind: EventKind::WarmUpOver,
+            version,
+            service: None,
+            backend: None,
+            node: None,
+            detail: String::new(),
+        });
         self.print(&state);
     }
 
@@ -343,6 +412,7 @@ impl Store {
         state.next_node_session += 1;
         let session = state.next_node_session;
         let replaced = state.nodes.get(node).is_some_and(|n| n.connected);
+        let version = state.version;
         state.nodes.insert(
             node.to_owned(),
             NodeState {
@@ -360,6 +430,7 @@ impl Store {
             Some(address) => info!(node, %address, replaced, "node joined"),
             None => info!(node, "node joined"),
         }
+        self.emit(Event::node(EventKind::NodeJoined, version, node));
         self.node_updates.send_modify(|n| *n += 1);
         NodeSession { store: Arc::clone(self), node: node.to_owned(), session }
     }
@@ -389,8 +460,10 @@ impl Store {
         };
         status.connected = false;
         status.load.clear();
+        let version = state.version;
         drop(state);
         info!(node, "node left");
+        self.emit(Event::node(EventKind::NodeLeft, version, node));
         self.node_updates.send_modify(|n| *n += 1);
     }
 
@@ -414,6 +487,67 @@ impl Store {
     /// The whole state, for `/api/state` and the Admin API.
     pub fn view(&self) -> StateView {
         self.lock().view()
+    }
+
+    /// Takes a backend out of rotation for good (until its registration ends): no new connections, open
+    /// ones drain.
+    pub fn drain_backend(&self, service: ServiceKey, backend: SocketAddr) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        let entry = state
+            .services
+            .get_mut(&service)
+            .and_then(|s| s.backends.get_mut(&backend))
+            .ok_or(StoreError::NotFound { service, backend })?;
+        if entry.draining {
+            return Ok(state.version);
+        }
+        entry.draining = true;
+        let version = self.commit(&mut state);
+        info!(%service, %backend, version, "backend draining: no new connections");
+        self.emit(Event::backend(EventKind::BackendDraining, version, service, backend, "drained by an operator"));
+        self.print(&state);
+        Ok(version)
+    }
+
+    /// Changes a backend's weight.
+    pub fn set_weight(&self, service: ServiceKey, backend: SocketAddr, weight: u32) -> Result<u64, StoreError> {
+        if !(1..=MAX_WEIGHT).contains(&weight) {
+            return Err(StoreError::InvalidWeight { weight });
+        }
+        let mut state = self.lock();
+        let entry = state
+            .services
+            .get_mut(&service)
+            .and_then(|s| s.backends.get_mut(&backend))
+            .ok_or(StoreError::NotFound { service, backend })?;
+        if entry.weight == weight {
+            return Ok(state.version);
+        }
+        let old = std::mem::replace(&mut entry.weight, weight);
+        let version = self.commit(&mut state);
+        info!(%service, %backend, old, weight, version, "weight changed");
+        self.emit(Event::backend(EventKind::WeightChanged, version, service, backend, &format!("{old} -> {weight}")));
+        self.print(&state);
+        Ok(version)
+    }
+
+    /// Follows every state change from now on.
+    pub fn watch_events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: Event) {
+        // No subscriber is fine: events are for whoever watches now.
+        let _ = self.events.send(event);
+    }
+
+    fn removed(&self, state: &State, service: ServiceKey, backend: SocketAddr, reason: &str, version: u64) {
+        info!(%service, %backend, reason, version, "backend removed");
+        self.emit(Event::backend(EventKind::BackendRemoved, version, service, backend, reason));
+        if !state.services.contains_key(&service) {
+            info!(%service, version, "service removed: no backend left, its port closes on every node");
+            self.emit(Event::service(EventKind::ServiceRemoved, version, service, "no backend left"));
+        }
     }
 
     fn check_port(&self, port: u16) -> Result<(), StoreError> {
@@ -454,14 +588,6 @@ impl Store {
     }
 }
 
-fn log_removed(state: &State, service: ServiceKey, backend: SocketAddr, reason: &str, version: u64) {
-    let service_left = !state.services.contains_key(&service);
-    info!(%service, %backend, reason, version, "backend removed");
-    if service_left {
-        info!(%service, version, "service removed: no backend left, its port closes on every node");
-    }
-}
-
 // === impl State ===
 
 impl State {
@@ -488,7 +614,7 @@ impl State {
                 let backends = service
                     .backends
                     .iter()
-                    .filter(|(_, b)| self.registrations.get(&b.owner).is_some_and(|r| r.healthy))
+                    .filter(|(_, b)| !b.draining && self.registrations.get(&b.owner).is_some_and(|r| r.healthy))
                     .map(|(&addr, b)| BackendSpec { addr, weight: b.weight })
                     .collect();
                 (key, ServiceSpec { key, algorithm: service.algorithm, backends })
@@ -579,6 +705,7 @@ impl State {
                             address: addr,
                             weight: b.weight,
                             healthy: reg.is_some_and(|r| r.healthy),
+                            draining: b.draining,
                             active_connections: active,
                             total_connections: total,
                             registration: reg.map(|r| r.origin.to_string()).unwrap_or_default(),
@@ -616,6 +743,25 @@ impl State {
             })
             .collect();
         StateView { version: self.version, warming_up: self.warming_up, services, nodes }
+    }
+}
+
+/// Largest weight a backend may have.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+// === impl Event ===
+
+impl Event {
+    fn backend(kind: EventKind, version: u64, service: ServiceKey, backend: SocketAddr, detail: &str) -> Self {
+        Event { kind, version, service: Some(service), backend: Some(backend), node: None, detail: detail.to_owned() }
+    }
+
+    fn service(kind: EventKind, version: u64, service: ServiceKey, detail: &str) -> Self {
+        Event { kind, version, service: Some(service), backend: None, node: None, detail: detail.to_owned() }
+    }
+
+    fn node(kind: EventKind, version: u64, node: &str) -> Self {
+        Event { kind, version, service: None, backend: None, node: Some(node.to_owned()), detail: String::new() }
     }
 }
 
@@ -748,8 +894,10 @@ pub struct BackendView {
     pub address: SocketAddr,
     /// Relative weight.
     pub weight: u32,
-    /// In rotation.
+    /// Its registration reports it healthy.
     pub healthy: bool,
+    /// Drained by an operator.
+    pub draining: bool,
     /// Open connections (UDP: sessions) over all nodes.
     pub active_connections: u64,
     /// Connections ever opened over all nodes.
@@ -796,7 +944,11 @@ impl fmt::Display for StateView {
         for s in &self.services {
             writeln!(f, "{}:{} {} ({} backend(s))", s.protocol, s.port, s.algorithm, s.backends.len())?;
             for b in &s.backends {
-                let health = if b.healthy { "in rotation" } else { "out of rotation" };
+                let health = match (b.healthy, b.draining) {
+                    (_, true) => "draining",
+                    (true, false) => "in rotation",
+                    (false, false) => "out of rotation",
+                };
                 writeln!(
                     f,
                     "    {} weight={} {health} active={} total={} via {}",
@@ -985,6 +1137,34 @@ mod tests {
         assert!(reply.success);
         assert_eq!(reply.message.as_deref(), Some("node c: bind 0.0.0.0:81: in use"));
         drop(node_a);
+    }
+
+    #[test]
+    fn drain_and_weight_changes_are_versioned_events() {
+        let store = store();
+        let mut events = store.watch_events();
+        let a = store.open_registration(origin("127.0.0.2"));
+        let addr: SocketAddr = "127.0.0.2:80".parse().unwrap();
+        store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        assert_eq!(events.try_recv().unwrap().kind, EventKind::ServiceAdded);
+        assert_eq!(events.try_recv().unwrap().kind, EventKind::BackendRegistered);
+
+        assert_eq!(store.set_weight(ServiceKey::tcp(80), addr, 0), Err(StoreError::InvalidWeight { weight: 0 }));
+        let v = store.set_weight(ServiceKey::tcp(80), addr, 5).unwrap();
+        assert_eq!(store.snapshot().services[&ServiceKey::tcp(80)].backends[0].weight, 5);
+        let event = events.try_recv().unwrap();
+        assert_eq!((event.kind, event.version, event.detail.as_str()), (EventKind::WeightChanged, v, "1 -> 5"));
+
+        store.drain_backend(ServiceKey::tcp(80), addr).unwrap();
+        assert!(store.snapshot().services[&ServiceKey::tcp(80)].backends.is_empty(), "out of rotation");
+        assert!(store.view().services[0].backends[0].draining, "still listed");
+        assert_eq!(events.try_recv().unwrap().kind, EventKind::BackendDraining);
+        let missing = store.drain_backend(ServiceKey::tcp(81), addr).unwrap_err();
+        assert!(matches!(missing, StoreError::NotFound { .. }));
+
+        drop(a);
+        assert_eq!(events.try_recv().unwrap().kind, EventKind::BackendRemoved);
+        assert_eq!(events.try_recv().unwrap().kind, EventKind::ServiceRemoved);
     }
 
     #[test]

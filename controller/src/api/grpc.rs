@@ -12,9 +12,9 @@ use std::{
 
 use dataplane::{BackendSpec, ServiceKey};
 use switchboard_proto::v1::{
-    self, DeregisterRequest, DeregisterResponse, Hello, ListNodesRequest, ListNodesResponse, ListServicesRequest,
-    ListServicesResponse, RegisterAck, RegisterRequest, RegisterResponse, Registration as RegistrationMsg,
-    admin_server::{Admin, AdminServer},
+    self, DeregisterRequest, DeregisterResponse, Hello, RegisterAck, RegisterRequest, RegisterResponse,
+    Registration as RegistrationMsg,
+    admin_server::AdminServer,
     dataplane_server::DataplaneServer,
     register_request, register_response,
     registry_server::{Registry, RegistryServer},
@@ -28,10 +28,11 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
+use super::admin::AdminApi;
 use crate::{
     error::{ControllerError, StoreError},
     probe::{Probe, ProbeAction, ProbeSettings},
-    store::{Origin, Registration, StateView, Store},
+    store::{Origin, Registration, Store},
 };
 
 /// Serves every gRPC service on `listener` until `shutdown` turns true.
@@ -65,7 +66,7 @@ pub async fn serve(
         .add_service(reflection_v1alpha)
         .add_service(RegistryServer::new(registry))
         .add_service(DataplaneServer::new(dataplane))
-        .add_service(AdminServer::new(AdminApi { store }))
+        .add_service(AdminServer::new(AdminApi { store, shutdown: shutdown.clone() }))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             async move { crate::stopped(&mut shutdown).await },
@@ -82,12 +83,6 @@ pub struct RegistryApi {
     bind_ack_timeout: Duration,
     /// Ends every `Register` stream, so a graceful server shutdown does not wait on them forever.
     shutdown: watch::Receiver<bool>,
-}
-
-/// `switchboard.v1.Admin`.
-#[derive(Debug)]
-pub struct AdminApi {
-    store: Arc<Store>,
 }
 
 type ResponseTx = mpsc::Sender<Result<RegisterResponse, Status>>;
@@ -247,7 +242,8 @@ fn registration(
     Ok((service, BackendSpec { addr: SocketAddr::new(ip, port), weight }, probe))
 }
 
-fn service_key(key: Option<&v1::ServiceKey>) -> Result<ServiceKey, Status> {
+/// The service of a request, or `InvalidArgument`.
+pub(super) fn service_key(key: Option<&v1::ServiceKey>) -> Result<ServiceKey, Status> {
     ServiceKey::try_from(key).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
@@ -265,79 +261,11 @@ fn backend_port(port: u32, service_port: u16) -> Result<u16, Status> {
     }
 }
 
-// === impl AdminApi ===
-
-#[tonic::async_trait]
-impl Admin for AdminApi {
-    async fn list_services(
-        &self,
-        _request: Request<ListServicesRequest>,
-    ) -> Result<Response<ListServicesResponse>, Status> {
-        Ok(Response::new(self.store.view().into()))
-    }
-
-    async fn list_nodes(&self, _request: Request<ListNodesRequest>) -> Result<Response<ListNodesResponse>, Status> {
-        let view = self.store.view();
-        let nodes = view
-            .nodes
-            .into_iter()
-            .map(|n| v1::NodeInfo {
-                id: n.id,
-                connected: n.connected,
-                acked_version: n.acked_version,
-                last_seen_ms_ago: n.last_seen_ms_ago,
-                address: n.address.map(|a| a.to_string()).unwrap_or_default(),
-                frontends: n
-                    .frontends
-                    .iter()
-                    .map(|f| {
-                        let result = match (&f.listening, &f.error) {
-                            (Some(addr), _) => v1::frontend_result::Result::Listening(addr.to_string()),
-                            (None, error) => v1::frontend_result::Result::Error(error.clone().unwrap_or_default()),
-                        };
-                        v1::FrontendResult {
-                            service: Some(ServiceKey { protocol: f.protocol, port: f.port }.into()),
-                            result: Some(result),
-                        }
-                    })
-                    .collect(),
-            })
-            .collect();
-        Ok(Response::new(ListNodesResponse { version: view.version, nodes }))
-    }
-}
-
-impl From<StateView> for ListServicesResponse {
-    fn from(view: StateView) -> Self {
-        let services = view
-            .services
-            .into_iter()
-            .map(|s| v1::ServiceInfo {
-                service: Some(ServiceKey { protocol: s.protocol, port: s.port }.into()),
-                algorithm: s.algorithm.to_string(),
-                active_connections: s.active_connections,
-                backends: s
-                    .backends
-                    .into_iter()
-                    .map(|b| v1::BackendInfo {
-                        address: b.address.to_string(),
-                        weight: b.weight,
-                        healthy: b.healthy,
-                        active_connections: b.active_connections,
-                        total_connections: b.total_connections,
-                        registration: b.registration,
-                    })
-                    .collect(),
-            })
-            .collect();
-        ListServicesResponse { version: view.version, services }
-    }
-}
-
 impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound { .. } => Status::not_found(error.to_string()),
+            StoreError::InvalidWeight { .. } => Status::invalid_argument(error.to_string()),
             StoreError::PortNotAllowed { .. } | StoreError::ReservedPort { .. } => {
                 Status::failed_precondition(error.to_string())
             }
