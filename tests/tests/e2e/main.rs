@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod admin;
+mod agent;
 mod grpc;
 mod json_channel;
 mod multihost;

@@ -1,0 +1,292 @@
+//! Command-line flags of `agent`, and the validated [`AgentConfig`] built from them.
+
+use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
+
+use clap::Parser;
+
+use crate::{check::Check, error::ConfigError};
+
+/// Switchboard agent: registers the server beside it with the controller and reports its local health
+/// checks, so a dead server leaves rotation while the agent lives.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "agent", version, about, args_override_self = true)]
+pub struct Cli {
+    /// gRPC URL of the controller.
+    #[arg(long, env = "SWITCHBOARD_CONTROLLER", default_value = "http://127.0.0.1:50051")]
+    pub controller: String,
+
+    /// Protocol of the service: tcp or udp.
+    #[arg(long, env = "SWITCHBOARD_PROTOCOL")]
+    pub protocol: Option<String>,
+
+    /// Public port of the service on the nodes.
+    #[arg(long, env = "SWITCHBOARD_PORT")]
+    pub port: Option<u16>,
+
+    /// A service to register, `PROTOCOL:PORT[:BACKEND_PORT]`; repeat for several. Replaces --protocol and
+    /// --port.
+    #[arg(long = "service", value_name = "PROTOCOL:PORT[:BACKEND_PORT]")]
+    pub services: Vec<String>,
+
+    /// Address of the server (default: the address the controller sees the agent connect from). Local
+    /// checks go to this address, or to 127.0.0.1 when it is not given.
+    #[arg(long, env = "SWITCHBOARD_BACKEND_ADDRESS")]
+    pub backend_address: Option<IpAddr>,
+
+    /// Port the server listens on (default: --port).
+    #[arg(long, env = "SWITCHBOARD_BACKEND_PORT")]
+    pub backend_port: Option<u16>,
+
+    /// Relative weight of the server, 1..=10000.
+    #[arg(long, env = "SWITCHBOARD_WEIGHT", default_value_t = 1)]
+    pub weight: u32,
+
+    /// Local check: tcp (default for TCP), udp:PAYLOAD, http:/PATH, exec:COMMAND, none (default for UDP).
+    #[arg(long, env = "SWITCHBOARD_CHECK")]
+    pub check: Option<String>,
+
+    /// Time between two local checks.
+    #[arg(long, env = "SWITCHBOARD_CHECK_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub check_interval: Duration,
+
+    /// Time one check may take.
+    #[arg(long, env = "SWITCHBOARD_CHECK_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub check_timeout: Duration,
+
+    /// Good checks in a row that put an unhealthy server back in rotation.
+    #[arg(long, env = "SWITCHBOARD_RISE", default_value_t = 2)]
+    pub rise: u32,
+
+    /// Failed checks in a row that take a healthy server out of rotation.
+    #[arg(long, env = "SWITCHBOARD_FALL", default_value_t = 3)]
+    pub fall: u32,
+
+    /// Give up (exit 1) when the controller cannot be reached for this long at startup; once registered,
+    /// the agent retries for ever.
+    #[arg(long, env = "SWITCHBOARD_STARTUP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub startup_timeout: Duration,
+
+    /// Longest wait between two attempts to reach the controller.
+    #[arg(long, env = "SWITCHBOARD_BACKOFF_MAX", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub backoff_max: Duration,
+
+    /// How long to wait for the controller to confirm the deregistration on SIGTERM/SIGINT.
+    #[arg(long, env = "SWITCHBOARD_DEREGISTER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub deregister_timeout: Duration,
+}
+
+/// TCP or UDP, as the agent names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// One service to register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceSpec {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Public port on the nodes.
+    pub port: u16,
+    /// Port the server listens on.
+    pub backend_port: u16,
+}
+
+/// The validated configuration of an agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// gRPC URL of the controller.
+    pub controller: String,
+    /// At least one.
+    pub services: Vec<ServiceSpec>,
+    /// The server's address, if not the one the controller sees.
+    pub backend_address: Option<IpAddr>,
+    /// Relative weight.
+    pub weight: u32,
+    /// The check, per protocol default when not given.
+    pub check: Option<Check>,
+    /// Time between checks.
+    pub check_interval: Duration,
+    /// Time one check may take.
+    pub check_timeout: Duration,
+    /// Good checks in a row to come back.
+    pub rise: u32,
+    /// Failed checks in a row to leave.
+    pub fall: u32,
+    /// How long to try at startup.
+    pub startup_timeout: Duration,
+    /// Longest retry delay.
+    pub backoff_max: Duration,
+    /// Bound on the deregistration at shutdown.
+    pub deregister_timeout: Duration,
+}
+
+// === impl AgentConfig ===
+
+impl TryFrom<Cli> for AgentConfig {
+    type Error = ConfigError;
+
+    fn try_from(cli: Cli) -> Result<Self, Self::Error> {
+        let err = |flag, why: String| ConfigError { flag, why };
+        if !(cli.controller.starts_with("http://") || cli.controller.starts_with("https://")) {
+            return Err(err("--controller", format!("{:?} is not an http:// or https:// URL", cli.controller)));
+        }
+        let services = match (&cli.protocol, cli.port, cli.services.is_empty()) {
+            (Some(protocol), Some(port), true) => {
+                let protocol = protocol.parse().map_err(|why| err("--protocol", why))?;
+                let port = nonzero("--port", port)?;
+                let backend_port = nonzero("--backend-port", cli.backend_port.unwrap_or(port))?;
+                vec![ServiceSpec { protocol, port, backend_port }]
+            }
+            (None, None, false) => {
+                if cli.backend_port.is_some() {
+                    return Err(err("--backend-port", "goes with --port; give it in --service instead".into()));
+                }
+                cli.services.iter().map(|s| s.parse().map_err(|why| err("--service", why))).collect::<Result<_, _>>()?
+            }
+            (_, _, false) => {
+                return Err(err("--service", "replaces --protocol and --port; give one or the other".into()));
+            }
+            _ => return Err(err("--protocol/--port", "both are needed (or use --service PROTOCOL:PORT)".into())),
+        };
+        let check = cli.check.as_deref().map(str::parse).transpose().map_err(|why| err("--check", why))?;
+        if !(1..=10_000).contains(&cli.weight) {
+            return Err(err("--weight", format!("{} is not in 1..=10000", cli.weight)));
+        }
+        if cli.rise == 0 || cli.fall == 0 {
+            return Err(err("--rise/--fall", "must be at least 1".into()));
+        }
+        for (flag, value) in [
+            ("--check-interval", cli.check_interval),
+            ("--check-timeout", cli.check_timeout),
+            ("--backoff-max", cli.backoff_max),
+            ("--deregister-timeout", cli.deregister_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(err(flag, "must be more than zero".into()));
+            }
+        }
+        Ok(AgentConfig {
+            controller: cli.controller,
+            services,
+            backend_address: cli.backend_address,
+            weight: cli.weight,
+            check,
+            check_interval: cli.check_interval,
+            check_timeout: cli.check_timeout,
+            rise: cli.rise,
+            fall: cli.fall,
+            startup_timeout: cli.startup_timeout,
+            backoff_max: cli.backoff_max,
+            deregister_timeout: cli.deregister_timeout,
+        })
+    }
+}
+
+impl AgentConfig {
+    /// The check of `service`: the configured one, or tcp for TCP and none for UDP.
+    pub fn check_for(&self, service: &ServiceSpec) -> Check {
+        self.check.clone().unwrap_or(match service.protocol {
+            Protocol::Tcp => Check::Tcp,
+            Protocol::Udp => Check::None,
+        })
+    }
+}
+
+fn nonzero(flag: &'static str, port: u16) -> Result<u16, ConfigError> {
+    if port == 0 { Err(ConfigError { flag, why: "must be a port in 1..=65535".into() }) } else { Ok(port) }
+}
+
+// === impl Protocol ===
+
+impl FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(format!("{s:?} is not tcp or udp")),
+        }
+    }
+}
+
+// === impl ServiceSpec ===
+
+impl FromStr for ServiceSpec {
+    type Err = String;
+
+    /// `tcp:80` or `tcp:80:8080`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(':');
+        let (Some(protocol), Some(port)) = (parts.next(), parts.next()) else {
+            return Err(format!("{s:?} is not PROTOCOL:PORT[:BACKEND_PORT]"));
+        };
+        let port_of = |p: &str| match p.parse::<u16>() {
+            Ok(0) | Err(_) => Err(format!("{p:?} in {s:?} is not a port in 1..=65535")),
+            Ok(p) => Ok(p),
+        };
+        let port = port_of(port)?;
+        let backend_port = parts.next().map(port_of).transpose()?.unwrap_or(port);
+        if parts.next().is_some() {
+            return Err(format!("{s:?} is not PROTOCOL:PORT[:BACKEND_PORT]"));
+        }
+        Ok(ServiceSpec { protocol: protocol.parse()?, port, backend_port })
+    }
+}
+
+impl fmt::Display for ServiceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let protocol = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        write!(f, "{protocol}:{}", self.port)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::try_from(Cli::try_parse_from([&["agent"], args].concat()).unwrap())
+    }
+
+    #[test]
+    fn protocol_and_port_or_services() {
+        let c = config(&["--protocol", "tcp", "--port", "80"]).unwrap();
+        assert_eq!(c.services, [ServiceSpec { protocol: Protocol::Tcp, port: 80, backend_port: 80 }]);
+        assert_eq!(c.check_for(&c.services[0]), Check::Tcp);
+        let c = config(&["--service", "tcp:80:8080", "--service", "UDP:53"]).unwrap();
+        assert_eq!(c.services[0].backend_port, 8080);
+        assert_eq!(c.services[1], ServiceSpec { protocol: Protocol::Udp, port: 53, backend_port: 53 });
+        assert_eq!(c.check_for(&c.services[1]), Check::None);
+    }
+
+    #[test]
+    fn bad_input_names_the_flag() {
+        let cases: &[(&[&str], &str)] = &[
+            (&["--protocol", "tcp", "--port", "0"], "--port"),
+            (&["--protocol", "sctp", "--port", "80"], "--protocol"),
+            (&["--protocol", "tcp"], "--protocol/--port"),
+            (&["--protocol", "tcp", "--port", "80", "--check", "http:"], "--check"),
+            (&["--protocol", "tcp", "--port", "80", "--service", "tcp:81"], "--service"),
+            (&["--service", "tcp:0"], "--service"),
+            (&["--service", "tcp:80:9:9"], "--service"),
+            (&["--protocol", "tcp", "--port", "80", "--weight", "0"], "--weight"),
+            (&["--protocol", "tcp", "--port", "80", "--controller", "localhost:50051"], "--controller"),
+            (&["--protocol", "tcp", "--port", "80", "--rise", "0"], "--rise/--fall"),
+        ];
+        for (args, flag) in cases {
+            assert_eq!(config(args).unwrap_err().flag, *flag, "{args:?}");
+        }
+        assert_eq!(
+            config(&["--protocol", "tcp", "--port", "80", "--check", "http:"]).unwrap_err().to_string(),
+            "invalid --check: an HTTP check needs a path, e.g. http:/health"
+        );
+    }
+}

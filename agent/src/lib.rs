@@ -1,0 +1,63 @@
+//! The Switchboard agent: a sidecar beside an existing server that speaks no Switchboard protocol (nginx, a
+//! database, anything). It registers the server over the gRPC `Register` stream, runs a local check
+//! (`tcp`, `udp:PAYLOAD`, `http:/PATH`, `exec:COMMAND`) with rise/fall, and answers the controller's hellos
+//! with the verdict, so a dead server leaves rotation while the agent lives, the way a Consul agent works.
+//!
+//! # Layout
+//! - [`cli`]: flags and the validated [`AgentConfig`].
+//! - [`check`]: the local checks and the rise/fall rule.
+//! - [`register`]: one service's registration loop (retry, re-register, deregister on shutdown).
+//! - [`error`]: configuration and run-time errors.
+
+pub mod check;
+pub mod cli;
+pub mod error;
+pub mod register;
+
+use std::sync::Arc;
+
+use tokio::{
+    sync::{oneshot, watch},
+    task::JoinSet,
+};
+
+pub use cli::{AgentConfig, Cli};
+pub use error::{AgentError, ConfigError};
+
+/// Runs one [`register::ServiceAgent`] per service. `ready` gets the READY line once every service was
+/// registered the first time. Returns when all of them stopped (after `shutdown` and deregistration), or
+/// with the first error that makes going on pointless.
+pub async fn run(
+    config: AgentConfig,
+    ready: oneshot::Sender<String>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let config = Arc::new(config);
+    let mut tasks = JoinSet::new();
+    let mut registered = Vec::new();
+    for spec in config.services.clone() {
+        let (tx, rx) = oneshot::channel();
+        registered.push(rx);
+        tasks.spawn(register::ServiceAgent::new(Arc::clone(&config), spec).run(tx, shutdown.clone()));
+    }
+    tasks.spawn(async move {
+        let mut services = Vec::new();
+        for rx in registered {
+            match rx.await {
+                Ok(service) => services.push(service),
+                Err(_) => return Ok(()),
+            }
+        }
+        let _ = ready.send(format!("READY services={}", services.join(",")));
+        Ok(())
+    });
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(error),
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
