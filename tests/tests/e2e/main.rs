@@ -7,6 +7,7 @@ mod admin;
 mod agent;
 mod grpc;
 mod json_channel;
+mod loadgen;
 mod multihost;
 mod nodes;
 mod relay;
