@@ -1,0 +1,658 @@
+#!/usr/bin/env python3
+"""Switchboard benchmark suite: direct-to-backend, Switchboard, HAProxy (mode tcp) and nginx stream, side by
+side on this machine, interleaved over several repetitions, reported as medians and ratios.
+
+    python3 bench/run.py            # full run: 3 repetitions
+    python3 bench/run.py --quick    # one short repetition, under 3 minutes
+    python3 bench/run.py --scenario pydirector
+
+Everything runs on 127.0.0.0/8 and every run is bounded in time. Missing peers and tools (haproxy, nginx
+with the stream module, wrk, iperf3) are installed from Debian. Results go to bench/results/ (JSON and SVG)
+and the tables are printed as Markdown for BENCHMARKS.md.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BIN = ROOT / "target" / "release"
+
+# Addresses: backends, then one frontend address per proxy, all loopback.
+HTTP_BACKENDS = ["127.0.0.11:8080", "127.0.0.12:8080"]
+IPERF_BACKEND = "127.0.0.21:5201"
+UDP_BACKENDS = ["127.0.0.31:9000", "127.0.0.32:9000"]
+CONTROLLER_IP = "127.0.0.40"
+PORTS = {"http": 18080, "bulk": 15201, "udp": 19000}
+PROXY_IPS = {
+    "switchboard": "127.0.0.41",
+    "haproxy": "127.0.0.42",
+    "haproxy-1t": "127.0.0.44",
+    "nginx": "127.0.0.43",
+}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def run(cmd, timeout, check=True):
+    """Runs a command to completion (bounded) and returns its stdout."""
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({result.returncode}): {result.stderr.strip()[-500:]}")
+    return result.stdout
+
+
+# --------------------------------------------------------------------------------------------------------
+# Set-up
+
+
+def install_peers():
+    """Installs from Debian whatever is missing."""
+    needed = []
+    for tool, package in [("haproxy", "haproxy"), ("nginx", "nginx"), ("wrk", "wrk"), ("iperf3", "iperf3")]:
+        if shutil.which(tool) is None:
+            needed.append(package)
+    if not Path("/usr/lib/nginx/modules/ngx_stream_module.so").exists():
+        needed.append("libnginx-mod-stream")
+    if needed:
+        log(f"installing {' '.join(needed)} from Debian")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *needed], check=True, env=env, timeout=900)
+
+
+def build():
+    log("building release binaries")
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--bins"], cwd=ROOT, check=True, timeout=1800)
+
+
+class Processes:
+    """Every process the suite starts, stopped at the end whatever happens."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, cmd, ready=None, name=None):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        proc.name = name or Path(cmd[0]).name
+        self.procs.append(proc)
+        if ready:
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"{proc.name} exited before {ready!r}")
+                if line.startswith(ready):
+                    return proc, line.strip()
+            raise RuntimeError(f"{proc.name} printed no {ready!r}")
+        return proc, None
+
+    def stop_all(self):
+        for proc in reversed(self.procs):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_port(addr, udp=False, timeout=15):
+    import socket
+
+    host, port = addr.rsplit(":", 1)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if udp:
+            return
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {addr}")
+
+
+def wait_listening(addr, timeout=15):
+    """Waits until a TCP socket listens on `addr`, without connecting to it."""
+    host, port = addr.rsplit(":", 1)
+    needle = "%08X:%04X" % (int.from_bytes(bytes(map(int, host.split("."))), "little"), int(port))
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[1] == needle and fields[3] == "0A":
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {addr}")
+
+
+def start_backends(procs, workdir):
+    www = workdir / "www"
+    www.mkdir()
+    (www / "64b").write_bytes(b"x" * 63 + b"\n")
+    # nginx workers run unprivileged: the temporary directory must be readable to them.
+    for path in (workdir, www):
+        path.chmod(0o755)
+    (www / "64b").chmod(0o644)
+    conf = workdir / "backend-nginx.conf"
+    listens = "\n".join(f"    listen {a} reuseport backlog=4096;" for a in HTTP_BACKENDS)
+    conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {workdir}/backend-nginx.pid;
+error_log {workdir}/backend-nginx.err;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 8000; }}
+http {{
+  access_log off;
+  keepalive_requests 10000000;
+  server {{
+{listens}
+    root {www};
+  }}
+}}
+""")
+    procs.start(["nginx", "-c", str(conf)], name="backend-nginx")
+    host, port = IPERF_BACKEND.rsplit(":", 1)
+    procs.start(["iperf3", "-s", "-B", host, "-p", port], name="iperf3")
+    for addr in UDP_BACKENDS:
+        procs.start([str(BIN / "loadgen"), "--threads", "1", "serve", "udp-echo", "--listen", addr], ready="READY")
+    for addr in HTTP_BACKENDS:
+        wait_port(addr)
+    # A bare connect looks like a test to iperf3 and makes it refuse the next one: watch for the socket.
+    wait_listening(IPERF_BACKEND)
+
+
+def start_switchboard(procs):
+    ip = PROXY_IPS["switchboard"]
+    proc, line = procs.start(
+        [
+            str(BIN / "controller"),
+            "--json-listen", f"{CONTROLLER_IP}:0", "--grpc-listen", f"{CONTROLLER_IP}:0",
+            "--admin-listen", f"{CONTROLLER_IP}:0", "--frontend-address", ip, "--resync-grace", "0s",
+        ],
+        ready="READY",
+        name="switchboard",
+    )
+    grpc = re.search(r"grpc=(\S+)", line).group(1)
+    agent = str(BIN / "agent")
+    registrations = [("tcp", PORTS["http"], a) for a in HTTP_BACKENDS]
+    registrations += [("tcp", PORTS["bulk"], IPERF_BACKEND)]
+    registrations += [("udp", PORTS["udp"], a) for a in UDP_BACKENDS]
+    for protocol, port, backend in registrations:
+        bip, bport = backend.rsplit(":", 1)
+        procs.start(
+            [agent, "--controller", f"http://{grpc}", "--protocol", protocol, "--port", str(port),
+             "--backend-address", bip, "--backend-port", bport, "--check", "none"],
+            ready="READY",
+            name="agent",
+        )
+    return proc
+
+
+def start_haproxy(procs, workdir, name, threads):
+    ip = PROXY_IPS[name]
+    servers = "\n".join(f"  server s{i} {a}" for i, a in enumerate(HTTP_BACKENDS))
+    nbthread = f"  nbthread {threads}\n" if threads else ""
+    conf = workdir / f"{name}.cfg"
+    conf.write_text(f"""
+global
+{nbthread}  maxconn 5000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend http_fe
+  bind {ip}:{PORTS['http']}
+  default_backend http_be
+backend http_be
+  balance roundrobin
+{servers}
+frontend bulk_fe
+  bind {ip}:{PORTS['bulk']}
+  default_backend bulk_be
+backend bulk_be
+  option splice-request
+  option splice-response
+  server iperf {IPERF_BACKEND}
+""")
+    proc, _ = procs.start(["haproxy", "-db", "-f", str(conf)], name=name)
+    wait_port(f"{ip}:{PORTS['http']}")
+    return proc
+
+
+def start_nginx_stream(procs, workdir):
+    ip = PROXY_IPS["nginx"]
+    http = "\n".join(f"    server {a};" for a in HTTP_BACKENDS)
+    udp = "\n".join(f"    server {a};" for a in UDP_BACKENDS)
+    conf = workdir / "nginx-stream.conf"
+    conf.write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes auto;
+daemon off;
+pid {workdir}/nginx-stream.pid;
+error_log {workdir}/nginx-stream.err;
+worker_rlimit_nofile 20000;
+events {{ worker_connections 8000; }}
+stream {{
+  upstream http_be {{
+{http}
+  }}
+  upstream udp_be {{
+{udp}
+  }}
+  server {{ listen {ip}:{PORTS['http']} backlog=4096; proxy_pass http_be; }}
+  server {{ listen {ip}:{PORTS['bulk']}; proxy_pass {IPERF_BACKEND}; }}
+  server {{ listen {ip}:{PORTS['udp']} udp reuseport; proxy_pass udp_be; proxy_timeout 10s; }}
+}}
+""")
+    proc, _ = procs.start(["nginx", "-c", str(conf)], name="nginx")
+    wait_port(f"{ip}:{PORTS['http']}")
+    return proc
+
+
+# --------------------------------------------------------------------------------------------------------
+# Measurement
+
+
+def tree(pid):
+    """`pid` and all its descendants."""
+    children = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(entry.name))
+            except (OSError, IndexError):
+                pass
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError):
+            pass
+    return total / CLK_TCK
+
+
+def rss_mib(pid):
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def wrk(addr, seconds, close):
+    cmd = ["wrk", "-t2", "-c50", f"-d{seconds}s", f"http://{addr}/64b"]
+    if close:
+        cmd[1:1] = ["-H", "Connection: close"]
+    out = run(cmd, timeout=seconds + 30)
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    # wrk counts error responses as requests: a run with any is not a measurement.
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if bad:
+        raise RuntimeError(f"wrk against {addr}: {bad.group(0)}")
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rate": rate, "requests": rate * seconds, "errors": errors.group(1) if errors else ""}
+
+
+def iperf(addr, seconds, streams):
+    host, port = addr.rsplit(":", 1)
+    for attempt in range(3):
+        out = run(["iperf3", "-c", host, "-p", port, "-t", str(seconds), "-P", str(streams), "-J"],
+                  timeout=seconds + 30, check=False)
+        data = json.loads(out or "{}")
+        received = data.get("end", {}).get("sum_received")
+        if received:
+            return {"gbit": received["bits_per_second"] / 1e9, "bytes": received["bytes"]}
+        # The server refuses a test while it is still tearing down the previous one.
+        log(f"iperf3 via {addr}: {data.get('error', 'no result')}; retrying")
+        time.sleep(1)
+    raise RuntimeError(f"iperf3 via {addr} gave no result")
+
+
+def loadgen(args, seconds):
+    out = run([str(BIN / "loadgen"), *args, "--duration", f"{seconds}s", "--quiet", "--json", "-"], timeout=seconds + 30)
+    return json.loads(out)
+
+
+def udp_rate(addr, seconds):
+    report = checked(loadgen(["udp", "--target", addr, "--connections", "32", "--size", "64"], seconds), f"udp {addr}")
+    return {"rate": report["achieved_rps"], "requests": report["ok"], "errors": sum(report["errors"].values())}
+
+
+def checked(report, what):
+    """A loadgen report, refusing runs where most requests failed (a broken set-up, not a measurement)."""
+    errors = sum(report["errors"].values())
+    if errors > report["ok"]:
+        raise RuntimeError(f"{what}: {errors} errors for {report['ok']} answers: {report['errors']}")
+    return report
+
+
+def latency_at(addr, rate, seconds):
+    report = checked(loadgen(["http", "--target", addr, "--path", "/64b", "--rate", str(rate), "--connections", "50"], seconds), f"latency {addr}")
+    lat = report["latency_us"] or {}
+    return {"rate": rate, "p50": lat.get("p50"), "p99": lat.get("p99"), "p999": lat.get("p999"),
+            "errors": sum(report["errors"].values())}
+
+
+def measure(pid, fn):
+    """Runs `fn`, adding the proxy's CPU time over the run and its RSS after it."""
+    before = cpu_seconds(pid) if pid else 0.0
+    result = fn()
+    if pid:
+        result["cpu_s"] = cpu_seconds(pid) - before
+        result["rss_mib"] = rss_mib(pid)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# The suite
+
+
+def suite(args):
+    install_peers()
+    build()
+    seconds = {"bulk": 2 if args.quick else 5, "wrk": 3 if args.quick else 10, "udp": 2 if args.quick else 5,
+               "latency": 3 if args.quick else 5}
+    reps = 1 if args.quick else args.reps
+    procs = Processes()
+    results = {"machine": machine(), "quick": args.quick, "reps": reps, "seconds": seconds, "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        try:
+            start_backends(procs, workdir)
+            pids = {
+                "direct": None,
+                "switchboard": start_switchboard(procs).pid,
+                "haproxy": start_haproxy(procs, workdir, "haproxy", None).pid,
+                "haproxy-1t": start_haproxy(procs, workdir, "haproxy-1t", 1).pid,
+                "nginx": start_nginx_stream(procs, workdir).pid,
+            }
+            for port_kind in ("http", "bulk"):
+                wait_port(f"{PROXY_IPS['switchboard']}:{PORTS[port_kind]}")
+            targets = {name: {kind: f"{ip}:{PORTS[kind]}" for kind in PORTS} for name, ip in PROXY_IPS.items()}
+            targets["direct"] = {"http": HTTP_BACKENDS[0], "bulk": IPERF_BACKEND, "udp": UDP_BACKENDS[0]}
+            udp_capable = ["direct", "switchboard", "nginx"]
+            for rep in range(reps):
+                # Rotate the order every repetition so no proxy always runs first or last.
+                order = list(pids)
+                order = order[rep % len(order):] + order[: rep % len(order)]
+                run_rep = {"rep": rep, "order": order, "results": {}}
+                for name in order:
+                    log(f"rep {rep + 1}/{reps}: {name}")
+                    pid, t = pids[name], targets[name]
+                    r = {}
+                    r["bulk1"] = measure(pid, lambda: iperf(t["bulk"], seconds["bulk"], 1))
+                    r["bulk4"] = measure(pid, lambda: iperf(t["bulk"], seconds["bulk"], 4))
+                    r["newconn"] = measure(pid, lambda: wrk(t["http"], seconds["wrk"], close=True))
+                    r["keepalive"] = measure(pid, lambda: wrk(t["http"], seconds["wrk"], close=False))
+                    if name in udp_capable:
+                        r["udp"] = measure(pid, lambda: udp_rate(t["udp"], seconds["udp"]))
+                    run_rep["results"][name] = r
+                # Latency at a fixed rate below saturation: half the slowest keep-alive rate of this repetition.
+                slowest = min(run_rep["results"][n]["keepalive"]["rate"] for n in order if n != "direct")
+                rate = int(slowest * 0.5)
+                for name in order:
+                    pid, t = pids[name], targets[name]
+                    run_rep["results"][name]["latency"] = measure(pid, lambda: latency_at(t["http"], rate, seconds["latency"]))
+                # The load driver itself against wrk, both on keep-alive HTTP straight to nginx.
+                run_rep["loadgen_vs_wrk"] = {
+                    "wrk": wrk(targets["direct"]["http"], seconds["wrk"], close=False)["rate"],
+                    "loadgen": checked(loadgen(["http", "--target", targets["direct"]["http"], "--path", "/64b",
+                                                "--connections", "50", "--threads", "2"], seconds["wrk"]),
+                                       "loadgen against nginx")["achieved_rps"],
+                }
+                results["runs"].append(run_rep)
+        finally:
+            procs.stop_all()
+    return results
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "unknown")
+    versions = {}
+    for tool, cmd in [("haproxy", ["haproxy", "-v"]), ("nginx", ["nginx", "-v"]), ("wrk", ["wrk", "-v"]),
+                      ("iperf3", ["iperf3", "-v"])]:
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+            versions[tool] = (out.stdout + out.stderr).strip().splitlines()[0]
+        except (OSError, IndexError, subprocess.TimeoutExpired):
+            versions[tool] = "unavailable"
+    return {"nproc": os.cpu_count(), "kernel": platform.release(), "cpu": cpu, "versions": versions}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reporting
+
+WORKLOADS = [
+    ("bulk1", "bulk, 1 stream (iperf3)", "gbit", "Gbit/s"),
+    ("bulk4", "bulk, 4 streams (iperf3)", "gbit", "Gbit/s"),
+    ("newconn", "new connection per request (wrk, Connection: close)", "rate", "req/s"),
+    ("keepalive", "keep-alive requests (wrk)", "rate", "req/s"),
+    ("udp", "UDP request/response (loadgen, 32 flows)", "rate", "req/s"),
+]
+
+
+def summarize(results):
+    names = list(results["runs"][0]["results"])
+    table = {}
+    for key, _, metric, _ in WORKLOADS:
+        for name in names:
+            values, ratios, cpu = [], [], []
+            for run_rep in results["runs"]:
+                r = run_rep["results"][name].get(key)
+                direct = run_rep["results"]["direct"].get(key)
+                if not r or not direct:
+                    continue
+                values.append(r[metric])
+                ratios.append(r[metric] / direct[metric] if direct[metric] else 0.0)
+                if "cpu_s" in r:
+                    if metric == "gbit":
+                        cpu.append(r["cpu_s"] / (r["bytes"] / 1e9) if r["bytes"] else 0.0)
+                    else:
+                        cpu.append(r["cpu_s"] * 1e6 / r["requests"] if r["requests"] else 0.0)
+            if values:
+                table[(key, name)] = {
+                    "median": statistics.median(values), "min": min(values), "max": max(values),
+                    "ratio": statistics.median(ratios), "cpu": statistics.median(cpu) if cpu else None,
+                    "rss": statistics.median([run_rep["results"][name][key].get("rss_mib", 0) for run_rep in results["runs"]
+                                              if key in run_rep["results"][name]]),
+                }
+    return names, table
+
+
+def markdown(results):
+    names, table = summarize(results)
+    m = results["machine"]
+    out = [f"Machine: {m['nproc']} cores, {m['cpu']}, kernel {m['kernel']}. "
+           f"{', '.join(m['versions'].values())}. "
+           f"{results['reps']} repetition(s){' (quick mode)' if results['quick'] else ''}, medians.", ""]
+    peers = [n for n in names if n.startswith("haproxy") or n == "nginx"]
+    for key, title, metric, unit in WORKLOADS:
+        rows = [n for n in names if (key, n) in table]
+        if not rows:
+            continue
+        best_peer = max((table[(key, n)]["median"] for n in peers if (key, n) in table), default=None)
+        cpu_unit = "CPU s/GB" if metric == "gbit" else "CPU µs/req"
+        out += [f"### {title}", "", f"| | median {unit} | min–max | × direct | × best peer | {cpu_unit} |",
+                "|---|---|---|---|---|---|"]
+        for n in rows:
+            t = table[(key, n)]
+            vs_peer = f"{t['median'] / best_peer:.2f}" if best_peer and n != "direct" else ""
+            cpu = f"{t['cpu']:.2f}" if t["cpu"] is not None else ""
+            fmt = (lambda v: f"{v:.2f}") if metric == "gbit" else (lambda v: f"{v:,.0f}")
+            out.append(f"| {n} | {fmt(t['median'])} | {fmt(t['min'])}–{fmt(t['max'])} | {t['ratio']:.2f} | {vs_peer} | {cpu} |")
+        out.append("")
+    # Latency at fixed rate.
+    out += ["### latency at a fixed rate (loadgen, open loop, 50 connections, keep-alive HTTP)", "",
+            "| | rate | p50 µs | p99 µs | p99.9 µs | errors |", "|---|---|---|---|---|---|"]
+    for n in names:
+        lat = [r["results"][n]["latency"] for r in results["runs"]]
+        med = lambda k: statistics.median([x[k] for x in lat if x.get(k) is not None] or [0])
+        out.append(f"| {n} | {lat[0]['rate']:,} | {med('p50'):.0f} | {med('p99'):.0f} | {med('p999'):.0f} | "
+                   f"{sum(x['errors'] for x in lat)} |")
+    out.append("")
+    rss = {n: statistics.median([r["results"][n]["keepalive"].get("rss_mib", 0) for r in results["runs"]]) for n in names if n != "direct"}
+    out += ["RSS after the keep-alive run (MiB): " + ", ".join(f"{n} {v:.1f}" for n, v in rss.items()), ""]
+    lw = [r["loadgen_vs_wrk"] for r in results["runs"]]
+    ratio = statistics.median([x["loadgen"] / x["wrk"] for x in lw])
+    out += [f"loadgen against wrk, keep-alive HTTP straight to nginx, 50 connections: wrk "
+            f"{statistics.median([x['wrk'] for x in lw]):,.0f} req/s, loadgen "
+            f"{statistics.median([x['loadgen'] for x in lw]):,.0f} req/s: **{ratio:.2f}× wrk**.", ""]
+    return "\n".join(out)
+
+
+def svg_bars(results, path):
+    """One group of bars per workload: each proxy's ratio to direct."""
+    names, table = summarize(results)
+    names = [n for n in names if n != "direct"]
+    colors = {"switchboard": "#1f77b4", "haproxy": "#ff7f0e", "haproxy-1t": "#ffbb78", "nginx": "#2ca02c"}
+    width, height, left, top, bar = 900, 360, 60, 40, 28
+    groups = [w for w in WORKLOADS if any((w[0], n) in table for n in names)]
+    group_w = (width - left - 20) / max(len(groups), 1)
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
+             '<rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{width / 2}" y="22" text-anchor="middle" font-family="sans-serif" font-size="15">'
+             'Throughput as a ratio to direct-to-backend (median; higher is better)</text>']
+    plot_h = height - top - 70
+    parts.append(f'<line x1="{left}" y1="{top + plot_h}" x2="{width - 20}" y2="{top + plot_h}" stroke="#444"/>')
+    for tick in (0.25, 0.5, 0.75, 1.0):
+        y = top + plot_h - tick * plot_h
+        parts.append(f'<line x1="{left}" y1="{y}" x2="{width - 20}" y2="{y}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4}" text-anchor="end" font-family="sans-serif" font-size="11">{tick:.2f}</text>')
+    for gi, (key, title, _, _) in enumerate(groups):
+        gx = left + gi * group_w + 10
+        for ni, n in enumerate(names):
+            if (key, n) not in table:
+                continue
+            ratio = min(table[(key, n)]["ratio"], 1.2)
+            h = ratio * plot_h
+            x = gx + ni * bar
+            parts.append(f'<rect x="{x}" y="{top + plot_h - h}" width="{bar - 4}" height="{h}" fill="{colors.get(n, "#999")}">'
+                         f'<title>{n}: {table[(key, n)]["ratio"]:.2f}</title></rect>')
+        label = title.split(" (")[0]
+        parts.append(f'<text x="{gx + len(names) * bar / 2}" y="{top + plot_h + 16}" text-anchor="middle" '
+                     f'font-family="sans-serif" font-size="11">{label}</text>')
+    for ni, n in enumerate(names):
+        parts.append(f'<rect x="{left + ni * 140}" y="{height - 28}" width="12" height="12" fill="{colors.get(n, "#999")}"/>')
+        parts.append(f'<text x="{left + ni * 140 + 16}" y="{height - 18}" font-family="sans-serif" font-size="12">{n}</text>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------------
+# PyDirector characterization
+
+
+def pydirector(args):
+    """Two nodes, 1, 2 and 4 CPU-bound backends driven to saturation; then a skewed load (80 % of the
+    connections at one node) with long-lived requests, measuring how evenly the backends are loaded."""
+    build()
+    procs = Processes()
+    work_us = 2000
+    out = {"work_us": work_us, "saturation": {}, "skewed": {}}
+    try:
+        for backends in (1, 2, 4):
+            ctl, line = procs.start([str(BIN / "controller"), "--json-listen", f"{CONTROLLER_IP}:0", "--grpc-listen",
+                                     f"{CONTROLLER_IP}:0", "--admin-listen", f"{CONTROLLER_IP}:0",
+                                     "--no-embedded-dataplane", "--resync-grace", "0s"], ready="READY", name="controller")
+            json_addr = re.search(r"json=(\S+)", line).group(1)
+            grpc = re.search(r"grpc=(\S+)", line).group(1)
+            nodes = []
+            for i, ip in enumerate(("127.0.0.51", "127.0.0.52")):
+                node, _ = procs.start([str(BIN / "dataplane"), "--controller", f"http://{grpc}", "--node-id", f"n{i + 1}",
+                                       "--frontend-address", ip, "--admin-listen", f"{ip}:0"], ready="READY")
+                nodes.append((node, ip))
+            stats = []
+            for b in range(backends):
+                ip = f"127.0.0.{61 + b}"
+                _, ready = procs.start([str(BIN / "loadgen"), "--threads", "1", "serve", "http", "--listen", f"{ip}:18500",
+                                        "--work-us", str(work_us), "--register", json_addr, "--stats-listen", f"{ip}:0"],
+                                       ready="READY")
+                stats.append(re.search(r"stats=(\S+)", ready).group(1))
+            time.sleep(1)  # let both nodes apply the registrations (a bench, not a test)
+            targets = [f"{ip}:18500" for _, ip in nodes]
+            capacity = backends * 1e6 / work_us
+            steps = []
+            for fraction in (0.25, 0.5, 0.75, 1.0, 1.25):
+                rate = int(capacity * fraction)
+                report = loadgen(["http", *sum((["--target", t] for t in targets), []), "--rate", str(rate),
+                                  "--connections", "64", "--timeout", "2s"], 3 if args.quick else 5)
+                lat = report["latency_us"] or {}
+                steps.append({"rate": rate, "achieved": report["achieved_rps"], "p99_us": lat.get("p99"),
+                              "errors": sum(report["errors"].values())})
+                log(f"pydirector {backends} backend(s) at {rate}/s: {report['achieved_rps']:.0f}/s p99 {lat.get('p99')}")
+            saturated = next((s["rate"] for s in steps if s["achieved"] < 0.95 * s["rate"] or s["errors"]), None)
+            out["saturation"][backends] = {"capacity": capacity, "steps": steps, "saturates_at": saturated}
+            if backends == 4:
+                # Skewed: 80 % of the load at node 1, long requests held open (sleep), counts from the backends.
+                report = loadgen(["http", "--target", targets[0], "--target", targets[1], "--split", "80,20",
+                                  "--connections", "40", "--path", "/"], 3 if args.quick else 5)
+                totals = []
+                for s in stats:
+                    totals.append(json.loads(run(["curl", "-s", f"http://{s}/stats"], timeout=10))["total"])
+                out["skewed"] = {"backend_totals": totals, "achieved_rps": report["achieved_rps"],
+                                 "spread": (max(totals) - min(totals)) / max(1, sum(totals) / len(totals))}
+            procs.stop_all()
+            procs = Processes()
+    finally:
+        procs.stop_all()
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one short repetition (under 3 minutes)")
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of the full suite")
+    parser.add_argument("--scenario", choices=["suite", "pydirector"], default="suite")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.scenario == "pydirector":
+        result = pydirector(args)
+        (RESULTS / f"pydirector-{stamp}.json").write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
+    results = suite(args)
+    (RESULTS / f"suite-{stamp}.json").write_text(json.dumps(results, indent=2))
+    svg_bars(results, RESULTS / "ratios.svg")
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
