@@ -1,8 +1,10 @@
-//! One service's registration: a loop of `Register` streams. Each stream registers the server, answers the
-//! controller's hellos with the local verdict, and pushes a verdict change at once (an unsolicited
-//! `hello_ack`) instead of waiting for the next hello. A lost controller is retried with capped, jittered
-//! backoff, and the server re-registered when it is back. On shutdown the agent deregisters and waits
-//! (bounded) for the controller to confirm.
+//! One service's registration: a loop of `Register` streams. Each stream registers the server with the
+//! local verdict, answers the controller's hellos with the current verdict, and pushes a verdict change at
+//! once (an unsolicited `hello_ack`) instead of waiting for the next hello. A lost controller is retried
+//! with capped, jittered backoff, and the server re-registered when it is back. On shutdown the agent
+//! deregisters and waits (bounded) for the controller to confirm.
+//!
+//! Checks run in a task of their own, so a slow check never delays a hello answer or a shutdown.
 
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -13,8 +15,8 @@ use std::{
 use switchboard_proto::{
     backoff::Backoff,
     v1::{
-        self, DeregisterRequest, HelloAck, RegisterRequest, Registration, register_request::Msg as Out,
-        register_response::Msg as In, registry_client::RegistryClient,
+        self, DeregisterRequest, HelloAck, RegisterRequest, RegisterResponse, Registration,
+        register_request::Msg as Out, register_response::Msg as In, registry_client::RegistryClient,
     },
 };
 use tokio::{
@@ -22,7 +24,10 @@ use tokio::{
     time::{Instant, MissedTickBehavior},
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Streaming,
+    transport::{Channel, Endpoint},
+};
 use tracing::{info, warn};
 
 use crate::{
@@ -38,7 +43,15 @@ pub struct ServiceAgent {
     check: Check,
     /// Where local checks go.
     target: SocketAddr,
-    health: Health,
+}
+
+/// A registration the controller acknowledged.
+struct Live {
+    channel: Channel,
+    tx: mpsc::Sender<RegisterRequest>,
+    inbound: Streaming<RegisterResponse>,
+    /// The backend as the controller recorded it, `ip:port`.
+    backend: String,
 }
 
 enum Ended {
@@ -53,14 +66,13 @@ impl ServiceAgent {
     pub fn new(config: Arc<AgentConfig>, spec: ServiceSpec) -> Self {
         let ip = config.backend_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let check = config.check_for(&spec);
-        let health = Health::new(true, config.rise, config.fall);
-        ServiceAgent { target: SocketAddr::new(ip, spec.backend_port), check, health, config, spec }
+        ServiceAgent { target: SocketAddr::new(ip, spec.backend_port), check, config, spec }
     }
 
     /// Registers and keeps the registration alive until `shutdown`; `registered` learns the backend
     /// address the controller recorded, the first time.
     pub async fn run(
-        mut self,
+        self,
         registered: oneshot::Sender<String>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), AgentError> {
@@ -68,45 +80,84 @@ impl ServiceAgent {
         if let Err(why) = &first {
             warn!(service = %self.spec, check = %self.check, %why, "server failing its check: registering it out of rotation");
         }
-        self.health = Health::new(first.is_ok(), self.config.rise, self.config.fall);
+        let (verdict_tx, mut verdict) = watch::channel(first.is_ok());
+        let checker = tokio::spawn(checks(
+            self.check.clone(),
+            self.target,
+            Arc::clone(&self.config),
+            self.spec,
+            Health::new(first.is_ok(), self.config.rise, self.config.fall),
+            verdict_tx,
+        ));
+        let result = self.keep_registered(registered, &mut verdict, &mut shutdown).await;
+        checker.abort();
+        result
+    }
+
+    async fn keep_registered(
+        &self,
+        registered: oneshot::Sender<String>,
+        verdict: &mut watch::Receiver<bool>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), AgentError> {
         let mut backoff =
             Backoff::new(Duration::from_millis(100).min(self.config.backoff_max), self.config.backoff_max);
-        let started = Instant::now();
+        // Until the first registration the controller may be unreachable only for --startup-timeout.
+        let deadline = Instant::now() + self.config.startup_timeout;
         let mut registered = Some(registered);
         loop {
-            let lost = match self.session(&mut registered, &mut backoff, &mut shutdown).await {
-                Ok(Ended::Shutdown) => return Ok(()),
-                Ok(Ended::Lost(why)) => why,
-                // Refused at startup: nothing will change by retrying (a port the controller does not allow,
-                // no node could bind it).
-                Err(SessionError::Refused(why)) if registered.is_some() => {
+            let starting = registered.is_some();
+            let attempt = self.register(*verdict.borrow());
+            let outcome = tokio::select! {
+                outcome = async {
+                    if starting {
+                        tokio::time::timeout_at(deadline, attempt).await.unwrap_or(Err(SessionError::Closed))
+                    } else {
+                        attempt.await
+                    }
+                } => outcome,
+                // Stopped before anything was registered (a stream cut short deregisters by itself).
+                () = stopped(shutdown) => return Ok(()),
+            };
+            let lost = match outcome {
+                Ok(live) => {
+                    if let Some(registered) = registered.take() {
+                        let _ = registered.send(format!("{}={}", self.spec, live.backend));
+                    }
+                    backoff.reset();
+                    match self.serve(live, verdict, shutdown).await {
+                        Ended::Shutdown => return Ok(()),
+                        Ended::Lost(why) => why,
+                    }
+                }
+                // Refused at startup: retrying changes nothing (a port the controller does not allow).
+                Err(SessionError::Refused(why)) if starting => {
                     return Err(AgentError::Refused { service: self.spec.to_string(), why });
                 }
                 Err(error) => error.to_string(),
             };
-            if registered.is_some() && started.elapsed() >= self.config.startup_timeout {
+            let now = Instant::now();
+            if starting && now >= deadline {
                 return Err(AgentError::Unreachable {
                     controller: self.config.controller.clone(),
-                    waited: started.elapsed(),
+                    waited: self.config.startup_timeout,
                     last: lost,
                 });
             }
-            let delay = backoff.next_delay();
+            let mut delay = backoff.next_delay();
+            if starting {
+                delay = delay.min(deadline - now);
+            }
             warn!(service = %self.spec, controller = %self.config.controller, why = %lost, retry_in = ?delay, "not registered");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                // Nothing is registered while the controller is away: nothing to deregister.
-                () = stopped(&mut shutdown) => return Ok(()),
+                () = stopped(shutdown) => return Ok(()),
             }
         }
     }
 
-    async fn session(
-        &mut self,
-        registered: &mut Option<oneshot::Sender<String>>,
-        backoff: &mut Backoff,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Result<Ended, SessionError> {
+    /// Connects, registers with `healthy` as the initial verdict, and waits for the ack.
+    async fn register(&self, healthy: bool) -> Result<Live, SessionError> {
         let channel = Endpoint::from_shared(self.config.controller.clone())
             .map_err(|e| SessionError::Url(e.to_string()))?
             .connect_timeout(Duration::from_secs(3))
@@ -115,56 +166,46 @@ impl ServiceAgent {
             .keep_alive_while_idle(true)
             .connect()
             .await?;
-        let mut client = RegistryClient::new(channel.clone());
         let (tx, rx) = mpsc::channel(16);
-        tx.send(RegisterRequest { msg: Some(Out::Register(self.registration())) })
-            .await
-            .map_err(|_| SessionError::Closed)?;
-        let mut inbound = client.register(ReceiverStream::new(rx)).await?.into_inner();
-        let ack = match inbound.message().await?.and_then(|m| m.msg) {
-            Some(In::Ack(ack)) if ack.success => ack,
-            Some(In::Ack(ack)) => return Err(SessionError::Refused(ack.message)),
-            _ => return Err(SessionError::Closed),
-        };
-        let backend = ack.backend.clone();
-        let healthy = self.health.healthy();
-        info!(service = %self.spec, %backend, healthy, note = %ack.message, "registered");
-        if !healthy {
-            tx.send(verdict(0, false)).await.map_err(|_| SessionError::Closed)?;
+        let mut registration = self.registration();
+        registration.healthy = Some(healthy);
+        tx.send(RegisterRequest { msg: Some(Out::Register(registration)) }).await.map_err(|_| SessionError::Closed)?;
+        let mut inbound = RegistryClient::new(channel.clone()).register(ReceiverStream::new(rx)).await?.into_inner();
+        match inbound.message().await?.and_then(|m| m.msg) {
+            Some(In::Ack(ack)) if ack.success => {
+                info!(service = %self.spec, backend = %ack.backend, healthy, note = %ack.message, "registered");
+                Ok(Live { channel, tx, inbound, backend: ack.backend })
+            }
+            Some(In::Ack(ack)) => Err(SessionError::Refused(ack.message)),
+            _ => Err(SessionError::Closed),
         }
-        if let Some(registered) = registered.take() {
-            let _ = registered.send(format!("{}={backend}", self.spec));
-        }
-        backoff.reset();
+    }
 
-        let mut checks =
-            tokio::time::interval_at(Instant::now() + self.config.check_interval, self.config.check_interval);
-        checks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    /// Answers hellos and reports verdict changes until the stream is lost or the agent stops.
+    async fn serve(
+        &self,
+        mut live: Live,
+        verdict: &mut watch::Receiver<bool>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Ended {
+        verdict.mark_unchanged();
         loop {
-            tokio::select! {
-                message = inbound.message() => match message {
-                    Ok(Some(v1::RegisterResponse { msg: Some(In::Hello(hello)) })) => {
-                        tx.send(verdict(hello.seq, self.health.healthy())).await.map_err(|_| SessionError::Closed)?;
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Ok(Ended::Lost("the controller ended the stream".into())),
-                    Err(status) => return Ok(Ended::Lost(status.message().to_owned())),
+            let answer = tokio::select! {
+                message = live.inbound.message() => match message {
+                    Ok(Some(RegisterResponse { msg: Some(In::Hello(hello)) })) => answer(hello.seq, *verdict.borrow()),
+                    Ok(Some(_)) => continue,
+                    Ok(None) => return Ended::Lost("the controller ended the stream".into()),
+                    Err(status) => return Ended::Lost(status.message().to_owned()),
                 },
-                _ = checks.tick() => {
-                    let result = self.check.run(self.target, self.config.check_timeout).await;
-                    if let Some(healthy) = self.health.observe(result.is_ok()) {
-                        match &result {
-                            Ok(()) => info!(service = %self.spec, check = %self.check, "server healthy again: back in rotation"),
-                            Err(why) => warn!(service = %self.spec, check = %self.check, %why, "server failing: out of rotation"),
-                        }
-                        // Tell the controller now rather than at the next hello.
-                        tx.send(verdict(0, healthy)).await.map_err(|_| SessionError::Closed)?;
-                    }
-                }
+                // Tell the controller now rather than at the next hello.
+                Ok(()) = verdict.changed() => answer(0, *verdict.borrow_and_update()),
                 () = stopped(shutdown) => {
-                    self.deregister(channel, &backend).await;
-                    return Ok(Ended::Shutdown);
+                    self.deregister(live.channel, &live.backend).await;
+                    return Ended::Shutdown;
                 }
+            };
+            if live.tx.send(answer).await.is_err() {
+                return Ended::Lost("the stream closed".into());
             }
         }
     }
@@ -180,6 +221,7 @@ impl ServiceAgent {
             backend_port: self.spec.backend_port.into(),
             weight: self.config.weight,
             health: None,
+            healthy: None,
         }
     }
 
@@ -204,11 +246,35 @@ impl ServiceAgent {
     }
 }
 
+/// Runs the check every `--check-interval` and publishes the rise/fall verdict when it changes.
+async fn checks(
+    check: Check,
+    target: SocketAddr,
+    config: Arc<AgentConfig>,
+    spec: ServiceSpec,
+    mut health: Health,
+    verdict: watch::Sender<bool>,
+) {
+    let mut ticks = tokio::time::interval_at(Instant::now() + config.check_interval, config.check_interval);
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let result = check.run(target, config.check_timeout).await;
+        if let Some(healthy) = health.observe(result.is_ok()) {
+            match &result {
+                Ok(()) => info!(service = %spec, check = %check, "server healthy again: back in rotation"),
+                Err(why) => warn!(service = %spec, check = %check, %why, "server failing: out of rotation"),
+            }
+            verdict.send_replace(healthy);
+        }
+    }
+}
+
 /// Resolves once `shutdown` turns true, holding no borrow of the channel across the caller's awaits.
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
-fn verdict(seq: u64, healthy: bool) -> RegisterRequest {
+fn answer(seq: u64, healthy: bool) -> RegisterRequest {
     RegisterRequest { msg: Some(Out::HelloAck(HelloAck { seq, healthy: Some(healthy) })) }
 }

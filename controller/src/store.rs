@@ -351,6 +351,10 @@ impl Store {
             return;
         }
         reg.healthy = healthy;
+        if reg.backends.is_empty() {
+            // Nothing routed changes: the verdict applies to the backends it registers next.
+            return;
+        }
         let backends: Vec<_> = reg.backends.iter().copied().collect();
         let version = self.commit(&mut state);
         for (service, backend) in backends {
@@ -425,12 +429,13 @@ impl Store {
                 load: Vec::new(),
             },
         );
+        // Emitted under the lock, so events keep the order of the changes they describe.
+        self.emit(Event::node(EventKind::NodeJoined, version, node));
         drop(state);
         match address {
             Some(address) => info!(node, %address, replaced, "node joined"),
             None => info!(node, "node joined"),
         }
-        self.emit(Event::node(EventKind::NodeJoined, version, node));
         self.node_updates.send_modify(|n| *n += 1);
         NodeSession { store: Arc::clone(self), node: node.to_owned(), session }
     }
@@ -461,9 +466,9 @@ impl Store {
         status.connected = false;
         status.load.clear();
         let version = state.version;
+        self.emit(Event::node(EventKind::NodeLeft, version, node));
         drop(state);
         info!(node, "node left");
-        self.emit(Event::node(EventKind::NodeLeft, version, node));
         self.node_updates.send_modify(|n| *n += 1);
     }
 

@@ -175,6 +175,7 @@ impl Node {
             }
         }
         self.ctx.table.store(Arc::new(table));
+        self.stats.retain_services(|service| snapshot.services.contains_key(service));
 
         let gone: Vec<ServiceKey> =
             self.frontends.keys().filter(|service| !snapshot.services.contains_key(service)).copied().collect();

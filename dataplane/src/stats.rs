@@ -154,11 +154,16 @@ impl StatsRegistry {
         entries.values().map(|s| s.active()).sum()
     }
 
-    /// Every counter, sorted; forgets backends that neither a routing table nor a connection references
-    /// any more.
-    pub fn collect(&self) -> Vec<BackendLoad> {
+    /// Forgets the counters of services no longer served that no connection still uses. A backend out of
+    /// rotation keeps its counters while its service exists, so its total survives a health flap or a drain.
+    pub fn retain_services(&self, served: impl Fn(&ServiceKey) -> bool) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.retain(|_, stats| Arc::strong_count(stats) > 1);
+        entries.retain(|(service, _), stats| served(service) || Arc::strong_count(stats) > 1);
+    }
+
+    /// Every counter, sorted.
+    pub fn collect(&self) -> Vec<BackendLoad> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let mut rows: Vec<BackendLoad> = entries
             .iter()
             .map(|(&(service, backend), stats)| BackendLoad {
@@ -178,7 +183,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn guards_count_exactly_and_unused_entries_are_forgotten() {
+    fn guards_count_exactly_and_counters_live_as_long_as_their_service() {
         let registry = StatsRegistry::default();
         let addr: SocketAddr = "127.0.0.2:80".parse().unwrap();
         let stats = registry.get(ServiceKey::tcp(80), addr);
@@ -188,9 +193,13 @@ mod tests {
         assert_eq!(registry.collect()[0].active, 1);
         assert_eq!(registry.collect()[0].total, 2);
         drop(stats);
-        // The guard still references the counters: kept.
-        assert_eq!(registry.collect().len(), 1);
+        // Out of every table, but its service is still served: kept, total and all.
+        registry.retain_services(|_| true);
         drop(b);
+        registry.retain_services(|s| *s == ServiceKey::tcp(80));
+        assert_eq!(registry.collect()[0].total, 2);
+        // The service is gone and nothing uses the counters: forgotten.
+        registry.retain_services(|_| false);
         assert!(registry.collect().is_empty());
     }
 

@@ -107,6 +107,7 @@ impl Registry for RegistryApi {
         let (service, backend, probe) = registration(&first, peer.ip(), self.probe)?;
 
         let registration = self.store.open_registration(Origin::grpc(peer));
+        registration.set_healthy(first.healthy.unwrap_or(true));
         let (tx, rx) = mpsc::channel(16);
         let ack = register_ack(&registration, service, backend, self.bind_ack_timeout).await;
         let success = ack.success;

@@ -181,8 +181,43 @@ async fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
         ),
     ];
     for (args, code, message) in cases {
+        let started = Instant::now();
         let (exit, stderr) = run_to_exit("agent", args).await;
+        // --startup-timeout 1s bounds the wait for an unreachable controller (margin for a busy machine).
+        assert!(started.elapsed() < Duration::from_secs(4), "{args:?} took {:?}", started.elapsed());
         assert_eq!(exit, Some(*code), "{args:?}: {stderr}");
         assert!(stderr.lines().any(|l| l.contains(message)), "{args:?}: expected {message:?} in {stderr}");
     }
+}
+
+#[tokio::test]
+async fn a_server_down_when_its_agent_starts_is_never_in_rotation() {
+    use switchboard_proto::v1::{EventKind, WatchEventsRequest, admin_client::AdminClient};
+    use switchboard_tests::harness::JsonClient;
+
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &[]).await;
+    let mut admin = AdminClient::connect(ctl.grpc_url()).await.unwrap();
+    let mut events = admin.watch_events(WatchEventsRequest { with_state: false }).await.unwrap().into_inner();
+    // Nothing listens at the backend address: the first check fails.
+    let port = free_port(net.host(2));
+    let (port_arg, backend) = (port.to_string(), net.host(2).to_string());
+    let _agent = spawn_agent(&ctl, &["--protocol", "tcp", "--port", &port_arg, "--backend-address", &backend]).await;
+    let state = ctl.state().await;
+    assert_eq!(backend_healthy(&state, port), Some(false), "registered out of rotation");
+
+    // A marker change after the agent's registration: every event of the agent came before it.
+    let marker = UdpEcho::start(net.host(3), 0, "m").await;
+    let mut server = JsonClient::connect(&ctl, net.host(3)).await;
+    assert_eq!(server.register("udp", marker.addr.port()).await["ack"], "successful");
+    let mut kinds = Vec::new();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.message()).await.unwrap().unwrap().unwrap();
+        if event.backend == marker.addr.to_string() {
+            break;
+        }
+        kinds.push(EventKind::try_from(event.kind).unwrap());
+    }
+    assert!(kinds.contains(&EventKind::BackendRegistered), "{kinds:?}");
+    assert!(!kinds.contains(&EventKind::BackendUnhealthy), "it was never in rotation to leave it: {kinds:?}");
 }
