@@ -171,14 +171,11 @@ http {{
 }}
 """)
     procs.start(["nginx", "-c", str(conf)], name="backend-nginx")
-    host, port = IPERF_BACKEND.rsplit(":", 1)
-    procs.start(["iperf3", "-s", "-B", host, "-p", port], name="iperf3")
     for addr in UDP_BACKENDS:
         procs.start([str(BIN / "loadgen"), "--threads", "1", "serve", "udp-echo", "--listen", addr], ready="READY")
     for addr in HTTP_BACKENDS:
         wait_port(addr)
-    # A bare connect looks like a test to iperf3 and makes it refuse the next one: watch for the socket.
-    wait_listening(IPERF_BACKEND)
+
 
 
 def start_switchboard(procs):
@@ -330,17 +327,29 @@ def wrk(addr, seconds, close):
 
 
 def iperf(addr, seconds, streams):
+    """One iperf3 test through `addr`, against a one-off iperf3 server started for it: a long-lived server
+    can wedge after a test whose connections a proxy tore down, so none is reused."""
     host, port = addr.rsplit(":", 1)
+    server_host, server_port = IPERF_BACKEND.rsplit(":", 1)
     for attempt in range(3):
-        out = run(["iperf3", "-c", host, "-p", port, "-t", str(seconds), "-P", str(streams), "-J"],
-                  timeout=seconds + 30, check=False)
-        data = json.loads(out or "{}")
-        received = data.get("end", {}).get("sum_received")
-        if received:
-            return {"gbit": received["bits_per_second"] / 1e9, "bytes": received["bytes"]}
-        # The server refuses a test while it is still tearing down the previous one.
-        log(f"iperf3 via {addr}: {data.get('error', 'no result')}; retrying")
-        time.sleep(1)
+        server = subprocess.Popen(["iperf3", "-s", "-1", "-B", server_host, "-p", server_port],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            # A bare connect would count as a test: watch for the listening socket instead.
+            wait_listening(IPERF_BACKEND)
+            try:
+                out = run(["iperf3", "-c", host, "-p", port, "-t", str(seconds), "-P", str(streams), "-J",
+                           "--connect-timeout", "3000"], timeout=seconds + 20, check=False)
+            except subprocess.TimeoutExpired:
+                out = ""
+            data = json.loads(out or "{}")
+            received = data.get("end", {}).get("sum_received")
+            if received:
+                return {"gbit": received["bits_per_second"] / 1e9, "bytes": received["bytes"]}
+            log(f"iperf3 via {addr}: {data.get('error', 'no result')}; retrying")
+        finally:
+            server.kill()
+            server.wait()
     raise RuntimeError(f"iperf3 via {addr} gave no result")
 
 

@@ -41,6 +41,11 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_WEIGHT", default_value_t = 1)]
     pub weight: u32,
 
+    /// Balancing algorithm to ask for (the first registration of a service sets it): round_robin,
+    /// weighted_round_robin, least_connections, random, power_of_two, source_hash.
+    #[arg(long, env = "SWITCHBOARD_ALGORITHM")]
+    pub algorithm: Option<String>,
+
     /// Local check: tcp (default for TCP), udp:PAYLOAD, http:/PATH, exec:COMMAND, none (default for UDP).
     #[arg(long, env = "SWITCHBOARD_CHECK")]
     pub check: Option<String>,
@@ -106,6 +111,8 @@ pub struct AgentConfig {
     pub backend_address: Option<IpAddr>,
     /// Relative weight.
     pub weight: u32,
+    /// Algorithm to ask for.
+    pub algorithm: Option<String>,
     /// The check, per protocol default when not given.
     pub check: Option<Check>,
     /// Time between checks.
@@ -174,6 +181,15 @@ impl TryFrom<Cli> for AgentConfig {
             services,
             backend_address: cli.backend_address,
             weight: cli.weight,
+            algorithm: match cli.algorithm {
+                Some(name) if ALGORITHMS.contains(&name.to_ascii_lowercase().as_str()) => {
+                    Some(name.to_ascii_lowercase())
+                }
+                Some(name) => {
+                    return Err(err("--algorithm", format!("{name:?} is not one of {}", ALGORITHMS.join(", "))));
+                }
+                None => None,
+            },
             check,
             check_interval: cli.check_interval,
             check_timeout: cli.check_timeout,
@@ -195,6 +211,10 @@ impl AgentConfig {
         })
     }
 }
+
+/// The algorithms the controller knows (the agent passes the name through).
+const ALGORITHMS: [&str; 6] =
+    ["round_robin", "weighted_round_robin", "least_connections", "random", "power_of_two", "source_hash"];
 
 fn nonzero(flag: &'static str, port: u16) -> Result<u16, ConfigError> {
     if port == 0 { Err(ConfigError { flag, why: "must be a port in 1..=65535".into() }) } else { Ok(port) }

@@ -222,6 +222,7 @@ impl ServiceAgent {
             weight: self.config.weight,
             health: None,
             healthy: None,
+            algorithm: self.config.algorithm.clone().unwrap_or_default(),
         }
     }
 

@@ -78,6 +78,11 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// Do not share connection counts between nodes: least_connections and power_of_two then see only each
+    /// node's own connections (for comparison).
+    #[arg(long, env = "SWITCHBOARD_NO_CLUSTER_COUNTS")]
+    pub no_cluster_counts: bool,
+
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check: bool,

@@ -25,6 +25,8 @@ pub struct Config {
     pub bind_ack_timeout: Duration,
     /// Warm-up window after start, during which nodes keep services not yet re-registered.
     pub resync_grace: Duration,
+    /// Share nodes' connection counts with each other.
+    pub cluster_counts: bool,
     /// The embedded node, unless disabled.
     pub embedded_node: Option<NodeConfig>,
     /// Only validate.
@@ -75,6 +77,7 @@ impl TryFrom<Cli> for Config {
             print_state: cli.print_state,
             bind_ack_timeout: positive("bind-ack-timeout", cli.bind_ack_timeout)?,
             resync_grace: cli.resync_grace,
+            cluster_counts: !cli.no_cluster_counts,
             embedded_node,
             check: cli.check,
         })

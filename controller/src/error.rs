@@ -27,6 +27,24 @@ pub enum StoreError {
         /// The requested weight.
         weight: u32,
     },
+    /// A registration asks for another algorithm than the service has.
+    #[error(
+        "service {service} uses {current}; a registration asking for {requested} is refused (change it with Admin.SetAlgorithm)"
+    )]
+    AlgorithmConflict {
+        /// The service.
+        service: ServiceKey,
+        /// Its algorithm.
+        current: dataplane::Algorithm,
+        /// The one asked for.
+        requested: dataplane::Algorithm,
+    },
+    /// No such service.
+    #[error("no service {service}")]
+    NoService {
+        /// The service looked for.
+        service: ServiceKey,
+    },
     /// No such backend in that service.
     #[error("no backend {backend} in service {service}")]
     NotFound {

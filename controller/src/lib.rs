@@ -134,11 +134,12 @@ impl Controller {
             Arc::clone(&store),
             config.probe,
             config.bind_ack_timeout,
+            config.cluster_counts,
             shutdown.clone(),
         ));
         tasks.spawn(api::http::serve(admin, Arc::clone(&store), shutdown.clone()));
         if let (Some(node), Some(session)) = (config.embedded_node, embedded) {
-            tasks.spawn(run_embedded_node(node, session, Arc::clone(&store), shutdown));
+            tasks.spawn(run_embedded_node(node, session, Arc::clone(&store), config.cluster_counts, shutdown));
         }
         while let Some(done) = tasks.join_next().await {
             match done {
@@ -163,14 +164,35 @@ async fn run_embedded_node(
     config: NodeConfig,
     session: store::NodeSession,
     store: Arc<Store>,
+    cluster_counts: bool,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ControllerError> {
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    let node = tokio::spawn(Node::new(config).run(store.subscribe(), reports_tx, shutdown));
+    let node = Node::new(config);
+    // The other nodes' counts, as a remote node gets them on its sync stream.
+    let cluster = cluster_counts.then(|| {
+        let (handle, store, id) = (node.handle(), Arc::clone(&store), session.node().to_owned());
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(api::sync::CLUSTER_LOAD_INTERVAL);
+            let mut last = Vec::new();
+            loop {
+                ticks.tick().await;
+                let load = store.cluster_load_excluding(&id);
+                if load != last {
+                    handle.set_remote_load(&load);
+                    last = load;
+                }
+            }
+        })
+    });
+    let node = tokio::spawn(node.run(store.subscribe(), reports_tx, shutdown));
     while let Some(report) = reports.recv().await {
         session.report(report);
     }
     drop(session);
+    if let Some(cluster) = cluster {
+        cluster.abort();
+    }
     if let Err(join) = node.await
         && join.is_panic()
     {

@@ -117,6 +117,8 @@ pub enum EventKind {
     NodeLeft,
     /// The warm-up window ended.
     WarmUpOver,
+    /// A service's balancing algorithm changed.
+    AlgorithmChanged,
 }
 
 #[derive(Debug, Default)]
@@ -257,9 +259,16 @@ impl Store {
         registration: RegistrationId,
         service: ServiceKey,
         backend: BackendSpec,
+        algorithm: Option<Algorithm>,
     ) -> Result<Registered, StoreError> {
         self.check_port(service.port)?;
         let mut state = self.lock();
+        // The first registration of a service chooses its algorithm; a later one may only agree.
+        if let (Some(requested), Some(current)) = (algorithm, state.services.get(&service).map(|s| s.algorithm))
+            && requested != current
+        {
+            return Err(StoreError::AlgorithmConflict { service, current, requested });
+        }
         let Some(reg) = state.registrations.get_mut(&registration) else {
             // Only a closed handle could ask, and handles close on drop: nothing to register for.
             return Ok(Registered { version: state.version, created: false });
@@ -283,6 +292,9 @@ impl Store {
         }
         let new_service = state.services.get(&service).is_none_or(|s| s.backends.is_empty());
         state.retired.remove(&service);
+        if let (true, Some(algorithm), Some(s)) = (new_service, algorithm, state.services.get_mut(&service)) {
+            s.algorithm = algorithm;
+        }
         if let Some(s) = state.services.get_mut(&service) {
             s.backends.insert(backend.addr, Backend { weight: backend.weight, owner: registration, draining });
         }
@@ -534,6 +546,44 @@ impl Store {
         self.emit(Event::backend(EventKind::WeightChanged, version, service, backend, &format!("{old} -> {weight}")));
         self.print(&state);
         Ok(version)
+    }
+
+    /// Changes a service's balancing algorithm.
+    pub fn set_algorithm(&self, service: ServiceKey, algorithm: Algorithm) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        let s = state.services.get_mut(&service).ok_or(StoreError::NoService { service })?;
+        if s.algorithm == algorithm {
+            return Ok(state.version);
+        }
+        let old = std::mem::replace(&mut s.algorithm, algorithm);
+        let version = self.commit(&mut state);
+        info!(%service, %old, new = %algorithm, version, "algorithm changed");
+        self.emit(Event::service(EventKind::AlgorithmChanged, version, service, &format!("{old} -> {algorithm}")));
+        self.print(&state);
+        Ok(version)
+    }
+
+    /// The connection counts of every connected node except `node`, summed per backend: what `node` adds to
+    /// its own counts for cluster-wide least connections.
+    pub fn cluster_load_excluding(&self, node: &str) -> Vec<BackendLoad> {
+        let state = self.lock();
+        let mut sums: BTreeMap<(ServiceKey, SocketAddr), BackendLoad> = BTreeMap::new();
+        for (id, status) in &state.nodes {
+            if id == node || !status.connected {
+                continue;
+            }
+            for row in &status.load {
+                let sum = sums.entry((row.service, row.backend)).or_insert(BackendLoad { active: 0, total: 0, ..*row });
+                sum.active += row.active;
+                sum.total += row.total;
+            }
+        }
+        sums.into_values().collect()
+    }
+
+    /// Bumped whenever a node reports (or joins or leaves): wakes whoever follows the cluster's counts.
+    pub fn node_updates(&self) -> watch::Receiver<u64> {
+        self.node_updates.subscribe()
     }
 
     /// Follows every state change from now on.
@@ -799,9 +849,10 @@ impl Registration {
         &self,
         service: ServiceKey,
         backend: BackendSpec,
+        algorithm: Option<Algorithm>,
         ack_timeout: Duration,
     ) -> Result<RegisterReply, StoreError> {
-        let registered = self.store.register(self.id, service, backend)?;
+        let registered = self.store.register(self.id, service, backend, algorithm)?;
         let reply = |success: bool, message: Option<String>| RegisterReply { success, message, backend: backend.addr };
         Ok(match self.store.await_frontend(service, registered.version, ack_timeout).await {
             FrontendVerdict::Serving(note) => reply(true, note),
@@ -991,12 +1042,12 @@ mod tests {
         let store = store();
         let rx = store.subscribe();
         let a = store.open_registration(origin("127.0.0.2"));
-        let r1 = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        let r1 = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
         assert_eq!(r1, Registered { version: 1, created: true });
         // The same registration again changes nothing: no new version.
-        assert_eq!(store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap().version, 1);
+        assert_eq!(store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap().version, 1);
         let b = store.open_registration(origin("127.0.0.3"));
-        assert_eq!(store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.3:80")).unwrap().version, 2);
+        assert_eq!(store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.3:80"), None).unwrap().version, 2);
         let snapshot = rx.borrow().clone();
         assert_eq!(snapshot.version, 2);
         assert_eq!(snapshot.services[&ServiceKey::tcp(80)].backends.len(), 2);
@@ -1013,9 +1064,9 @@ mod tests {
     fn ports_outside_the_policy_are_refused_without_a_new_version() {
         let store = store();
         let a = store.open_registration(origin("127.0.0.2"));
-        let err = store.register(a.id, ServiceKey::tcp(9001), backend("127.0.0.2:9001")).unwrap_err();
+        let err = store.register(a.id, ServiceKey::tcp(9001), backend("127.0.0.2:9001"), None).unwrap_err();
         assert_eq!(err.to_string(), "port 9001 is outside the allowed ports 1-9000");
-        let err = store.register(a.id, ServiceKey::udp(8080), backend("127.0.0.2:8080")).unwrap_err();
+        let err = store.register(a.id, ServiceKey::udp(8080), backend("127.0.0.2:8080"), None).unwrap_err();
         assert_eq!(err, StoreError::ReservedPort { port: 8080 });
         assert_eq!(store.snapshot().version, 0);
         assert!(!a.has_backends());
@@ -1025,7 +1076,7 @@ mod tests {
     fn unregister_works_from_any_registration_and_reports_unknown_backends() {
         let store = store();
         let a = store.open_registration(origin("127.0.0.2"));
-        store.register(a.id, ServiceKey::udp(53), backend("127.0.0.2:53")).unwrap();
+        store.register(a.id, ServiceKey::udp(53), backend("127.0.0.2:53"), None).unwrap();
         let addr = "127.0.0.2:53".parse().unwrap();
         assert!(matches!(store.unregister(ServiceKey::udp(53), addr, "test"), Ok(2)));
         assert!(!a.has_backends());
@@ -1042,8 +1093,8 @@ mod tests {
         let store = store();
         let old = store.open_registration(origin("127.0.0.2"));
         let new = store.open_registration(origin("127.0.0.2"));
-        store.register(old.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
-        let again = store.register(new.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        store.register(old.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+        let again = store.register(new.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
         assert!(!again.created);
         drop(old);
         assert_eq!(store.snapshot().services[&ServiceKey::tcp(80)].backends.len(), 1, "the old channel owns nothing");
@@ -1055,7 +1106,7 @@ mod tests {
     fn unhealthy_backends_stay_registered_out_of_rotation() {
         let store = store();
         let a = store.open_registration(origin("127.0.0.2"));
-        store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
         a.set_healthy(false);
         let snapshot = store.snapshot();
         assert!(snapshot.services[&ServiceKey::tcp(80)].backends.is_empty(), "the frontend stays, empty");
@@ -1071,11 +1122,11 @@ mod tests {
         store.begin_warm_up();
         assert!(store.snapshot().warming_up);
         let a = store.open_registration(origin("127.0.0.2"));
-        store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
         drop(a);
         assert_eq!(store.snapshot().retired, [ServiceKey::tcp(80)].into());
         let b = store.open_registration(origin("127.0.0.2"));
-        store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
         assert!(store.snapshot().retired.is_empty(), "re-registered: no longer retired");
 
         store.observe_version(500);
@@ -1093,7 +1144,8 @@ mod tests {
         let store = store();
         let reg = store.open_registration(origin("127.0.0.2"));
         // No node at all: success with a note.
-        let reply = reg.register(ServiceKey::tcp(80), backend("127.0.0.2:80"), Duration::from_secs(2)).await.unwrap();
+        let reply =
+            reg.register(ServiceKey::tcp(80), backend("127.0.0.2:80"), None, Duration::from_secs(2)).await.unwrap();
         assert!(reply.success && reply.message.unwrap().contains("no data-plane node"));
 
         let node_a = Arc::new(store.connect_node("a", None));
@@ -1116,7 +1168,8 @@ mod tests {
             Arc::clone(&node_b),
             Err("bind 0.0.0.0:81: Permission denied".into()),
         ));
-        let reply = reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), Duration::from_secs(2)).await.unwrap();
+        let reply =
+            reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), None, Duration::from_secs(2)).await.unwrap();
         a.await.unwrap();
         b.await.unwrap();
         assert!(!reply.success);
@@ -1129,14 +1182,16 @@ mod tests {
         // disconnected and no longer asked.
         drop(node_b);
         assert!(!store.view().nodes[1].connected);
-        let reply = reg.register(ServiceKey::tcp(82), backend("127.0.0.2:82"), Duration::from_secs(2)).await.unwrap();
+        let reply =
+            reg.register(ServiceKey::tcp(82), backend("127.0.0.2:82"), None, Duration::from_secs(2)).await.unwrap();
         assert_eq!(reply.message.as_deref(), Some("node a: no bind result in time"));
 
         // One node listens, another fails: success, naming the failing node.
         let node_c = Arc::new(store.connect_node("c", None));
         let a = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_a), Ok("0.0.0.0:81".parse().unwrap())));
         let c = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_c), Err("bind 0.0.0.0:81: in use".into())));
-        let reply = reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), Duration::from_secs(2)).await.unwrap();
+        let reply =
+            reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), None, Duration::from_secs(2)).await.unwrap();
         a.await.unwrap();
         c.await.unwrap();
         assert!(reply.success);
@@ -1150,7 +1205,7 @@ mod tests {
         let mut events = store.watch_events();
         let a = store.open_registration(origin("127.0.0.2"));
         let addr: SocketAddr = "127.0.0.2:80".parse().unwrap();
-        store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80")).unwrap();
+        store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
         assert_eq!(events.try_recv().unwrap().kind, EventKind::ServiceAdded);
         assert_eq!(events.try_recv().unwrap().kind, EventKind::BackendRegistered);
 

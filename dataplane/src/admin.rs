@@ -50,6 +50,8 @@ struct LoadView {
     backend: SocketAddr,
     active_connections: u64,
     total_connections: u64,
+    /// The other nodes' connections to it, as the controller last told.
+    remote_connections: u64,
 }
 
 /// Serves `/api/state` until `shutdown` turns true.
@@ -73,6 +75,7 @@ pub async fn serve(
 async fn state_view(State(admin): State<AdminState>) -> Json<StateView> {
     let node = admin.node.state();
     let sync = admin.sync.borrow().clone();
+    let remote = admin.node.remote_load();
     Json(StateView {
         node_id: admin.node_id,
         controller: admin.controller,
@@ -101,6 +104,10 @@ async fn state_view(State(admin): State<AdminState>) -> Json<StateView> {
                 backend: l.backend,
                 active_connections: l.active,
                 total_connections: l.total,
+                remote_connections: remote
+                    .iter()
+                    .find(|(svc, addr, _)| *svc == l.service && *addr == l.backend)
+                    .map_or(0, |r| r.2),
             })
             .collect(),
     })

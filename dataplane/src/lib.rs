@@ -105,7 +105,7 @@ impl Dataplane {
             status_rx,
             shutdown.clone(),
         ));
-        let sync = tokio::spawn(sync::run(config.sync, snapshots_tx, reports_rx, status_tx));
+        let sync = tokio::spawn(sync::run(config.sync, snapshots_tx, reports_rx, status_tx, node.handle()));
         node.run(snapshots_rx, reports_tx, shutdown).await;
         // The node is done: the controller sees the stream end and drops the node.
         sync.abort();

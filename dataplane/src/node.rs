@@ -305,6 +305,16 @@ impl NodeHandle {
     pub fn load(&self) -> Vec<BackendLoad> {
         self.stats.collect()
     }
+
+    /// The other nodes' connections per backend, as last reported.
+    pub fn remote_load(&self) -> Vec<(ServiceKey, SocketAddr, u64)> {
+        self.stats.remote()
+    }
+
+    /// Takes in the other nodes' connection counts (sums per backend), for the load-aware algorithms.
+    pub fn set_remote_load(&self, rows: &[BackendLoad]) {
+        self.stats.set_remote(rows);
+    }
 }
 
 /// Sends the node's counters whenever they changed, at most once per `interval`.

@@ -35,9 +35,19 @@ pub struct ServiceKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Algorithm {
-    /// Each new connection or session goes to the next backend in turn.
+    /// Each new connection or session goes to the next backend in turn (weights ignored).
     #[default]
     RoundRobin,
+    /// Smooth weighted round robin (nginx's): shares follow the weights, interleaved.
+    WeightedRoundRobin,
+    /// Fewest active connections per unit of weight, counting every node's connections.
+    LeastConnections,
+    /// Weighted random.
+    Random,
+    /// Two random backends, the less loaded (cluster-wide, per unit of weight) wins.
+    PowerOfTwo,
+    /// Maglev consistent hash of the client's IP: every node picks the same backend.
+    SourceHash,
 }
 
 /// One backend in rotation.
@@ -151,10 +161,25 @@ impl fmt::Display for ServiceKey {
 // === impl Algorithm ===
 
 impl Algorithm {
+    /// Every algorithm, in documentation order.
+    pub const ALL: [Algorithm; 6] = [
+        Algorithm::RoundRobin,
+        Algorithm::WeightedRoundRobin,
+        Algorithm::LeastConnections,
+        Algorithm::Random,
+        Algorithm::PowerOfTwo,
+        Algorithm::SourceHash,
+    ];
+
     /// Name as used in flags, JSON and gRPC.
     pub fn as_str(self) -> &'static str {
         match self {
             Algorithm::RoundRobin => "round_robin",
+            Algorithm::WeightedRoundRobin => "weighted_round_robin",
+            Algorithm::LeastConnections => "least_connections",
+            Algorithm::Random => "random",
+            Algorithm::PowerOfTwo => "power_of_two",
+            Algorithm::SourceHash => "source_hash",
         }
     }
 }
@@ -168,8 +193,9 @@ impl fmt::Display for Algorithm {
 impl FromStr for Algorithm {
     type Err = UnknownName;
 
+    /// Case-insensitive.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.eq_ignore_ascii_case("round_robin") { Ok(Algorithm::RoundRobin) } else { Err(UnknownName) }
+        Algorithm::ALL.into_iter().find(|a| a.as_str().eq_ignore_ascii_case(s)).ok_or(UnknownName)
     }
 }
 

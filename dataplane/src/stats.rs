@@ -24,6 +24,8 @@ use crate::snapshot::ServiceKey;
 pub struct BackendStats {
     active: AtomicU64,
     total: AtomicU64,
+    /// Connections the other nodes last reported (cluster-wide view from the controller).
+    remote: AtomicU64,
     generation: AtomicU64,
     /// Connections of this generation or older must close.
     evicted_through: watch::Sender<u64>,
@@ -66,6 +68,7 @@ impl Default for BackendStats {
         BackendStats {
             active: AtomicU64::new(0),
             total: AtomicU64::new(0),
+            remote: AtomicU64::new(0),
             generation: AtomicU64::new(1),
             evicted_through: watch::Sender::new(0),
         }
@@ -112,6 +115,16 @@ impl BackendStats {
     pub fn total(&self) -> u64 {
         self.total.load(Ordering::Relaxed)
     }
+
+    /// Connections the other nodes hold, as last reported.
+    pub fn remote(&self) -> u64 {
+        self.remote.load(Ordering::Relaxed)
+    }
+
+    /// Records the other nodes' connections.
+    pub fn set_remote(&self, connections: u64) {
+        self.remote.store(connections, Ordering::Relaxed);
+    }
 }
 
 // === impl ConnectionGuard ===
@@ -148,6 +161,20 @@ impl StatsRegistry {
         }
     }
 
+    /// Takes in the other nodes' counts: `rows` are their sums per (service, backend); a backend not
+    /// listed has none elsewhere.
+    pub fn set_remote(&self, rows: &[BackendLoad]) {
+        let remote: std::collections::HashMap<(ServiceKey, SocketAddr), u64> =
+            rows.iter().map(|r| ((r.service, r.backend), r.active)).collect();
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        for row in rows {
+            entries.entry((row.service, row.backend)).or_default();
+        }
+        for (key, stats) in entries.iter() {
+            stats.set_remote(remote.get(key).copied().unwrap_or(0));
+        }
+    }
+
     /// Connections open over every backend.
     pub fn active(&self) -> u64 {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
@@ -159,6 +186,15 @@ impl StatsRegistry {
     pub fn retain_services(&self, served: impl Fn(&ServiceKey) -> bool) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.retain(|(service, _), stats| served(service) || Arc::strong_count(stats) > 1);
+    }
+
+    /// The other nodes' last reported connections per (service, backend), where any.
+    pub fn remote(&self) -> Vec<(ServiceKey, SocketAddr, u64)> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<_> =
+            entries.iter().filter(|(_, s)| s.remote() > 0).map(|(&(svc, addr), s)| (svc, addr, s.remote())).collect();
+        rows.sort();
+        rows
     }
 
     /// Every counter, sorted.

@@ -17,7 +17,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
-use crate::{error::SyncError, node::NodeReport, snapshot::RoutingSnapshot};
+use crate::{
+    error::SyncError,
+    node::{NodeHandle, NodeReport},
+    snapshot::RoutingSnapshot,
+    stats::BackendLoad,
+};
 
 /// How a node reaches its controller.
 #[derive(Debug, Clone)]
@@ -47,11 +52,14 @@ pub async fn run(
     snapshots: watch::Sender<Arc<RoutingSnapshot>>,
     mut reports: mpsc::UnboundedReceiver<NodeReport>,
     status: watch::Sender<SyncStatus>,
+    node: NodeHandle,
 ) {
     let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
     let mut last_load: Option<NodeReport> = None;
     loop {
-        let outcome = session(&config, &snapshots, &mut reports, &mut last_load, &status, &mut backoff).await;
+        let outcome = session(&config, &snapshots, &mut reports, &mut last_load, &status, &mut backoff, &node).await;
+        // Without a controller there is no fresh view of the other nodes: count on our own connections only.
+        node.set_remote_load(&[]);
         let error = match outcome {
             Ok(Ended::NodeStopped) => return,
             Ok(Ended::ByController) => "the controller ended the stream".to_owned(),
@@ -88,6 +96,7 @@ async fn session(
     last_load: &mut Option<NodeReport>,
     status: &watch::Sender<SyncStatus>,
     backoff: &mut Backoff,
+    node: &NodeHandle,
 ) -> Result<Ended, SyncError> {
     let channel = Endpoint::from_shared(config.controller.clone())
         .map_err(|e| SyncError::Url(e.to_string()))?
@@ -112,7 +121,16 @@ async fn session(
         tokio::select! {
             message = inbound.message() => {
                 let Some(message) = message? else { return Ok(Ended::ByController) };
-                let Some(controller_message::Msg::Snapshot(snapshot)) = message.msg else { continue };
+                let snapshot = match message.msg {
+                    Some(controller_message::Msg::Snapshot(snapshot)) => snapshot,
+                    Some(controller_message::Msg::ClusterLoad(load)) => {
+                        let rows: Vec<BackendLoad> =
+                            load.backends.iter().filter_map(|row| BackendLoad::try_from(row).ok()).collect();
+                        node.set_remote_load(&rows);
+                        continue;
+                    }
+                    None => continue,
+                };
                 let snapshot = RoutingSnapshot::try_from(snapshot)?;
                 let current = snapshots.borrow().version;
                 if snapshot.version <= current && current != 0 {

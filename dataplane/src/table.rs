@@ -1,7 +1,11 @@
 //! The node's routing table: a snapshot resolved for the data path (counters attached, balancers built),
 //! swapped as a whole so no connection ever sees half of one version and half of another.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use crate::{
     balance::Balancer,
@@ -46,12 +50,13 @@ impl RoutingTable {
             .services
             .values()
             .map(|spec| {
-                let backends = spec
+                let backends: Vec<RouteBackend> = spec
                     .backends
                     .iter()
                     .map(|b| RouteBackend { addr: b.addr, weight: b.weight, stats: stats.get(spec.key, b.addr) })
                     .collect();
-                let balancer = Balancer::build(spec.algorithm, previous.services.get(&spec.key).map(|r| &r.balancer));
+                let balancer =
+                    Balancer::build(spec.algorithm, &backends, previous.services.get(&spec.key).map(|r| &r.balancer));
                 (spec.key, Arc::new(ServiceRoute { backends, balancer }))
             })
             .collect();
@@ -74,14 +79,23 @@ impl RoutingTable {
     }
 }
 
+// === impl RouteBackend ===
+
+impl RouteBackend {
+    /// Its load for the load-aware algorithms: connections here plus the other nodes' last report.
+    pub fn load(&self) -> u64 {
+        self.stats.active() + self.stats.remote()
+    }
+}
+
 // === impl ServiceRoute ===
 
 impl ServiceRoute {
-    /// Backends in the order to try them for one new connection: the balancer's pick first, then the
-    /// others, so a refusing backend is skipped without another pick.
-    pub fn candidates(&self) -> impl Iterator<Item = &RouteBackend> {
+    /// Backends in the order to try them for a new connection from `client`: the balancer's pick first,
+    /// then the others, so a refusing backend is skipped without another pick.
+    pub fn candidates(&self, client: IpAddr) -> impl Iterator<Item = &RouteBackend> {
         let len = self.backends.len();
-        let start = self.balancer.pick(len).unwrap_or(0);
+        let start = self.balancer.pick(&self.backends, client).unwrap_or(0);
         (0..len).map(move |i| &self.backends[(start + i) % len])
     }
 
@@ -113,7 +127,7 @@ mod tests {
         let route2 = t2.route(&ServiceKey::tcp(80)).unwrap();
         assert_eq!(route2.backends[0].stats.active(), 1);
         assert!(!route2.contains("127.0.0.3:80".parse().unwrap()));
-        let order: Vec<_> = route.candidates().map(|b| b.addr.to_string()).collect();
+        let order: Vec<_> = route.candidates("127.0.0.1".parse().unwrap()).map(|b| b.addr.to_string()).collect();
         assert_eq!(order.len(), 2);
         assert_ne!(order[0], order[1]);
         assert!(t2.route(&ServiceKey::udp(80)).is_none());

@@ -67,6 +67,8 @@ pub struct Process {
     /// `key=value` pairs of its READY line.
     pub ready: HashMap<String, String>,
     stderr: Arc<Mutex<Vec<String>>>,
+    /// Collects stderr until the process closes it.
+    stderr_reader: Option<JoinHandle<()>>,
 }
 
 impl Process {
@@ -85,13 +87,14 @@ impl Process {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let sink = Arc::clone(&stderr);
-        tokio::spawn(async move {
+        let stderr_reader = tokio::spawn(async move {
             while let Ok(Some(line)) = err_lines.next_line().await {
                 sink.lock().unwrap().push(line);
             }
         });
         let mut out_lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut process = Process { name: name.to_owned(), child, ready: HashMap::new(), stderr };
+        let mut process =
+            Process { name: name.to_owned(), child, ready: HashMap::new(), stderr, stderr_reader: Some(stderr_reader) };
         let ready = timeout(DEADLINE, async {
             loop {
                 match out_lines.next_line().await {
@@ -145,6 +148,10 @@ impl Process {
     /// Waits (up to `limit`) for the process to exit and returns its exit code.
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let status = timeout(limit, self.child.wait()).await.expect("process did not exit in time").unwrap();
+        // Everything it wrote before exiting is then in `stderr_text`.
+        if let Some(reader) = self.stderr_reader.take() {
+            let _ = timeout(limit, reader).await;
+        }
         status.code()
     }
 }

@@ -6,14 +6,15 @@ use std::{net::SocketAddr, sync::Arc};
 use dataplane::ServiceKey;
 use switchboard_proto::v1::{
     self, DrainBackendRequest, DrainBackendResponse, ListNodesRequest, ListNodesResponse, ListServicesRequest,
-    ListServicesResponse, SetWeightRequest, SetWeightResponse, WatchEventsRequest, admin_server::Admin,
+    ListServicesResponse, SetAlgorithmRequest, SetAlgorithmResponse, SetWeightRequest, SetWeightResponse,
+    WatchEventsRequest, admin_server::Admin,
 };
 use tokio::sync::{broadcast::error::RecvError, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
-use super::grpc::service_key;
+use super::grpc::{algorithm, service_key};
 use crate::store::{Event, EventKind, StateView, Store};
 
 /// `switchboard.v1.Admin`.
@@ -82,6 +83,16 @@ impl Admin for AdminApi {
         Ok(Response::new(SetWeightResponse { version }))
     }
 
+    async fn set_algorithm(
+        &self,
+        request: Request<SetAlgorithmRequest>,
+    ) -> Result<Response<SetAlgorithmResponse>, Status> {
+        let request = request.into_inner();
+        let service = service_key(request.service.as_ref())?;
+        let version = self.store.set_algorithm(service, algorithm(&request.algorithm)?)?;
+        Ok(Response::new(SetAlgorithmResponse { version }))
+    }
+
     async fn watch_events(
         &self,
         request: Request<WatchEventsRequest>,
@@ -140,6 +151,7 @@ fn to_wire(event: Event, state: Option<ListServicesResponse>) -> v1::Event {
         EventKind::NodeJoined => v1::EventKind::NodeJoined,
         EventKind::NodeLeft => v1::EventKind::NodeLeft,
         EventKind::WarmUpOver => v1::EventKind::WarmUpOver,
+        EventKind::AlgorithmChanged => v1::EventKind::AlgorithmChanged,
     };
     v1::Event {
         kind: kind.into(),

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use dataplane::{BackendSpec, ServiceKey};
+use dataplane::{Algorithm, BackendSpec, ServiceKey};
 use switchboard_proto::v1::{
     self, DeregisterRequest, DeregisterResponse, Hello, RegisterAck, RegisterRequest, RegisterResponse,
     Registration as RegistrationMsg,
@@ -41,6 +41,7 @@ pub async fn serve(
     store: Arc<Store>,
     probe: ProbeSettings,
     bind_ack_timeout: Duration,
+    cluster_counts: bool,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ControllerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -56,7 +57,7 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| ControllerError::Reflection(e.to_string()))?;
 
     let registry = RegistryApi { store: Arc::clone(&store), probe, bind_ack_timeout, shutdown: shutdown.clone() };
-    let dataplane = super::sync::DataplaneApi { store: Arc::clone(&store), shutdown: shutdown.clone() };
+    let dataplane = super::sync::DataplaneApi { store: Arc::clone(&store), shutdown: shutdown.clone(), cluster_counts };
     tonic::transport::Server::builder()
         // Notices dead peers (a node or agent host gone without a FIN) instead of keeping their streams.
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
@@ -104,12 +105,12 @@ impl Registry for RegistryApi {
         let Some(register_request::Msg::Register(first)) = first.msg else {
             return Err(Status::invalid_argument("the first message must be `register`"));
         };
-        let (service, backend, probe) = registration(&first, peer.ip(), self.probe)?;
+        let (service, backend, algorithm, probe) = registration(&first, peer.ip(), self.probe)?;
 
         let registration = self.store.open_registration(Origin::grpc(peer));
         registration.set_healthy(first.healthy.unwrap_or(true));
         let (tx, rx) = mpsc::channel(16);
-        let ack = register_ack(&registration, service, backend, self.bind_ack_timeout).await;
+        let ack = register_ack(&registration, service, backend, algorithm, self.bind_ack_timeout).await;
         let success = ack.success;
         tx.send(Ok(response(register_response::Msg::Ack(ack)))).await.map_err(|_| Status::cancelled("client left"))?;
         if success {
@@ -159,8 +160,8 @@ impl Session {
                     }
                     Ok(Some(RegisterRequest { msg: Some(register_request::Msg::Register(more)) })) => {
                         let ack = match registration(&more, self.peer.ip(), settings) {
-                            Ok((service, backend, _)) => {
-                                register_ack(&self.registration, service, backend, self.bind_ack_timeout).await
+                            Ok((service, backend, algorithm, _)) => {
+                                register_ack(&self.registration, service, backend, algorithm, self.bind_ack_timeout).await
                             }
                             Err(status) => RegisterAck { success: false, message: status.message().to_owned(), backend: String::new() },
                         };
@@ -198,9 +199,10 @@ async fn register_ack(
     registration: &Registration,
     service: ServiceKey,
     backend: BackendSpec,
+    algorithm: Option<Algorithm>,
     bind_ack_timeout: Duration,
 ) -> RegisterAck {
-    match registration.register(service, backend, bind_ack_timeout).await {
+    match registration.register(service, backend, algorithm, bind_ack_timeout).await {
         Ok(reply) => RegisterAck {
             success: reply.success,
             message: reply.message.unwrap_or_default(),
@@ -215,12 +217,12 @@ fn response(msg: register_response::Msg) -> RegisterResponse {
 }
 
 /// Validates a `Registration` message: the service, the backend (defaulting to the peer's address and the
-/// service port) and its probe settings (defaulting to the controller's).
+/// service port), the algorithm asked for, and its probe settings (defaulting to the controller's).
 fn registration(
     msg: &RegistrationMsg,
     peer: IpAddr,
     defaults: ProbeSettings,
-) -> Result<(ServiceKey, BackendSpec, ProbeSettings), Status> {
+) -> Result<(ServiceKey, BackendSpec, Option<Algorithm>, ProbeSettings), Status> {
     let service = service_key(msg.service.as_ref())?;
     let ip = backend_ip(&msg.backend_address, peer)?;
     let port = backend_port(msg.backend_port, service.port)?;
@@ -240,7 +242,19 @@ fn registration(
             probe.failures = h.failures;
         }
     }
-    Ok((service, BackendSpec { addr: SocketAddr::new(ip, port), weight }, probe))
+    let algorithm = match msg.algorithm.as_str() {
+        "" => None,
+        name => Some(algorithm(name)?),
+    };
+    Ok((service, BackendSpec { addr: SocketAddr::new(ip, port), weight }, algorithm, probe))
+}
+
+/// An algorithm by name, or `InvalidArgument` listing the known ones.
+pub(super) fn algorithm(name: &str) -> Result<Algorithm, Status> {
+    name.parse().map_err(|_| {
+        let known: Vec<&str> = Algorithm::ALL.iter().map(|a| a.as_str()).collect();
+        Status::invalid_argument(format!("unknown algorithm {name:?} (expected one of {})", known.join(", ")))
+    })
 }
 
 /// The service of a request, or `InvalidArgument`.
@@ -265,7 +279,8 @@ fn backend_port(port: u32, service_port: u16) -> Result<u16, Status> {
 impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::NotFound { .. } => Status::not_found(error.to_string()),
+            StoreError::NotFound { .. } | StoreError::NoService { .. } => Status::not_found(error.to_string()),
+            StoreError::AlgorithmConflict { .. } => Status::failed_precondition(error.to_string()),
             StoreError::InvalidWeight { .. } => Status::invalid_argument(error.to_string()),
             StoreError::PortNotAllowed { .. } | StoreError::ReservedPort { .. } => {
                 Status::failed_precondition(error.to_string())

@@ -149,9 +149,9 @@ impl Connection {
                 }
                 request::hello_ack()
             }
-            Request::Register { service, backend_port, weight } => {
+            Request::Register { service, backend_port, weight, algorithm } => {
                 let backend = BackendSpec { addr: SocketAddr::new(self.peer.ip(), backend_port), weight };
-                match self.registration.register(service, backend, self.ctx.bind_ack_timeout).await {
+                match self.registration.register(service, backend, algorithm, self.ctx.bind_ack_timeout).await {
                     Ok(reply) if reply.success => request::successful(reply.message.as_deref()),
                     Ok(reply) => {
                         let why = reply.message.unwrap_or_default();

@@ -2,7 +2,7 @@
 //!
 //! Every failure is a sentence for the `msg` of a `{"ack":"failed"}` reply.
 
-use dataplane::{Protocol, ServiceKey};
+use dataplane::{Algorithm, Protocol, ServiceKey};
 use serde_json::{Map, Value, json};
 
 /// One request of a registered (or registering) server.
@@ -16,6 +16,8 @@ pub enum Request {
         backend_port: u16,
         /// Relative weight (default 1).
         weight: u32,
+        /// Balancing algorithm asked for (the first registration of a service sets it).
+        algorithm: Option<Algorithm>,
     },
     /// `{"cmd":"unregister","protocol":P,"port":N}`, optionally `backend_port`.
     Unregister {
@@ -69,7 +71,15 @@ impl Request {
                 .filter(|&w| (1..=10_000).contains(&w))
                 .ok_or_else(|| format!("\"weight\" must be an integer in 1..=10000, got {w}"))?,
         };
-        Ok(Request::Register { service, backend_port, weight })
+        let algorithm = match fields.get("algorithm") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(name)) => Some(name.parse().map_err(|_| {
+                let known: Vec<&str> = Algorithm::ALL.iter().map(|a| a.as_str()).collect();
+                format!("unknown algorithm {name:?} (expected one of {})", known.join(", "))
+            })?),
+            Some(other) => return Err(format!("\"algorithm\" must be a string, got {}", kind(other))),
+        };
+        Ok(Request::Register { service, backend_port, weight, algorithm })
     }
 }
 
@@ -139,7 +149,7 @@ mod tests {
     fn hw1_requests_with_any_case() {
         assert_eq!(
             parse(r#"{"cmd":"REGISTER","protocol":"Tcp","port":80}"#),
-            Ok(Request::Register { service: ServiceKey::tcp(80), backend_port: 80, weight: 1 })
+            Ok(Request::Register { service: ServiceKey::tcp(80), backend_port: 80, weight: 1, algorithm: None })
         );
         assert_eq!(
             parse(r#"{"cmd":"unregister","protocol":"udp","port":53,"backend_port":5353}"#),
@@ -147,7 +157,16 @@ mod tests {
         );
         assert_eq!(
             parse(r#"{"cmd":"register","protocol":"udp","port":53,"backend_port":5353,"weight":3}"#),
-            Ok(Request::Register { service: ServiceKey::udp(53), backend_port: 5353, weight: 3 })
+            Ok(Request::Register { service: ServiceKey::udp(53), backend_port: 5353, weight: 3, algorithm: None })
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"register","protocol":"tcp","port":80,"algorithm":"Least_Connections"}"#),
+            Ok(Request::Register {
+                service: ServiceKey::tcp(80),
+                backend_port: 80,
+                weight: 1,
+                algorithm: Some(Algorithm::LeastConnections)
+            })
         );
         assert_eq!(parse(r#"{"ack":"HELLO"}"#), Ok(Request::HelloAck));
         assert_eq!(parse(r#"{"cmd":"hello"}"#), Ok(Request::Hello));
@@ -170,6 +189,8 @@ mod tests {
             (r#"{"cmd":"register","protocol":"tcp","port":8.5}"#, "\"port\" must be an integer in 1..=65535"),
             (r#"{"cmd":"register","protocol":"tcp","port":80,"weight":0}"#, "\"weight\" must be an integer"),
             (r#"{"ack":"successful"}"#, "unexpected ack"),
+            (r#"{"cmd":"register","protocol":"tcp","port":80,"algorithm":"fastest"}"#, "unknown algorithm \"fastest\""),
+            (r#"{"cmd":"register","protocol":"tcp","port":80,"algorithm":3}"#, "\"algorithm\" must be a string"),
         ];
         for (input, reason) in cases {
             let err = parse(input).unwrap_err();

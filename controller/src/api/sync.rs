@@ -27,7 +27,12 @@ pub struct DataplaneApi {
     pub store: Arc<Store>,
     /// Ends every sync stream, so a graceful server shutdown does not wait on them forever.
     pub shutdown: watch::Receiver<bool>,
+    /// Send each node the other nodes' connection counts (`--no-cluster-counts` turns it off).
+    pub cluster_counts: bool,
 }
+
+/// How often a node's view of the other nodes' counts is refreshed (only changes are sent).
+pub const CLUSTER_LOAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[tonic::async_trait]
 impl Dataplane for DataplaneApi {
@@ -50,7 +55,8 @@ impl Dataplane for DataplaneApi {
         self.store.observe_version(hello.known_version);
         let session = self.store.connect_node(&hello.node_id, peer);
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(follow(session, self.store.subscribe(), inbound, tx, self.shutdown.clone()));
+        let cluster = self.cluster_counts.then(|| Arc::clone(&self.store));
+        tokio::spawn(follow(session, self.store.subscribe(), cluster, inbound, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -58,6 +64,7 @@ impl Dataplane for DataplaneApi {
 async fn follow(
     session: NodeSession,
     mut snapshots: watch::Receiver<Arc<RoutingSnapshot>>,
+    cluster: Option<Arc<Store>>,
     mut inbound: Streaming<NodeMessage>,
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
     mut shutdown: watch::Receiver<bool>,
@@ -66,8 +73,23 @@ async fn follow(
     // The current snapshot goes out first.
     snapshots.mark_changed();
     let mut sent = 0u64;
+    let mut ticks = tokio::time::interval(CLUSTER_LOAD_INTERVAL);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_load: Option<Vec<dataplane::BackendLoad>> = None;
     loop {
         tokio::select! {
+            _ = ticks.tick(), if cluster.is_some() => {
+                let Some(store) = &cluster else { continue };
+                let load = store.cluster_load_excluding(&node);
+                if last_load.as_ref() != Some(&load) {
+                    let backends = load.iter().map(Into::into).collect();
+                    let message = v1::controller_message::Msg::ClusterLoad(v1::ClusterLoad { backends });
+                    if tx.send(Ok(ControllerMessage { msg: Some(message) })).await.is_err() {
+                        break;
+                    }
+                    last_load = Some(load);
+                }
+            }
             changed = snapshots.changed() => {
                 if changed.is_err() {
                     break;

@@ -54,7 +54,7 @@ async fn relay(
     route: Arc<ServiceRoute>,
     connect_timeout: Duration,
 ) {
-    let Some((mut upstream, backend, mut guard)) = connect(&route, service, connect_timeout).await else {
+    let Some((mut upstream, backend, mut guard)) = connect(&route, service, peer, connect_timeout).await else {
         warn!(%service, client = %peer, backends = route.backends.len(), "no backend accepted the connection");
         return;
     };
@@ -74,9 +74,10 @@ async fn relay(
 async fn connect(
     route: &ServiceRoute,
     service: ServiceKey,
+    client: SocketAddr,
     connect_timeout: Duration,
 ) -> Option<(TcpStream, SocketAddr, ConnectionGuard)> {
-    for backend in route.candidates() {
+    for backend in route.candidates(client.ip()) {
         match timeout(connect_timeout, TcpStream::connect(backend.addr)).await {
             Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);

@@ -137,7 +137,7 @@ async fn open_session(
         let table = ctx.table.load();
         (table.version, table.route(&service)?)
     };
-    let backend = route.candidates().next()?;
+    let backend = route.candidates(peer.ip()).next()?;
     let unspecified = match backend.addr.ip() {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),

@@ -5,6 +5,7 @@
 
 mod admin;
 mod agent;
+mod balancing;
 mod grpc;
 mod json_channel;
 mod loadgen;
