@@ -4,7 +4,8 @@ side on this machine, interleaved over several repetitions, reported as medians 
 
     python3 bench/run.py            # full run: 3 repetitions
     python3 bench/run.py --quick    # one short repetition, under 3 minutes
-    python3 bench/run.py --scenario pydirector
+    python3 bench/run.py --scenario pydirector   # 1, 2, 4 CPU-bound backends behind two nodes, to saturation
+    python3 bench/run.py --scenario skew         # skewed load: balance per algorithm, counts shared or not
 
 Everything runs on 127.0.0.0/8 and every run is bounded in time. Missing peers and tools (haproxy, nginx
 with the stream module, wrk, iperf3) are installed from Debian. Results go to bench/results/ (JSON and SVG)
@@ -589,12 +590,12 @@ def svg_bars(results, path):
 
 
 def pydirector(args):
-    """Two nodes, 1, 2 and 4 CPU-bound backends driven to saturation; then a skewed load (80 % of the
-    connections at one node) with long-lived requests, measuring how evenly the backends are loaded."""
+    """Two nodes, 1, 2 and 4 CPU-bound backends (2 ms of CPU per request, one thread each), driven at
+    25 % to 125 % of their capacity: where does each setup saturate? (The skewed load is `--scenario skew`.)"""
     build()
     procs = Processes()
     work_us = 2000
-    out = {"work_us": work_us, "saturation": {}, "skewed": {}}
+    out = {"work_us": work_us, "saturation": {}}
     try:
         for backends in (1, 2, 4):
             ctl, line = procs.start([str(BIN / "controller"), "--json-listen", f"{CONTROLLER_IP}:0", "--grpc-listen",
@@ -607,13 +608,10 @@ def pydirector(args):
                 node, _ = procs.start([str(BIN / "dataplane"), "--controller", f"http://{grpc}", "--node-id", f"n{i + 1}",
                                        "--frontend-address", ip, "--admin-listen", f"{ip}:0"], ready="READY")
                 nodes.append((node, ip))
-            stats = []
             for b in range(backends):
                 ip = f"127.0.0.{61 + b}"
-                _, ready = procs.start([str(BIN / "loadgen"), "--threads", "1", "serve", "http", "--listen", f"{ip}:18500",
-                                        "--work-us", str(work_us), "--register", json_addr, "--stats-listen", f"{ip}:0"],
-                                       ready="READY")
-                stats.append(re.search(r"stats=(\S+)", ready).group(1))
+                procs.start([str(BIN / "loadgen"), "--threads", "1", "serve", "http", "--listen", f"{ip}:18500",
+                             "--work-us", str(work_us), "--register", json_addr], ready="READY")
             time.sleep(1)  # let both nodes apply the registrations (a bench, not a test)
             targets = [f"{ip}:18500" for _, ip in nodes]
             capacity = backends * 1e6 / work_us
@@ -628,15 +626,6 @@ def pydirector(args):
                 log(f"pydirector {backends} backend(s) at {rate}/s: {report['achieved_rps']:.0f}/s p99 {lat.get('p99')}")
             saturated = next((s["rate"] for s in steps if s["achieved"] < 0.95 * s["rate"] or s["errors"]), None)
             out["saturation"][backends] = {"capacity": capacity, "steps": steps, "saturates_at": saturated}
-            if backends == 4:
-                # Skewed: 80 % of the load at node 1, long requests held open (sleep), counts from the backends.
-                report = loadgen(["http", "--target", targets[0], "--target", targets[1], "--split", "80,20",
-                                  "--connections", "40", "--path", "/"], 3 if args.quick else 5)
-                totals = []
-                for s in stats:
-                    totals.append(json.loads(run(["curl", "-s", f"http://{s}/stats"], timeout=10))["total"])
-                out["skewed"] = {"backend_totals": totals, "achieved_rps": report["achieved_rps"],
-                                 "spread": (max(totals) - min(totals)) / max(1, sum(totals) / len(totals))}
             procs.stop_all()
             procs = Processes()
     finally:
@@ -644,14 +633,149 @@ def pydirector(args):
     return out
 
 
+def hold(frontend, keep):
+    """A kept-alive HTTP connection through `frontend`; returns the backend that answered."""
+    import socket
+
+    host, port = frontend.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    sock.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+    data = b""
+    while b"hello from " not in data or not data.endswith(b"\n"):
+        chunk = sock.recv(1024)
+        if not chunk:
+            raise RuntimeError(f"{frontend} closed the connection")
+        data += chunk
+    keep.append(sock)
+    return data.split(b"hello from ", 1)[1].split(b"\n", 1)[0].decode()
+
+
+def node_sees(admin, total, timeout=15):
+    """Waits until a node counts `total` connections: its own plus the other nodes' as reported."""
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = json.loads(urllib.request.urlopen(f"http://{admin}/api/state", timeout=5).read())
+        if sum(b["active_connections"] + b["remote_connections"] for b in state["backends"]) == total:
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"node {admin} never saw {total} connections")
+
+
+def skew(args):
+    """Node B holds long-lived connections on two of four backends; then 80 % of new arrivals reach node A.
+    How evenly do the backends end up loaded, per algorithm and with or without shared counts?"""
+    import urllib.request
+
+    build()
+    cases = [
+        ("round_robin", "round_robin", True),
+        ("least_connections, per node", "least_connections", False),
+        ("least_connections, cluster-wide", "least_connections", True),
+        ("power_of_two, cluster-wide", "power_of_two", True),
+    ]
+    out = {}
+    for label, algorithm, shared in cases:
+        procs = Processes()
+        keep = []
+        try:
+            cmd = [str(BIN / "controller"), "--json-listen", f"{CONTROLLER_IP}:0", "--grpc-listen", f"{CONTROLLER_IP}:0",
+                   "--admin-listen", f"{CONTROLLER_IP}:0", "--no-embedded-dataplane", "--resync-grace", "0s"]
+            if not shared:
+                cmd.append("--no-cluster-counts")
+            _, line = procs.start(cmd, ready="READY", name="controller")
+            grpc = re.search(r"grpc=(\S+)", line).group(1)
+            nodes = {}
+            for name, ip in (("a", "127.0.0.51"), ("b", "127.0.0.52")):
+                _, ready = procs.start([str(BIN / "dataplane"), "--controller", f"http://{grpc}", "--node-id", name,
+                                        "--frontend-address", ip, "--admin-listen", f"{ip}:0",
+                                        "--load-report-interval", "20ms"], ready="READY")
+                nodes[name] = (f"{ip}:18600", re.search(r"admin=(\S+)", ready).group(1))
+            stats = []
+            for i in range(4):
+                ip = f"127.0.0.{61 + i}"
+                _, ready = procs.start([str(BIN / "loadgen"), "--threads", "1", "serve", "http", "--listen", f"{ip}:18601",
+                                        "--stats-listen", f"{ip}:0"], ready="READY")
+                stats.append(re.search(r"stats=(\S+)", ready).group(1))
+                procs.start([str(BIN / "agent"), "--controller", f"http://{grpc}", "--protocol", "tcp", "--port", "18600",
+                             "--backend-address", ip, "--backend-port", "18601", "--check", "none",
+                             "--algorithm", algorithm], ready="READY", name="agent")
+            for _, admin in nodes.values():
+                node_sees(admin, 0)
+            # Wait until both nodes route to all four backends (a benchmark, not a test: a short settle).
+            time.sleep(0.5)
+            owners = [hold(nodes["b"][0], keep) for _ in range(40)]
+            loaded = {f"127.0.0.63:18601", f"127.0.0.64:18601"}
+            kept = []
+            for sock, owner in zip(keep, owners):
+                if owner in loaded:
+                    kept.append(sock)
+                else:
+                    sock.close()
+            keep[:] = kept
+            if shared:
+                node_sees(nodes["a"][1], len(keep))
+            for i in range(40):
+                node = nodes["b" if i % 5 == 4 else "a"]
+                hold(node[0], keep)
+                if shared:
+                    for _, admin in nodes.values():
+                        node_sees(admin, len(keep))
+            counts = [json.loads(urllib.request.urlopen(f"http://{s}/stats", timeout=5).read())["active"] for s in stats]
+            out[label] = {"counts": counts, "max_over_min": max(counts) / max(1, min(counts))}
+            log(f"skew {label}: {counts}")
+        finally:
+            for sock in keep:
+                sock.close()
+            procs.stop_all()
+    return out
+
+
+def svg_skew(result, path):
+    """Connections per backend for each case, against the ideal even split."""
+    width, height, left, top = 900, 340, 60, 40
+    cases = list(result)
+    total = sum(result[cases[0]]["counts"])
+    ideal = total / len(result[cases[0]]["counts"])
+    top_value = max(max(c["counts"]) for c in result.values()) * 1.15
+    plot_h = height - top - 80
+    group_w = (width - left - 20) / len(cases)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">',
+             '<rect width="100%" height="100%" fill="white"/>',
+             f'<text x="{width / 2}" y="22" text-anchor="middle" font-family="sans-serif" font-size="15">'
+             'Connections per backend after a skewed load (dashed: the ideal even split)</text>']
+    y_ideal = top + plot_h - ideal / top_value * plot_h
+    for gi, label in enumerate(cases):
+        gx = left + gi * group_w + 12
+        for bi, count in enumerate(result[label]["counts"]):
+            h = count / top_value * plot_h
+            parts.append(f'<rect x="{gx + bi * 34}" y="{top + plot_h - h}" width="28" height="{h}" fill="{colors[bi % 4]}">'
+                         f'<title>backend {bi + 1}: {count}</title></rect>')
+            parts.append(f'<text x="{gx + bi * 34 + 14}" y="{top + plot_h - h - 4}" text-anchor="middle" '
+                         f'font-family="sans-serif" font-size="11">{count}</text>')
+        parts.append(f'<text x="{gx + 68}" y="{top + plot_h + 18}" text-anchor="middle" font-family="sans-serif" '
+                     f'font-size="11">{label}</text>')
+    parts.append(f'<line x1="{left}" y1="{y_ideal}" x2="{width - 20}" y2="{y_ideal}" stroke="#444" stroke-dasharray="6 4"/>')
+    parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short repetition (under 3 minutes)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of the full suite")
-    parser.add_argument("--scenario", choices=["suite", "pydirector"], default="suite")
+    parser.add_argument("--scenario", choices=["suite", "pydirector", "skew"], default="suite")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    if args.scenario == "skew":
+        result = skew(args)
+        (RESULTS / f"skew-{stamp}.json").write_text(json.dumps(result, indent=2))
+        svg_skew(result, RESULTS / "skew.svg")
+        print(json.dumps(result, indent=2))
+        return
     if args.scenario == "pydirector":
         result = pydirector(args)
         (RESULTS / f"pydirector-{stamp}.json").write_text(json.dumps(result, indent=2))

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, sync::Arc};
 
-use dataplane::ServiceKey;
+use dataplane::{FrontendStatus, ServiceKey};
 use switchboard_proto::v1::{
     self, DrainBackendRequest, DrainBackendResponse, ListNodesRequest, ListNodesResponse, ListServicesRequest,
     ListServicesResponse, SetAlgorithmRequest, SetAlgorithmResponse, SetWeightRequest, SetWeightResponse,
@@ -52,14 +52,9 @@ impl Admin for AdminApi {
                     .frontends
                     .iter()
                     .map(|f| {
-                        let result = match (&f.listening, &f.error) {
-                            (Some(addr), _) => v1::frontend_result::Result::Listening(addr.to_string()),
-                            (None, error) => v1::frontend_result::Result::Error(error.clone().unwrap_or_default()),
-                        };
-                        v1::FrontendResult {
-                            service: Some(ServiceKey { protocol: f.protocol, port: f.port }.into()),
-                            result: Some(result),
-                        }
+                        let service = ServiceKey { protocol: f.protocol, port: f.port };
+                        let result = f.listening.ok_or_else(|| f.error.clone().unwrap_or_default());
+                        (&FrontendStatus { service, result }).into()
                     })
                     .collect(),
             })
