@@ -185,9 +185,20 @@ async fn grpcurl_lists_describes_and_calls_every_admin_method() {
     ])
     .await;
     assert!(ok && out.contains("version"), "{out}{err}");
+    let service = format!(r#"{{"protocol":"PROTOCOL_TCP","port":{port}}}"#);
+    let (ok, out, err) = grpcurl(&[
+        "-plaintext",
+        "-d",
+        &format!(r#"{{"service":{service},"algorithm":"least_connections"}}"#),
+        &addr,
+        "switchboard.v1.Admin/SetAlgorithm",
+    ])
+    .await;
+    assert!(ok && out.contains("version"), "{out}{err}");
     let state = ctl.state().await;
     let backend = &Controller::backends(&state, "tcp", port)[0];
     assert_eq!((backend["weight"].as_u64(), backend["draining"].as_bool()), (Some(5), Some(true)));
+    assert_eq!(state["services"][0]["algorithm"], "least_connections");
 
     // A mistake gets a gRPC status, not a hang or a crash.
     let (ok, _, err) = grpcurl(&[
