@@ -14,6 +14,7 @@ use std::{
 
 use switchboard_proto::{
     backoff::Backoff,
+    client::controller_endpoint,
     v1::{
         self, DeregisterRequest, HelloAck, RegisterRequest, RegisterResponse, Registration,
         register_request::Msg as Out, register_response::Msg as In, registry_client::RegistryClient,
@@ -24,10 +25,7 @@ use tokio::{
     time::{Instant, MissedTickBehavior},
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Streaming,
-    transport::{Channel, Endpoint},
-};
+use tonic::{Streaming, transport::Channel};
 use tracing::{info, warn};
 
 use crate::{
@@ -108,16 +106,24 @@ impl ServiceAgent {
         loop {
             let starting = registered.is_some();
             let attempt = self.register(*verdict.borrow());
+            let attempt = async {
+                if starting {
+                    tokio::time::timeout_at(deadline, attempt).await.unwrap_or(Err(SessionError::Closed))
+                } else {
+                    attempt.await
+                }
+            };
+            tokio::pin!(attempt);
             let outcome = tokio::select! {
-                outcome = async {
-                    if starting {
-                        tokio::time::timeout_at(deadline, attempt).await.unwrap_or(Err(SessionError::Closed))
-                    } else {
-                        attempt.await
+                outcome = &mut attempt => outcome,
+                () = stopped(shutdown) => {
+                    // The controller may already hold the registration: let the attempt finish (bounded)
+                    // and deregister it properly, rather than leave it to the stream's end.
+                    if let Ok(Ok(live)) = tokio::time::timeout(self.config.deregister_timeout, &mut attempt).await {
+                        self.deregister(live.channel, &live.backend).await;
                     }
-                } => outcome,
-                // Stopped before anything was registered (a stream cut short deregisters by itself).
-                () = stopped(shutdown) => return Ok(()),
+                    return Ok(());
+                }
             };
             let lost = match outcome {
                 Ok(live) => {
@@ -158,12 +164,8 @@ impl ServiceAgent {
 
     /// Connects, registers with `healthy` as the initial verdict, and waits for the ack.
     async fn register(&self, healthy: bool) -> Result<Live, SessionError> {
-        let channel = Endpoint::from_shared(self.config.controller.clone())
+        let channel = controller_endpoint(&self.config.controller)
             .map_err(|e| SessionError::Url(e.to_string()))?
-            .connect_timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true)
             .connect()
             .await?;
         let (tx, rx) = mpsc::channel(16);

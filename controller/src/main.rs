@@ -1,15 +1,11 @@
 //! `controller`: parse flags, start logging, bind, print the READY line, serve until SIGINT or SIGTERM.
 
-use std::{
-    io::{IsTerminal, Write},
-    process::ExitCode,
-};
+use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use controller::{Cli, Config, Controller};
 use tokio::sync::watch;
-use tracing_subscriber::EnvFilter;
 
 /// Exit code of a configuration error (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -27,11 +23,7 @@ async fn main() -> ExitCode {
         println!("configuration ok");
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    dataplane::init_logging();
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -43,11 +35,7 @@ async fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let controller = Controller::bind(config).await?;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{}", controller.ready_line()).context("writing the READY line")?;
-    stdout.flush().context("writing the READY line")?;
-    drop(stdout);
-    tracing::info!("{}", controller.ready_line());
+    dataplane::print_ready(&controller.ready_line()).context("writing the READY line")?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {

@@ -138,6 +138,9 @@ struct State {
 #[derive(Debug, Default)]
 struct Service {
     algorithm: Algorithm,
+    /// Set by an operator (`SetAlgorithm`): registrations asking for another are accepted and overruled,
+    /// so agents started with an older choice are not locked out when they re-register.
+    algorithm_set_by_operator: bool,
     backends: BTreeMap<SocketAddr, Backend>,
 }
 
@@ -177,6 +180,8 @@ pub struct Registered {
     pub version: u64,
     /// False when the backend was already registered (then it is not rolled back on failure).
     pub created: bool,
+    /// The algorithm asked for was overruled by the operator's choice.
+    pub overruled: Option<(Algorithm, Algorithm)>,
 }
 
 /// Whether nodes serve a service, as far as their reports tell.
@@ -263,15 +268,21 @@ impl Store {
     ) -> Result<Registered, StoreError> {
         self.check_port(service.port)?;
         let mut state = self.lock();
-        // The first registration of a service chooses its algorithm; a later one may only agree.
-        if let (Some(requested), Some(current)) = (algorithm, state.services.get(&service).map(|s| s.algorithm))
-            && requested != current
+        // The first registration of a service chooses its algorithm; a later one may only agree, unless an
+        // operator chose since (then the operator's choice stands and the registration goes through).
+        let mut overruled = None;
+        if let (Some(requested), Some(existing)) = (algorithm, state.services.get(&service))
+            && requested != existing.algorithm
+            && !existing.backends.is_empty()
         {
-            return Err(StoreError::AlgorithmConflict { service, current, requested });
+            if !existing.algorithm_set_by_operator {
+                return Err(StoreError::AlgorithmConflict { service, current: existing.algorithm, requested });
+            }
+            overruled = Some((requested, existing.algorithm));
         }
         let Some(reg) = state.registrations.get_mut(&registration) else {
             // Only a closed handle could ask, and handles close on drop: nothing to register for.
-            return Ok(Registered { version: state.version, created: false });
+            return Ok(Registered { version: state.version, created: false, overruled: None });
         };
         let origin = reg.origin;
         reg.backends.insert((service, backend.addr));
@@ -281,7 +292,7 @@ impl Store {
             state.services.get(&service).and_then(|s| s.backends.get(&backend.addr)).is_some_and(|b| b.draining);
         match entry {
             Some((owner, weight)) if owner == registration && weight == backend.weight => {
-                return Ok(Registered { version: state.version, created });
+                return Ok(Registered { version: state.version, created, overruled });
             }
             Some((owner, _)) if owner != registration => {
                 if let Some(previous) = state.registrations.get_mut(&owner) {
@@ -306,7 +317,7 @@ impl Store {
         }
         self.emit(Event::backend(EventKind::BackendRegistered, version, service, backend.addr, &origin.to_string()));
         self.print(&state);
-        Ok(Registered { version, created })
+        Ok(Registered { version, created, overruled })
     }
 
     /// Removes `backend` from `service`, whichever registration announced it (HW1 `unregister` may come
@@ -553,8 +564,10 @@ impl Store {
         let mut state = self.lock();
         let s = state.services.get_mut(&service).ok_or(StoreError::NoService { service })?;
         if s.algorithm == algorithm {
+            s.algorithm_set_by_operator = true;
             return Ok(state.version);
         }
+        s.algorithm_set_by_operator = true;
         let old = std::mem::replace(&mut s.algorithm, algorithm);
         let version = self.commit(&mut state);
         info!(%service, %old, new = %algorithm, version, "algorithm changed");
@@ -854,8 +867,17 @@ impl Registration {
     ) -> Result<RegisterReply, StoreError> {
         let registered = self.store.register(self.id, service, backend, algorithm)?;
         let reply = |success: bool, message: Option<String>| RegisterReply { success, message, backend: backend.addr };
+        let overruled = registered.overruled.map(|(asked, kept)| {
+            format!("service {service} keeps {kept}, set by an operator; the {asked} asked for is not applied")
+        });
         Ok(match self.store.await_frontend(service, registered.version, ack_timeout).await {
-            FrontendVerdict::Serving(note) => reply(true, note),
+            FrontendVerdict::Serving(note) => reply(
+                true,
+                match (overruled, note) {
+                    (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                    (a, b) => a.or(b),
+                },
+            ),
             FrontendVerdict::NoNodes => {
                 reply(true, Some("no data-plane node is connected; the frontend opens when one connects".to_owned()))
             }
@@ -1043,7 +1065,7 @@ mod tests {
         let rx = store.subscribe();
         let a = store.open_registration(origin("127.0.0.2"));
         let r1 = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
-        assert_eq!(r1, Registered { version: 1, created: true });
+        assert_eq!(r1, Registered { version: 1, created: true, overruled: None });
         // The same registration again changes nothing: no new version.
         assert_eq!(store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap().version, 1);
         let b = store.open_registration(origin("127.0.0.3"));
@@ -1225,6 +1247,26 @@ mod tests {
         drop(a);
         assert_eq!(events.try_recv().unwrap().kind, EventKind::BackendRemoved);
         assert_eq!(events.try_recv().unwrap().kind, EventKind::ServiceRemoved);
+    }
+
+    #[test]
+    fn the_first_registration_chooses_the_algorithm_until_an_operator_does() {
+        let store = store();
+        let a = store.open_registration(origin("127.0.0.2"));
+        let b = store.open_registration(origin("127.0.0.3"));
+        let key = ServiceKey::tcp(80);
+        store.register(a.id, key, backend("127.0.0.2:80"), Some(Algorithm::LeastConnections)).unwrap();
+        assert_eq!(store.snapshot().services[&key].algorithm, Algorithm::LeastConnections);
+        let refused = store.register(b.id, key, backend("127.0.0.3:80"), Some(Algorithm::Random)).unwrap_err();
+        assert!(refused.to_string().contains("uses least_connections"), "{refused}");
+        // Agreeing, or not asking, is fine.
+        store.register(b.id, key, backend("127.0.0.3:80"), None).unwrap();
+        // After the operator's choice, a registration asking for the old one is let in, overruled.
+        store.set_algorithm(key, Algorithm::PowerOfTwo).unwrap();
+        let c = store.open_registration(origin("127.0.0.4"));
+        let again = store.register(c.id, key, backend("127.0.0.4:80"), Some(Algorithm::LeastConnections)).unwrap();
+        assert_eq!(again.overruled, Some((Algorithm::LeastConnections, Algorithm::PowerOfTwo)));
+        assert_eq!(store.snapshot().services[&key].algorithm, Algorithm::PowerOfTwo);
     }
 
     #[test]

@@ -228,7 +228,9 @@ impl Maglev {
         if self.table.is_empty() {
             return 0;
         }
-        let key = match client {
+        // A dual-stack frontend sees IPv4 clients as ::ffff:a.b.c.d; hash them as the IPv4 address they are,
+        // as a node bound to an IPv4 address does.
+        let key = match client.to_canonical() {
             IpAddr::V4(v4) => v4.octets().to_vec(),
             IpAddr::V6(v6) => v6.octets().to_vec(),
         };

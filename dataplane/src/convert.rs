@@ -88,8 +88,12 @@ impl TryFrom<v1::Snapshot> for RoutingSnapshot {
         let mut services = BTreeMap::new();
         for s in snapshot.services {
             let key = ServiceKey::try_from(s.service.as_ref())?;
-            let algorithm: Algorithm =
-                s.algorithm.parse().map_err(|_| invalid("algorithm", format!("{:?} is unknown", s.algorithm)))?;
+            // A controller newer than this node may name an algorithm it does not know: keep serving the
+            // service, round robin, rather than refusing the whole snapshot.
+            let algorithm: Algorithm = s.algorithm.parse().unwrap_or_else(|_| {
+                tracing::warn!(service = %key, algorithm = %s.algorithm, "unknown algorithm; using round_robin");
+                Algorithm::RoundRobin
+            });
             let backends = s
                 .backends
                 .iter()

@@ -46,6 +46,30 @@ pub use snapshot::{Algorithm, BackendSpec, Protocol, RoutingSnapshot, ServiceKey
 pub use stats::BackendLoad;
 pub use table::RoutingTable;
 
+/// Logs to stderr (`RUST_LOG`, default `info`), with colours only on a terminal; stdout is kept for the
+/// READY line.
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Prints the one READY line on stdout (flushed at once: scripts wait for it) and logs it.
+pub fn print_ready(line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    tracing::info!("{line}");
+    Ok(())
+}
+
 /// Resolves on the first SIGINT or SIGTERM: how both binaries learn they must stop.
 pub async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

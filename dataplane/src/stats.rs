@@ -76,6 +76,14 @@ impl Default for BackendStats {
 }
 
 impl BackendStats {
+    /// Counts a connection being attempted as active (not yet in the total), so picks made meanwhile see
+    /// it; [`ConnectionGuard::established`] adds it to the total, dropping the guard takes it away.
+    pub fn attempt(self: &Arc<Self>) -> ConnectionGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        let generation = self.generation.load(Ordering::Acquire);
+        ConnectionGuard { stats: Arc::clone(self), generation, evictions: self.evicted_through.subscribe() }
+    }
+
     /// Counts a new connection; it stays active until the guard is dropped.
     pub fn open(self: &Arc<Self>) -> ConnectionGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
@@ -130,6 +138,11 @@ impl BackendStats {
 // === impl ConnectionGuard ===
 
 impl ConnectionGuard {
+    /// The attempted connection is made: it counts in the total too.
+    pub fn established(&self) {
+        self.stats.total.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Resolves when the connection must close (its backend was evicted after it opened).
     pub async fn evicted(&mut self) {
         let generation = self.generation;

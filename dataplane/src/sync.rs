@@ -10,11 +10,11 @@ use std::{sync::Arc, time::Duration};
 
 use switchboard_proto::{
     backoff::Backoff,
+    client::controller_endpoint,
     v1::{self, controller_message, dataplane_client::DataplaneClient},
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -98,14 +98,7 @@ async fn session(
     backoff: &mut Backoff,
     node: &NodeHandle,
 ) -> Result<Ended, SyncError> {
-    let channel = Endpoint::from_shared(config.controller.clone())
-        .map_err(|e| SyncError::Url(e.to_string()))?
-        .connect_timeout(Duration::from_secs(3))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await?;
+    let channel = controller_endpoint(&config.controller).map_err(|e| SyncError::Url(e.to_string()))?.connect().await?;
     let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
     let known_version = snapshots.borrow().version;
     let hello = v1::NodeHello { node_id: config.node_id.clone(), known_version };

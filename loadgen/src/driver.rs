@@ -107,6 +107,9 @@ pub struct Outcome {
     pub per_target: Vec<Recorder>,
     /// Wall time from the first request to the last answer.
     pub elapsed: Duration,
+    /// The run's `--duration`: rates are per second of it (answers that straggle past the end, up to one
+    /// timeout, must not dilute them).
+    pub duration: Duration,
 }
 
 const MAX_LATENCY_US: u64 = 3_600_000_000;
@@ -230,7 +233,7 @@ pub async fn run(config: &RunConfig, progress: Arc<Progress>) -> Outcome {
     } else {
         drop(queues);
     }
-    collect(tasks, config.targets.len(), start).await
+    collect(tasks, config.targets.len(), start, config.duration).await
 }
 
 /// Issues intended start times at `rate` until `end`, spreading them over targets by share.
@@ -315,7 +318,7 @@ fn count(progress: &Progress, result: &Result<u64, ErrorKind>) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-async fn collect(mut tasks: JoinSet<(usize, Recorder)>, targets: usize, start: Instant) -> Outcome {
+async fn collect(mut tasks: JoinSet<(usize, Recorder)>, targets: usize, start: Instant, duration: Duration) -> Outcome {
     let mut per_target = vec![Recorder::default(); targets];
     while let Some(done) = tasks.join_next().await {
         if let Ok((index, recorder)) = done {
@@ -326,7 +329,7 @@ async fn collect(mut tasks: JoinSet<(usize, Recorder)>, targets: usize, start: I
     for recorder in &per_target {
         total.merge(recorder);
     }
-    Outcome { total, per_target, elapsed: start.elapsed() }
+    Outcome { total, per_target, elapsed: start.elapsed(), duration }
 }
 
 /// Runs `streams` long TCP streams per target for `duration`, writing as fast as the path allows (and
@@ -341,7 +344,7 @@ pub async fn run_bulk(targets: &[SocketAddr], streams: usize, duration: Duration
             tasks.spawn(async move { (index, bulk_stream(target, start, end, &progress).await) });
         }
     }
-    collect(tasks, targets.len(), start).await
+    collect(tasks, targets.len(), start, duration).await
 }
 
 async fn bulk_stream(target: SocketAddr, start: Instant, end: Instant, progress: &Progress) -> Recorder {

@@ -25,7 +25,7 @@ pub struct Report {
     pub ok: u64,
     /// Failed requests by kind.
     pub errors: BTreeMap<ErrorKind, u64>,
-    /// Successful requests per second over the run.
+    /// Requests answered within `--duration`, per second of it.
     pub achieved_rps: f64,
     /// Bytes received (request workloads) or sent (bulk).
     pub bytes: u64,
@@ -101,6 +101,12 @@ impl Report {
     ) -> Self {
         let total = &outcome.total;
         let elapsed = outcome.elapsed.as_secs_f64().max(1e-9);
+        // Rates count what completed within the run, per second of it: answers straggling in after the
+        // end (up to one timeout) neither dilute the rate nor inflate it.
+        let per_second = outcome.duration.as_secs_f64().max(1e-9);
+        let in_run = usize::try_from(outcome.duration.as_secs_f64().ceil() as u64).unwrap_or(usize::MAX);
+        let ok_in_run: u64 = total.seconds.iter().take(in_run).map(|s| s.ok).sum();
+        let bytes_in_run: u64 = total.seconds.iter().take(in_run).map(|s| s.bytes).sum();
         let h = &total.latency;
         let latency = (total.ok > 0 && !h.is_empty()).then(|| Latency {
             min: h.min(),
@@ -123,9 +129,9 @@ impl Report {
             elapsed_s: elapsed,
             ok: total.ok,
             errors: total.errors.clone(),
-            achieved_rps: total.ok as f64 / elapsed,
+            achieved_rps: ok_in_run as f64 / per_second,
             bytes: total.bytes,
-            gbit_per_s: total.bytes as f64 * 8.0 / elapsed / 1e9,
+            gbit_per_s: bytes_in_run as f64 * 8.0 / per_second / 1e9,
             latency_us: latency,
             targets: targets
                 .iter()
@@ -337,7 +343,12 @@ mod tests {
         total.merge(&a);
         total.merge(&b);
         let targets: Vec<SocketAddr> = vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.2:1".parse().unwrap()];
-        let outcome = Outcome { total, per_target: vec![a, b], elapsed: Duration::from_secs(2) };
+        let outcome = Outcome {
+            total,
+            per_target: vec![a, b],
+            elapsed: Duration::from_millis(2300),
+            duration: Duration::from_secs(2),
+        };
         let report = Report::new("tcp", Some(500.0), 4, &targets, &outcome);
         assert_eq!(report.ok, 1000);
         assert_eq!(report.errors[&ErrorKind::Timeout], 1);

@@ -68,7 +68,11 @@ pub struct HttpBehaviour {
 /// Echoes every TCP connection back.
 pub async fn tcp_echo(listener: TcpListener, stats: Arc<Stats>) {
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else { continue };
+        let Ok((mut stream, _)) = listener.accept().await else {
+            // Out of file descriptors: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
         let stats = Arc::clone(&stats);
         tokio::spawn(async move {
             let _held = stats.hold();
@@ -102,7 +106,10 @@ pub async fn udp_echo(socket: UdpSocket, stats: Arc<Stats>) {
 /// configured work. Keep-alive unless the client asks to close.
 pub async fn http(listener: TcpListener, behaviour: HttpBehaviour, stats: Arc<Stats>, name: String) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
         let (stats, name) = (Arc::clone(&stats), name.clone());
         tokio::spawn(async move {
             let _held = stats.hold();

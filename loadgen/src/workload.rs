@@ -84,52 +84,30 @@ impl Lane {
         result
     }
 
-    async fn connection(&mut self) -> Result<&mut TcpStream, ErrorKind> {
-        if self.conn.is_none() {
-            let stream = TcpStream::connect(self.target).await.map_err(|e| ErrorKind::of(&e))?;
-            let _ = stream.set_nodelay(true);
-            self.conn = Some(stream);
-        }
-        self.conn.as_mut().ok_or(ErrorKind::Connect)
-    }
-
     async fn echo(&mut self, keepalive: bool) -> Result<u64, ErrorKind> {
-        let size = self.request.len();
-        let request = std::mem::take(&mut self.request);
-        let mut buf = std::mem::take(&mut self.buf);
-        let result = async {
-            let stream = self.connection().await?;
-            stream.write_all(&request).await.map_err(|e| ErrorKind::of(&e))?;
-            buf.resize(size, 0);
-            stream.read_exact(&mut buf).await.map_err(|e| ErrorKind::of(&e))?;
-            if buf != request {
-                return Err(ErrorKind::Protocol);
-            }
-            Ok(size as u64)
+        // Fields are borrowed, never moved out: a timeout drops this future midway, and the lane must keep
+        // its request intact for the next one.
+        let Lane { target, conn, request, buf, .. } = self;
+        let stream = connection(conn, *target).await?;
+        stream.write_all(request).await.map_err(|e| ErrorKind::of(&e))?;
+        buf.resize(request.len(), 0);
+        stream.read_exact(buf).await.map_err(|e| ErrorKind::of(&e))?;
+        if buf != request {
+            return Err(ErrorKind::Protocol);
         }
-        .await;
-        self.request = request;
-        self.buf = buf;
         if !keepalive {
-            self.conn = None;
+            *conn = None;
         }
-        result
+        Ok(request.len() as u64)
     }
 
     async fn http(&mut self, keepalive: bool) -> Result<u64, ErrorKind> {
-        let request = std::mem::take(&mut self.request);
-        let mut buf = std::mem::take(&mut self.buf);
-        let result = async {
-            let stream = self.connection().await?;
-            stream.write_all(&request).await.map_err(|e| ErrorKind::of(&e))?;
-            read_http_response(stream, &mut buf).await
-        }
-        .await;
-        self.request = request;
-        self.buf = buf;
-        let (status, bytes, reusable) = result?;
+        let Lane { target, conn, request, buf, .. } = self;
+        let stream = connection(conn, *target).await?;
+        stream.write_all(request).await.map_err(|e| ErrorKind::of(&e))?;
+        let (status, bytes, reusable) = read_http_response(stream, buf).await?;
         if !keepalive || !reusable {
-            self.conn = None;
+            *conn = None;
         }
         if (200..400).contains(&status) { Ok(bytes) } else { Err(ErrorKind::Status) }
     }
@@ -159,6 +137,16 @@ impl Lane {
             }
         }
     }
+}
+
+/// The lane's connection, made on first use.
+async fn connection(conn: &mut Option<TcpStream>, target: SocketAddr) -> Result<&mut TcpStream, ErrorKind> {
+    if conn.is_none() {
+        let stream = TcpStream::connect(target).await.map_err(|e| ErrorKind::of(&e))?;
+        let _ = stream.set_nodelay(true);
+        *conn = Some(stream);
+    }
+    conn.as_mut().ok_or(ErrorKind::Connect)
 }
 
 /// Reads one HTTP/1.x response: (status, bytes, connection reusable).
@@ -216,5 +204,38 @@ async fn read_http_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result
             }
             Ok((status, (header_end + have) as u64, false))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_request_cut_short_by_a_timeout_leaves_the_lane_intact() {
+        // The first connection stalls; later ones echo.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let stall = std::mem::replace(&mut first, false);
+                tokio::spawn(async move {
+                    if stall {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let mut lane = Lane::new(target, Workload::Tcp { keepalive: true, size: 64 });
+        let cut = tokio::time::timeout(Duration::from_millis(100), lane.request()).await;
+        assert!(cut.is_err(), "the stalled request times out");
+        lane.reset();
+        assert_eq!(lane.request().await, Ok(64), "the next request sends and checks all 64 bytes");
+        assert_eq!(lane.request().await, Ok(64));
     }
 }

@@ -6,9 +6,10 @@
 //! # Layout
 //! - [`v1`]: generated messages, clients (`*_client`) and servers (`*_server`).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
-//! - [`backoff`]: the reconnect policy of the contract's clients.
+//! - [`backoff`], [`client`]: how the contract's clients reach the controller and retry.
 
 pub mod backoff;
+pub mod client;
 
 /// Generated code of package `switchboard.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

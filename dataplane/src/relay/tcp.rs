@@ -78,10 +78,14 @@ async fn connect(
     connect_timeout: Duration,
 ) -> Option<(TcpStream, SocketAddr, ConnectionGuard)> {
     for backend in route.candidates(client.ip()) {
+        // Counted from the pick on: a burst of accepts during one connect must not all see the same
+        // least-loaded backend, and a drain that starts meanwhile must cover this connection.
+        let guard = backend.stats.attempt();
         match timeout(connect_timeout, TcpStream::connect(backend.addr)).await {
             Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);
-                return Some((upstream, backend.addr, backend.stats.open()));
+                guard.established();
+                return Some((upstream, backend.addr, guard));
             }
             Ok(Err(error)) => debug!(%service, backend = %backend.addr, %error, "backend refused; trying the next"),
             Err(_) => debug!(%service, backend = %backend.addr, "connect timed out; trying the next"),

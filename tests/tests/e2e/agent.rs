@@ -143,6 +143,12 @@ async fn the_agent_re_registers_by_itself_after_a_controller_restart_and_deregis
 
     ctl.restart().await;
     ctl.wait_state("re-registered", |s| Controller::backends(s, "tcp", port).len() == 1).await;
+    // The agent knows it too (it logs each registration) before it is stopped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.stderr_text().matches("register: registered").count() < 2 {
+        assert!(Instant::now() < deadline, "the agent never logged its second registration");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(http_get_status(ctl.frontend(port)).await.unwrap(), 200, "traffic flows again");
     assert!(agent.is_running());
 
