@@ -359,10 +359,13 @@ mod tests {
             for (i, &w) in weights.iter().enumerate() {
                 let expected = f64::from(w) / f64::from(total);
                 let share = f64::from(hits[i]) / 100_000.0;
-                assert!(
-                    (share - expected).abs() <= 0.02 * expected.max(0.1),
-                    "{algorithm:?} backend {i}: {share} vs {expected}"
-                );
+                // Smooth WRR is exact: within 2 % of the share. Random is statistical: within 2 % of all
+                // picks (over 20 standard deviations here; an unweighted pick would be 15 points off).
+                let tolerance = match algorithm {
+                    Algorithm::Random => 0.02,
+                    _ => 0.02 * expected,
+                };
+                assert!((share - expected).abs() <= tolerance, "{algorithm:?} backend {i}: {share} vs {expected}");
             }
         }
     }
