@@ -708,3 +708,34 @@ pub async fn http_get_status(addr: SocketAddr) -> std::io::Result<u16> {
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP response: {text:?}")))
 }
+
+/// Two TCP echo servers on hosts 2 and 3 of a controller's network, on one port, each registered over its
+/// own JSON channel (kept open, answering hellos, while the pair lives).
+pub struct EchoPair {
+    /// The server on host 2 (first in round robin order).
+    pub a: TcpEcho,
+    /// The server on host 3.
+    pub b: TcpEcho,
+    /// The service port.
+    pub port: u16,
+    /// Host 2's control channel.
+    pub server_a: JsonClient,
+    /// Host 3's control channel.
+    pub server_b: JsonClient,
+}
+
+impl EchoPair {
+    /// Starts and registers the pair, and waits until every node serves both.
+    pub async fn registered(ctl: &Controller) -> EchoPair {
+        let net = ctl.net;
+        let a = TcpEcho::start(net.host(2), 0).await;
+        let port = a.addr.port();
+        let b = TcpEcho::start(net.host(3), port).await;
+        let mut server_a = JsonClient::connect(ctl, net.host(2)).await;
+        let mut server_b = JsonClient::connect(ctl, net.host(3)).await;
+        assert_eq!(server_a.register("tcp", port).await, json!({"ack": "successful"}));
+        assert_eq!(server_b.register("tcp", port).await, json!({"ack": "successful"}));
+        ctl.wait_state("two tcp backends", |s| Controller::backends(s, "tcp", port).len() == 2).await;
+        EchoPair { a, b, port, server_a, server_b }
+    }
+}

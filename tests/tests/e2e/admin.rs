@@ -7,7 +7,7 @@ use serde_json::json;
 use switchboard_proto::v1::{
     self, BackendRef, DrainBackendRequest, SetWeightRequest, WatchEventsRequest, admin_client::AdminClient,
 };
-use switchboard_tests::harness::{Controller, JsonClient, Net, TcpEcho, tcp_roundtrip};
+use switchboard_tests::harness::{Controller, EchoPair, JsonClient, Net, TcpEcho, tcp_roundtrip};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::TcpStream,
@@ -29,13 +29,8 @@ async fn drain_stops_new_connections_lets_open_ones_finish_and_events_tell_it_li
     let mut admin = AdminClient::connect(ctl.grpc_url()).await.unwrap();
     let mut events = admin.watch_events(WatchEventsRequest { with_state: true }).await.unwrap().into_inner();
 
-    let a = TcpEcho::start(net.host(2), 0).await;
-    let port = a.addr.port();
-    let b = TcpEcho::start(net.host(3), port).await;
-    let mut server_a = JsonClient::connect(&ctl, net.host(2)).await;
-    let mut server_b = JsonClient::connect(&ctl, net.host(3)).await;
-    assert_eq!(server_a.register("tcp", port).await, json!({"ack": "successful"}));
-    assert_eq!(server_b.register("tcp", port).await, json!({"ack": "successful"}));
+    // Every field stays bound: dropping a control channel would remove its backend.
+    let EchoPair { a, b, port, server_a: _server_a, server_b: _server_b } = EchoPair::registered(&ctl).await;
 
     // The registrations arrive as they happen, each with the whole state after it.
     let mut registered = Vec::new();

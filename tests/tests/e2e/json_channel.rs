@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use switchboard_tests::harness::{Controller, JsonClient, Net, TcpEcho, UdpEcho, tcp_roundtrip};
+use switchboard_tests::harness::{Controller, EchoPair, JsonClient, Net, TcpEcho, UdpEcho, tcp_roundtrip};
 
 fn register(protocol: &str, port: u16) -> String {
     json!({"cmd": "register", "protocol": protocol, "port": port}).to_string()
@@ -151,16 +151,8 @@ async fn hello_probes_arrive_and_a_silent_server_is_removed_in_time() {
 
 #[tokio::test]
 async fn closing_the_channel_removes_its_backends_and_the_last_one_closes_the_port() {
-    let net = Net::new();
-    let ctl = Controller::spawn(net, &["--print-state"]).await;
-    let a = TcpEcho::start(net.host(2), 0).await;
-    let port = a.addr.port();
-    let _b = TcpEcho::start(net.host(3), port).await;
-    let mut server_a = JsonClient::connect(&ctl, net.host(2)).await;
-    let mut server_b = JsonClient::connect(&ctl, net.host(3)).await;
-    assert_eq!(server_a.register("tcp", port).await["ack"], "successful");
-    assert_eq!(server_b.register("tcp", port).await["ack"], "successful");
-    ctl.wait_state("two backends", |s| Controller::backends(s, "tcp", port).len() == 2).await;
+    let ctl = Controller::spawn(Net::new(), &["--print-state"]).await;
+    let EchoPair { a: _a, b: _b, port, server_a, server_b } = EchoPair::registered(&ctl).await;
 
     drop(server_a);
     ctl.wait_state("a removed", |s| Controller::backends(s, "tcp", port).len() == 1).await;

@@ -1,22 +1,16 @@
 //! Traffic through the embedded node: TCP and UDP relay, round robin, failover.
 
 use serde_json::json;
-use switchboard_tests::harness::{Controller, JsonClient, Net, TcpEcho, UdpEcho, tcp_roundtrip, udp_roundtrip};
+use switchboard_tests::harness::{
+    Controller, EchoPair, JsonClient, Net, TcpEcho, UdpEcho, tcp_roundtrip, udp_roundtrip,
+};
 use tokio::net::UdpSocket;
 
 #[tokio::test]
 async fn tcp_traffic_reaches_two_servers_in_round_robin() {
-    let net = Net::new();
-    let ctl = Controller::spawn(net, &[]).await;
-    let a = TcpEcho::start(net.host(2), 0).await;
-    let port = a.addr.port();
-    let b = TcpEcho::start(net.host(3), port).await;
-
-    let mut server_a = JsonClient::connect(&ctl, net.host(2)).await;
-    let mut server_b = JsonClient::connect(&ctl, net.host(3)).await;
-    assert_eq!(server_a.register("tcp", port).await, json!({"ack": "successful"}));
-    assert_eq!(server_b.register("tcp", port).await, json!({"ack": "successful"}));
-    ctl.wait_state("two tcp backends", |s| Controller::backends(s, "tcp", port).len() == 2).await;
+    let ctl = Controller::spawn(Net::new(), &[]).await;
+    // Every field stays bound: dropping a control channel would remove its backend.
+    let EchoPair { a, b, port, server_a: _server_a, server_b: _server_b } = EchoPair::registered(&ctl).await;
 
     for i in 0..10 {
         let payload = format!("hello {i}");
@@ -123,15 +117,8 @@ async fn half_close_is_passed_through_and_the_other_direction_keeps_flowing() {
 async fn a_removed_backend_gets_no_new_connections_but_keeps_its_open_ones() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let net = Net::new();
-    let ctl = Controller::spawn(net, &[]).await;
-    let a = TcpEcho::start(net.host(2), 0).await;
-    let port = a.addr.port();
-    let b = TcpEcho::start(net.host(3), port).await;
-    let mut server_a = JsonClient::connect(&ctl, net.host(2)).await;
-    let mut server_b = JsonClient::connect(&ctl, net.host(3)).await;
-    assert_eq!(server_a.register("tcp", port).await["ack"], "successful");
-    assert_eq!(server_b.register("tcp", port).await["ack"], "successful");
+    let ctl = Controller::spawn(Net::new(), &[]).await;
+    let EchoPair { a, b, port, mut server_a, server_b: _server_b } = EchoPair::registered(&ctl).await;
 
     // Round robin starts at the first backend (host 2): this connection lands on `a`.
     let mut open = tokio::net::TcpStream::connect(ctl.frontend(port)).await.unwrap();
