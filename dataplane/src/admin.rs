@@ -75,7 +75,6 @@ pub async fn serve(
 async fn state_view(State(admin): State<AdminState>) -> Json<StateView> {
     let node = admin.node.state();
     let sync = admin.sync.borrow().clone();
-    let remote = admin.node.remote_load();
     Json(StateView {
         node_id: admin.node_id,
         controller: admin.controller,
@@ -98,16 +97,13 @@ async fn state_view(State(admin): State<AdminState>) -> Json<StateView> {
             .node
             .load()
             .into_iter()
-            .map(|l| LoadView {
+            .map(|(l, remote)| LoadView {
                 protocol: l.service.protocol,
                 port: l.service.port,
                 backend: l.backend,
                 active_connections: l.active,
                 total_connections: l.total,
-                remote_connections: remote
-                    .iter()
-                    .find(|(svc, addr, _)| *svc == l.service && *addr == l.backend)
-                    .map_or(0, |r| r.2),
+                remote_connections: remote,
             })
             .collect(),
     })

@@ -181,9 +181,7 @@ impl Node {
             self.frontends.keys().filter(|service| !snapshot.services.contains_key(service)).copied().collect();
         for service in gone {
             if let Some(frontend) = self.frontends.remove(&service) {
-                let addr = frontend.local;
-                frontend.close().await;
-                info!(node = %self.config.node_id, %service, %addr, "port closed");
+                frontend.close(&self.config.node_id, service).await;
             }
         }
         self.failures.retain(|service, _| snapshot.services.contains_key(service));
@@ -261,9 +259,7 @@ impl Node {
     /// Stops accepting, then gives open connections the drain timeout to finish before closing them.
     async fn stop(mut self) {
         for (service, frontend) in self.frontends.drain() {
-            let addr = frontend.local;
-            frontend.close().await;
-            info!(node = %self.config.node_id, %service, %addr, "port closed");
+            frontend.close(&self.config.node_id, service).await;
         }
         self.drains.shutdown().await;
         let connections = &self.ctx.connections;
@@ -285,11 +281,12 @@ impl Node {
 
 impl Frontend {
     /// Stops accepting and releases the port before returning.
-    async fn close(self) {
+    async fn close(self, node: &str, service: ServiceKey) {
         let _ = self.stop.send(());
         // Waiting for the task is what guarantees the socket is closed by the time the node acknowledges
         // the snapshot.
         let _ = self.task.await;
+        info!(node, %service, addr = %self.local, "port closed");
     }
 }
 
@@ -301,14 +298,9 @@ impl NodeHandle {
         self.state.borrow().clone()
     }
 
-    /// The node's per-backend counters.
-    pub fn load(&self) -> Vec<BackendLoad> {
-        self.stats.collect()
-    }
-
-    /// The other nodes' connections per backend, as last reported.
-    pub fn remote_load(&self) -> Vec<(ServiceKey, SocketAddr, u64)> {
-        self.stats.remote()
+    /// The node's per-backend counters, each with the other nodes' connections as last reported.
+    pub fn load(&self) -> Vec<(BackendLoad, u64)> {
+        self.stats.collect_with_remote()
     }
 
     /// Takes in the other nodes' connection counts (sums per backend), for the load-aware algorithms.

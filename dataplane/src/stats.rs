@@ -201,29 +201,22 @@ impl StatsRegistry {
         entries.retain(|(service, _), stats| served(service) || Arc::strong_count(stats) > 1);
     }
 
-    /// The other nodes' last reported connections per (service, backend), where any.
-    pub fn remote(&self) -> Vec<(ServiceKey, SocketAddr, u64)> {
+    /// Every counter, sorted, each with the other nodes' last reported connections to that backend.
+    pub fn collect_with_remote(&self) -> Vec<(BackendLoad, u64)> {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rows: Vec<_> =
-            entries.iter().filter(|(_, s)| s.remote() > 0).map(|(&(svc, addr), s)| (svc, addr, s.remote())).collect();
-        rows.sort();
+        let mut rows: Vec<(BackendLoad, u64)> = entries
+            .iter()
+            .map(|(&(service, backend), stats)| {
+                (BackendLoad { service, backend, active: stats.active(), total: stats.total() }, stats.remote())
+            })
+            .collect();
+        rows.sort_by_key(|(r, _)| (r.service, r.backend));
         rows
     }
 
-    /// Every counter, sorted.
+    /// Every counter of this node, sorted (what it reports).
     pub fn collect(&self) -> Vec<BackendLoad> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        let mut rows: Vec<BackendLoad> = entries
-            .iter()
-            .map(|(&(service, backend), stats)| BackendLoad {
-                service,
-                backend,
-                active: stats.active(),
-                total: stats.total(),
-            })
-            .collect();
-        rows.sort_by_key(|r| (r.service, r.backend));
-        rows
+        self.collect_with_remote().into_iter().map(|(row, _)| row).collect()
     }
 }
 
