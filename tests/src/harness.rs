@@ -288,6 +288,16 @@ impl Controller {
         }
     }
 
+    /// Waits until every node of `ids` is connected and has applied the latest version; returns the state.
+    pub async fn wait_synced(&self, ids: &[&str]) -> Value {
+        self.wait_state("nodes synced", |s| {
+            ids.iter().all(|id| {
+                Controller::node(s, id).is_some_and(|n| n["connected"] == true && !n["acked_version"].is_null())
+            })
+        })
+        .await
+    }
+
     /// The backends of a service in the state (empty when the service does not exist).
     pub fn backends(state: &Value, protocol: &str, port: u16) -> Vec<Value> {
         state["services"]

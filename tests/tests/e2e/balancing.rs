@@ -110,10 +110,7 @@ async fn skewed_least_connections(shared: bool) -> Vec<u64> {
     let fast = ["--load-report-interval", "20ms"];
     let a = DataplaneNode::spawn(Host::Root, &ctl, "a", net.host(1), net.host(254), &fast).await;
     let b = DataplaneNode::spawn(Host::Root, &ctl, "b", net.host(11), net.host(254), &fast).await;
-    ctl.wait_state("nodes synced", |s| {
-        ["a", "b"].iter().all(|id| Controller::node(s, id).is_some_and(|n| !n["acked_version"].is_null()))
-    })
-    .await;
+    ctl.wait_synced(&["a", "b"]).await;
     let port = switchboard_tests::harness::free_port(net.host(20));
     let servers = backends(&ctl, net, port).await;
     let mut admin = AdminClient::connect(ctl.grpc_url()).await.unwrap();
@@ -166,10 +163,7 @@ async fn source_hash_sends_a_client_to_the_same_backend_through_either_node() {
     let ctl = Controller::spawn(net, &["--no-embedded-dataplane"]).await;
     let a = DataplaneNode::spawn(Host::Root, &ctl, "a", net.host(1), net.host(254), &[]).await;
     let b = DataplaneNode::spawn(Host::Root, &ctl, "b", net.host(11), net.host(254), &[]).await;
-    ctl.wait_state("nodes synced", |s| {
-        ["a", "b"].iter().all(|id| Controller::node(s, id).is_some_and(|n| !n["acked_version"].is_null()))
-    })
-    .await;
+    ctl.wait_synced(&["a", "b"]).await;
     let port = switchboard_tests::harness::free_port(net.host(20));
     // The first registration sets the algorithm; a later one asking for another is refused.
     let mut first = JsonClient::connect(&ctl, net.host(30)).await;

@@ -27,14 +27,7 @@ async fn nodes_on_other_hosts_survive_a_node_crash_and_a_controller_restart() {
     let node = |id: &'static str| DataplaneNode::spawn(lan.host(id), &ctl, id, lan.ip(id), lan.ip(id), &[]);
     let mut n1 = node("n1").await;
     let n2 = node("n2").await;
-    let synced = |ids: &'static [&'static str]| {
-        move |s: &serde_json::Value| {
-            ids.iter().all(|id| {
-                Controller::node(s, id).is_some_and(|n| n["connected"] == true && !n["acked_version"].is_null())
-            })
-        }
-    };
-    ctl.wait_state("both nodes synced", synced(&["n1", "n2"])).await;
+    ctl.wait_synced(&["n1", "n2"]).await;
 
     // Backends on their own host: one registered over the JSON channel, one over gRPC, one that will not
     // come back after the controller restart.
@@ -64,7 +57,7 @@ async fn nodes_on_other_hosts_survive_a_node_crash_and_a_controller_restart() {
     assert!(serves(&n2, p_json).await);
     ctl.wait_state("n1 gone", |s| Controller::node(s, "n1").is_some_and(|n| n["connected"] == false)).await;
     n1 = node("n1").await;
-    ctl.wait_state("n1 back", synced(&["n1"])).await;
+    ctl.wait_synced(&["n1"]).await;
     assert!(serves(&n1, p_json).await, "n1 resynced");
 
     // The controller crashes: both nodes keep serving existing and new connections.
@@ -86,7 +79,7 @@ async fn nodes_on_other_hosts_survive_a_node_crash_and_a_controller_restart() {
     // It restarts knowing nothing: nodes resync and keep every frontend through the warm-up window.
     ctl.restart().await;
     let restarted = Instant::now();
-    let state = ctl.wait_state("nodes resynced", synced(&["n1", "n2"])).await;
+    let state = ctl.wait_synced(&["n1", "n2"]).await;
     assert_eq!(state["warming_up"], true);
     assert!(state["services"].as_array().unwrap().is_empty(), "a restarted controller starts empty");
     for port in [p_json, p_grpc, p_gone] {

@@ -18,17 +18,34 @@ async fn two_nodes(net: Net, extra: &[&str]) -> (Controller, DataplaneNode, Data
     let ctl = Controller::spawn(net, &["--no-embedded-dataplane"]).await;
     let n1 = DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(1), net.host(254), extra).await;
     let n2 = DataplaneNode::spawn(Host::Root, &ctl, "n2", net.host(11), net.host(254), extra).await;
-    wait_synced(&ctl, &["n1", "n2"]).await;
+    ctl.wait_synced(&["n1", "n2"]).await;
     (ctl, n1, n2)
 }
 
-/// Waits until every node of `ids` is connected and has applied the controller's latest version.
-async fn wait_synced(ctl: &Controller, ids: &[&str]) {
-    ctl.wait_state("nodes synced", |s| {
-        ids.iter()
-            .all(|id| Controller::node(s, id).is_some_and(|n| n["connected"] == true && !n["acked_version"].is_null()))
-    })
-    .await;
+/// A controller without embedded node, node n1 with `--drain-timeout drain`, one echo backend registered,
+/// and one connection through n1 that has already echoed once.
+struct OneConnection {
+    ctl: Controller,
+    n1: DataplaneNode,
+    port: u16,
+    open: TcpStream,
+    _backend: TcpEcho,
+    _server: JsonClient,
+}
+
+async fn one_open_connection(drain: &str) -> OneConnection {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &["--no-embedded-dataplane"]).await;
+    let n1 =
+        DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(1), net.host(254), &["--drain-timeout", drain]).await;
+    ctl.wait_synced(&["n1"]).await;
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let port = backend.addr.port();
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    assert_eq!(server.register("tcp", port).await, json!({"ack": "successful"}));
+    let mut open = TcpStream::connect(n1.frontend(port)).await.unwrap();
+    assert_eq!(echo_line(&mut open, b"one").await.unwrap(), b"one");
+    OneConnection { ctl, n1, port, open, _backend: backend, _server: server }
 }
 
 async fn echo_line(stream: &mut TcpStream, line: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -123,18 +140,8 @@ async fn a_removed_backends_connection_lasts_until_the_drain_timeout() {
 
 #[tokio::test]
 async fn sigterm_stops_accepting_and_exits_0_once_open_connections_finish() {
-    let net = Net::new();
-    let ctl = Controller::spawn(net, &["--no-embedded-dataplane"]).await;
-    let mut n1 =
-        DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(1), net.host(254), &["--drain-timeout", "30s"]).await;
-    wait_synced(&ctl, &["n1"]).await;
-    let backend = TcpEcho::start(net.host(2), 0).await;
-    let port = backend.addr.port();
-    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
-    assert_eq!(server.register("tcp", port).await, json!({"ack": "successful"}));
-
-    let mut open = TcpStream::connect(n1.frontend(port)).await.unwrap();
-    assert_eq!(echo_line(&mut open, b"one").await.unwrap(), b"one");
+    // Every field stays bound: the controller, the backend and its channel live to the end of the test.
+    let OneConnection { ctl, mut n1, port, mut open, _backend, _server } = one_open_connection("30s").await;
     n1.process.terminate();
     // The frontend closes at once...
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -152,18 +159,7 @@ async fn sigterm_stops_accepting_and_exits_0_once_open_connections_finish() {
 
 #[tokio::test]
 async fn sigterm_closes_connections_still_open_when_the_grace_ends_and_exits_0() {
-    let net = Net::new();
-    let ctl = Controller::spawn(net, &["--no-embedded-dataplane"]).await;
-    let mut n1 =
-        DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(1), net.host(254), &["--drain-timeout", "500ms"]).await;
-    wait_synced(&ctl, &["n1"]).await;
-    let backend = TcpEcho::start(net.host(2), 0).await;
-    let port = backend.addr.port();
-    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
-    assert_eq!(server.register("tcp", port).await, json!({"ack": "successful"}));
-
-    let mut open = TcpStream::connect(n1.frontend(port)).await.unwrap();
-    assert_eq!(echo_line(&mut open, b"one").await.unwrap(), b"one");
+    let OneConnection { ctl: _ctl, mut n1, port: _, mut open, _backend, _server } = one_open_connection("500ms").await;
     n1.process.terminate();
     assert_eq!(n1.process.wait_exit(Duration::from_secs(10)).await, Some(0));
     let mut rest = Vec::new();
@@ -176,7 +172,7 @@ async fn the_controller_exits_0_on_sigterm_with_nodes_and_streams_connected() {
     let net = Net::new();
     let mut ctl = Controller::spawn(net, &["--resync-grace", "60s"]).await;
     let n1 = DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(11), net.host(254), &[]).await;
-    wait_synced(&ctl, &["n1"]).await;
+    ctl.wait_synced(&["n1"]).await;
     let backend = TcpEcho::start(net.host(2), 0).await;
     let mut server = JsonClient::connect(&ctl, net.host(2)).await;
     assert_eq!(server.register("tcp", backend.addr.port()).await["ack"], "successful");
