@@ -286,29 +286,29 @@ impl Store {
         };
         let origin = reg.origin;
         reg.backends.insert((service, backend.addr));
-        let entry = state.services.entry(service).or_default().backends.get(&backend.addr).map(|b| (b.owner, b.weight));
-        let created = entry.is_none();
-        let draining =
-            state.services.get(&service).and_then(|s| s.backends.get(&backend.addr)).is_some_and(|b| b.draining);
-        match entry {
-            Some((owner, weight)) if owner == registration && weight == backend.weight => {
+        let entry = state.services.entry(service).or_default();
+        let new_service = entry.backends.is_empty();
+        let existing = entry.backends.get(&backend.addr).map(|b| (b.owner, b.weight, b.draining));
+        let created = existing.is_none();
+        match existing {
+            Some((owner, weight, _)) if owner == registration && weight == backend.weight => {
                 return Ok(Registered { version: state.version, created, overruled });
             }
-            Some((owner, _)) if owner != registration => {
+            Some((owner, _, _)) if owner != registration => {
                 if let Some(previous) = state.registrations.get_mut(&owner) {
                     previous.backends.remove(&(service, backend.addr));
                 }
             }
             _ => {}
         }
-        let new_service = state.services.get(&service).is_none_or(|s| s.backends.is_empty());
+        // A drained backend stays drained when its server registers it again.
+        let draining = existing.is_some_and(|(_, _, draining)| draining);
         state.retired.remove(&service);
-        if let (true, Some(algorithm), Some(s)) = (new_service, algorithm, state.services.get_mut(&service)) {
-            s.algorithm = algorithm;
+        let entry = state.services.entry(service).or_default();
+        if let (true, Some(algorithm)) = (new_service, algorithm) {
+            entry.algorithm = algorithm;
         }
-        if let Some(s) = state.services.get_mut(&service) {
-            s.backends.insert(backend.addr, Backend { weight: backend.weight, owner: registration, draining });
-        }
+        entry.backends.insert(backend.addr, Backend { weight: backend.weight, owner: registration, draining });
         let version = self.commit(&mut state);
         let verb = if created { "backend registered" } else { "backend re-registered" };
         info!(%service, backend = %backend.addr, weight = backend.weight, %origin, version, new_service, "{verb}");
