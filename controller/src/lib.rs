@@ -97,11 +97,6 @@ impl Controller {
         format!("READY json={} grpc={} admin={}", a.json, a.grpc, a.admin)
     }
 
-    /// The store, for embedding and tests.
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
-    }
-
     /// Serves until `shutdown` turns true or a server fails.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), ControllerError> {
         let Controller { config, json, grpc, admin, store, embedded } = self;

@@ -594,11 +594,6 @@ impl Store {
         sums.into_values().collect()
     }
 
-    /// Bumped whenever a node reports (or joins or leaves): wakes whoever follows the cluster's counts.
-    pub fn node_updates(&self) -> watch::Receiver<u64> {
-        self.node_updates.subscribe()
-    }
-
     /// Follows every state change from now on.
     pub fn watch_events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()

@@ -188,12 +188,6 @@ impl StatsRegistry {
         }
     }
 
-    /// Connections open over every backend.
-    pub fn active(&self) -> u64 {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.values().map(|s| s.active()).sum()
-    }
-
     /// Forgets the counters of services no longer served that no connection still uses. A backend out of
     /// rotation keeps its counters while its service exists, so its total survives a health flap or a drain.
     pub fn retain_services(&self, served: impl Fn(&ServiceKey) -> bool) {

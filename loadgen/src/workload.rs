@@ -60,11 +60,6 @@ impl Lane {
         Lane { target, workload, conn: None, udp: None, request, buf: Vec::with_capacity(16 * 1024), seq: 0 }
     }
 
-    /// The target.
-    pub fn target(&self) -> SocketAddr {
-        self.target
-    }
-
     /// Forgets the connection (after a timeout its state is unknown).
     pub fn reset(&mut self) {
         self.conn = None;
