@@ -3,6 +3,7 @@
 use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 
 use clap::Parser;
+use contract::model::{Algorithm, Protocol, ServiceKey, Weight};
 
 use crate::{check::Check, error::ConfigError};
 
@@ -80,22 +81,11 @@ pub struct Cli {
     pub deregister_timeout: Duration,
 }
 
-/// TCP or UDP, as the agent names them.
+/// One service to register the server in, and the port the server listens on for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// TCP.
-    Tcp,
-    /// UDP.
-    Udp,
-}
-
-/// One service to register.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServiceSpec {
-    /// TCP or UDP.
-    pub protocol: Protocol,
-    /// Public port on the nodes.
-    pub port: u16,
+pub struct AgentService {
+    /// The service: protocol and public port on the nodes.
+    pub service: ServiceKey,
     /// Port the server listens on.
     pub backend_port: u16,
 }
@@ -106,13 +96,13 @@ pub struct AgentConfig {
     /// gRPC URL of the controller.
     pub controller: String,
     /// At least one.
-    pub services: Vec<ServiceSpec>,
+    pub services: Vec<AgentService>,
     /// The server's address, if not the one the controller sees.
     pub backend_address: Option<IpAddr>,
     /// Relative weight.
-    pub weight: u32,
+    pub weight: Weight,
     /// Algorithm to ask for.
-    pub algorithm: Option<String>,
+    pub algorithm: Option<Algorithm>,
     /// The check, per protocol default when not given.
     pub check: Option<Check>,
     /// Time between checks.
@@ -143,10 +133,10 @@ impl TryFrom<Cli> for AgentConfig {
         }
         let services = match (&cli.protocol, cli.port, cli.services.is_empty()) {
             (Some(protocol), Some(port), true) => {
-                let protocol = protocol.parse().map_err(|why| err("--protocol", why))?;
+                let protocol: Protocol = protocol.parse().map_err(|e| err("--protocol", format!("{e}")))?;
                 let port = nonzero("--port", port)?;
                 let backend_port = nonzero("--backend-port", cli.backend_port.unwrap_or(port))?;
-                vec![ServiceSpec { protocol, port, backend_port }]
+                vec![AgentService { service: ServiceKey { protocol, port }, backend_port }]
             }
             (None, None, false) => {
                 if cli.backend_port.is_some() {
@@ -160,9 +150,13 @@ impl TryFrom<Cli> for AgentConfig {
             _ => return Err(err("--protocol/--port", "both are needed (or use --service PROTOCOL:PORT)".into())),
         };
         let check = cli.check.as_deref().map(str::parse).transpose().map_err(|why| err("--check", why))?;
-        if !(1..=10_000).contains(&cli.weight) {
-            return Err(err("--weight", format!("{} is not in 1..=10000", cli.weight)));
-        }
+        let weight = Weight::new(cli.weight.into()).map_err(|e| err("--weight", e.to_string()))?;
+        let algorithm = cli
+            .algorithm
+            .as_deref()
+            .map(str::parse::<Algorithm>)
+            .transpose()
+            .map_err(|e| err("--algorithm", format!("{e}")))?;
         if cli.rise == 0 || cli.fall == 0 {
             return Err(err("--rise/--fall", "must be at least 1".into()));
         }
@@ -180,16 +174,8 @@ impl TryFrom<Cli> for AgentConfig {
             controller: cli.controller,
             services,
             backend_address: cli.backend_address,
-            weight: cli.weight,
-            algorithm: match cli.algorithm {
-                Some(name) if ALGORITHMS.contains(&name.to_ascii_lowercase().as_str()) => {
-                    Some(name.to_ascii_lowercase())
-                }
-                Some(name) => {
-                    return Err(err("--algorithm", format!("{name:?} is not one of {}", ALGORITHMS.join(", "))));
-                }
-                None => None,
-            },
+            weight,
+            algorithm,
             check,
             check_interval: cli.check_interval,
             check_timeout: cli.check_timeout,
@@ -204,39 +190,21 @@ impl TryFrom<Cli> for AgentConfig {
 
 impl AgentConfig {
     /// The check of `service`: the configured one, or tcp for TCP and none for UDP.
-    pub fn check_for(&self, service: &ServiceSpec) -> Check {
-        self.check.clone().unwrap_or(match service.protocol {
+    pub fn check_for(&self, service: &AgentService) -> Check {
+        self.check.clone().unwrap_or(match service.service.protocol {
             Protocol::Tcp => Check::Tcp,
             Protocol::Udp => Check::None,
         })
     }
 }
 
-/// The algorithms the controller knows (the agent passes the name through).
-const ALGORITHMS: [&str; 6] =
-    ["round_robin", "weighted_round_robin", "least_connections", "random", "power_of_two", "source_hash"];
-
 fn nonzero(flag: &'static str, port: u16) -> Result<u16, ConfigError> {
     if port == 0 { Err(ConfigError { flag, why: "must be a port in 1..=65535".into() }) } else { Ok(port) }
 }
 
-// === impl Protocol ===
+// === impl AgentService ===
 
-impl FromStr for Protocol {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "tcp" => Ok(Protocol::Tcp),
-            "udp" => Ok(Protocol::Udp),
-            _ => Err(format!("{s:?} is not tcp or udp")),
-        }
-    }
-}
-
-// === impl ServiceSpec ===
-
-impl FromStr for ServiceSpec {
+impl FromStr for AgentService {
     type Err = String;
 
     /// `tcp:80` or `tcp:80:8080`.
@@ -254,17 +222,15 @@ impl FromStr for ServiceSpec {
         if parts.next().is_some() {
             return Err(format!("{s:?} is not PROTOCOL:PORT[:BACKEND_PORT]"));
         }
-        Ok(ServiceSpec { protocol: protocol.parse()?, port, backend_port })
+        let protocol: Protocol = protocol.parse().map_err(|e| format!("{e}"))?;
+        Ok(AgentService { service: ServiceKey { protocol, port }, backend_port })
     }
 }
 
-impl fmt::Display for ServiceSpec {
+impl fmt::Display for AgentService {
+    /// `tcp:80`: the service.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let protocol = match self.protocol {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        };
-        write!(f, "{protocol}:{}", self.port)
+        self.service.fmt(f)
     }
 }
 
@@ -279,11 +245,11 @@ mod tests {
     #[test]
     fn protocol_and_port_or_services() {
         let c = config(&["--protocol", "tcp", "--port", "80"]).unwrap();
-        assert_eq!(c.services, [ServiceSpec { protocol: Protocol::Tcp, port: 80, backend_port: 80 }]);
+        assert_eq!(c.services, [AgentService { service: ServiceKey::tcp(80), backend_port: 80 }]);
         assert_eq!(c.check_for(&c.services[0]), Check::Tcp);
         let c = config(&["--service", "tcp:80:8080", "--service", "UDP:53"]).unwrap();
         assert_eq!(c.services[0].backend_port, 8080);
-        assert_eq!(c.services[1], ServiceSpec { protocol: Protocol::Udp, port: 53, backend_port: 53 });
+        assert_eq!(c.services[1], AgentService { service: ServiceKey::udp(53), backend_port: 53 });
         assert_eq!(c.check_for(&c.services[1]), Check::None);
     }
 

@@ -35,7 +35,7 @@ pub enum AgentError {
 
 /// Why one registration stream ended.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum SessionError {
+pub(crate) enum StreamError {
     #[error("invalid controller URL: {0}")]
     Url(String),
     #[error("cannot connect: {0}")]

@@ -16,6 +16,7 @@ pub mod register;
 
 use std::sync::Arc;
 
+use contract::process;
 use tokio::{
     sync::{oneshot, watch},
     task::JoinSet,
@@ -51,13 +52,5 @@ pub async fn run(
         let _ = ready.send(format!("READY services={}", services.join(",")));
         Ok(())
     });
-    while let Some(done) = tasks.join_next().await {
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => return Err(error),
-            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-            Err(_) => {}
-        }
-    }
-    Ok(())
+    process::supervise(tasks).await
 }

@@ -12,12 +12,14 @@ use std::{
     time::Duration,
 };
 
-use switchboard_proto::{
+use contract::{
     backoff::Backoff,
     client::controller_endpoint,
+    model::{BackendTarget, Deregistration, ProbeOverrides, RegisterReply, RegistrationRequest},
+    process::stopped,
     v1::{
-        self, DeregisterRequest, HelloAck, RegisterRequest, RegisterResponse, Registration,
-        register_request::Msg as Out, register_response::Msg as In, registry_client::RegistryClient,
+        HelloAck, RegisterRequest, RegisterResponse, register_request::Msg as Out, register_response::Msg as In,
+        registry_client::RegistryClient,
     },
 };
 use tokio::{
@@ -30,14 +32,14 @@ use tracing::{info, warn};
 
 use crate::{
     check::{Check, Health},
-    cli::{AgentConfig, Protocol, ServiceSpec},
-    error::{AgentError, SessionError},
+    cli::{AgentConfig, AgentService},
+    error::{AgentError, StreamError},
 };
 
 /// The agent of one service.
 pub struct ServiceAgent {
     config: Arc<AgentConfig>,
-    spec: ServiceSpec,
+    spec: AgentService,
     check: Check,
     /// Where local checks go.
     target: SocketAddr,
@@ -48,8 +50,8 @@ struct Live {
     channel: Channel,
     tx: mpsc::Sender<RegisterRequest>,
     inbound: Streaming<RegisterResponse>,
-    /// The backend as the controller recorded it, `ip:port`.
-    backend: String,
+    /// The backend as the controller recorded it.
+    backend: SocketAddr,
 }
 
 enum Ended {
@@ -61,7 +63,7 @@ enum Ended {
 
 impl ServiceAgent {
     /// The agent of `spec`; checks go to the backend address, or 127.0.0.1 when the controller picks it.
-    pub fn new(config: Arc<AgentConfig>, spec: ServiceSpec) -> Self {
+    pub fn new(config: Arc<AgentConfig>, spec: AgentService) -> Self {
         let ip = config.backend_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let check = config.check_for(&spec);
         ServiceAgent { target: SocketAddr::new(ip, spec.backend_port), check, config, spec }
@@ -108,7 +110,7 @@ impl ServiceAgent {
             let attempt = self.register(*verdict.borrow());
             let attempt = async {
                 if starting {
-                    tokio::time::timeout_at(deadline, attempt).await.unwrap_or(Err(SessionError::Closed))
+                    tokio::time::timeout_at(deadline, attempt).await.unwrap_or(Err(StreamError::Closed))
                 } else {
                     attempt.await
                 }
@@ -120,7 +122,7 @@ impl ServiceAgent {
                     // The controller may already hold the registration: let the attempt finish (bounded)
                     // and deregister it properly, rather than leave it to the stream's end.
                     if let Ok(Ok(live)) = tokio::time::timeout(self.config.deregister_timeout, &mut attempt).await {
-                        self.deregister(live.channel, &live.backend).await;
+                        self.deregister(live.channel, live.backend).await;
                     }
                     return Ok(());
                 }
@@ -137,7 +139,7 @@ impl ServiceAgent {
                     }
                 }
                 // Refused at startup: retrying changes nothing (a port the controller does not allow).
-                Err(SessionError::Refused(why)) if starting => {
+                Err(StreamError::Refused(why)) if starting => {
                     return Err(AgentError::Refused { service: self.spec.to_string(), why });
                 }
                 Err(error) => error.to_string(),
@@ -163,23 +165,32 @@ impl ServiceAgent {
     }
 
     /// Connects, registers with `healthy` as the initial verdict, and waits for the ack.
-    async fn register(&self, healthy: bool) -> Result<Live, SessionError> {
+    async fn register(&self, healthy: bool) -> Result<Live, StreamError> {
         let channel = controller_endpoint(&self.config.controller)
-            .map_err(|e| SessionError::Url(e.to_string()))?
+            .map_err(|e| StreamError::Url(e.to_string()))?
             .connect()
             .await?;
         let (tx, rx) = mpsc::channel(16);
-        let mut registration = self.registration();
-        registration.healthy = Some(healthy);
-        tx.send(RegisterRequest { msg: Some(Out::Register(registration)) }).await.map_err(|_| SessionError::Closed)?;
+        let registration = RegistrationRequest {
+            service: self.spec.service,
+            backend: BackendTarget { ip: self.config.backend_address, port: Some(self.spec.backend_port) },
+            weight: self.config.weight,
+            algorithm: self.config.algorithm,
+            probe: ProbeOverrides::default(),
+            healthy: Some(healthy),
+        };
+        let message = RegisterRequest { msg: Some(Out::Register((&registration).into())) };
+        tx.send(message).await.map_err(|_| StreamError::Closed)?;
         let mut inbound = RegistryClient::new(channel.clone()).register(ReceiverStream::new(rx)).await?.into_inner();
-        match inbound.message().await?.and_then(|m| m.msg) {
-            Some(In::Ack(ack)) if ack.success => {
-                info!(service = %self.spec, backend = %ack.backend, healthy, note = %ack.message, "registered");
-                Ok(Live { channel, tx, inbound, backend: ack.backend })
+        let Some(In::Ack(ack)) = inbound.message().await?.and_then(|m| m.msg) else { return Err(StreamError::Closed) };
+        let reply = RegisterReply::try_from(&ack).map_err(|e| StreamError::Refused(e.to_string()))?;
+        let note = reply.message.unwrap_or_default();
+        match reply.backend {
+            Some(backend) if reply.success => {
+                info!(service = %self.spec, %backend, healthy, %note, "registered");
+                Ok(Live { channel, tx, inbound, backend })
             }
-            Some(In::Ack(ack)) => Err(SessionError::Refused(ack.message)),
-            _ => Err(SessionError::Closed),
+            _ => Err(StreamError::Refused(note)),
         }
     }
 
@@ -202,7 +213,7 @@ impl ServiceAgent {
                 // Tell the controller now rather than at the next hello.
                 Ok(()) = verdict.changed() => answer(0, *verdict.borrow_and_update()),
                 () = stopped(shutdown) => {
-                    self.deregister(live.channel, &live.backend).await;
+                    self.deregister(live.channel, live.backend).await;
                     return Ended::Shutdown;
                 }
             };
@@ -212,33 +223,12 @@ impl ServiceAgent {
         }
     }
 
-    fn registration(&self) -> Registration {
-        let protocol = match self.spec.protocol {
-            Protocol::Tcp => v1::Protocol::Tcp,
-            Protocol::Udp => v1::Protocol::Udp,
-        };
-        Registration {
-            service: Some(v1::ServiceKey { protocol: protocol.into(), port: self.spec.port.into() }),
-            backend_address: self.config.backend_address.map(|ip| ip.to_string()).unwrap_or_default(),
-            backend_port: self.spec.backend_port.into(),
-            weight: self.config.weight,
-            health: None,
-            healthy: None,
-            algorithm: self.config.algorithm.clone().unwrap_or_default(),
-        }
-    }
-
     /// Removes the backend and waits for the controller's word, at most `--deregister-timeout`. The stream's
     /// end would remove it too; the explicit call is what confirms it.
-    async fn deregister(&self, channel: Channel, backend: &str) {
-        let Ok(addr) = backend.parse::<SocketAddr>() else { return };
-        let request = DeregisterRequest {
-            service: self.registration().service,
-            backend_address: addr.ip().to_string(),
-            backend_port: addr.port().into(),
-        };
+    async fn deregister(&self, channel: Channel, backend: SocketAddr) {
+        let request = Deregistration { service: self.spec.service, backend: BackendTarget::exact(backend) };
         let mut client = RegistryClient::new(channel);
-        let call = client.deregister(request);
+        let call = client.deregister(contract::v1::DeregisterRequest::from(&request));
         match tokio::time::timeout(self.config.deregister_timeout, call).await {
             Ok(Ok(reply)) => info!(service = %self.spec, %backend, version = reply.get_ref().version, "deregistered"),
             Ok(Err(status)) => {
@@ -254,7 +244,7 @@ async fn checks(
     check: Check,
     target: SocketAddr,
     config: Arc<AgentConfig>,
-    spec: ServiceSpec,
+    spec: AgentService,
     mut health: Health,
     verdict: watch::Sender<bool>,
 ) {
@@ -271,11 +261,6 @@ async fn checks(
             verdict.send_replace(healthy);
         }
     }
-}
-
-/// Resolves once `shutdown` turns true, holding no borrow of the channel across the caller's awaits.
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 fn answer(seq: u64, healthy: bool) -> RegisterRequest {

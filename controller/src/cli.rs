@@ -1,12 +1,10 @@
 //! Command-line flags of `controller`. Every flag has an environment override; library code never sees
 //! this type, only the validated [`crate::Config`].
 
-use std::{
-    net::{IpAddr, SocketAddr},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use clap::Parser;
+use dataplane::NodeArgs;
 
 /// Switchboard controller: the registry of services and backends, with an embedded data-plane node.
 #[derive(Debug, Clone, Parser)]
@@ -23,10 +21,6 @@ pub struct Cli {
     /// Address of the admin HTTP server (`GET /api/state`).
     #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN", default_value = "127.0.0.1:9901")]
     pub admin_listen: SocketAddr,
-
-    /// IP address the embedded node binds frontends on.
-    #[arg(long, env = "SWITCHBOARD_FRONTEND_ADDRESS", default_value = "0.0.0.0")]
-    pub frontend_address: IpAddr,
 
     /// Time between two hello probes to a registered server.
     #[arg(long, env = "SWITCHBOARD_HELLO_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
@@ -61,22 +55,9 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_RESYNC_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub resync_grace: Duration,
 
-    /// Time allowed to connect to one backend before the next one is tried.
-    #[arg(long, env = "SWITCHBOARD_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
-    pub connect_timeout: Duration,
-
-    /// A UDP session with no datagram either way for this long ends.
-    #[arg(long, env = "SWITCHBOARD_UDP_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub udp_idle_timeout: Duration,
-
-    /// Most UDP sessions per frontend.
-    #[arg(long, env = "SWITCHBOARD_UDP_MAX_SESSIONS", default_value_t = 65_536)]
-    pub udp_max_sessions: usize,
-
-    /// How long connections to a removed backend go on before they are closed; also how long the embedded
-    /// node waits for open connections on shutdown.
-    #[arg(long, env = "SWITCHBOARD_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub drain_timeout: Duration,
+    /// The embedded node's flags.
+    #[command(flatten)]
+    pub node: NodeArgs,
 
     /// Do not share connection counts between nodes: least_connections and power_of_two then see only each
     /// node's own connections (for comparison).

@@ -2,6 +2,7 @@
 
 use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
 
+use contract::process::FlagError;
 use dataplane::NodeConfig;
 
 use crate::{cli::Cli, error::ConfigError, probe::ProbeSettings};
@@ -33,6 +34,12 @@ pub struct Config {
     pub check: bool,
 }
 
+/// The name of the node that runs inside the controller.
+pub const EMBEDDED_NODE: &str = "embedded";
+
+/// How often the embedded node reports its counts (a remote node's `--load-report-interval` default).
+const EMBEDDED_LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+
 /// A set of port ranges, e.g. `80,8000-8999`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortRanges(Vec<(u16, u16)>);
@@ -43,31 +50,18 @@ impl TryFrom<Cli> for Config {
     type Error = ConfigError;
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
-        let positive = |flag: &'static str, d: Duration| {
-            if d.is_zero() { Err(ConfigError::Invalid { flag, why: "must be more than zero" }) } else { Ok(d) }
-        };
-        let probe = ProbeSettings {
-            interval: positive("hello-interval", cli.hello_interval)?,
-            timeout: positive("hello-timeout", cli.hello_timeout)?,
-            failures: match cli.hello_failures {
-                0 => return Err(ConfigError::Invalid { flag: "hello-failures", why: "must be at least 1" }),
-                n => n,
-            },
-        };
-        positive("connect-timeout", cli.connect_timeout)?;
-        positive("udp-idle-timeout", cli.udp_idle_timeout)?;
-        if cli.udp_max_sessions == 0 {
-            return Err(ConfigError::Invalid { flag: "udp-max-sessions", why: "must be at least 1" });
+        FlagError::require_positive(&[
+            ("hello-interval", cli.hello_interval),
+            ("hello-timeout", cli.hello_timeout),
+            ("bind-ack-timeout", cli.bind_ack_timeout),
+        ])?;
+        if cli.hello_failures == 0 {
+            return Err(FlagError::new("hello-failures", "must be at least 1").into());
         }
-        let embedded_node = (!cli.no_embedded_dataplane).then(|| NodeConfig {
-            node_id: "embedded".to_owned(),
-            frontend_address: cli.frontend_address,
-            connect_timeout: cli.connect_timeout,
-            udp_idle_timeout: cli.udp_idle_timeout,
-            udp_max_sessions: cli.udp_max_sessions,
-            load_report_interval: Duration::from_millis(100),
-            drain_timeout: cli.drain_timeout,
-        });
+        let probe =
+            ProbeSettings { interval: cli.hello_interval, timeout: cli.hello_timeout, failures: cli.hello_failures };
+        // Checked even when no node is embedded: a flag given is a flag that must make sense.
+        let node = cli.node.node_config(EMBEDDED_NODE.to_owned(), EMBEDDED_LOAD_REPORT_INTERVAL)?;
         Ok(Config {
             json_listen: cli.json_listen,
             grpc_listen: cli.grpc_listen,
@@ -75,10 +69,10 @@ impl TryFrom<Cli> for Config {
             probe,
             allowed_ports: cli.allowed_ports.parse()?,
             print_state: cli.print_state,
-            bind_ack_timeout: positive("bind-ack-timeout", cli.bind_ack_timeout)?,
+            bind_ack_timeout: cli.bind_ack_timeout,
             resync_grace: cli.resync_grace,
             cluster_counts: !cli.no_cluster_counts,
-            embedded_node,
+            embedded_node: (!cli.no_embedded_dataplane).then_some(node),
             check: cli.check,
         })
     }

@@ -2,7 +2,10 @@
 
 use std::{io, net::SocketAddr};
 
-use dataplane::ServiceKey;
+use contract::{
+    model::{Algorithm, ServiceKey},
+    process::FlagError,
+};
 
 /// A registry change the store refuses. Its `Display` is the reason a registering server reads.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -21,12 +24,6 @@ pub enum StoreError {
         /// The requested port.
         port: u16,
     },
-    /// A weight outside 1..=10000.
-    #[error("weight {weight} is not in 1..=10000")]
-    InvalidWeight {
-        /// The requested weight.
-        weight: u32,
-    },
     /// A registration asks for another algorithm than the service has.
     #[error(
         "service {service} uses {current}; a registration asking for {requested} is refused (change it with Admin.SetAlgorithm)"
@@ -35,9 +32,9 @@ pub enum StoreError {
         /// The service.
         service: ServiceKey,
         /// Its algorithm.
-        current: dataplane::Algorithm,
+        current: Algorithm,
         /// The one asked for.
-        requested: dataplane::Algorithm,
+        requested: Algorithm,
     },
     /// No such service.
     #[error("no service {service}")]
@@ -53,6 +50,9 @@ pub enum StoreError {
         /// The backend looked for.
         backend: SocketAddr,
     },
+    /// The change would leave the store inconsistent (a bug, not bad input): refused, nothing published.
+    #[error("internal error: the change would break a store invariant ({0}); nothing changed")]
+    Invariant(String),
 }
 
 /// Why the controller cannot start or keep running.
@@ -78,6 +78,9 @@ pub enum ControllerError {
     /// The admin HTTP server failed.
     #[error("admin HTTP server: {0}")]
     Admin(#[source] io::Error),
+    /// The store refused a change of the controller's own (warm-up).
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// A configuration value that makes no sense.
@@ -92,11 +95,6 @@ pub enum ConfigError {
         why: String,
     },
     /// A value out of its range.
-    #[error("invalid --{flag}: {why}")]
-    Invalid {
-        /// The flag, without dashes.
-        flag: &'static str,
-        /// What is wrong with it.
-        why: &'static str,
-    },
+    #[error(transparent)]
+    Flag(#[from] FlagError),
 }

@@ -5,7 +5,11 @@
 //!
 //! # Layout
 //! - [`cli`] and [`config`]: flags, and the validated configuration built from them.
-//! - [`store`]: the single source of truth, snapshots, node bookkeeping.
+//! - [`store`]: the single source of truth, in rooms: registry and commit, nodes and cluster load, events,
+//!   read model.
+//!
+//! The domain types and their wire conversions are the contract crate's; the `dataplane` crate is used only
+//! to embed a node.
 //! - [`probe`]: the hello health check shared by both registration channels.
 //! - [`api`]: JSON channel, gRPC, admin HTTP.
 //! - [`error`]: one error enum per boundary.
@@ -19,6 +23,7 @@ pub mod store;
 
 use std::{net::SocketAddr, sync::Arc};
 
+use contract::process::{self, stopped};
 use dataplane::{Node, NodeConfig};
 use tokio::{
     net::TcpListener,
@@ -39,7 +44,7 @@ pub struct Controller {
     grpc: TcpListener,
     admin: TcpListener,
     store: Arc<Store>,
-    embedded: Option<store::NodeSession>,
+    embedded: Option<store::NodeLink>,
 }
 
 /// The addresses a controller listens on.
@@ -77,7 +82,7 @@ impl Controller {
         let policy = store::Policy { allowed_ports: config.allowed_ports.clone(), reserved_ports };
         let store = Store::new(policy, config.print_state);
         if !config.resync_grace.is_zero() {
-            store.begin_warm_up();
+            store.begin_warm_up()?;
         }
         // The embedded node counts as connected from the start: a registration that arrives right after
         // READY waits for its bind result instead of being told that no node is there.
@@ -106,7 +111,7 @@ impl Controller {
             let (grace, mut shutdown) = (config.resync_grace, shutdown.clone());
             tasks.spawn(async move {
                 tokio::select! {
-                    () = tokio::time::sleep(grace) => store.end_warm_up(),
+                    () = tokio::time::sleep(grace) => { store.end_warm_up()?; }
                     () = stopped(&mut shutdown) => {}
                 }
                 Ok(())
@@ -133,31 +138,19 @@ impl Controller {
             shutdown.clone(),
         ));
         tasks.spawn(api::http::serve(admin, Arc::clone(&store), shutdown.clone()));
-        if let (Some(node), Some(session)) = (config.embedded_node, embedded) {
-            tasks.spawn(run_embedded_node(node, session, Arc::clone(&store), config.cluster_counts, shutdown));
+        if let (Some(node), Some(link)) = (config.embedded_node, embedded) {
+            tasks.spawn(run_embedded_node(node, link, Arc::clone(&store), config.cluster_counts, shutdown));
         }
-        while let Some(done) = tasks.join_next().await {
-            match done {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => return Err(error),
-                Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-                Err(_) => {}
-            }
-        }
-        Ok(())
+        process::supervise(tasks).await
     }
 }
 
-/// Resolves once `shutdown` turns true (or its sender is gone), holding no borrow of the channel.
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
-}
-
-/// Runs a node inside the controller (already marked connected by [`Controller::bind`]): it follows the store's snapshots directly and its reports go
-/// straight into the store, exactly as a remote node's would after crossing the network.
+/// Runs a node inside the controller (already marked connected by [`Controller::bind`]): it follows the
+/// store's snapshots directly and its reports go straight into the store, exactly as a remote node's would
+/// after crossing the network.
 async fn run_embedded_node(
     config: NodeConfig,
-    session: store::NodeSession,
+    link: store::NodeLink,
     store: Arc<Store>,
     cluster_counts: bool,
     shutdown: watch::Receiver<bool>,
@@ -166,25 +159,18 @@ async fn run_embedded_node(
     let node = Node::new(config);
     // The other nodes' counts, as a remote node gets them on its sync stream.
     let cluster = cluster_counts.then(|| {
-        let (handle, store, id) = (node.handle(), Arc::clone(&store), session.node().to_owned());
+        let (handle, mut feed) = (node.handle(), link.cluster_load());
         tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(api::sync::CLUSTER_LOAD_INTERVAL);
-            let mut last = Vec::new();
             loop {
-                ticks.tick().await;
-                let load = store.cluster_load_excluding(&id);
-                if load != last {
-                    handle.set_remote_load(&load);
-                    last = load;
-                }
+                handle.set_remote_load(&feed.changed().await);
             }
         })
     });
     let node = tokio::spawn(node.run(store.subscribe(), reports_tx, shutdown));
     while let Some(report) = reports.recv().await {
-        session.report(report);
+        link.report(report);
     }
-    drop(session);
+    drop(link);
     if let Some(cluster) = cluster {
         cluster.abort();
     }

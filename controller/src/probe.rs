@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use contract::model::ProbeOverrides;
 use tokio::time::Instant;
 
 /// How a registration is probed.
@@ -17,6 +18,19 @@ pub struct ProbeSettings {
     pub timeout: Duration,
     /// Missed hellos in a row that end the registration.
     pub failures: u32,
+}
+
+// === impl ProbeSettings ===
+
+impl ProbeSettings {
+    /// These settings, with what a registration asked for in place of the controller's.
+    pub fn with(self, overrides: ProbeOverrides) -> Self {
+        ProbeSettings {
+            interval: overrides.interval.unwrap_or(self.interval),
+            timeout: overrides.timeout.unwrap_or(self.timeout),
+            failures: overrides.failures.unwrap_or(self.failures),
+        }
+    }
 }
 
 /// What the caller must do after [`Probe::on_timer`].

@@ -4,14 +4,11 @@
 use std::net::SocketAddr;
 
 use axum::{Json, Router, extract::State, routing::get};
+use contract::model::{FrontendView, ServiceKey, ServiceSpec};
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{
-    node::NodeHandle,
-    snapshot::{Protocol, ServiceSpec},
-    sync::SyncStatus,
-};
+use crate::{node::NodeHandle, sync::SyncStatus};
 
 /// What `/api/state` reads.
 #[derive(Clone)]
@@ -22,8 +19,9 @@ struct AdminState {
     sync: watch::Receiver<SyncStatus>,
 }
 
+/// The body of a node's `/api/state`.
 #[derive(Serialize)]
-struct StateView {
+struct NodeStateView {
     node_id: String,
     controller: String,
     connected: bool,
@@ -36,17 +34,9 @@ struct StateView {
 }
 
 #[derive(Serialize)]
-struct FrontendView {
-    protocol: Protocol,
-    port: u16,
-    listening: Option<SocketAddr>,
-    error: Option<String>,
-}
-
-#[derive(Serialize)]
 struct LoadView {
-    protocol: Protocol,
-    port: u16,
+    #[serde(flatten)]
+    service: ServiceKey,
     backend: SocketAddr,
     active_connections: u64,
     total_connections: u64,
@@ -66,16 +56,14 @@ pub async fn serve(
     let state = AdminState { node_id, controller, node, sync };
     let app = Router::new().route("/api/state", get(state_view)).with_state(state);
     axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
+        .with_graceful_shutdown(async move { contract::process::stopped(&mut shutdown).await })
         .await
 }
 
-async fn state_view(State(admin): State<AdminState>) -> Json<StateView> {
+async fn state_view(State(admin): State<AdminState>) -> Json<NodeStateView> {
     let node = admin.node.state();
     let sync = admin.sync.borrow().clone();
-    Json(StateView {
+    Json(NodeStateView {
         node_id: admin.node_id,
         controller: admin.controller,
         connected: sync.connected,
@@ -83,23 +71,13 @@ async fn state_view(State(admin): State<AdminState>) -> Json<StateView> {
         version: node.snapshot.version,
         warming_up: node.snapshot.warming_up,
         services: node.snapshot.services.values().cloned().collect(),
-        frontends: node
-            .frontends
-            .iter()
-            .map(|f| FrontendView {
-                protocol: f.service.protocol,
-                port: f.service.port,
-                listening: f.result.as_ref().ok().copied(),
-                error: f.result.as_ref().err().cloned(),
-            })
-            .collect(),
+        frontends: node.frontends.iter().map(FrontendView::from).collect(),
         backends: admin
             .node
             .load()
             .into_iter()
             .map(|(l, remote)| LoadView {
-                protocol: l.service.protocol,
-                port: l.service.port,
+                service: l.service,
                 backend: l.backend,
                 active_connections: l.active,
                 total_connections: l.total,

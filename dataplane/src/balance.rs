@@ -15,7 +15,9 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use crate::{snapshot::Algorithm, table::RouteBackend};
+use contract::model::Algorithm;
+
+use crate::table::RouteBackend;
 
 /// The balancing state of one service in one routing table.
 #[derive(Debug)]
@@ -62,14 +64,14 @@ impl Balancer {
         match algorithm {
             Algorithm::RoundRobin => Balancer::RoundRobin(carried()),
             Algorithm::WeightedRoundRobin => {
-                let weights: Vec<u64> = backends.iter().map(|b| u64::from(b.weight.max(1))).collect();
+                let weights: Vec<u64> = backends.iter().map(|b| u64::from(b.weight.get())).collect();
                 Balancer::WeightedRoundRobin { cycle: smooth_cycle(&weights), next: carried() }
             }
             Algorithm::LeastConnections => Balancer::LeastConnections(carried()),
             Algorithm::Random => Balancer::Random,
             Algorithm::PowerOfTwo => Balancer::PowerOfTwo,
             Algorithm::SourceHash => {
-                let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+                let addrs: Vec<_> = backends.iter().map(|b| b.address).collect();
                 Balancer::SourceHash(Maglev::new(&addrs))
             }
         }
@@ -109,7 +111,7 @@ impl Balancer {
 
 /// True when `a` carries strictly less load per unit of weight than `b`.
 fn lighter(a: &RouteBackend, b: &RouteBackend) -> bool {
-    u128::from(a.load()) * u128::from(b.weight.max(1)) < u128::from(b.load()) * u128::from(a.weight.max(1))
+    u128::from(a.load()) * u128::from(b.weight.get()) < u128::from(b.load()) * u128::from(a.weight.get())
 }
 
 /// The least loaded backend per unit of weight; among equals, the first from `start` on, so ties rotate.
@@ -126,10 +128,10 @@ fn least_loaded(backends: &[RouteBackend], start: usize) -> usize {
 }
 
 fn weighted_random(backends: &[RouteBackend]) -> usize {
-    let total: u64 = backends.iter().map(|b| u64::from(b.weight.max(1))).sum();
+    let total: u64 = backends.iter().map(|b| u64::from(b.weight.get())).sum();
     let mut r = random() % total.max(1);
     for (i, b) in backends.iter().enumerate() {
-        let w = u64::from(b.weight.max(1));
+        let w = u64::from(b.weight.get());
         if r < w {
             return i;
         }
@@ -289,6 +291,8 @@ mod tests {
 
     use proptest::prelude::*;
 
+    use contract::model::Weight;
+
     use super::*;
     use crate::stats::BackendStats;
 
@@ -297,8 +301,8 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &weight)| RouteBackend {
-                addr: SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 80)),
-                weight,
+                address: SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 80)),
+                weight: Weight::new(weight.into()).unwrap(),
                 stats: Arc::new(BackendStats::default()),
             })
             .collect()
@@ -410,7 +414,7 @@ mod tests {
     #[test]
     fn maglev_shares_are_even_and_identical_everywhere() {
         for n in [2usize, 3, 5, 10, 20] {
-            let addrs: Vec<SocketAddr> = backends(&vec![1; n]).iter().map(|b| b.addr).collect();
+            let addrs: Vec<SocketAddr> = backends(&vec![1; n]).iter().map(|b| b.address).collect();
             let table = Maglev::new(&addrs);
             assert_eq!(table, Maglev::new(&addrs), "two independently built tables are identical");
             let mut hits = vec![0u32; n];
@@ -429,7 +433,7 @@ mod tests {
     #[test]
     fn removing_one_backend_moves_few_keys() {
         for n in [3usize, 5, 10, 20] {
-            let addrs: Vec<SocketAddr> = backends(&vec![1; n]).iter().map(|b| b.addr).collect();
+            let addrs: Vec<SocketAddr> = backends(&vec![1; n]).iter().map(|b| b.address).collect();
             let before = Maglev::new(&addrs);
             let removed = n / 2;
             let rest: Vec<SocketAddr> =

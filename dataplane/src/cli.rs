@@ -1,11 +1,13 @@
-//! Command-line flags of `dataplane`. Every flag has an environment override.
+//! Command-line flags of `dataplane`. Every flag has an environment override. [`NodeArgs`] are the flags
+//! of a node itself, which the controller takes too for its embedded node.
 
 use std::{
     net::{IpAddr, SocketAddr},
     time::Duration,
 };
 
-use clap::Parser;
+use clap::{Args, Parser};
+use contract::process::FlagError;
 
 use crate::{node::NodeConfig, sync::SyncConfig};
 
@@ -21,13 +23,30 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_NODE_ID")]
     pub node_id: Option<String>,
 
-    /// IP address the frontends bind.
-    #[arg(long, env = "SWITCHBOARD_FRONTEND_ADDRESS", default_value = "0.0.0.0")]
-    pub frontend_address: IpAddr,
-
     /// Address of the node's admin HTTP server (`GET /api/state`).
     #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN", default_value = "127.0.0.1:9902")]
     pub admin_listen: SocketAddr,
+
+    /// The node's own flags.
+    #[command(flatten)]
+    pub node: NodeArgs,
+
+    /// Shortest time between two load reports to the controller.
+    #[arg(long, env = "SWITCHBOARD_LOAD_REPORT_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub load_report_interval: Duration,
+
+    /// Longest wait between two attempts to reach the controller.
+    #[arg(long, env = "SWITCHBOARD_BACKOFF_MAX", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub backoff_max: Duration,
+}
+
+/// The flags of one node: how it binds frontends and treats connections. `dataplane` and the controller
+/// (for its embedded node) take the same ones.
+#[derive(Debug, Clone, Args)]
+pub struct NodeArgs {
+    /// IP address the node binds its frontends on.
+    #[arg(long, env = "SWITCHBOARD_FRONTEND_ADDRESS", default_value = "0.0.0.0")]
+    pub frontend_address: IpAddr,
 
     /// How long connections to a removed backend go on before they are closed; also how long a stopping
     /// node waits for open connections.
@@ -45,14 +64,6 @@ pub struct Cli {
     /// Most UDP sessions per frontend.
     #[arg(long, env = "SWITCHBOARD_UDP_MAX_SESSIONS", default_value_t = 65_536)]
     pub udp_max_sessions: usize,
-
-    /// Shortest time between two load reports to the controller.
-    #[arg(long, env = "SWITCHBOARD_LOAD_REPORT_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
-    pub load_report_interval: Duration,
-
-    /// Longest wait between two attempts to reach the controller.
-    #[arg(long, env = "SWITCHBOARD_BACKOFF_MAX", default_value = "5s", value_parser = humantime::parse_duration)]
-    pub backoff_max: Duration,
 }
 
 /// The validated configuration of a `dataplane` process.
@@ -66,52 +77,49 @@ pub struct DataplaneConfig {
     pub admin_listen: SocketAddr,
 }
 
-/// A flag value that makes no sense.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid --{flag}: {why}")]
-pub struct ConfigError {
-    /// The flag, without dashes.
-    pub flag: &'static str,
-    /// What is wrong with it.
-    pub why: String,
+// === impl NodeArgs ===
+
+impl NodeArgs {
+    /// The configuration of a node named `node_id` that reports its load at most every
+    /// `load_report_interval`.
+    pub fn node_config(&self, node_id: String, load_report_interval: Duration) -> Result<NodeConfig, FlagError> {
+        if self.udp_max_sessions == 0 {
+            return Err(FlagError::new("udp-max-sessions", "must be at least 1"));
+        }
+        FlagError::require_positive(&[
+            ("connect-timeout", self.connect_timeout),
+            ("udp-idle-timeout", self.udp_idle_timeout),
+            ("load-report-interval", load_report_interval),
+        ])?;
+        Ok(NodeConfig {
+            node_id,
+            frontend_address: self.frontend_address,
+            connect_timeout: self.connect_timeout,
+            udp_idle_timeout: self.udp_idle_timeout,
+            udp_max_sessions: self.udp_max_sessions,
+            load_report_interval,
+            drain_timeout: self.drain_timeout,
+        })
+    }
 }
 
+// === impl DataplaneConfig ===
+
 impl TryFrom<Cli> for DataplaneConfig {
-    type Error = ConfigError;
+    type Error = FlagError;
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
-        let err = |flag, why: &str| ConfigError { flag, why: why.to_owned() };
         if !(cli.controller.starts_with("http://") || cli.controller.starts_with("https://")) {
-            return Err(err("controller", "must be an http:// or https:// URL"));
+            return Err(FlagError::new("controller", "must be an http:// or https:// URL"));
         }
-        if cli.udp_max_sessions == 0 {
-            return Err(err("udp-max-sessions", "must be at least 1"));
-        }
-        for (flag, value) in [
-            ("connect-timeout", cli.connect_timeout),
-            ("udp-idle-timeout", cli.udp_idle_timeout),
-            ("load-report-interval", cli.load_report_interval),
-            ("backoff-max", cli.backoff_max),
-        ] {
-            if value.is_zero() {
-                return Err(err(flag, "must be more than zero"));
-            }
-        }
+        FlagError::require_positive(&[("backoff-max", cli.backoff_max)])?;
         let node_id = match cli.node_id {
-            Some(id) if id.trim().is_empty() => return Err(err("node-id", "must not be empty")),
+            Some(id) if id.trim().is_empty() => return Err(FlagError::new("node-id", "must not be empty")),
             Some(id) => id,
             None => default_node_id(),
         };
         Ok(DataplaneConfig {
-            node: NodeConfig {
-                node_id: node_id.clone(),
-                frontend_address: cli.frontend_address,
-                connect_timeout: cli.connect_timeout,
-                udp_idle_timeout: cli.udp_idle_timeout,
-                udp_max_sessions: cli.udp_max_sessions,
-                load_report_interval: cli.load_report_interval,
-                drain_timeout: cli.drain_timeout,
-            },
+            node: cli.node.node_config(node_id.clone(), cli.load_report_interval)?,
             sync: SyncConfig {
                 controller: cli.controller,
                 node_id,
@@ -144,5 +152,9 @@ mod tests {
         assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "controller");
         let bad = Cli::parse_from(["dataplane", "--node-id", " "]);
         assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "node-id");
+        let bad = Cli::parse_from(["dataplane", "--udp-max-sessions", "0"]);
+        assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "udp-max-sessions");
+        let bad = Cli::parse_from(["dataplane", "--connect-timeout", "0s"]);
+        assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "connect-timeout");
     }
 }

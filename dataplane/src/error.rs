@@ -31,7 +31,7 @@ pub enum SyncError {
     Stream(#[from] tonic::Status),
     /// The controller sent something that is not a valid snapshot.
     #[error("bad snapshot: {0}")]
-    Snapshot(#[from] crate::convert::ConvertError),
+    Snapshot(#[from] contract::convert::ConvertError),
     /// The stream closed under us.
     #[error("the stream closed")]
     Closed,

@@ -3,88 +3,45 @@
 //! controller can embed a node, and the `dataplane` binary runs the very same node on other hosts, fed by
 //! the controller's `Dataplane.Sync` stream.
 //!
-//! The node consumes snapshots from a `watch` channel and answers with [`NodeReport`]s (which frontends are
-//! bound, per-backend connection counts). The data path reads one immutable [`RoutingTable`] per connection
+//! The node consumes snapshots from a `watch` channel and answers with `NodeReport`s (which frontends are
+//! bound, per-backend connection counts); both types are the contract crate's. The data path reads one immutable [`RoutingTable`] per connection
 //! or new UDP session, swapped atomically, so it takes no lock. When the controller is gone a remote node
 //! keeps serving its last snapshot.
 //!
 //! # Layout
-//! - [`snapshot`]: the routing state domain types shared with the controller.
 //! - [`node`]: the reconcile loop: table swap, frontends opened and closed, drains, reports.
 //! - [`table`]: a snapshot resolved for the data path.
 //! - [`balance`]: which backend takes the next connection.
 //! - [`relay`]: TCP and UDP relays.
 //! - [`listener`]: how frontend sockets are bound.
 //! - [`stats`]: per-backend connection counters and evictions.
-//! - [`sync`]: the remote node's link to the controller; [`convert`]: domain types to and from the wire.
-//! - [`cli`], [`admin`]: the `dataplane` binary's flags and admin HTTP server.
+//! - [`sync`]: the remote node's link to the controller.
+//! - [`cli`], [`admin`]: the `dataplane` binary's flags (and [`NodeArgs`], which the controller takes for
+//!   its embedded node) and admin HTTP server.
 
 pub mod admin;
 pub mod balance;
 pub mod cli;
-pub mod convert;
 pub mod error;
 pub mod listener;
 pub mod node;
 pub mod relay;
-pub mod snapshot;
 pub mod stats;
 pub mod sync;
 pub mod table;
 
 use std::{net::SocketAddr, sync::Arc};
 
+use contract::model::RoutingSnapshot;
 use tokio::{
     net::TcpListener,
     sync::{mpsc, watch},
 };
 
-pub use cli::{Cli, DataplaneConfig};
+pub use cli::{Cli, DataplaneConfig, NodeArgs};
 pub use error::{DataplaneError, FrontendError, SyncError};
-pub use node::{FrontendStatus, Node, NodeConfig, NodeHandle, NodeReport, NodeState};
-pub use snapshot::{Algorithm, BackendSpec, Protocol, RoutingSnapshot, ServiceKey, ServiceSpec};
-pub use stats::BackendLoad;
+pub use node::{Node, NodeConfig, NodeHandle, ServedState};
 pub use table::RoutingTable;
-
-/// Logs to stderr (`RUST_LOG`, default `info`), with colours only on a terminal; stdout is kept for the
-/// READY line.
-pub fn init_logging() {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
-}
-
-/// Prints the one READY line on stdout (flushed at once: scripts wait for it) and logs it.
-pub fn print_ready(line: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{line}")?;
-    stdout.flush()?;
-    tracing::info!("{line}");
-    Ok(())
-}
-
-/// Resolves on the first SIGINT or SIGTERM: how both binaries learn they must stop.
-pub async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch SIGTERM; only SIGINT stops the process");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
 
 /// A `dataplane` process whose admin listener is bound, ready to [`run`](Dataplane::run).
 #[derive(Debug)]

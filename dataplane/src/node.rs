@@ -16,6 +16,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use contract::model::{BackendLoad, FrontendStatus, NodeReport, Protocol, RoutingSnapshot, ServiceKey};
 use tokio::{
     sync::{mpsc, oneshot, watch},
     task::{JoinHandle, JoinSet},
@@ -26,8 +27,7 @@ use tracing::{info, warn};
 use crate::{
     listener,
     relay::{self, RelayContext},
-    snapshot::{Protocol, RoutingSnapshot, ServiceKey},
-    stats::{BackendLoad, StatsRegistry},
+    stats::{BackendStats, StatsRegistry},
     table::RoutingTable,
 };
 
@@ -51,32 +51,9 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
 }
 
-/// What a node tells whoever feeds it snapshots.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NodeReport {
-    /// A snapshot version is in force on this node (an ACK, with a NACK per frontend that failed).
-    Applied {
-        /// The version applied.
-        version: u64,
-        /// One entry per service the node serves at that version.
-        frontends: Vec<FrontendStatus>,
-    },
-    /// The node's per-backend counters changed.
-    Load(Vec<BackendLoad>),
-}
-
-/// Whether a node listens for one service.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FrontendStatus {
-    /// The service.
-    pub service: ServiceKey,
-    /// The bound address, or why binding failed (`bind ADDR: OS error`).
-    pub result: Result<SocketAddr, String>,
-}
-
 /// What the node serves now, for its admin API.
 #[derive(Clone, Debug, Default)]
-pub struct NodeState {
+pub struct ServedState {
     /// The routing state in force (during a controller's warm-up, more than the controller sent).
     pub snapshot: Arc<RoutingSnapshot>,
     /// One entry per service of `snapshot`.
@@ -86,7 +63,7 @@ pub struct NodeState {
 /// Read access to a running node, for its admin API.
 #[derive(Clone, Debug)]
 pub struct NodeHandle {
-    state: watch::Receiver<NodeState>,
+    state: watch::Receiver<ServedState>,
     stats: Arc<StatsRegistry>,
 }
 
@@ -98,7 +75,7 @@ pub struct Node {
     frontends: HashMap<ServiceKey, Frontend>,
     /// Last bind error per service, so a failure repeated on every snapshot is logged once.
     failures: HashMap<ServiceKey, String>,
-    state: watch::Sender<NodeState>,
+    state: watch::Sender<ServedState>,
     /// Drain timers of removed backends.
     drains: JoinSet<()>,
 }
@@ -128,7 +105,7 @@ impl Node {
             stats: Arc::default(),
             frontends: HashMap::new(),
             failures: HashMap::new(),
-            state: watch::Sender::new(NodeState::default()),
+            state: watch::Sender::new(ServedState::default()),
             drains: JoinSet::new(),
         }
     }
@@ -170,8 +147,8 @@ impl Node {
         let old = self.ctx.table.load_full();
         let table = RoutingTable::build(&snapshot, &old, &self.stats);
         for (service, backend) in old.entries() {
-            if !table.contains(&service, backend.addr) && backend.stats.active() > 0 {
-                self.schedule_drain(service, backend.addr, Arc::clone(&backend.stats));
+            if !table.contains(&service, backend.address) && backend.stats.active() > 0 {
+                self.schedule_drain(service, backend.address, Arc::clone(&backend.stats));
             }
         }
         self.ctx.table.store(Arc::new(table));
@@ -202,13 +179,13 @@ impl Node {
                 "controller warming up: keeping services it does not list yet"
             );
         }
-        self.state.send_replace(NodeState { snapshot: Arc::new(snapshot), frontends: statuses.clone() });
+        self.state.send_replace(ServedState { snapshot: Arc::new(snapshot), frontends: statuses.clone() });
         statuses
     }
 
     /// Closes the connections of a backend that left rotation once the drain timeout is over, unless it
     /// is back in rotation by then.
-    fn schedule_drain(&mut self, service: ServiceKey, backend: SocketAddr, stats: Arc<crate::stats::BackendStats>) {
+    fn schedule_drain(&mut self, service: ServiceKey, backend: SocketAddr, stats: Arc<BackendStats>) {
         let ctx = Arc::clone(&self.ctx);
         let drain = self.config.drain_timeout;
         let generation = stats.left_rotation();
@@ -294,7 +271,7 @@ impl Frontend {
 
 impl NodeHandle {
     /// What the node serves now.
-    pub fn state(&self) -> NodeState {
+    pub fn state(&self) -> ServedState {
         self.state.borrow().clone()
     }
 

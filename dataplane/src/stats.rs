@@ -12,9 +12,8 @@ use std::{
     },
 };
 
+use contract::model::{BackendLoad, ServiceKey};
 use tokio::sync::watch;
-
-use crate::snapshot::ServiceKey;
 
 /// Live counters of one backend of one service on this node.
 ///
@@ -37,19 +36,6 @@ pub struct ConnectionGuard {
     stats: Arc<BackendStats>,
     generation: u64,
     evictions: watch::Receiver<u64>,
-}
-
-/// One row of a load report.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BackendLoad {
-    /// The service.
-    pub service: ServiceKey,
-    /// The backend.
-    pub backend: SocketAddr,
-    /// Connections or sessions open now.
-    pub active: u64,
-    /// Connections or sessions opened since this node first saw the backend.
-    pub total: u64,
 }
 
 /// Owner of every [`BackendStats`] of a node.

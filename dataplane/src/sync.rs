@@ -8,21 +8,18 @@
 
 use std::{sync::Arc, time::Duration};
 
-use switchboard_proto::{
+use contract::{
     backoff::Backoff,
     client::controller_endpoint,
+    convert,
+    model::{NodeReport, RoutingSnapshot},
     v1::{self, controller_message, dataplane_client::DataplaneClient},
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
-use crate::{
-    error::SyncError,
-    node::{NodeHandle, NodeReport},
-    snapshot::RoutingSnapshot,
-    stats::BackendLoad,
-};
+use crate::{error::SyncError, node::NodeHandle};
 
 /// How a node reaches its controller.
 #[derive(Debug, Clone)]
@@ -57,7 +54,7 @@ pub async fn run(
     let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
     let mut last_load: Option<NodeReport> = None;
     loop {
-        let outcome = session(&config, &snapshots, &mut reports, &mut last_load, &status, &mut backoff, &node).await;
+        let outcome = attempt(&config, &snapshots, &mut reports, &mut last_load, &status, &mut backoff, &node).await;
         // Without a controller there is no fresh view of the other nodes: count on our own connections only.
         node.set_remote_load(&[]);
         let error = match outcome {
@@ -89,7 +86,8 @@ enum Ended {
     ByController,
 }
 
-async fn session(
+/// One sync stream, from connecting to its end.
+async fn attempt(
     config: &SyncConfig,
     snapshots: &watch::Sender<Arc<RoutingSnapshot>>,
     reports: &mut mpsc::UnboundedReceiver<NodeReport>,
@@ -117,9 +115,7 @@ async fn session(
                 let snapshot = match message.msg {
                     Some(controller_message::Msg::Snapshot(snapshot)) => snapshot,
                     Some(controller_message::Msg::ClusterLoad(load)) => {
-                        let rows: Vec<BackendLoad> =
-                            load.backends.iter().filter_map(|row| BackendLoad::try_from(row).ok()).collect();
-                        node.set_remote_load(&rows);
+                        node.set_remote_load(&convert::cluster_load(&load));
                         continue;
                     }
                     None => continue,

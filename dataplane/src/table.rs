@@ -7,9 +7,10 @@ use std::{
     sync::Arc,
 };
 
+use contract::model::{RoutingSnapshot, ServiceKey, Weight};
+
 use crate::{
     balance::Balancer,
-    snapshot::{RoutingSnapshot, ServiceKey},
     stats::{BackendStats, StatsRegistry},
 };
 
@@ -34,9 +35,9 @@ pub struct ServiceRoute {
 #[derive(Debug)]
 pub struct RouteBackend {
     /// Where it listens.
-    pub addr: SocketAddr,
+    pub address: SocketAddr,
     /// Relative weight.
-    pub weight: u32,
+    pub weight: Weight,
     /// Its live counters on this node.
     pub stats: Arc<BackendStats>,
 }
@@ -53,7 +54,11 @@ impl RoutingTable {
                 let backends: Vec<RouteBackend> = spec
                     .backends
                     .iter()
-                    .map(|b| RouteBackend { addr: b.addr, weight: b.weight, stats: stats.get(spec.key, b.addr) })
+                    .map(|b| RouteBackend {
+                        address: b.address,
+                        weight: b.weight,
+                        stats: stats.get(spec.key, b.address),
+                    })
                     .collect();
                 let balancer =
                     Balancer::build(spec.algorithm, &backends, previous.services.get(&spec.key).map(|r| &r.balancer));
@@ -101,18 +106,20 @@ impl ServiceRoute {
 
     /// True when `addr` is still in rotation.
     pub fn contains(&self, addr: SocketAddr) -> bool {
-        self.backends.iter().any(|b| b.addr == addr)
+        self.backends.iter().any(|b| b.address == addr)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use contract::model::{Algorithm, BackendSpec, ServiceSpec};
+
     use super::*;
-    use crate::snapshot::{Algorithm, BackendSpec, ServiceSpec};
 
     fn snapshot(version: u64, backends: &[&str]) -> RoutingSnapshot {
         let key = ServiceKey::tcp(80);
-        let backends = backends.iter().map(|a| BackendSpec { addr: a.parse().unwrap(), weight: 1 }).collect();
+        let backends =
+            backends.iter().map(|a| BackendSpec { address: a.parse().unwrap(), weight: Weight::MIN }).collect();
         let spec = ServiceSpec { key, algorithm: Algorithm::RoundRobin, backends };
         RoutingSnapshot { version, services: [(key, spec)].into(), ..Default::default() }
     }
@@ -127,7 +134,7 @@ mod tests {
         let route2 = t2.route(&ServiceKey::tcp(80)).unwrap();
         assert_eq!(route2.backends[0].stats.active(), 1);
         assert!(!route2.contains("127.0.0.3:80".parse().unwrap()));
-        let order: Vec<_> = route.candidates("127.0.0.1".parse().unwrap()).map(|b| b.addr.to_string()).collect();
+        let order: Vec<_> = route.candidates("127.0.0.1".parse().unwrap()).map(|b| b.address.to_string()).collect();
         assert_eq!(order.len(), 2);
         assert_ne!(order[0], order[1]);
         assert!(t2.route(&ServiceKey::udp(80)).is_none());

@@ -1,15 +1,22 @@
-//! The wire contract of Switchboard: the gRPC services of package `switchboard.v1` (`Registry`, `Dataplane`,
-//! `Admin`),
-//! generated at build time from `proto/switchboard/v1/*.proto`. Only the API layers of the other crates use
-//! these types; everything else works with domain types.
+//! The contract of Switchboard: what every process shares, so none of them keeps a copy. It holds the
+//! gRPC code of package `switchboard.v1` (`Registry`, `Dataplane`, `Admin`, generated at build time from
+//! `proto/switchboard/v1/*.proto`), the domain model, the one conversion between the two, and the process
+//! plumbing of every binary. The controller, the data plane and the agent depend on it; generated types go
+//! no further than their API layers.
 //!
 //! # Layout
-//! - [`v1`]: generated messages, clients (`*_client`) and servers (`*_server`).
-//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+//! - [`model`]: domain types: services, weights, snapshots, node reports, registrations, events, views.
+//! - [`convert`]: the only place wire messages become domain types and back.
+//! - [`v1`]: generated messages, clients (`*_client`) and servers (`*_server`); [`FILE_DESCRIPTOR_SET`]
+//!   for server reflection.
+//! - [`process`]: logging, the READY line, the shutdown signal, task supervision, exit codes.
 //! - [`backoff`], [`client`]: how the contract's clients reach the controller and retry.
 
 pub mod backoff;
 pub mod client;
+pub mod convert;
+pub mod model;
+pub mod process;
 
 /// Generated code of package `switchboard.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -611,7 +611,7 @@ pub async fn udp_roundtrip(socket: &UdpSocket, addr: SocketAddr, payload: &[u8])
 /// A live `Registry.Register` stream that answers every hello as healthy; dropping it ends the stream.
 pub struct GrpcRegistration {
     /// The controller's answer to the registration.
-    pub ack: switchboard_proto::v1::RegisterAck,
+    pub ack: contract::v1::RegisterAck,
     task: JoinHandle<()>,
 }
 
@@ -622,7 +622,7 @@ impl GrpcRegistration {
         port: u16,
         backend: SocketAddr,
     ) -> Result<GrpcRegistration, tonic::Status> {
-        use switchboard_proto::v1::{
+        use contract::v1::{
             self, HelloAck, RegisterRequest, Registration, register_request::Msg as Out, register_response::Msg as In,
             registry_client::RegistryClient,
         };

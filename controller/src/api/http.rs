@@ -3,12 +3,10 @@
 use std::sync::Arc;
 
 use axum::{Json, Router, extract::State, routing::get};
+use contract::{model::StateView, process::stopped};
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{
-    error::ControllerError,
-    store::{StateView, Store},
-};
+use crate::{error::ControllerError, store::Store};
 
 /// Serves the admin endpoints until `shutdown` turns true.
 pub async fn serve(
@@ -18,7 +16,7 @@ pub async fn serve(
 ) -> Result<(), ControllerError> {
     let app = Router::new().route("/api/state", get(state)).with_state(store);
     axum::serve(listener, app)
-        .with_graceful_shutdown(async move { crate::stopped(&mut shutdown).await })
+        .with_graceful_shutdown(async move { stopped(&mut shutdown).await })
         .await
         .map_err(ControllerError::Admin)
 }

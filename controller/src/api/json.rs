@@ -6,7 +6,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use dataplane::BackendSpec;
+use contract::{model::BackendSpec, process::stopped};
 use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -52,7 +52,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<JsonContext>, mut shutdown: w
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            () = crate::stopped(&mut shutdown) => return,
+            () = stopped(&mut shutdown) => return,
         }
     }
 }
@@ -150,7 +150,7 @@ impl Connection {
                 request::hello_ack()
             }
             Request::Register { service, backend_port, weight, algorithm } => {
-                let backend = BackendSpec { addr: SocketAddr::new(self.peer.ip(), backend_port), weight };
+                let backend = BackendSpec { address: SocketAddr::new(self.peer.ip(), backend_port), weight };
                 match self.registration.register(service, backend, algorithm, self.ctx.bind_ack_timeout).await {
                     Ok(reply) if reply.success => request::successful(reply.message.as_deref()),
                     Ok(reply) => {

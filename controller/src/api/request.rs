@@ -2,7 +2,7 @@
 //!
 //! Every failure is a sentence for the `msg` of a `{"ack":"failed"}` reply.
 
-use dataplane::{Algorithm, Protocol, ServiceKey};
+use contract::model::{Algorithm, Protocol, ServiceKey, Weight};
 use serde_json::{Map, Value, json};
 
 /// One request of a registered (or registering) server.
@@ -15,7 +15,7 @@ pub enum Request {
         /// Where the backend listens (default: the service port).
         backend_port: u16,
         /// Relative weight (default 1).
-        weight: u32,
+        weight: Weight,
         /// Balancing algorithm asked for (the first registration of a service sets it).
         algorithm: Option<Algorithm>,
     },
@@ -55,8 +55,7 @@ impl Request {
             return Err(format!("unknown cmd {cmd:?} (expected register, unregister or hello)"));
         }
         let protocol = string_field(fields, "protocol")?;
-        let protocol: Protocol =
-            protocol.parse().map_err(|_| format!("unknown protocol {protocol:?} (expected tcp or udp)"))?;
+        let protocol: Protocol = protocol.parse().map_err(|e: contract::model::UnknownName| e.to_string())?;
         let port = port_field(fields, "port")?.ok_or("missing field \"port\"")?;
         let service = ServiceKey { protocol, port };
         let backend_port = port_field(fields, "backend_port")?.unwrap_or(port);
@@ -64,19 +63,14 @@ impl Request {
             return Ok(Request::Unregister { service, backend_port });
         }
         let weight = match fields.get("weight") {
-            None | Some(Value::Null) => 1,
-            Some(w) => w
-                .as_u64()
-                .and_then(|w| u32::try_from(w).ok())
-                .filter(|&w| (1..=10_000).contains(&w))
-                .ok_or_else(|| format!("\"weight\" must be an integer in 1..=10000, got {w}"))?,
+            None | Some(Value::Null) => Weight::default(),
+            Some(w) => w.as_u64().and_then(|w| Weight::new(w).ok()).ok_or_else(|| {
+                format!("\"weight\" must be an integer in {}..={}, got {w}", Weight::MIN, Weight::MAX)
+            })?,
         };
         let algorithm = match fields.get("algorithm") {
             None | Some(Value::Null) => None,
-            Some(Value::String(name)) => Some(name.parse().map_err(|_| {
-                let known: Vec<&str> = Algorithm::ALL.iter().map(|a| a.as_str()).collect();
-                format!("unknown algorithm {name:?} (expected one of {})", known.join(", "))
-            })?),
+            Some(Value::String(name)) => Some(name.parse().map_err(|e: contract::model::UnknownName| e.to_string())?),
             Some(other) => return Err(format!("\"algorithm\" must be a string, got {}", kind(other))),
         };
         Ok(Request::Register { service, backend_port, weight, algorithm })
@@ -149,7 +143,12 @@ mod tests {
     fn hw1_requests_with_any_case() {
         assert_eq!(
             parse(r#"{"cmd":"REGISTER","protocol":"Tcp","port":80}"#),
-            Ok(Request::Register { service: ServiceKey::tcp(80), backend_port: 80, weight: 1, algorithm: None })
+            Ok(Request::Register {
+                service: ServiceKey::tcp(80),
+                backend_port: 80,
+                weight: Weight::MIN,
+                algorithm: None
+            })
         );
         assert_eq!(
             parse(r#"{"cmd":"unregister","protocol":"udp","port":53,"backend_port":5353}"#),
@@ -157,14 +156,19 @@ mod tests {
         );
         assert_eq!(
             parse(r#"{"cmd":"register","protocol":"udp","port":53,"backend_port":5353,"weight":3}"#),
-            Ok(Request::Register { service: ServiceKey::udp(53), backend_port: 5353, weight: 3, algorithm: None })
+            Ok(Request::Register {
+                service: ServiceKey::udp(53),
+                backend_port: 5353,
+                weight: Weight::new(3).unwrap(),
+                algorithm: None
+            })
         );
         assert_eq!(
             parse(r#"{"cmd":"register","protocol":"tcp","port":80,"algorithm":"Least_Connections"}"#),
             Ok(Request::Register {
                 service: ServiceKey::tcp(80),
                 backend_port: 80,
-                weight: 1,
+                weight: Weight::MIN,
                 algorithm: Some(Algorithm::LeastConnections)
             })
         );

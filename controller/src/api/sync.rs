@@ -1,20 +1,24 @@
 //! `switchboard.v1.Dataplane`: the controller's end of each node's `Sync` stream.
 //!
-//! The stream is the node's session: its snapshots go out from the store's watch channel (the current one
+//! The stream is the node's link: its snapshots go out from the store's watch channel (the current one
 //! at once, then each change; a watch coalesces bursts, and every snapshot is the full state, so a node
 //! that skips a version misses nothing), its acks and load reports come back into the store, and its end
 //! marks the node disconnected.
 
 use std::sync::Arc;
 
-use dataplane::{NodeReport, RoutingSnapshot};
-use switchboard_proto::v1::{self, ControllerMessage, NodeMessage, dataplane_server::Dataplane, node_message};
+use contract::{
+    convert,
+    model::{NodeReport, RoutingSnapshot},
+    process::stopped,
+    v1::{self, ControllerMessage, NodeMessage, dataplane_server::Dataplane, node_message},
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
-use crate::store::{NodeSession, Store};
+use crate::store::{ClusterLoadFeed, NodeLink, Store};
 
 /// Largest version a node may claim to know: far beyond any real history (a change per microsecond for
 /// a century), far enough below `u64::MAX` that versions never wrap.
@@ -30,9 +34,6 @@ pub struct DataplaneApi {
     /// Send each node the other nodes' connection counts (`--no-cluster-counts` turns it off).
     pub cluster_counts: bool,
 }
-
-/// How often a node's view of the other nodes' counts is refreshed (only changes are sent).
-pub const CLUSTER_LOAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[tonic::async_trait]
 impl Dataplane for DataplaneApi {
@@ -52,42 +53,32 @@ impl Dataplane for DataplaneApi {
             return Err(Status::invalid_argument(format!("known_version {} is not plausible", hello.known_version)));
         }
         // Continue above whatever the node already applied (it may come from a controller that ran before).
-        self.store.observe_version(hello.known_version);
-        let session = self.store.connect_node(&hello.node_id, peer);
+        self.store.observe_version(hello.known_version)?;
+        let link = self.store.connect_node(&hello.node_id, peer);
         let (tx, rx) = mpsc::channel(16);
-        let cluster = self.cluster_counts.then(|| Arc::clone(&self.store));
-        tokio::spawn(follow(session, self.store.subscribe(), cluster, inbound, tx, self.shutdown.clone()));
+        let cluster = self.cluster_counts.then(|| link.cluster_load());
+        tokio::spawn(follow(link, self.store.subscribe(), cluster, inbound, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 
 async fn follow(
-    session: NodeSession,
+    link: NodeLink,
     mut snapshots: watch::Receiver<Arc<RoutingSnapshot>>,
-    cluster: Option<Arc<Store>>,
+    mut cluster: Option<ClusterLoadFeed>,
     mut inbound: Streaming<NodeMessage>,
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let node = session.node().to_owned();
+    let node = link.node().to_owned();
     // The current snapshot goes out first.
     snapshots.mark_changed();
     let mut sent = 0u64;
-    let mut ticks = tokio::time::interval(CLUSTER_LOAD_INTERVAL);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut last_load: Option<Vec<dataplane::BackendLoad>> = None;
     loop {
         tokio::select! {
-            _ = ticks.tick(), if cluster.is_some() => {
-                let Some(store) = &cluster else { continue };
-                let load = store.cluster_load_excluding(&node);
-                if last_load.as_ref() != Some(&load) {
-                    let backends = load.iter().map(Into::into).collect();
-                    let message = v1::controller_message::Msg::ClusterLoad(v1::ClusterLoad { backends });
-                    if tx.send(Ok(ControllerMessage { msg: Some(message) })).await.is_err() {
-                        break;
-                    }
-                    last_load = Some(load);
+            load = next_cluster_load(&mut cluster) => {
+                if tx.send(Ok(convert::cluster_load_message(&load))).await.is_err() {
+                    break;
                 }
             }
             changed = snapshots.changed() => {
@@ -118,13 +109,21 @@ async fn follow(
                     }
                 };
                 match report {
-                    Ok(report) => session.report(report),
+                    Ok(report) => link.report(report),
                     Err(error) => warn!(%node, %error, "ignoring an invalid report"),
                 }
             }
             () = tx.closed() => break,
-            () = crate::stopped(&mut shutdown) => break,
+            () = stopped(&mut shutdown) => break,
         }
     }
-    // Dropping the session marks the node disconnected.
+    // Dropping the link marks the node disconnected.
+}
+
+/// The next change of the other nodes' counts; never, with `--no-cluster-counts`.
+async fn next_cluster_load(feed: &mut Option<ClusterLoadFeed>) -> Vec<contract::model::BackendLoad> {
+    match feed {
+        Some(feed) => feed.changed().await,
+        None => std::future::pending().await,
+    }
 }

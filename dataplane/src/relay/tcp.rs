@@ -11,8 +11,10 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
+use contract::model::ServiceKey;
+
 use super::RelayContext;
-use crate::{snapshot::ServiceKey, stats::ConnectionGuard, table::ServiceRoute};
+use crate::{stats::ConnectionGuard, table::ServiceRoute};
 
 /// Accepts clients of `service` until `stop` fires (the frontend closes). Connections already accepted
 /// go on; they are tracked in the context so a shutdown can wait for them.
@@ -81,14 +83,14 @@ async fn connect(
         // Counted from the pick on: a burst of accepts during one connect must not all see the same
         // least-loaded backend, and a drain that starts meanwhile must cover this connection.
         let guard = backend.stats.attempt();
-        match timeout(connect_timeout, TcpStream::connect(backend.addr)).await {
+        match timeout(connect_timeout, TcpStream::connect(backend.address)).await {
             Ok(Ok(upstream)) => {
                 let _ = upstream.set_nodelay(true);
                 guard.established();
-                return Some((upstream, backend.addr, guard));
+                return Some((upstream, backend.address, guard));
             }
-            Ok(Err(error)) => debug!(%service, backend = %backend.addr, %error, "backend refused; trying the next"),
-            Err(_) => debug!(%service, backend = %backend.addr, "connect timed out; trying the next"),
+            Ok(Err(error)) => debug!(%service, backend = %backend.address, %error, "backend refused; trying the next"),
+            Err(_) => debug!(%service, backend = %backend.address, "connect timed out; trying the next"),
         }
     }
     None

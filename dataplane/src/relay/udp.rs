@@ -22,7 +22,9 @@ use tokio::{
 use tracing::debug;
 
 use super::RelayContext;
-use crate::{snapshot::ServiceKey, stats::ConnectionGuard};
+use contract::model::ServiceKey;
+
+use crate::stats::ConnectionGuard;
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
@@ -138,7 +140,7 @@ async fn open_session(
         (table.version, table.route(&service)?)
     };
     let backend = route.candidates(peer.ip()).next()?;
-    let unspecified = match backend.addr.ip() {
+    let unspecified = match backend.address.ip() {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     };
@@ -149,8 +151,8 @@ async fn open_session(
             return None;
         }
     };
-    if let Err(error) = upstream.connect(backend.addr).await {
-        debug!(%service, backend = %backend.addr, %error, "cannot reach backend");
+    if let Err(error) = upstream.connect(backend.address).await {
+        debug!(%service, backend = %backend.address, %error, "cannot reach backend");
         return None;
     }
     let upstream = Arc::new(upstream);
@@ -166,11 +168,11 @@ async fn open_session(
         guard: backend.stats.open(),
         ended: ended.clone(),
     };
-    debug!(%service, client = %peer, backend = %backend.addr, "session opened");
+    debug!(%service, client = %peer, backend = %backend.address, "session opened");
     // Sessions aborted since (backend out of rotation, send failure) are reaped here, not left to pile up.
     while tasks.try_join_next().is_some() {}
     let task = tasks.spawn(task.run());
-    Some(Session { id, backend: backend.addr, upstream, last_active, checked_version: table_version, task })
+    Some(Session { id, backend: backend.address, upstream, last_active, checked_version: table_version, task })
 }
 
 // === impl SessionTask ===

@@ -3,10 +3,10 @@
 
 use std::{process::Stdio, time::Duration};
 
-use serde_json::json;
-use switchboard_proto::v1::{
+use contract::v1::{
     self, BackendRef, DrainBackendRequest, SetWeightRequest, WatchEventsRequest, admin_client::AdminClient,
 };
+use serde_json::json;
 use switchboard_tests::harness::{Controller, EchoPair, JsonClient, Net, TcpEcho, tcp_roundtrip};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},

@@ -198,7 +198,7 @@ async fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
 
 #[tokio::test]
 async fn a_server_down_when_its_agent_starts_is_never_in_rotation() {
-    use switchboard_proto::v1::{EventKind, WatchEventsRequest, admin_client::AdminClient};
+    use contract::v1::{EventKind, WatchEventsRequest, admin_client::AdminClient};
     use switchboard_tests::harness::JsonClient;
 
     let net = Net::new();

@@ -3,8 +3,8 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use contract::v1::{self, SetAlgorithmRequest, admin_client::AdminClient};
 use serde_json::{Value, json};
-use switchboard_proto::v1::{self, SetAlgorithmRequest, admin_client::AdminClient};
 use switchboard_tests::harness::{Controller, DataplaneNode, Host, JsonClient, Net, Process};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},

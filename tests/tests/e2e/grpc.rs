@@ -1,6 +1,6 @@
 //! The gRPC API: Registry.Register / Deregister, Admin.ListServices, health and reflection.
 
-use switchboard_proto::v1::{
+use contract::v1::{
     self, DeregisterRequest, HelloAck, ListServicesRequest, RegisterRequest, Registration, admin_client::AdminClient,
     register_request, register_response, registry_client::RegistryClient,
 };

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use contract::v1::{ListNodesRequest, admin_client::AdminClient, frontend_result};
 use serde_json::json;
-use switchboard_proto::v1::{ListNodesRequest, admin_client::AdminClient, frontend_result};
 use switchboard_tests::harness::{
     Controller, DataplaneNode, GrpcRegistration, Host, JsonClient, Net, TcpEcho, tcp_roundtrip,
 };

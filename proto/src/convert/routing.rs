@@ -1,62 +1,14 @@
-//! Conversions between the domain types of this crate and the `switchboard.v1` wire messages. Both ends of
-//! the sync stream use them, so the controller and nodes cannot disagree on the mapping; generated types go
-//! no further than the API layers.
+//! `Dataplane.Sync`: snapshots out, bind results and load reports back, cluster-wide counts out.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::collections::BTreeMap;
 
-use switchboard_proto::v1;
-
+use super::{ConvertError, invalid, socket_addr, weight};
 use crate::{
-    node::{FrontendStatus, NodeReport},
-    snapshot::{Algorithm, BackendSpec, Protocol, RoutingSnapshot, ServiceKey, ServiceSpec},
-    stats::BackendLoad,
+    model::{
+        Algorithm, BackendLoad, BackendSpec, FrontendStatus, NodeReport, RoutingSnapshot, ServiceKey, ServiceSpec,
+    },
+    v1,
 };
-
-/// A wire message that does not make a valid domain value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {what}: {why}")]
-pub struct ConvertError {
-    /// Which field.
-    pub what: &'static str,
-    /// What is wrong with it.
-    pub why: String,
-}
-
-fn invalid(what: &'static str, why: impl Into<String>) -> ConvertError {
-    ConvertError { what, why: why.into() }
-}
-
-impl From<ServiceKey> for v1::ServiceKey {
-    fn from(key: ServiceKey) -> Self {
-        let protocol = match key.protocol {
-            Protocol::Tcp => v1::Protocol::Tcp,
-            Protocol::Udp => v1::Protocol::Udp,
-        };
-        v1::ServiceKey { protocol: protocol.into(), port: key.port.into() }
-    }
-}
-
-impl TryFrom<Option<&v1::ServiceKey>> for ServiceKey {
-    type Error = ConvertError;
-
-    fn try_from(key: Option<&v1::ServiceKey>) -> Result<Self, Self::Error> {
-        let key = key.ok_or_else(|| invalid("service", "missing"))?;
-        let protocol = match v1::Protocol::try_from(key.protocol) {
-            Ok(v1::Protocol::Tcp) => Protocol::Tcp,
-            Ok(v1::Protocol::Udp) => Protocol::Udp,
-            _ => return Err(invalid("service protocol", "must be PROTOCOL_TCP or PROTOCOL_UDP")),
-        };
-        let port = u16::try_from(key.port)
-            .ok()
-            .filter(|&p| p != 0)
-            .ok_or_else(|| invalid("service port", format!("{} is not in 1..=65535", key.port)))?;
-        Ok(ServiceKey { protocol, port })
-    }
-}
-
-fn socket_addr(what: &'static str, text: &str) -> Result<SocketAddr, ConvertError> {
-    text.parse().map_err(|_| invalid(what, format!("{text:?} is not ip:port")))
-}
 
 impl From<&RoutingSnapshot> for v1::Snapshot {
     fn from(snapshot: &RoutingSnapshot) -> Self {
@@ -71,7 +23,7 @@ impl From<&RoutingSnapshot> for v1::Snapshot {
                     backends: s
                         .backends
                         .iter()
-                        .map(|b| v1::BackendSpec { address: b.addr.to_string(), weight: b.weight })
+                        .map(|b| v1::BackendSpec { address: b.address.to_string(), weight: b.weight.get() })
                         .collect(),
                 })
                 .collect(),
@@ -97,7 +49,9 @@ impl TryFrom<v1::Snapshot> for RoutingSnapshot {
             let backends = s
                 .backends
                 .iter()
-                .map(|b| Ok(BackendSpec { addr: socket_addr("backend address", &b.address)?, weight: b.weight.max(1) }))
+                .map(|b| {
+                    Ok(BackendSpec { address: socket_addr("backend address", &b.address)?, weight: weight(b.weight)? })
+                })
                 .collect::<Result<_, ConvertError>>()?;
             services.insert(key, ServiceSpec { key, algorithm, backends });
         }
@@ -186,9 +140,21 @@ impl TryFrom<v1::LoadReport> for NodeReport {
     }
 }
 
+/// The other nodes' counts, as the controller sends them to one node.
+pub fn cluster_load_message(rows: &[BackendLoad]) -> v1::ControllerMessage {
+    let backends = rows.iter().map(Into::into).collect();
+    v1::ControllerMessage { msg: Some(v1::controller_message::Msg::ClusterLoad(v1::ClusterLoad { backends })) }
+}
+
+/// The rows of a cluster-wide count a node can use; a row it cannot read counts as no connection elsewhere.
+pub fn cluster_load(load: &v1::ClusterLoad) -> Vec<BackendLoad> {
+    load.backends.iter().filter_map(|row| BackendLoad::try_from(row).ok()).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Weight;
 
     #[test]
     fn snapshots_and_reports_survive_the_wire() {
@@ -196,7 +162,7 @@ mod tests {
         let spec = ServiceSpec {
             key,
             algorithm: Algorithm::RoundRobin,
-            backends: vec![BackendSpec { addr: "127.0.0.2:5353".parse().unwrap(), weight: 3 }],
+            backends: vec![BackendSpec { address: "127.0.0.2:5353".parse().unwrap(), weight: Weight::new(3).unwrap() }],
         };
         let snapshot = RoutingSnapshot {
             version: 42,
@@ -215,21 +181,24 @@ mod tests {
         };
         let Some(v1::node_message::Msg::Ack(ack)) = v1::NodeMessage::from(&report).msg else { panic!() };
         assert_eq!(NodeReport::try_from(ack).unwrap(), report);
+
+        let rows = vec![BackendLoad { service: key, backend: "127.0.0.2:5353".parse().unwrap(), active: 2, total: 9 }];
+        let Some(v1::controller_message::Msg::ClusterLoad(load)) = cluster_load_message(&rows).msg else { panic!() };
+        assert_eq!(cluster_load(&load), rows);
     }
 
     #[test]
     fn invalid_wire_values_are_errors_not_panics() {
-        assert!(ServiceKey::try_from(None).is_err());
-        assert!(ServiceKey::try_from(Some(&v1::ServiceKey { protocol: 1, port: 70_000 })).is_err());
-        assert!(ServiceKey::try_from(Some(&v1::ServiceKey { protocol: 9, port: 80 })).is_err());
-        let bad = v1::Snapshot {
+        let bad = |address: &str, weight: u32| v1::Snapshot {
             services: vec![v1::ServiceSpec {
                 service: Some(ServiceKey::tcp(80).into()),
                 algorithm: "round_robin".into(),
-                backends: vec![v1::BackendSpec { address: "nowhere".into(), weight: 1 }],
+                backends: vec![v1::BackendSpec { address: address.into(), weight }],
             }],
             ..Default::default()
         };
-        assert!(RoutingSnapshot::try_from(bad).is_err());
+        assert!(RoutingSnapshot::try_from(bad("nowhere", 1)).is_err());
+        assert!(RoutingSnapshot::try_from(bad("127.0.0.2:80", 10_001)).is_err());
+        assert!(RoutingSnapshot::try_from(bad("127.0.0.2:80", 1)).is_ok());
     }
 }

@@ -1,0 +1,292 @@
+//! Every change of the registry. Each one validates, applies itself to a draft of the registry, and hands
+//! the draft to [`Store::commit`]; one that changes nothing returns the current version and makes none.
+//! Events are emitted under the lock, so they keep the order of the changes they describe.
+
+use std::{collections::BTreeSet, net::SocketAddr};
+
+use contract::model::{Algorithm, BackendSpec, Event, EventKind, ServiceKey, Weight};
+use tracing::{info, warn};
+
+use super::{
+    Store,
+    registration::Origin,
+    registry::{Backend, RegistrationId, RegistrationRecord},
+};
+use crate::error::StoreError;
+
+/// Result of [`Store::register`] before any node has answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Registered {
+    /// First snapshot version that holds the backend.
+    pub version: u64,
+    /// False when the backend was already registered (then it is not rolled back on failure).
+    pub created: bool,
+    /// The algorithm asked for was overruled by the operator's choice: (asked, kept).
+    pub overruled: Option<(Algorithm, Algorithm)>,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens a registration; it holds no backend yet, so nothing is published.
+    pub(super) fn add_registration(&self, origin: Origin) -> RegistrationId {
+        let mut state = self.lock();
+        let registry = &mut state.registry;
+        registry.next_registration += 1;
+        let id = RegistrationId(registry.next_registration);
+        registry.registrations.insert(id, RegistrationRecord { origin, healthy: true, backends: BTreeSet::new() });
+        id
+    }
+
+    /// Adds `backend` to `service` on behalf of `registration`, creating the service if needed. A backend
+    /// already registered by another registration moves to this one (a server that reconnected before its
+    /// old channel was noticed dead).
+    pub(super) fn register(
+        &self,
+        registration: RegistrationId,
+        service: ServiceKey,
+        backend: BackendSpec,
+        algorithm: Option<Algorithm>,
+    ) -> Result<Registered, StoreError> {
+        self.check_port(service.port)?;
+        let mut state = self.lock();
+        let mut draft = state.registry.clone();
+        // The first registration of a service chooses its algorithm; a later one may only agree, unless an
+        // operator chose since (then the operator's choice stands and the registration goes through).
+        let mut overruled = None;
+        if let (Some(requested), Some(existing)) = (algorithm, draft.services.get(&service))
+            && requested != existing.algorithm
+            && !existing.backends.is_empty()
+        {
+            if !existing.algorithm_set_by_operator {
+                return Err(StoreError::AlgorithmConflict { service, current: existing.algorithm, requested });
+            }
+            overruled = Some((requested, existing.algorithm));
+        }
+        let Some(reg) = draft.registrations.get_mut(&registration) else {
+            // Only a closed handle could ask, and handles close on drop: nothing to register for.
+            return Ok(Registered { version: state.version, created: false, overruled: None });
+        };
+        let origin = reg.origin;
+        reg.backends.insert((service, backend.address));
+        let entry = draft.services.entry(service).or_default();
+        let new_service = entry.backends.is_empty();
+        let existing = entry.backends.get(&backend.address).map(|b| (b.owner, b.weight, b.draining));
+        let created = existing.is_none();
+        match existing {
+            Some((owner, weight, _)) if owner == registration && weight == backend.weight => {
+                return Ok(Registered { version: state.version, created, overruled });
+            }
+            Some((owner, _, _)) if owner != registration => {
+                if let Some(previous) = draft.registrations.get_mut(&owner) {
+                    previous.backends.remove(&(service, backend.address));
+                }
+            }
+            _ => {}
+        }
+        // A drained backend stays drained when its server registers it again.
+        let draining = existing.is_some_and(|(_, _, draining)| draining);
+        draft.retired.remove(&service);
+        let entry = draft.services.entry(service).or_default();
+        if let (true, Some(algorithm)) = (new_service, algorithm) {
+            entry.algorithm = algorithm;
+        }
+        entry.backends.insert(backend.address, Backend { weight: backend.weight, owner: registration, draining });
+        let version = self.commit(&mut state, draft)?;
+        let verb = if created { "backend registered" } else { "backend re-registered" };
+        info!(%service, backend = %backend.address, weight = %backend.weight, %origin, version, new_service, "{verb}");
+        if new_service {
+            self.emit(Event::service(EventKind::ServiceAdded, version, service, ""));
+        }
+        self.emit(Event::backend(EventKind::BackendRegistered, version, service, backend.address, &origin.to_string()));
+        self.print(&state);
+        Ok(Registered { version, created, overruled })
+    }
+
+    /// Removes `backend` from `service`, whichever registration announced it (HW1 `unregister` may come
+    /// from a new connection).
+    pub fn unregister(&self, service: ServiceKey, backend: SocketAddr, reason: &str) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        let mut draft = state.registry.clone();
+        let owner = draft.backend_mut(service, backend)?.owner;
+        draft.remove_backend(service, backend, owner);
+        let version = self.commit(&mut state, draft)?;
+        self.removed(&state, service, backend, reason, version);
+        self.print(&state);
+        Ok(version)
+    }
+
+    /// Ends a registration: every backend it still owns is removed.
+    pub(super) fn close_registration(&self, registration: RegistrationId, reason: &str) {
+        let mut state = self.lock();
+        let mut draft = state.registry.clone();
+        let Some(reg) = draft.registrations.remove(&registration) else { return };
+        if reg.backends.is_empty() {
+            // Nothing routed changes: no version.
+            state.registry = draft;
+            return;
+        }
+        for &(service, backend) in &reg.backends {
+            draft.remove_backend(service, backend, registration);
+        }
+        // A refused close has been logged by the commit; the handle is gone either way.
+        let Ok(version) = self.commit(&mut state, draft) else { return };
+        for &(service, backend) in &reg.backends {
+            self.removed(&state, service, backend, reason, version);
+        }
+        self.print(&state);
+    }
+
+    /// Removes one backend of a registration (a registration that failed to open its frontend).
+    pub(super) fn withdraw(
+        &self,
+        registration: RegistrationId,
+        service: ServiceKey,
+        backend: SocketAddr,
+        reason: &str,
+    ) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let mut draft = state.registry.clone();
+        let owned = draft.registrations.get_mut(&registration).is_some_and(|r| r.backends.remove(&(service, backend)));
+        if !owned {
+            return Ok(());
+        }
+        draft.remove_backend(service, backend, registration);
+        let version = self.commit(&mut state, draft)?;
+        self.removed(&state, service, backend, reason, version);
+        self.print(&state);
+        Ok(())
+    }
+
+    /// Records a registration's own health verdict; an unhealthy one stays registered, out of rotation.
+    pub(super) fn set_healthy(&self, registration: RegistrationId, healthy: bool) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let mut draft = state.registry.clone();
+        let Some(reg) = draft.registrations.get_mut(&registration) else { return Ok(()) };
+        if reg.healthy == healthy {
+            return Ok(());
+        }
+        reg.healthy = healthy;
+        let backends: Vec<_> = reg.backends.iter().copied().collect();
+        if backends.is_empty() {
+            // Nothing routed changes, no version: the verdict applies to the backends it registers next.
+            state.registry = draft;
+            return Ok(());
+        }
+        let version = self.commit(&mut state, draft)?;
+        for (service, backend) in backends {
+            if healthy {
+                info!(%service, %backend, version, "backend healthy: back in rotation");
+                self.emit(Event::backend(EventKind::BackendHealthy, version, service, backend, ""));
+            } else {
+                warn!(%service, %backend, version, "backend unhealthy: out of rotation");
+                self.emit(Event::backend(EventKind::BackendUnhealthy, version, service, backend, ""));
+            }
+        }
+        self.print(&state);
+        Ok(())
+    }
+
+    /// Starts the warm-up window of a freshly started controller: until [`Store::end_warm_up`], snapshots
+    /// tell nodes to keep the services they serve that this controller has not relearned yet.
+    pub fn begin_warm_up(&self) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        let mut draft = state.registry.clone();
+        draft.warming_up = true;
+        let version = self.commit(&mut state, draft)?;
+        info!(version, "warming up: nodes keep their services until servers have re-registered");
+        Ok(version)
+    }
+
+    /// Ends the warm-up window: from now on nodes serve exactly what the store holds.
+    pub fn end_warm_up(&self) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        if !state.registry.warming_up {
+            return Ok(state.version);
+        }
+        let mut draft = state.registry.clone();
+        draft.warming_up = false;
+        draft.retired.clear();
+        let version = self.commit(&mut state, draft)?;
+        info!(version, services = state.registry.services.len(), "warm-up over: nodes now serve exactly this state");
+        self.emit(Event::controller(EventKind::WarmUpOver, version));
+        self.print(&state);
+        Ok(version)
+    }
+
+    /// A node already applied `version` (from a controller that ran before this one): versions continue
+    /// above it, so no node is ever sent a version it knows or an older one.
+    pub fn observe_version(&self, version: u64) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        if version < state.version {
+            return Ok(state.version);
+        }
+        state.version = version;
+        let draft = state.registry.clone();
+        let version = self.commit(&mut state, draft)?;
+        info!(version, "version raised above a node's");
+        Ok(version)
+    }
+
+    /// Takes a backend out of rotation for good (until its registration ends): no new connections, open
+    /// ones drain.
+    pub fn drain_backend(&self, service: ServiceKey, backend: SocketAddr) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        let mut draft = state.registry.clone();
+        let entry = draft.backend_mut(service, backend)?;
+        if entry.draining {
+            return Ok(state.version);
+        }
+        entry.draining = true;
+        let version = self.commit(&mut state, draft)?;
+        info!(%service, %backend, version, "backend draining: no new connections");
+        self.emit(Event::backend(EventKind::BackendDraining, version, service, backend, "drained by an operator"));
+        self.print(&state);
+        Ok(version)
+    }
+
+    /// Changes a backend's weight.
+    pub fn set_weight(&self, service: ServiceKey, backend: SocketAddr, weight: Weight) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        let mut draft = state.registry.clone();
+        let entry = draft.backend_mut(service, backend)?;
+        if entry.weight == weight {
+            return Ok(state.version);
+        }
+        let old = std::mem::replace(&mut entry.weight, weight);
+        let version = self.commit(&mut state, draft)?;
+        info!(%service, %backend, %old, %weight, version, "weight changed");
+        self.emit(Event::backend(EventKind::WeightChanged, version, service, backend, &format!("{old} -> {weight}")));
+        self.print(&state);
+        Ok(version)
+    }
+
+    /// Changes a service's balancing algorithm; from then on the operator's choice overrules registrations.
+    pub fn set_algorithm(&self, service: ServiceKey, algorithm: Algorithm) -> Result<u64, StoreError> {
+        let mut state = self.lock();
+        let mut draft = state.registry.clone();
+        let entry = draft.services.get_mut(&service).ok_or(StoreError::NoService { service })?;
+        entry.algorithm_set_by_operator = true;
+        if entry.algorithm == algorithm {
+            // Not routed, so no version: the operator's choice only decides future conflicts.
+            state.registry = draft;
+            return Ok(state.version);
+        }
+        let old = std::mem::replace(&mut entry.algorithm, algorithm);
+        let version = self.commit(&mut state, draft)?;
+        info!(%service, %old, new = %algorithm, version, "algorithm changed");
+        self.emit(Event::service(EventKind::AlgorithmChanged, version, service, &format!("{old} -> {algorithm}")));
+        self.print(&state);
+        Ok(version)
+    }
+
+    fn check_port(&self, port: u16) -> Result<(), StoreError> {
+        if self.policy.reserved_ports.contains(&port) {
+            return Err(StoreError::ReservedPort { port });
+        }
+        if !self.policy.allowed_ports.contains(port) {
+            return Err(StoreError::PortNotAllowed { port, allowed: self.policy.allowed_ports.to_string() });
+        }
+        Ok(())
+    }
+}

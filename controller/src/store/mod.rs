@@ -1,0 +1,124 @@
+//! The store: the controller's single source of truth, in rooms around one [`State`]:
+//!
+//! - [`registry`]: services, backends and registrations, with their invariants and the snapshot they make.
+//! - [`changes`]: every change of the registry, each validated on a draft and committed by [`Store::commit`].
+//! - [`registration`]: the handle a live registration holds; dropping it removes what it registered.
+//! - [`nodes`]: connected nodes, their bind results (the verdict a registration waits for) and their load.
+//! - [`events`]: the broadcast of state changes.
+//! - [`view`]: the read model operators see, and `--print-state`.
+//!
+//! The commit path, top to bottom: a change takes the lock, copies the registry into a draft, applies
+//! itself to the draft (or returns early when it changes nothing: no version), and hands the draft to
+//! [`Store::commit`]. The commit checks the invariants: a draft that breaks one is refused (the caller
+//! gets [`StoreError::Invariant`], nothing is published). Otherwise the draft becomes the registry, the
+//! version goes up by one, and the snapshot of that version is published on a watch channel that every
+//! node follows.
+
+mod changes;
+pub mod events;
+pub mod nodes;
+pub mod registration;
+mod registry;
+mod view;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use contract::model::{Event, RoutingSnapshot};
+use tokio::sync::{broadcast, watch};
+use tracing::error;
+
+pub use nodes::{ClusterLoadFeed, FrontendVerdict, NodeLink};
+pub use registration::{Origin, OriginKind, Registration};
+
+use self::{nodes::NodeTable, registry::Registry};
+use crate::{config::PortRanges, error::StoreError};
+
+/// Which ports services may use.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// `--allowed-ports`.
+    pub allowed_ports: PortRanges,
+    /// The controller's own listening ports: never a frontend.
+    pub reserved_ports: Vec<u16>,
+}
+
+/// The store. See the module documentation.
+#[derive(Debug)]
+pub struct Store {
+    /// A std mutex, not tokio's: critical sections are short, never hold an `.await`, and are taken from
+    /// both async tasks and `Drop`.
+    state: Mutex<State>,
+    policy: Policy,
+    print_state: bool,
+    snapshots: watch::Sender<Arc<RoutingSnapshot>>,
+    /// Bumped on every node report, so registrations waiting for bind results wake up.
+    node_updates: watch::Sender<u64>,
+    /// Every state change, for `Admin.WatchEvents`.
+    events: broadcast::Sender<Event>,
+}
+
+/// Everything behind the store's lock.
+#[derive(Debug, Default)]
+struct State {
+    /// Version of the last published snapshot.
+    version: u64,
+    /// What the snapshots are made of.
+    registry: Registry,
+    /// Who follows them.
+    nodes: NodeTable,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// An empty store at version 0.
+    pub fn new(policy: Policy, print_state: bool) -> Arc<Self> {
+        Arc::new(Store {
+            state: Mutex::default(),
+            policy,
+            print_state,
+            snapshots: watch::Sender::new(Arc::default()),
+            node_updates: watch::Sender::new(0),
+            events: broadcast::Sender::new(1024),
+        })
+    }
+
+    /// Follows the published snapshots (what a node consumes).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<RoutingSnapshot>> {
+        self.snapshots.subscribe()
+    }
+
+    /// The snapshot in force.
+    pub fn snapshot(&self) -> Arc<RoutingSnapshot> {
+        self.snapshots.borrow().clone()
+    }
+
+    /// The gate every change passes: `draft` becomes the registry and is published as the next version,
+    /// unless it breaks an invariant; then nothing changes and the caller gets the error. Called with the
+    /// lock held, so versions are published in order and never twice.
+    fn commit(&self, state: &mut State, draft: Registry) -> Result<u64, StoreError> {
+        if let Err(broken) = draft.check_invariants() {
+            error!(%broken, version = state.version, "change refused: it would break a store invariant");
+            return Err(StoreError::Invariant(broken));
+        }
+        state.version += 1;
+        state.registry = draft;
+        self.snapshots.send_replace(Arc::new(state.registry.snapshot(state.version)));
+        Ok(state.version)
+    }
+
+    fn print(&self, state: &State) {
+        if self.print_state {
+            eprint!("{}", state.view());
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a half-applied change: changes are made on a draft
+        // and committed last, so the state behind a poisoned lock is still consistent.
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,243 @@
+//! Nodes: which are connected, which frontends each bound at which version (the verdict a registration
+//! waits for), and how many connections each holds per backend (the cluster-wide counts).
+//!
+//! None of this is a commit: a node joining, acking or reporting its load changes no snapshot.
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use contract::model::{BackendLoad, Event, EventKind, FrontendStatus, NodeReport, ServiceKey};
+use tokio::time::{Instant, Interval, MissedTickBehavior};
+use tracing::info;
+
+use super::Store;
+
+/// How often a node's view of the other nodes' counts is refreshed (only changes are sent).
+pub const CLUSTER_LOAD_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Every node that ever connected.
+#[derive(Debug, Default)]
+pub(super) struct NodeTable {
+    pub nodes: BTreeMap<String, NodeRecord>,
+    next_link: u64,
+}
+
+#[derive(Debug)]
+pub(super) struct NodeRecord {
+    /// Which link of the node is current: a node that reconnects before its old stream is noticed dead
+    /// replaces it, and the old stream's end must not disconnect the new one.
+    link: u64,
+    pub connected: bool,
+    pub address: Option<SocketAddr>,
+    pub acked_version: Option<u64>,
+    pub last_seen: Instant,
+    pub frontends: BTreeMap<ServiceKey, Result<SocketAddr, String>>,
+    pub load: Vec<BackendLoad>,
+}
+
+/// Whether nodes serve a service, as far as their reports tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FrontendVerdict {
+    /// At least one connected node listens; the others' errors, if any.
+    Serving(Option<String>),
+    /// No node is connected; the frontend opens when one connects.
+    NoNodes,
+    /// No node listens: each node's error.
+    Failed(String),
+}
+
+/// A connected node's link to the store (the embedded node, or a `Sync` stream). Dropping it marks the
+/// node disconnected.
+#[derive(Debug)]
+pub struct NodeLink {
+    store: Arc<Store>,
+    node: String,
+    link: u64,
+}
+
+/// The other nodes' connection counts for one node, each time they change: what that node adds to its own
+/// counts for cluster-wide least connections.
+#[derive(Debug)]
+pub struct ClusterLoadFeed {
+    store: Arc<Store>,
+    node: String,
+    ticks: Interval,
+    last: Option<Vec<BackendLoad>>,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// A node joined (or rejoined): registrations wait for its bind results from now on.
+    pub fn connect_node(self: &Arc<Self>, node: &str, address: Option<SocketAddr>) -> NodeLink {
+        let mut state = self.lock();
+        let version = state.version;
+        let table = &mut state.nodes;
+        table.next_link += 1;
+        let link = table.next_link;
+        let replaced = table.nodes.get(node).is_some_and(|n| n.connected);
+        let record = NodeRecord {
+            link,
+            connected: true,
+            address,
+            acked_version: None,
+            last_seen: Instant::now(),
+            frontends: BTreeMap::new(),
+            load: Vec::new(),
+        };
+        table.nodes.insert(node.to_owned(), record);
+        // Emitted under the lock, so events keep the order of the changes they describe.
+        self.emit(Event::node(EventKind::NodeJoined, version, node));
+        drop(state);
+        match address {
+            Some(address) => info!(node, %address, replaced, "node joined"),
+            None => info!(node, "node joined"),
+        }
+        self.node_updates.send_modify(|n| *n += 1);
+        NodeLink { store: Arc::clone(self), node: node.to_owned(), link }
+    }
+
+    fn node_report(&self, node: &str, link: u64, report: NodeReport) {
+        let mut state = self.lock();
+        let Some(record) = state.nodes.nodes.get_mut(node).filter(|n| n.link == link) else { return };
+        record.last_seen = Instant::now();
+        match report {
+            NodeReport::Applied { version, frontends } => {
+                record.acked_version = Some(version);
+                record.frontends =
+                    frontends.into_iter().map(|FrontendStatus { service, result }| (service, result)).collect();
+            }
+            NodeReport::Load(load) => record.load = load,
+        }
+        drop(state);
+        self.node_updates.send_modify(|n| *n += 1);
+    }
+
+    /// A node left: it stays listed as disconnected, its counts leave the cluster view and its frontends no
+    /// longer answer for registrations.
+    fn disconnect_node(&self, node: &str, link: u64) {
+        let mut state = self.lock();
+        let version = state.version;
+        let Some(record) = state.nodes.nodes.get_mut(node).filter(|n| n.link == link && n.connected) else {
+            return;
+        };
+        record.connected = false;
+        record.load.clear();
+        self.emit(Event::node(EventKind::NodeLeft, version, node));
+        drop(state);
+        info!(node, "node left");
+        self.node_updates.send_modify(|n| *n += 1);
+    }
+
+    /// Waits until the nodes' reports tell whether `service` is served at `version` or later, at most
+    /// `timeout`.
+    pub async fn await_frontend(&self, service: ServiceKey, version: u64, timeout: Duration) -> FrontendVerdict {
+        let deadline = Instant::now() + timeout;
+        let mut updates = self.node_updates.subscribe();
+        loop {
+            updates.borrow_and_update();
+            if let Some(verdict) = self.lock().nodes.frontend_verdict(service, version, false) {
+                return verdict;
+            }
+            if tokio::time::timeout_at(deadline, updates.changed()).await.is_err() {
+                break;
+            }
+        }
+        self.lock().nodes.frontend_verdict(service, version, true).unwrap_or(FrontendVerdict::NoNodes)
+    }
+
+    /// The connection counts of every connected node except `node`, summed per backend.
+    pub fn cluster_load_excluding(&self, node: &str) -> Vec<BackendLoad> {
+        let state = self.lock();
+        let others = state.nodes.nodes.iter().filter(|(id, n)| *id != node && n.connected);
+        sum_load(others.map(|(_, n)| n.load.as_slice()))
+    }
+}
+
+/// The rows of several nodes, summed per (service, backend), sorted.
+pub(super) fn sum_load<'a>(nodes: impl Iterator<Item = &'a [BackendLoad]>) -> Vec<BackendLoad> {
+    let mut sums: BTreeMap<(ServiceKey, SocketAddr), BackendLoad> = BTreeMap::new();
+    for row in nodes.flatten() {
+        let sum = sums.entry((row.service, row.backend)).or_insert(BackendLoad { active: 0, total: 0, ..*row });
+        sum.active += row.active;
+        sum.total += row.total;
+    }
+    sums.into_values().collect()
+}
+
+// === impl NodeTable ===
+
+impl NodeTable {
+    fn frontend_verdict(&self, service: ServiceKey, version: u64, last_call: bool) -> Option<FrontendVerdict> {
+        let connected = || self.nodes.iter().filter(|(_, n)| n.connected);
+        if connected().next().is_none() {
+            return Some(FrontendVerdict::NoNodes);
+        }
+        // Every connected node is heard (or the time is up), so a success can still name the nodes that failed.
+        let mut serving = false;
+        let mut errors = Vec::new();
+        let mut pending = Vec::new();
+        for (id, node) in connected() {
+            match node.acked_version {
+                Some(acked) if acked >= version => match node.frontends.get(&service) {
+                    Some(Ok(_)) => serving = true,
+                    Some(Err(error)) => errors.push(format!("node {id}: {error}")),
+                    None => errors.push(format!("node {id}: service no longer in its snapshot")),
+                },
+                _ => pending.push(id),
+            }
+        }
+        if !pending.is_empty() && !last_call {
+            return None;
+        }
+        errors.extend(pending.into_iter().map(|id| format!("node {id}: no bind result in time")));
+        let errors = errors.join("; ");
+        Some(match (serving, errors.is_empty()) {
+            (true, true) => FrontendVerdict::Serving(None),
+            (true, false) => FrontendVerdict::Serving(Some(errors)),
+            (false, _) => FrontendVerdict::Failed(errors),
+        })
+    }
+}
+
+// === impl NodeLink ===
+
+impl NodeLink {
+    /// Records one report of the node.
+    pub fn report(&self, report: NodeReport) {
+        self.store.node_report(&self.node, self.link, report);
+    }
+
+    /// The node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The other nodes' counts for this node, as they change.
+    pub fn cluster_load(&self) -> ClusterLoadFeed {
+        let mut ticks = tokio::time::interval(CLUSTER_LOAD_INTERVAL);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        ClusterLoadFeed { store: Arc::clone(&self.store), node: self.node.clone(), ticks, last: None }
+    }
+}
+
+impl Drop for NodeLink {
+    fn drop(&mut self) {
+        self.store.disconnect_node(&self.node, self.link);
+    }
+}
+
+// === impl ClusterLoadFeed ===
+
+impl ClusterLoadFeed {
+    /// The sums at the next tick where they differ from the last ones returned. Cancel-safe.
+    pub async fn changed(&mut self) -> Vec<BackendLoad> {
+        loop {
+            self.ticks.tick().await;
+            let load = self.store.cluster_load_excluding(&self.node);
+            if self.last.as_ref() != Some(&load) {
+                self.last = Some(load.clone());
+                return load;
+            }
+        }
+    }
+}

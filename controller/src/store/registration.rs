@@ -1,0 +1,129 @@
+//! The live registration: the JSON control connection or gRPC `Register` stream that announced backends.
+//! Its [`Registration`] handle removes them when dropped, whichever way the connection ends.
+
+use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
+
+use contract::model::{Algorithm, BackendSpec, RegisterReply, ServiceKey};
+
+use super::{FrontendVerdict, Store, registry::RegistrationId};
+use crate::error::StoreError;
+
+/// Where a registration comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    /// The channel.
+    pub kind: OriginKind,
+    /// The peer of that channel.
+    pub peer: SocketAddr,
+}
+
+/// The kinds of registration channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OriginKind {
+    /// The HW1 JSON control channel.
+    Json,
+    /// A gRPC `Register` stream.
+    Grpc,
+}
+
+/// A live registration. Dropping it removes every backend it registered.
+#[derive(Debug)]
+pub struct Registration {
+    store: Arc<Store>,
+    pub(super) id: RegistrationId,
+    close_reason: Option<String>,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Opens a registration; it holds no backend yet.
+    pub fn open_registration(self: &Arc<Self>, origin: Origin) -> Registration {
+        Registration { store: Arc::clone(self), id: self.add_registration(origin), close_reason: None }
+    }
+}
+
+// === impl Registration ===
+
+impl Registration {
+    /// Registers `backend` for `service`, then waits (up to `ack_timeout`) for the nodes to say whether
+    /// they listen on it. When every node failed, the backend is withdrawn again and the reply says why.
+    pub async fn register(
+        &self,
+        service: ServiceKey,
+        backend: BackendSpec,
+        algorithm: Option<Algorithm>,
+        ack_timeout: Duration,
+    ) -> Result<RegisterReply, StoreError> {
+        let registered = self.store.register(self.id, service, backend, algorithm)?;
+        let reply =
+            |success: bool, message: Option<String>| RegisterReply { success, message, backend: Some(backend.address) };
+        let overruled = registered.overruled.map(|(asked, kept)| {
+            format!("service {service} keeps {kept}, set by an operator; the {asked} asked for is not applied")
+        });
+        Ok(match self.store.await_frontend(service, registered.version, ack_timeout).await {
+            FrontendVerdict::Serving(note) => reply(
+                true,
+                match (overruled, note) {
+                    (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+                    (a, b) => a.or(b),
+                },
+            ),
+            FrontendVerdict::NoNodes => {
+                reply(true, Some("no data-plane node is connected; the frontend opens when one connects".to_owned()))
+            }
+            FrontendVerdict::Failed(why) => {
+                if registered.created {
+                    self.store.withdraw(self.id, service, backend.address, "no node could open the frontend")?;
+                }
+                reply(false, Some(why))
+            }
+        })
+    }
+
+    /// Records the registration's own health verdict.
+    pub fn set_healthy(&self, healthy: bool) -> Result<(), StoreError> {
+        self.store.set_healthy(self.id, healthy)
+    }
+
+    /// True while the registration holds at least one backend (then it is probed).
+    pub fn has_backends(&self) -> bool {
+        self.store.lock().registry.registrations.get(&self.id).is_some_and(|r| !r.backends.is_empty())
+    }
+
+    /// Ends the registration, logging `reason` for each backend removed.
+    pub fn close(mut self, reason: impl Into<String>) {
+        self.close_reason = Some(reason.into());
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let reason = self.close_reason.as_deref().unwrap_or("registration ended");
+        self.store.close_registration(self.id, reason);
+    }
+}
+
+// === impl Origin ===
+
+impl Origin {
+    /// A JSON control channel from `peer`.
+    pub fn json(peer: SocketAddr) -> Self {
+        Origin { kind: OriginKind::Json, peer }
+    }
+
+    /// A gRPC `Register` stream from `peer`.
+    pub fn grpc(peer: SocketAddr) -> Self {
+        Origin { kind: OriginKind::Grpc, peer }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            OriginKind::Json => "json",
+            OriginKind::Grpc => "grpc",
+        };
+        write!(f, "{kind} {}", self.peer)
+    }
+}

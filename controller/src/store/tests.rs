@@ -1,0 +1,276 @@
+use std::{net::SocketAddr, time::Duration};
+
+use contract::model::{
+    Algorithm, BackendLoad, BackendSpec, EventKind, FrontendStatus, InvalidWeight, NodeReport, ServiceKey, Weight,
+};
+
+use super::{changes::Registered, registry::Registry, *};
+
+fn store() -> Arc<Store> {
+    Store::new(Policy { allowed_ports: "1-9000".parse().unwrap(), reserved_ports: vec![8080] }, false)
+}
+
+fn origin(ip: &str) -> Origin {
+    Origin::json(format!("{ip}:40000").parse().unwrap())
+}
+
+fn backend(addr: &str) -> BackendSpec {
+    BackendSpec { address: addr.parse().unwrap(), weight: Weight::MIN }
+}
+
+#[test]
+fn every_change_bumps_the_version_and_publishes_a_snapshot() {
+    let store = store();
+    let rx = store.subscribe();
+    let a = store.open_registration(origin("127.0.0.2"));
+    let r1 = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    assert_eq!(r1, Registered { version: 1, created: true, overruled: None });
+    // The same registration again changes nothing: no new version.
+    assert_eq!(store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap().version, 1);
+    let b = store.open_registration(origin("127.0.0.3"));
+    assert_eq!(store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.3:80"), None).unwrap().version, 2);
+    let snapshot = rx.borrow().clone();
+    assert_eq!(snapshot.version, 2);
+    assert_eq!(snapshot.services[&ServiceKey::tcp(80)].backends.len(), 2);
+
+    drop(a);
+    assert_eq!(store.snapshot().version, 3);
+    assert_eq!(store.snapshot().services[&ServiceKey::tcp(80)].backends, vec![backend("127.0.0.3:80")]);
+    drop(b);
+    assert_eq!(store.snapshot().version, 4);
+    assert!(store.snapshot().services.is_empty(), "the last backend takes its service along");
+}
+
+#[test]
+fn ports_outside_the_policy_are_refused_without_a_new_version() {
+    let store = store();
+    let a = store.open_registration(origin("127.0.0.2"));
+    let err = store.register(a.id, ServiceKey::tcp(9001), backend("127.0.0.2:9001"), None).unwrap_err();
+    assert_eq!(err.to_string(), "port 9001 is outside the allowed ports 1-9000");
+    let err = store.register(a.id, ServiceKey::udp(8080), backend("127.0.0.2:8080"), None).unwrap_err();
+    assert_eq!(err, StoreError::ReservedPort { port: 8080 });
+    assert_eq!(store.snapshot().version, 0);
+    assert!(!a.has_backends());
+}
+
+#[test]
+fn unregister_works_from_any_registration_and_reports_unknown_backends() {
+    let store = store();
+    let a = store.open_registration(origin("127.0.0.2"));
+    store.register(a.id, ServiceKey::udp(53), backend("127.0.0.2:53"), None).unwrap();
+    let addr = "127.0.0.2:53".parse().unwrap();
+    assert!(matches!(store.unregister(ServiceKey::udp(53), addr, "test"), Ok(2)));
+    assert!(!a.has_backends());
+    assert_eq!(
+        store.unregister(ServiceKey::udp(53), addr, "test"),
+        Err(StoreError::NotFound { service: ServiceKey::udp(53), backend: addr })
+    );
+    drop(a);
+    assert_eq!(store.snapshot().version, 2, "an empty registration closes without a new version");
+}
+
+#[test]
+fn a_backend_registered_again_moves_to_the_new_registration() {
+    let store = store();
+    let old = store.open_registration(origin("127.0.0.2"));
+    let new = store.open_registration(origin("127.0.0.2"));
+    store.register(old.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    let again = store.register(new.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    assert!(!again.created);
+    drop(old);
+    assert_eq!(store.snapshot().services[&ServiceKey::tcp(80)].backends.len(), 1, "the old channel owns nothing");
+    drop(new);
+    assert!(store.snapshot().services.is_empty());
+}
+
+#[test]
+fn unhealthy_backends_stay_registered_out_of_rotation() {
+    let store = store();
+    let a = store.open_registration(origin("127.0.0.2"));
+    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    a.set_healthy(false).unwrap();
+    let snapshot = store.snapshot();
+    assert!(snapshot.services[&ServiceKey::tcp(80)].backends.is_empty(), "the frontend stays, empty");
+    assert!(!store.view().services[0].backends[0].healthy);
+    a.set_healthy(true).unwrap();
+    assert_eq!(store.snapshot().services[&ServiceKey::tcp(80)].backends.len(), 1);
+    assert_eq!(store.snapshot().version, 3);
+}
+
+#[test]
+fn warm_up_snapshots_retire_removed_services_and_versions_jump_above_known_ones() {
+    let store = store();
+    store.begin_warm_up().unwrap();
+    assert!(store.snapshot().warming_up);
+    let a = store.open_registration(origin("127.0.0.2"));
+    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    drop(a);
+    assert_eq!(store.snapshot().retired, [ServiceKey::tcp(80)].into());
+    let b = store.open_registration(origin("127.0.0.2"));
+    store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    assert!(store.snapshot().retired.is_empty(), "re-registered: no longer retired");
+
+    store.observe_version(500).unwrap();
+    assert_eq!(store.snapshot().version, 501);
+    store.observe_version(20).unwrap();
+    assert_eq!(store.snapshot().version, 501, "an older version changes nothing");
+    store.end_warm_up().unwrap();
+    let last = store.snapshot();
+    assert_eq!((last.version, last.warming_up), (502, false));
+    assert_eq!(last.services.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed() {
+    let store = store();
+    let reg = store.open_registration(origin("127.0.0.2"));
+    // No node at all: success with a note.
+    let reply = reg.register(ServiceKey::tcp(80), backend("127.0.0.2:80"), None, Duration::from_secs(2)).await.unwrap();
+    assert!(reply.success && reply.message.unwrap().contains("no data-plane node"));
+
+    let node_a = Arc::new(store.connect_node("a", None));
+    let node_b = Arc::new(store.connect_node("b", None));
+    let report = |store: Arc<Store>, node: Arc<NodeLink>, result: Result<SocketAddr, String>| async move {
+        let mut rx = store.subscribe();
+        let version = rx.wait_for(|s| s.services.contains_key(&ServiceKey::tcp(81))).await.unwrap().version;
+        node.report(NodeReport::Applied {
+            version,
+            frontends: vec![FrontendStatus { service: ServiceKey::tcp(81), result }],
+        });
+    };
+    let a =
+        tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_a), Err("bind 0.0.0.0:81: Address in use".into())));
+    let b =
+        tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_b), Err("bind 0.0.0.0:81: Permission denied".into())));
+    let reply = reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), None, Duration::from_secs(2)).await.unwrap();
+    a.await.unwrap();
+    b.await.unwrap();
+    assert!(!reply.success);
+    let why = reply.message.unwrap();
+    assert!(why.contains("node a: bind 0.0.0.0:81: Address in use"), "{why}");
+    assert!(why.contains("node b: bind 0.0.0.0:81: Permission denied"), "{why}");
+    assert!(!store.snapshot().services.contains_key(&ServiceKey::tcp(81)), "rolled back");
+
+    // One node that never answers: failure after the timeout, naming it. Node b left: it is listed as
+    // disconnected and no longer asked.
+    drop(node_b);
+    assert!(!store.view().nodes[1].connected);
+    let reply = reg.register(ServiceKey::tcp(82), backend("127.0.0.2:82"), None, Duration::from_secs(2)).await.unwrap();
+    assert_eq!(reply.message.as_deref(), Some("node a: no bind result in time"));
+
+    // One node listens, another fails: success, naming the failing node.
+    let node_c = Arc::new(store.connect_node("c", None));
+    let a = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_a), Ok("0.0.0.0:81".parse().unwrap())));
+    let c = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_c), Err("bind 0.0.0.0:81: in use".into())));
+    let reply = reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), None, Duration::from_secs(2)).await.unwrap();
+    a.await.unwrap();
+    c.await.unwrap();
+    assert!(reply.success);
+    assert_eq!(reply.message.as_deref(), Some("node c: bind 0.0.0.0:81: in use"));
+    drop(node_a);
+}
+
+#[test]
+fn drain_and_weight_changes_are_versioned_events() {
+    let store = store();
+    let mut events = store.watch_events();
+    let a = store.open_registration(origin("127.0.0.2"));
+    let addr: SocketAddr = "127.0.0.2:80".parse().unwrap();
+    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    assert_eq!(events.try_recv().unwrap().kind, EventKind::ServiceAdded);
+    assert_eq!(events.try_recv().unwrap().kind, EventKind::BackendRegistered);
+
+    // A weight of 0 cannot even be asked for: the type refuses it.
+    assert_eq!(Weight::new(0), Err(InvalidWeight(0)));
+    let v = store.set_weight(ServiceKey::tcp(80), addr, Weight::new(5).unwrap()).unwrap();
+    assert_eq!(store.snapshot().services[&ServiceKey::tcp(80)].backends[0].weight.get(), 5);
+    let event = events.try_recv().unwrap();
+    assert_eq!((event.kind, event.version, event.detail.as_str()), (EventKind::WeightChanged, v, "1 -> 5"));
+
+    store.drain_backend(ServiceKey::tcp(80), addr).unwrap();
+    assert!(store.snapshot().services[&ServiceKey::tcp(80)].backends.is_empty(), "out of rotation");
+    assert!(store.view().services[0].backends[0].draining, "still listed");
+    assert_eq!(events.try_recv().unwrap().kind, EventKind::BackendDraining);
+    let missing = store.drain_backend(ServiceKey::tcp(81), addr).unwrap_err();
+    assert!(matches!(missing, StoreError::NotFound { .. }));
+
+    drop(a);
+    assert_eq!(events.try_recv().unwrap().kind, EventKind::BackendRemoved);
+    assert_eq!(events.try_recv().unwrap().kind, EventKind::ServiceRemoved);
+}
+
+#[test]
+fn the_first_registration_chooses_the_algorithm_until_an_operator_does() {
+    let store = store();
+    let a = store.open_registration(origin("127.0.0.2"));
+    let b = store.open_registration(origin("127.0.0.3"));
+    let key = ServiceKey::tcp(80);
+    store.register(a.id, key, backend("127.0.0.2:80"), Some(Algorithm::LeastConnections)).unwrap();
+    assert_eq!(store.snapshot().services[&key].algorithm, Algorithm::LeastConnections);
+    let refused = store.register(b.id, key, backend("127.0.0.3:80"), Some(Algorithm::Random)).unwrap_err();
+    assert!(refused.to_string().contains("uses least_connections"), "{refused}");
+    // Agreeing, or not asking, is fine.
+    store.register(b.id, key, backend("127.0.0.3:80"), None).unwrap();
+    // After the operator's choice, a registration asking for the old one is let in, overruled.
+    store.set_algorithm(key, Algorithm::PowerOfTwo).unwrap();
+    let c = store.open_registration(origin("127.0.0.4"));
+    let again = store.register(c.id, key, backend("127.0.0.4:80"), Some(Algorithm::LeastConnections)).unwrap();
+    assert_eq!(again.overruled, Some((Algorithm::LeastConnections, Algorithm::PowerOfTwo)));
+    assert_eq!(store.snapshot().services[&key].algorithm, Algorithm::PowerOfTwo);
+}
+
+#[test]
+fn a_reconnecting_node_replaces_its_old_session() {
+    let store = store();
+    let old = store.connect_node("n1", None);
+    let new = store.connect_node("n1", None);
+    old.report(NodeReport::Applied { version: 9, frontends: Vec::new() });
+    assert_eq!(store.view().nodes[0].acked_version, None, "reports of a replaced session are ignored");
+    drop(old);
+    assert!(store.view().nodes[0].connected, "the old stream's end does not disconnect the new one");
+    new.report(NodeReport::Load(vec![BackendLoad {
+        service: ServiceKey::tcp(80),
+        backend: "127.0.0.2:80".parse().unwrap(),
+        active: 3,
+        total: 4,
+    }]));
+    drop(new);
+    let view = store.view();
+    assert!(!view.nodes[0].connected);
+    assert!(view.services.is_empty());
+}
+
+#[test]
+fn a_change_that_breaks_an_invariant_is_refused_and_never_published() {
+    let store = store();
+    let mut snapshots = store.subscribe();
+    let a = store.open_registration(origin("127.0.0.2"));
+    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    snapshots.borrow_and_update();
+    let before = store.snapshot();
+
+    // A change with a bug in it: it drops the backend but leaves its service behind, empty.
+    let mut state = store.lock();
+    let mut draft: Registry = state.registry.clone();
+    draft.services.get_mut(&ServiceKey::tcp(80)).unwrap().backends.clear();
+    let refused = store.commit(&mut state, draft).unwrap_err();
+    drop(state);
+    assert_eq!(refused, StoreError::Invariant("service tcp:80 has no backend".into()));
+    assert_eq!(
+        refused.to_string(),
+        "internal error: the change would break a store invariant (service tcp:80 has no backend); nothing changed"
+    );
+    assert!(!snapshots.has_changed().unwrap(), "nothing published");
+    assert_eq!(store.snapshot(), before);
+    assert_eq!(store.view().services[0].backends.len(), 1, "the registry is as it was");
+
+    // A backend owned by no registration is refused the same way, and the store goes on working.
+    let mut state = store.lock();
+    let mut draft: Registry = state.registry.clone();
+    draft.registrations.clear();
+    assert!(
+        matches!(store.commit(&mut state, draft), Err(StoreError::Invariant(why)) if why.contains("no owning registration"))
+    );
+    drop(state);
+    assert_eq!(store.drain_backend(ServiceKey::tcp(80), "127.0.0.2:80".parse().unwrap()), Ok(before.version + 1));
+}

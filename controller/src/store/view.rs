@@ -1,0 +1,74 @@
+//! The read model: the state as operators see it (`/api/state`, `Admin.ListServices`, `Admin.ListNodes`,
+//! `--print-state`), built under the lock from the registry and the nodes' reports.
+
+use std::collections::HashMap;
+
+use contract::model::{BackendView, FrontendStatus, FrontendView, NodeView, ServiceView, StateView};
+
+use super::{State, Store, nodes::sum_load};
+
+// === impl Store ===
+
+impl Store {
+    /// The whole state.
+    pub fn view(&self) -> StateView {
+        self.lock().view()
+    }
+}
+
+// === impl State ===
+
+impl State {
+    pub(super) fn view(&self) -> StateView {
+        let registry = &self.registry;
+        let nodes = self.nodes.nodes.values().map(|n| n.load.as_slice());
+        let counts: HashMap<_, _> = sum_load(nodes).into_iter().map(|row| ((row.service, row.backend), row)).collect();
+        let services = registry
+            .services
+            .iter()
+            .map(|(&key, service)| {
+                let backends: Vec<BackendView> = service
+                    .backends
+                    .iter()
+                    .map(|(&address, b)| {
+                        let load = counts.get(&(key, address));
+                        let reg = registry.registrations.get(&b.owner);
+                        BackendView {
+                            address,
+                            weight: b.weight,
+                            healthy: reg.is_some_and(|r| r.healthy),
+                            draining: b.draining,
+                            active_connections: load.map_or(0, |l| l.active),
+                            total_connections: load.map_or(0, |l| l.total),
+                            registration: reg.map(|r| r.origin.to_string()).unwrap_or_default(),
+                        }
+                    })
+                    .collect();
+                ServiceView {
+                    service: key,
+                    algorithm: service.algorithm,
+                    active_connections: backends.iter().map(|b| b.active_connections).sum(),
+                    backends,
+                }
+            })
+            .collect();
+        let nodes = self
+            .nodes
+            .nodes
+            .iter()
+            .map(|(id, node)| NodeView {
+                id: id.clone(),
+                connected: node.connected,
+                address: node.address,
+                acked_version: node.acked_version,
+                last_seen_ms_ago: u64::try_from(node.last_seen.elapsed().as_millis()).unwrap_or(u64::MAX),
+                frontends: node
+                    .frontends
+                    .iter()
+                    .map(|(&service, result)| FrontendView::from(&FrontendStatus { service, result: result.clone() }))
+                    .collect(),
+            })
+            .collect();
+        StateView { version: self.version, warming_up: registry.warming_up, services, nodes }
+    }
+}

@@ -1,0 +1,42 @@
+//! What a node tells the controller: which frontends it bound at a version, and how many connections
+//! each backend holds there.
+
+use std::net::SocketAddr;
+
+use super::ServiceKey;
+
+/// What a node tells whoever feeds it snapshots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeReport {
+    /// A snapshot version is in force on this node (an ACK, with a NACK per frontend that failed).
+    Applied {
+        /// The version applied.
+        version: u64,
+        /// One entry per service the node serves at that version.
+        frontends: Vec<FrontendStatus>,
+    },
+    /// The node's per-backend counters changed.
+    Load(Vec<BackendLoad>),
+}
+
+/// Whether a node listens for one service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrontendStatus {
+    /// The service.
+    pub service: ServiceKey,
+    /// The bound address, or why binding failed (`bind ADDR: OS error`).
+    pub result: Result<SocketAddr, String>,
+}
+
+/// One row of a load report: a backend's connections on one node, or summed over several.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendLoad {
+    /// The service.
+    pub service: ServiceKey,
+    /// The backend.
+    pub backend: SocketAddr,
+    /// Connections or sessions open now.
+    pub active: u64,
+    /// Connections or sessions opened since the node first saw the backend.
+    pub total: u64,
+}

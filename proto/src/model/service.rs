@@ -1,0 +1,231 @@
+//! What names a service and how it balances: protocol, port, algorithm, and a backend's weight. Each type
+//! holds only valid values, so a rule such as "weights are 1..=10000" is checked once, where a value is made.
+
+use std::{fmt, str::FromStr};
+
+use serde::Serialize;
+
+/// Transport protocol of a service.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// A stream service: each client connection is relayed to one backend.
+    Tcp,
+    /// A datagram service: each client address is a session pinned to one backend.
+    Udp,
+}
+
+/// A service: the (protocol, port) pair that clients reach on every node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct ServiceKey {
+    /// TCP or UDP.
+    pub protocol: Protocol,
+    /// Public port of the frontend.
+    pub port: u16,
+}
+
+/// How a service spreads new connections over its backends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Each new connection or session goes to the next backend in turn (weights ignored).
+    #[default]
+    RoundRobin,
+    /// Smooth weighted round robin (nginx's): shares follow the weights, interleaved.
+    WeightedRoundRobin,
+    /// Fewest active connections per unit of weight, counting every node's connections.
+    LeastConnections,
+    /// Weighted random.
+    Random,
+    /// Two random backends, the less loaded (cluster-wide, per unit of weight) wins.
+    PowerOfTwo,
+    /// Maglev consistent hash of the client's IP: every node picks the same backend.
+    SourceHash,
+}
+
+/// A backend's relative weight: always in `1..=10000`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct Weight(u32);
+
+/// A weight outside `1..=10000`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0} is not in {min}..={max}", min = Weight::MIN, max = Weight::MAX)]
+pub struct InvalidWeight(pub u64);
+
+/// A protocol or algorithm name that is not known. Its `Display` lists the names that are.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} {name:?} (expected {expected})")]
+pub struct UnknownName {
+    /// `protocol` or `algorithm`.
+    pub what: &'static str,
+    /// The name given.
+    pub name: String,
+    /// The names known, as a phrase.
+    pub expected: String,
+}
+
+// === impl Protocol ===
+
+impl Protocol {
+    /// Lower-case name as used on the wire: `tcp` or `udp`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = UnknownName;
+
+    /// Case-insensitive, as the HW1 channel requires.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Protocol::Tcp, Protocol::Udp]
+            .into_iter()
+            .find(|p| p.as_str().eq_ignore_ascii_case(s))
+            .ok_or_else(|| UnknownName { what: "protocol", name: s.to_owned(), expected: "tcp or udp".to_owned() })
+    }
+}
+
+// === impl ServiceKey ===
+
+impl ServiceKey {
+    /// A TCP service on `port`.
+    pub fn tcp(port: u16) -> Self {
+        ServiceKey { protocol: Protocol::Tcp, port }
+    }
+
+    /// A UDP service on `port`.
+    pub fn udp(port: u16) -> Self {
+        ServiceKey { protocol: Protocol::Udp, port }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.protocol, self.port)
+    }
+}
+
+// === impl Algorithm ===
+
+impl Algorithm {
+    /// Every algorithm, in documentation order.
+    pub const ALL: [Algorithm; 6] = [
+        Algorithm::RoundRobin,
+        Algorithm::WeightedRoundRobin,
+        Algorithm::LeastConnections,
+        Algorithm::Random,
+        Algorithm::PowerOfTwo,
+        Algorithm::SourceHash,
+    ];
+
+    /// Name as used in flags, JSON and gRPC.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::RoundRobin => "round_robin",
+            Algorithm::WeightedRoundRobin => "weighted_round_robin",
+            Algorithm::LeastConnections => "least_connections",
+            Algorithm::Random => "random",
+            Algorithm::PowerOfTwo => "power_of_two",
+            Algorithm::SourceHash => "source_hash",
+        }
+    }
+}
+
+impl fmt::Display for Algorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = UnknownName;
+
+    /// Case-insensitive.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Algorithm::ALL.into_iter().find(|a| a.as_str().eq_ignore_ascii_case(s)).ok_or_else(|| {
+            let known: Vec<&str> = Algorithm::ALL.iter().map(|a| a.as_str()).collect();
+            UnknownName { what: "algorithm", name: s.to_owned(), expected: format!("one of {}", known.join(", ")) }
+        })
+    }
+}
+
+// === impl Weight ===
+
+impl Weight {
+    /// The lightest weight, and the default.
+    pub const MIN: Weight = Weight(1);
+    /// The heaviest weight.
+    pub const MAX: Weight = Weight(10_000);
+
+    /// `value` as a weight, if it is in `1..=10000`.
+    pub fn new(value: u64) -> Result<Self, InvalidWeight> {
+        u32::try_from(value)
+            .ok()
+            .filter(|w| (Weight::MIN.0..=Weight::MAX.0).contains(w))
+            .map(Weight)
+            .ok_or(InvalidWeight(value))
+    }
+
+    /// The number.
+    pub fn get(self) -> u32 {
+        self.0
+    }
+}
+
+impl Default for Weight {
+    fn default() -> Self {
+        Weight::MIN
+    }
+}
+
+impl fmt::Display for Weight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocol_names_are_case_insensitive() {
+        assert_eq!("TCP".parse(), Ok(Protocol::Tcp));
+        assert_eq!("Udp".parse(), Ok(Protocol::Udp));
+        assert_eq!(
+            "sctp".parse::<Protocol>().unwrap_err().to_string(),
+            "unknown protocol \"sctp\" (expected tcp or udp)"
+        );
+        assert_eq!(ServiceKey::udp(53).to_string(), "udp:53");
+    }
+
+    #[test]
+    fn algorithm_names_round_trip_and_unknown_ones_list_the_known() {
+        for algorithm in Algorithm::ALL {
+            assert_eq!(algorithm.as_str().to_uppercase().parse(), Ok(algorithm));
+        }
+        let err = "fastest".parse::<Algorithm>().unwrap_err().to_string();
+        assert!(err.starts_with("unknown algorithm \"fastest\" (expected one of round_robin, "), "{err}");
+    }
+
+    #[test]
+    fn weights_are_one_to_ten_thousand() {
+        assert_eq!(Weight::new(1).map(Weight::get), Ok(1));
+        assert_eq!(Weight::new(10_000).map(Weight::get), Ok(10_000));
+        for bad in [0, 10_001, u64::from(u32::MAX) + 1] {
+            assert_eq!(Weight::new(bad), Err(InvalidWeight(bad)));
+        }
+        assert_eq!(InvalidWeight(0).to_string(), "0 is not in 1..=10000");
+        assert_eq!(Weight::default(), Weight::MIN);
+    }
+}

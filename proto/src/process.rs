@@ -1,0 +1,161 @@
+//! What every Switchboard binary does the same way: logs on stderr, one READY line on stdout, a shutdown
+//! watch channel set by SIGINT or SIGTERM, supervised tasks, and its exit codes.
+
+use std::{fmt::Display, process::ExitCode};
+
+use tokio::{sync::watch, task::JoinSet};
+
+/// Exit code of a configuration error (EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+/// A flag value that makes no sense. The binary prints it on one line and exits 64.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid --{flag}: {why}")]
+pub struct FlagError {
+    /// The flag, without dashes.
+    pub flag: &'static str,
+    /// What is wrong with it.
+    pub why: String,
+}
+
+// === impl FlagError ===
+
+impl FlagError {
+    /// `flag` is wrong because `why`.
+    pub fn new(flag: &'static str, why: impl Into<String>) -> Self {
+        FlagError { flag, why: why.into() }
+    }
+
+    /// Every duration of `flags` is more than zero, or the first that is not is the error.
+    pub fn require_positive(flags: &[(&'static str, std::time::Duration)]) -> Result<(), FlagError> {
+        match flags.iter().find(|(_, d)| d.is_zero()) {
+            Some((flag, _)) => Err(FlagError::new(flag, "must be more than zero")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Logs to stderr (`RUST_LOG`, default `info`), with colours only on a terminal; stdout is kept for the
+/// READY line.
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Prints the one READY line on stdout (flushed at once: scripts wait for it) and logs it.
+pub fn print_ready(line: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{line}")?;
+    stdout.flush()?;
+    tracing::info!("{line}");
+    Ok(())
+}
+
+/// The shutdown channel of a process: it turns true on the first SIGINT or SIGTERM, after logging `what`
+/// (what the process does next).
+pub fn shutdown_on_signal(what: &'static str) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        signal().await;
+        tracing::info!("signal received: {what}");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot watch SIGTERM; only SIGINT stops the process");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone), holding no borrow of the channel across
+/// the caller's awaits.
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Waits for every task: the first error ends the wait and is returned (the remaining tasks are aborted
+/// when the set drops), and a task's panic is the caller's panic.
+pub async fn supervise<E: 'static>(mut tasks: JoinSet<Result<(), E>>) -> Result<(), E> {
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(error),
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// A configuration error: one line on stderr, exit 64.
+pub fn config_error(binary: &str, error: &dyn Display) -> ExitCode {
+    eprintln!("{binary}: {error}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// The exit of a run: 0, or one line on stderr and 1.
+pub fn exit<E: Display>(binary: &str, result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{binary}: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_zero_duration_is_named() {
+        use std::time::Duration;
+        let ok = FlagError::require_positive(&[("a", Duration::from_secs(1))]);
+        assert_eq!(ok, Ok(()));
+        let err = FlagError::require_positive(&[("a", Duration::from_secs(1)), ("b", Duration::ZERO)]).unwrap_err();
+        assert_eq!(err.to_string(), "invalid --b: must be more than zero");
+    }
+
+    #[tokio::test]
+    async fn supervise_returns_the_first_error_and_waits_for_the_rest_otherwise() {
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async { Ok(()) });
+        tasks.spawn(async { Err("broken") });
+        tasks.spawn(std::future::pending());
+        assert_eq!(supervise(tasks).await, Err("broken"));
+        let mut tasks: JoinSet<Result<(), &str>> = JoinSet::new();
+        tasks.spawn(async { Ok(()) });
+        assert_eq!(supervise(tasks).await, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn stopped_resolves_on_true_or_when_the_sender_is_gone() {
+        let (tx, mut rx) = watch::channel(false);
+        tx.send_replace(true);
+        stopped(&mut rx).await;
+        let (tx, mut rx) = watch::channel(false);
+        drop(tx);
+        stopped(&mut rx).await;
+    }
+}
