@@ -32,18 +32,3 @@ pub enum AgentError {
         why: String,
     },
 }
-
-/// Why one registration stream ended.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum StreamError {
-    #[error("invalid controller URL: {0}")]
-    Url(String),
-    #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
-    #[error("{}", .0.message())]
-    Stream(#[from] tonic::Status),
-    #[error("the controller refused the registration: {0}")]
-    Refused(String),
-    #[error("the stream closed")]
-    Closed,
-}

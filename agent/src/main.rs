@@ -3,18 +3,17 @@
 
 use std::process::ExitCode;
 
-use agent::{AgentConfig, Cli};
+use agent::{AgentConfig, AgentError, Cli};
 use clap::Parser;
 use contract::process;
 use tokio::sync::oneshot;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match AgentConfig::try_from(Cli::parse()) {
-        Ok(config) => config,
-        Err(error) => return process::config_error("agent", &error),
-    };
-    process::init_logging();
+    process::main("agent", AgentConfig::try_from(Cli::parse()), run).await
+}
+
+async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let shutdown = process::shutdown_on_signal("deregistering");
     let (ready_tx, ready_rx) = oneshot::channel::<String>();
     tokio::spawn(async move {
@@ -22,5 +21,5 @@ async fn main() -> ExitCode {
             let _ = process::print_ready(&line);
         }
     });
-    process::exit("agent", agent::run(config, ready_tx, shutdown).await)
+    agent::run(config, ready_tx, shutdown).await
 }

@@ -14,7 +14,7 @@ use std::{
 
 use contract::{
     backoff::Backoff,
-    client::controller_endpoint,
+    client::{self, StreamError},
     model::{BackendTarget, Deregistration, ProbeOverrides, RegisterReply, RegistrationRequest},
     process::stopped,
     v1::{
@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use crate::{
     check::{Check, Health},
     cli::{AgentConfig, AgentService},
-    error::{AgentError, StreamError},
+    error::AgentError,
 };
 
 /// The agent of one service.
@@ -166,10 +166,7 @@ impl ServiceAgent {
 
     /// Connects, registers with `healthy` as the initial verdict, and waits for the ack.
     async fn register(&self, healthy: bool) -> Result<Live, StreamError> {
-        let channel = controller_endpoint(&self.config.controller)
-            .map_err(|e| StreamError::Url(e.to_string()))?
-            .connect()
-            .await?;
+        let channel = client::connect(&self.config.controller).await?;
         let (tx, rx) = mpsc::channel(16);
         let registration = RegistrationRequest {
             service: self.spec.service,
@@ -183,7 +180,7 @@ impl ServiceAgent {
         tx.send(message).await.map_err(|_| StreamError::Closed)?;
         let mut inbound = RegistryClient::new(channel.clone()).register(ReceiverStream::new(rx)).await?.into_inner();
         let Some(In::Ack(ack)) = inbound.message().await?.and_then(|m| m.msg) else { return Err(StreamError::Closed) };
-        let reply = RegisterReply::try_from(&ack).map_err(|e| StreamError::Refused(e.to_string()))?;
+        let reply = RegisterReply::try_from(&ack)?;
         let note = reply.message.unwrap_or_default();
         match reply.backend {
             Some(backend) if reply.success => {

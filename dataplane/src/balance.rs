@@ -11,13 +11,27 @@
 use std::{
     cell::Cell,
     hash::{BuildHasher, RandomState},
-    net::IpAddr,
-    sync::atomic::{AtomicUsize, Ordering},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
 };
 
-use contract::model::Algorithm;
+use contract::model::{Algorithm, Weight};
 
-use crate::table::RouteBackend;
+use crate::stats::BackendStats;
+
+/// One backend in rotation.
+#[derive(Debug)]
+pub struct RouteBackend {
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Relative weight.
+    pub weight: Weight,
+    /// Its live counters on this node.
+    pub stats: Arc<BackendStats>,
+}
 
 /// The balancing state of one service in one routing table.
 #[derive(Debug)]
@@ -282,6 +296,15 @@ fn random() -> u64 {
     })
 }
 
+// === impl RouteBackend ===
+
+impl RouteBackend {
+    /// Its load for the load-aware algorithms: connections here plus the other nodes' last report.
+    pub fn load(&self) -> u64 {
+        self.stats.active() + self.stats.remote()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::{
@@ -290,8 +313,6 @@ mod tests {
     };
 
     use proptest::prelude::*;
-
-    use contract::model::Weight;
 
     use super::*;
     use crate::stats::BackendStats;
@@ -312,22 +333,13 @@ mod tests {
         IpAddr::V4(Ipv4Addr::from(i.wrapping_mul(2_654_435_761)))
     }
 
-    const ALL: [Algorithm; 6] = [
-        Algorithm::RoundRobin,
-        Algorithm::WeightedRoundRobin,
-        Algorithm::LeastConnections,
-        Algorithm::Random,
-        Algorithm::PowerOfTwo,
-        Algorithm::SourceHash,
-    ];
-
     proptest! {
         /// Backends out of rotation (removed, draining, unhealthy) are not in the list a balancer is built
         /// over, so "never picks them" is: every pick names a backend of that list.
         #[test]
         fn every_pick_is_a_backend_in_rotation(weights in prop::collection::vec(1u32..20, 0..12), seed in 0u32..1000) {
             let list = backends(&weights);
-            for algorithm in ALL {
+            for algorithm in Algorithm::ALL {
                 let balancer = Balancer::build(algorithm, &list, None);
                 for i in 0..50 {
                     let pick = balancer.pick(&list, client(seed + i));

@@ -17,26 +17,6 @@ pub enum FrontendError {
     },
 }
 
-/// Why a sync stream with the controller ended.
-#[derive(Debug, thiserror::Error)]
-pub enum SyncError {
-    /// `--controller` is not a valid URL.
-    #[error("invalid controller URL: {0}")]
-    Url(String),
-    /// The controller could not be reached.
-    #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
-    /// The stream failed.
-    #[error("stream failed: {}", .0.message())]
-    Stream(#[from] tonic::Status),
-    /// The controller sent something that is not a valid snapshot.
-    #[error("bad snapshot: {0}")]
-    Snapshot(#[from] contract::convert::ConvertError),
-    /// The stream closed under us.
-    #[error("the stream closed")]
-    Closed,
-}
-
 /// Why a `dataplane` process cannot start or keep running.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

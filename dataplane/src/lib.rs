@@ -39,7 +39,7 @@ use tokio::{
 };
 
 pub use cli::{Cli, DataplaneConfig, NodeArgs};
-pub use error::{DataplaneError, FrontendError, SyncError};
+pub use error::{DataplaneError, FrontendError};
 pub use node::{Node, NodeConfig, NodeHandle, ServedState};
 pub use table::RoutingTable;
 

@@ -10,17 +10,11 @@ use dataplane::{Cli, Dataplane, DataplaneConfig};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = match DataplaneConfig::try_from(Cli::parse()) {
-        Ok(config) => config,
-        Err(error) => return process::config_error("dataplane", &error),
-    };
-    process::init_logging();
-    process::exit("dataplane", run(config).await)
+    process::main("dataplane", DataplaneConfig::try_from(Cli::parse()), run).await
 }
 
 async fn run(config: DataplaneConfig) -> anyhow::Result<()> {
     let dataplane = Dataplane::bind(config).await?;
     process::print_ready(&dataplane.ready_line()).context("writing the READY line")?;
-    dataplane.run(process::shutdown_on_signal("closing frontends and draining connections")).await?;
-    Ok(())
+    Ok(dataplane.run(process::shutdown_on_signal("closing frontends and draining connections")).await?)
 }

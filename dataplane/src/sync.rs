@@ -10,7 +10,7 @@ use std::{sync::Arc, time::Duration};
 
 use contract::{
     backoff::Backoff,
-    client::controller_endpoint,
+    client::{self, StreamError},
     convert,
     model::{NodeReport, RoutingSnapshot},
     v1::{self, controller_message, dataplane_client::DataplaneClient},
@@ -19,7 +19,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
-use crate::{error::SyncError, node::NodeHandle};
+use crate::node::NodeHandle;
 
 /// How a node reaches its controller.
 #[derive(Debug, Clone)]
@@ -95,18 +95,20 @@ async fn attempt(
     status: &watch::Sender<SyncStatus>,
     backoff: &mut Backoff,
     node: &NodeHandle,
-) -> Result<Ended, SyncError> {
-    let channel = controller_endpoint(&config.controller).map_err(|e| SyncError::Url(e.to_string()))?.connect().await?;
+) -> Result<Ended, StreamError> {
+    let channel = client::connect(&config.controller).await?;
     let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
     let known_version = snapshots.borrow().version;
     let hello = v1::NodeHello { node_id: config.node_id.clone(), known_version };
-    tx.send(v1::NodeMessage { msg: Some(v1::node_message::Msg::Hello(hello)) }).await.map_err(|_| SyncError::Closed)?;
+    tx.send(v1::NodeMessage { msg: Some(v1::node_message::Msg::Hello(hello)) })
+        .await
+        .map_err(|_| StreamError::Closed)?;
     let mut inbound = DataplaneClient::new(channel).sync(ReceiverStream::new(rx)).await?.into_inner();
     info!(controller = %config.controller, node = %config.node_id, known_version, "following the controller");
     status.send_replace(SyncStatus { connected: true, last_error: None });
     backoff.reset();
     if let Some(load) = last_load.as_ref() {
-        tx.send(load.into()).await.map_err(|_| SyncError::Closed)?;
+        tx.send(load.into()).await.map_err(|_| StreamError::Closed)?;
     }
     loop {
         tokio::select! {
@@ -135,7 +137,7 @@ async fn attempt(
                 if matches!(report, NodeReport::Load(_)) {
                     *last_load = Some(report.clone());
                 }
-                tx.send((&report).into()).await.map_err(|_| SyncError::Closed)?;
+                tx.send((&report).into()).await.map_err(|_| StreamError::Closed)?;
             }
         }
     }

@@ -7,11 +7,11 @@ use std::{
     sync::Arc,
 };
 
-use contract::model::{RoutingSnapshot, ServiceKey, Weight};
+use contract::model::{RoutingSnapshot, ServiceKey};
 
 use crate::{
-    balance::Balancer,
-    stats::{BackendStats, StatsRegistry},
+    balance::{Balancer, RouteBackend},
+    stats::StatsRegistry,
 };
 
 /// Routing state of a node at one snapshot version.
@@ -29,17 +29,6 @@ pub struct ServiceRoute {
     pub backends: Vec<RouteBackend>,
     /// Picks among `backends`.
     pub balancer: Balancer,
-}
-
-/// One backend in rotation.
-#[derive(Debug)]
-pub struct RouteBackend {
-    /// Where it listens.
-    pub address: SocketAddr,
-    /// Relative weight.
-    pub weight: Weight,
-    /// Its live counters on this node.
-    pub stats: Arc<BackendStats>,
 }
 
 // === impl RoutingTable ===
@@ -84,15 +73,6 @@ impl RoutingTable {
     }
 }
 
-// === impl RouteBackend ===
-
-impl RouteBackend {
-    /// Its load for the load-aware algorithms: connections here plus the other nodes' last report.
-    pub fn load(&self) -> u64 {
-        self.stats.active() + self.stats.remote()
-    }
-}
-
 // === impl ServiceRoute ===
 
 impl ServiceRoute {
@@ -112,7 +92,7 @@ impl ServiceRoute {
 
 #[cfg(test)]
 mod tests {
-    use contract::model::{Algorithm, BackendSpec, ServiceSpec};
+    use contract::model::{Algorithm, BackendSpec, ServiceSpec, Weight};
 
     use super::*;
 

@@ -1,20 +1,17 @@
 //! `loadgen`: parse flags, build the runtime (`--threads`), run a load or serve a demo backend.
 
-use std::{io::Write, process::ExitCode};
+use std::process::ExitCode;
 
 use clap::Parser;
+use contract::process;
 use loadgen::{
     Kind,
     cli::{Cli, Command},
 };
-use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    process::init_logging();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = cli.threads {
         runtime.worker_threads(threads.max(1));
@@ -30,8 +27,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(command) => {
                 loadgen::serve(command, |line| {
-                    let mut stdout = std::io::stdout().lock();
-                    let _ = writeln!(stdout, "{line}").and_then(|()| stdout.flush());
+                    let _ = process::print_ready(&line);
                 })
                 .await
             }

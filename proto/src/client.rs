@@ -1,10 +1,35 @@
 //! How clients of the contract (data-plane nodes, agents) reach the controller: a bounded connect and
 //! HTTP/2 keep-alives, so a controller that vanished without closing its connections is noticed in seconds
-//! rather than never.
+//! rather than never; and why one of their streams ended.
 
 use std::time::Duration;
 
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::convert::ConvertError;
+
+/// Why a client's stream with the controller ended (or never began).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The controller URL is not a valid one.
+    #[error("invalid controller URL: {0}")]
+    Url(String),
+    /// The controller could not be reached.
+    #[error("cannot connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    /// The stream failed.
+    #[error("stream failed: {}", .0.message())]
+    Stream(#[from] tonic::Status),
+    /// The controller sent a message that makes no valid domain value.
+    #[error("invalid message from the controller: {0}")]
+    Invalid(#[from] ConvertError),
+    /// The controller refused what the client asked for.
+    #[error("the controller refused the registration: {0}")]
+    Refused(String),
+    /// The stream closed under us.
+    #[error("the stream closed")]
+    Closed,
+}
 
 /// The endpoint of the controller at `url` (`http://host:port`), or why the URL is not one.
 pub fn controller_endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
@@ -13,4 +38,10 @@ pub fn controller_endpoint(url: &str) -> Result<Endpoint, tonic::transport::Erro
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true))
+}
+
+/// A channel to the controller at `url`.
+pub async fn connect(url: &str) -> Result<Channel, StreamError> {
+    let endpoint = controller_endpoint(url).map_err(|e| StreamError::Url(e.to_string()))?;
+    Ok(endpoint.connect().await?)
 }

@@ -1,7 +1,7 @@
 //! What every Switchboard binary does the same way: logs on stderr, one READY line on stdout, a shutdown
 //! watch channel set by SIGINT or SIGTERM, supervised tasks, and its exit codes.
 
-use std::{fmt::Display, process::ExitCode};
+use std::{fmt::Display, future::Future, process::ExitCode};
 
 use tokio::{sync::watch, task::JoinSet};
 
@@ -105,6 +105,21 @@ pub async fn supervise<E: 'static>(mut tasks: JoinSet<Result<(), E>>) -> Result<
         }
     }
     Ok(())
+}
+
+/// The `main` of every binary: a configuration error is one line and exit 64; otherwise logging starts,
+/// `run` runs, and its error, if any, is one line and exit 1.
+pub async fn main<C, F, E>(binary: &str, config: Result<C, impl Display>, run: impl FnOnce(C) -> F) -> ExitCode
+where
+    F: Future<Output = Result<(), E>>,
+    E: Display,
+{
+    let config = match config {
+        Ok(config) => config,
+        Err(error) => return config_error(binary, &error),
+    };
+    init_logging();
+    exit(binary, run(config).await)
 }
 
 /// A configuration error: one line on stderr, exit 64.

@@ -220,12 +220,12 @@ fn the_first_registration_chooses_the_algorithm_until_an_operator_does() {
 }
 
 #[test]
-fn a_reconnecting_node_replaces_its_old_session() {
+fn a_reconnecting_node_replaces_its_old_link() {
     let store = store();
     let old = store.connect_node("n1", None);
     let new = store.connect_node("n1", None);
     old.report(NodeReport::Applied { version: 9, frontends: Vec::new() });
-    assert_eq!(store.view().nodes[0].acked_version, None, "reports of a replaced session are ignored");
+    assert_eq!(store.view().nodes[0].acked_version, None, "reports of a replaced link are ignored");
     drop(old);
     assert!(store.view().nodes[0].connected, "the old stream's end does not disconnect the new one");
     new.report(NodeReport::Load(vec![BackendLoad {
