@@ -5,7 +5,9 @@ use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
 use clap::Parser;
 use contract::model::{Algorithm, Protocol, ServiceKey, Weight};
 
-use crate::{check::Check, error::ConfigError};
+use contract::process::FlagError;
+
+use crate::check::Check;
 
 /// Switchboard agent: registers the server beside it with the controller and reports its local health
 /// checks, so a dead server leaves rotation while the agent lives.
@@ -124,52 +126,53 @@ pub struct AgentConfig {
 // === impl AgentConfig ===
 
 impl TryFrom<Cli> for AgentConfig {
-    type Error = ConfigError;
+    type Error = FlagError;
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
-        let err = |flag, why: String| ConfigError { flag, why };
         if !(cli.controller.starts_with("http://") || cli.controller.starts_with("https://")) {
-            return Err(err("--controller", format!("{:?} is not an http:// or https:// URL", cli.controller)));
+            return Err(FlagError::new(
+                "controller",
+                format!("{:?} is not an http:// or https:// URL", cli.controller),
+            ));
         }
         let services = match (&cli.protocol, cli.port, cli.services.is_empty()) {
             (Some(protocol), Some(port), true) => {
-                let protocol: Protocol = protocol.parse().map_err(|e| err("--protocol", format!("{e}")))?;
-                let port = nonzero("--port", port)?;
-                let backend_port = nonzero("--backend-port", cli.backend_port.unwrap_or(port))?;
+                let protocol: Protocol = protocol.parse().map_err(|e| FlagError::new("protocol", format!("{e}")))?;
+                let port = nonzero("port", port)?;
+                let backend_port = nonzero("backend-port", cli.backend_port.unwrap_or(port))?;
                 vec![AgentService { service: ServiceKey { protocol, port }, backend_port }]
             }
             (None, None, false) => {
                 if cli.backend_port.is_some() {
-                    return Err(err("--backend-port", "goes with --port; give it in --service instead".into()));
+                    return Err(FlagError::new("backend-port", "goes with --port; give it in --service instead"));
                 }
-                cli.services.iter().map(|s| s.parse().map_err(|why| err("--service", why))).collect::<Result<_, _>>()?
+                cli.services
+                    .iter()
+                    .map(|s| s.parse().map_err(|why| FlagError::new("service", why)))
+                    .collect::<Result<_, _>>()?
             }
             (_, _, false) => {
-                return Err(err("--service", "replaces --protocol and --port; give one or the other".into()));
+                return Err(FlagError::new("service", "replaces --protocol and --port; give one or the other"));
             }
-            _ => return Err(err("--protocol/--port", "both are needed (or use --service PROTOCOL:PORT)".into())),
+            _ => return Err(FlagError::new("protocol/--port", "both are needed (or use --service PROTOCOL:PORT)")),
         };
-        let check = cli.check.as_deref().map(str::parse).transpose().map_err(|why| err("--check", why))?;
-        let weight = Weight::new(cli.weight.into()).map_err(|e| err("--weight", e.to_string()))?;
+        let check = cli.check.as_deref().map(str::parse).transpose().map_err(|why| FlagError::new("check", why))?;
+        let weight = Weight::new(cli.weight.into()).map_err(|e| FlagError::new("weight", e.to_string()))?;
         let algorithm = cli
             .algorithm
             .as_deref()
             .map(str::parse::<Algorithm>)
             .transpose()
-            .map_err(|e| err("--algorithm", format!("{e}")))?;
+            .map_err(|e| FlagError::new("algorithm", format!("{e}")))?;
         if cli.rise == 0 || cli.fall == 0 {
-            return Err(err("--rise/--fall", "must be at least 1".into()));
+            return Err(FlagError::new("rise/--fall", "must be at least 1"));
         }
-        for (flag, value) in [
-            ("--check-interval", cli.check_interval),
-            ("--check-timeout", cli.check_timeout),
-            ("--backoff-max", cli.backoff_max),
-            ("--deregister-timeout", cli.deregister_timeout),
-        ] {
-            if value.is_zero() {
-                return Err(err(flag, "must be more than zero".into()));
-            }
-        }
+        FlagError::require_positive(&[
+            ("check-interval", cli.check_interval),
+            ("check-timeout", cli.check_timeout),
+            ("backoff-max", cli.backoff_max),
+            ("deregister-timeout", cli.deregister_timeout),
+        ])?;
         Ok(AgentConfig {
             controller: cli.controller,
             services,
@@ -198,8 +201,8 @@ impl AgentConfig {
     }
 }
 
-fn nonzero(flag: &'static str, port: u16) -> Result<u16, ConfigError> {
-    if port == 0 { Err(ConfigError { flag, why: "must be a port in 1..=65535".into() }) } else { Ok(port) }
+fn nonzero(flag: &'static str, port: u16) -> Result<u16, FlagError> {
+    if port == 0 { Err(FlagError::new(flag, "must be a port in 1..=65535")) } else { Ok(port) }
 }
 
 // === impl AgentService ===
@@ -238,7 +241,7 @@ impl fmt::Display for AgentService {
 mod tests {
     use super::*;
 
-    fn config(args: &[&str]) -> Result<AgentConfig, ConfigError> {
+    fn config(args: &[&str]) -> Result<AgentConfig, FlagError> {
         AgentConfig::try_from(Cli::try_parse_from([&["agent"], args].concat()).unwrap())
     }
 
@@ -256,16 +259,16 @@ mod tests {
     #[test]
     fn bad_input_names_the_flag() {
         let cases: &[(&[&str], &str)] = &[
-            (&["--protocol", "tcp", "--port", "0"], "--port"),
-            (&["--protocol", "sctp", "--port", "80"], "--protocol"),
-            (&["--protocol", "tcp"], "--protocol/--port"),
-            (&["--protocol", "tcp", "--port", "80", "--check", "http:"], "--check"),
-            (&["--protocol", "tcp", "--port", "80", "--service", "tcp:81"], "--service"),
-            (&["--service", "tcp:0"], "--service"),
-            (&["--service", "tcp:80:9:9"], "--service"),
-            (&["--protocol", "tcp", "--port", "80", "--weight", "0"], "--weight"),
-            (&["--protocol", "tcp", "--port", "80", "--controller", "localhost:50051"], "--controller"),
-            (&["--protocol", "tcp", "--port", "80", "--rise", "0"], "--rise/--fall"),
+            (&["--protocol", "tcp", "--port", "0"], "port"),
+            (&["--protocol", "sctp", "--port", "80"], "protocol"),
+            (&["--protocol", "tcp"], "protocol/--port"),
+            (&["--protocol", "tcp", "--port", "80", "--check", "http:"], "check"),
+            (&["--protocol", "tcp", "--port", "80", "--service", "tcp:81"], "service"),
+            (&["--service", "tcp:0"], "service"),
+            (&["--service", "tcp:80:9:9"], "service"),
+            (&["--protocol", "tcp", "--port", "80", "--weight", "0"], "weight"),
+            (&["--protocol", "tcp", "--port", "80", "--controller", "localhost:50051"], "controller"),
+            (&["--protocol", "tcp", "--port", "80", "--rise", "0"], "rise/--fall"),
         ];
         for (args, flag) in cases {
             assert_eq!(config(args).unwrap_err().flag, *flag, "{args:?}");

@@ -1,15 +1,5 @@
 //! Errors of the agent.
 
-/// A flag value that makes no sense. The agent prints it on one line and exits 64.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {flag}: {why}")]
-pub struct ConfigError {
-    /// The flag, with its dashes.
-    pub flag: &'static str,
-    /// What is wrong with it.
-    pub why: String,
-}
-
 /// Why the agent cannot go on. Printed on one line; the agent exits 1.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -7,7 +7,7 @@
 //! - [`cli`]: flags and the validated [`AgentConfig`].
 //! - [`check`]: the local checks and the rise/fall rule.
 //! - [`register`]: one service's registration loop (retry, re-register, deregister on shutdown).
-//! - [`error`]: configuration and run-time errors.
+//! - [`error`]: run-time errors (flag errors are the contract's `FlagError`).
 
 pub mod check;
 pub mod cli;
@@ -23,7 +23,7 @@ use tokio::{
 };
 
 pub use cli::{AgentConfig, Cli};
-pub use error::{AgentError, ConfigError};
+pub use error::AgentError;
 
 /// Runs one [`register::ServiceAgent`] per service. `ready` gets the READY line once every service was
 /// registered the first time. Returns when all of them stopped (after `shutdown` and deregistration), or

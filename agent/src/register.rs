@@ -54,7 +54,7 @@ struct Live {
     backend: SocketAddr,
 }
 
-enum Ended {
+enum StreamEnd {
     Shutdown,
     Lost(String),
 }
@@ -134,8 +134,8 @@ impl ServiceAgent {
                     }
                     backoff.reset();
                     match self.serve(live, verdict, shutdown).await {
-                        Ended::Shutdown => return Ok(()),
-                        Ended::Lost(why) => why,
+                        StreamEnd::Shutdown => return Ok(()),
+                        StreamEnd::Lost(why) => why,
                     }
                 }
                 // Refused at startup: retrying changes nothing (a port the controller does not allow).
@@ -197,25 +197,25 @@ impl ServiceAgent {
         mut live: Live,
         verdict: &mut watch::Receiver<bool>,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Ended {
+    ) -> StreamEnd {
         verdict.mark_unchanged();
         loop {
             let answer = tokio::select! {
                 message = live.inbound.message() => match message {
                     Ok(Some(RegisterResponse { msg: Some(In::Hello(hello)) })) => answer(hello.seq, *verdict.borrow()),
                     Ok(Some(_)) => continue,
-                    Ok(None) => return Ended::Lost("the controller ended the stream".into()),
-                    Err(status) => return Ended::Lost(status.message().to_owned()),
+                    Ok(None) => return StreamEnd::Lost("the controller ended the stream".into()),
+                    Err(status) => return StreamEnd::Lost(status.message().to_owned()),
                 },
                 // Tell the controller now rather than at the next hello.
                 Ok(()) = verdict.changed() => answer(0, *verdict.borrow_and_update()),
                 () = stopped(shutdown) => {
                     self.deregister(live.channel, live.backend).await;
-                    return Ended::Shutdown;
+                    return StreamEnd::Shutdown;
                 }
             };
             if live.tx.send(answer).await.is_err() {
-                return Ended::Lost("the stream closed".into());
+                return StreamEnd::Lost("the stream closed".into());
             }
         }
     }

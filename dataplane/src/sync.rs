@@ -58,8 +58,8 @@ pub async fn run(
         // Without a controller there is no fresh view of the other nodes: count on our own connections only.
         node.set_remote_load(&[]);
         let error = match outcome {
-            Ok(Ended::NodeStopped) => return,
-            Ok(Ended::ByController) => "the controller ended the stream".to_owned(),
+            Ok(AttemptEnd::NodeStopped) => return,
+            Ok(AttemptEnd::ByController) => "the controller ended the stream".to_owned(),
             Err(error) => error.to_string(),
         };
         status.send_replace(SyncStatus { connected: false, last_error: Some(error.clone()) });
@@ -81,7 +81,7 @@ pub async fn run(
     }
 }
 
-enum Ended {
+enum AttemptEnd {
     NodeStopped,
     ByController,
 }
@@ -95,7 +95,7 @@ async fn attempt(
     status: &watch::Sender<SyncStatus>,
     backoff: &mut Backoff,
     node: &NodeHandle,
-) -> Result<Ended, StreamError> {
+) -> Result<AttemptEnd, StreamError> {
     let channel = client::connect(&config.controller).await?;
     let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
     let known_version = snapshots.borrow().version;
@@ -113,7 +113,7 @@ async fn attempt(
     loop {
         tokio::select! {
             message = inbound.message() => {
-                let Some(message) = message? else { return Ok(Ended::ByController) };
+                let Some(message) = message? else { return Ok(AttemptEnd::ByController) };
                 let snapshot = match message.msg {
                     Some(controller_message::Msg::Snapshot(snapshot)) => snapshot,
                     Some(controller_message::Msg::ClusterLoad(load)) => {
@@ -133,7 +133,7 @@ async fn attempt(
                 snapshots.send_replace(Arc::new(snapshot));
             }
             report = reports.recv() => {
-                let Some(report) = report else { return Ok(Ended::NodeStopped) };
+                let Some(report) = report else { return Ok(AttemptEnd::NodeStopped) };
                 if matches!(report, NodeReport::Load(_)) {
                     *last_load = Some(report.clone());
                 }
