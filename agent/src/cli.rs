@@ -87,7 +87,7 @@ pub struct Cli {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AgentService {
     /// The service: protocol and public port on the nodes.
-    pub service: ServiceKey,
+    pub key: ServiceKey,
     /// Port the server listens on.
     pub backend_port: u16,
 }
@@ -129,18 +129,13 @@ impl TryFrom<Cli> for AgentConfig {
     type Error = FlagError;
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
-        if !(cli.controller.starts_with("http://") || cli.controller.starts_with("https://")) {
-            return Err(FlagError::new(
-                "controller",
-                format!("{:?} is not an http:// or https:// URL", cli.controller),
-            ));
-        }
+        let controller = contract::client::controller_url(cli.controller)?;
         let services = match (&cli.protocol, cli.port, cli.services.is_empty()) {
             (Some(protocol), Some(port), true) => {
                 let protocol: Protocol = protocol.parse().map_err(|e| FlagError::new("protocol", format!("{e}")))?;
                 let port = nonzero("port", port)?;
                 let backend_port = nonzero("backend-port", cli.backend_port.unwrap_or(port))?;
-                vec![AgentService { service: ServiceKey { protocol, port }, backend_port }]
+                vec![AgentService { key: ServiceKey { protocol, port }, backend_port }]
             }
             (None, None, false) => {
                 if cli.backend_port.is_some() {
@@ -174,7 +169,7 @@ impl TryFrom<Cli> for AgentConfig {
             ("deregister-timeout", cli.deregister_timeout),
         ])?;
         Ok(AgentConfig {
-            controller: cli.controller,
+            controller,
             services,
             backend_address: cli.backend_address,
             weight,
@@ -194,7 +189,7 @@ impl TryFrom<Cli> for AgentConfig {
 impl AgentConfig {
     /// The check of `service`: the configured one, or tcp for TCP and none for UDP.
     pub fn check_for(&self, service: &AgentService) -> Check {
-        self.check.clone().unwrap_or(match service.service.protocol {
+        self.check.clone().unwrap_or(match service.key.protocol {
             Protocol::Tcp => Check::Tcp,
             Protocol::Udp => Check::None,
         })
@@ -226,14 +221,14 @@ impl FromStr for AgentService {
             return Err(format!("{s:?} is not PROTOCOL:PORT[:BACKEND_PORT]"));
         }
         let protocol: Protocol = protocol.parse().map_err(|e| format!("{e}"))?;
-        Ok(AgentService { service: ServiceKey { protocol, port }, backend_port })
+        Ok(AgentService { key: ServiceKey { protocol, port }, backend_port })
     }
 }
 
 impl fmt::Display for AgentService {
     /// `tcp:80`: the service.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.service.fmt(f)
+        self.key.fmt(f)
     }
 }
 
@@ -248,11 +243,11 @@ mod tests {
     #[test]
     fn protocol_and_port_or_services() {
         let c = config(&["--protocol", "tcp", "--port", "80"]).unwrap();
-        assert_eq!(c.services, [AgentService { service: ServiceKey::tcp(80), backend_port: 80 }]);
+        assert_eq!(c.services, [AgentService { key: ServiceKey::tcp(80), backend_port: 80 }]);
         assert_eq!(c.check_for(&c.services[0]), Check::Tcp);
         let c = config(&["--service", "tcp:80:8080", "--service", "UDP:53"]).unwrap();
         assert_eq!(c.services[0].backend_port, 8080);
-        assert_eq!(c.services[1], AgentService { service: ServiceKey::udp(53), backend_port: 53 });
+        assert_eq!(c.services[1], AgentService { key: ServiceKey::udp(53), backend_port: 53 });
         assert_eq!(c.check_for(&c.services[1]), Check::None);
     }
 

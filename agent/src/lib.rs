@@ -36,10 +36,10 @@ pub async fn run(
     let config = Arc::new(config);
     let mut tasks = JoinSet::new();
     let mut registered = Vec::new();
-    for spec in config.services.clone() {
+    for service in config.services.clone() {
         let (tx, rx) = oneshot::channel();
         registered.push(rx);
-        tasks.spawn(register::ServiceAgent::new(Arc::clone(&config), spec).run(tx, shutdown.clone()));
+        tasks.spawn(register::ServiceAgent::new(Arc::clone(&config), service).run(tx, shutdown.clone()));
     }
     tasks.spawn(async move {
         let mut services = Vec::new();

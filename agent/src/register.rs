@@ -15,10 +15,10 @@ use std::{
 use contract::{
     backoff::Backoff,
     client::{self, StreamError},
-    model::{BackendTarget, Deregistration, ProbeOverrides, RegisterReply, RegistrationRequest},
+    model::{BackendTarget, Deregistration, HelloAnswer, ProbeOverrides, RegisterReply, RegistrationRequest},
     process::stopped,
     v1::{
-        HelloAck, RegisterRequest, RegisterResponse, register_request::Msg as Out, register_response::Msg as In,
+        RegisterRequest, RegisterResponse, register_request::Msg as Out, register_response::Msg as In,
         registry_client::RegistryClient,
     },
 };
@@ -39,7 +39,7 @@ use crate::{
 /// The agent of one service.
 pub struct ServiceAgent {
     config: Arc<AgentConfig>,
-    spec: AgentService,
+    service: AgentService,
     check: Check,
     /// Where local checks go.
     target: SocketAddr,
@@ -62,11 +62,11 @@ enum StreamEnd {
 // === impl ServiceAgent ===
 
 impl ServiceAgent {
-    /// The agent of `spec`; checks go to the backend address, or 127.0.0.1 when the controller picks it.
-    pub fn new(config: Arc<AgentConfig>, spec: AgentService) -> Self {
+    /// The agent of `service`; checks go to the backend address, or 127.0.0.1 when the controller picks it.
+    pub fn new(config: Arc<AgentConfig>, service: AgentService) -> Self {
         let ip = config.backend_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let check = config.check_for(&spec);
-        ServiceAgent { target: SocketAddr::new(ip, spec.backend_port), check, config, spec }
+        let check = config.check_for(&service);
+        ServiceAgent { target: SocketAddr::new(ip, service.backend_port), check, config, service }
     }
 
     /// Registers and keeps the registration alive until `shutdown`; `registered` learns the backend
@@ -78,14 +78,14 @@ impl ServiceAgent {
     ) -> Result<(), AgentError> {
         let first = self.check.run(self.target, self.config.check_timeout).await;
         if let Err(why) = &first {
-            warn!(service = %self.spec, check = %self.check, %why, "server failing its check: registering it out of rotation");
+            warn!(service = %self.service, check = %self.check, %why, "server failing its check: registering it out of rotation");
         }
         let (verdict_tx, mut verdict) = watch::channel(first.is_ok());
         let checker = tokio::spawn(checks(
             self.check.clone(),
             self.target,
             Arc::clone(&self.config),
-            self.spec,
+            self.service,
             Health::new(first.is_ok(), self.config.rise, self.config.fall),
             verdict_tx,
         ));
@@ -130,7 +130,7 @@ impl ServiceAgent {
             let lost = match outcome {
                 Ok(live) => {
                     if let Some(registered) = registered.take() {
-                        let _ = registered.send(format!("{}={}", self.spec, live.backend));
+                        let _ = registered.send(format!("{}={}", self.service, live.backend));
                     }
                     backoff.reset();
                     match self.serve(live, verdict, shutdown).await {
@@ -140,7 +140,7 @@ impl ServiceAgent {
                 }
                 // Refused at startup: retrying changes nothing (a port the controller does not allow).
                 Err(StreamError::Refused(why)) if starting => {
-                    return Err(AgentError::Refused { service: self.spec.to_string(), why });
+                    return Err(AgentError::Refused { service: self.service.to_string(), why });
                 }
                 Err(error) => error.to_string(),
             };
@@ -156,7 +156,7 @@ impl ServiceAgent {
             if starting {
                 delay = delay.min(deadline - now);
             }
-            warn!(service = %self.spec, controller = %self.config.controller, why = %lost, retry_in = ?delay, "not registered");
+            warn!(service = %self.service, controller = %self.config.controller, why = %lost, retry_in = ?delay, "not registered");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = stopped(shutdown) => return Ok(()),
@@ -169,8 +169,8 @@ impl ServiceAgent {
         let channel = client::connect(&self.config.controller).await?;
         let (tx, rx) = mpsc::channel(16);
         let registration = RegistrationRequest {
-            service: self.spec.service,
-            backend: BackendTarget { ip: self.config.backend_address, port: Some(self.spec.backend_port) },
+            service: self.service.key,
+            backend: BackendTarget { ip: self.config.backend_address, port: Some(self.service.backend_port) },
             weight: self.config.weight,
             algorithm: self.config.algorithm,
             probe: ProbeOverrides::default(),
@@ -184,7 +184,7 @@ impl ServiceAgent {
         let note = reply.message.unwrap_or_default();
         match reply.backend {
             Some(backend) if reply.success => {
-                info!(service = %self.spec, %backend, healthy, %note, "registered");
+                info!(service = %self.service, %backend, healthy, %note, "registered");
                 Ok(Live { channel, tx, inbound, backend })
             }
             _ => Err(StreamError::Refused(note)),
@@ -223,15 +223,17 @@ impl ServiceAgent {
     /// Removes the backend and waits for the controller's word, at most `--deregister-timeout`. The stream's
     /// end would remove it too; the explicit call is what confirms it.
     async fn deregister(&self, channel: Channel, backend: SocketAddr) {
-        let request = Deregistration { service: self.spec.service, backend: BackendTarget::exact(backend) };
+        let request = Deregistration { service: self.service.key, backend: BackendTarget::exact(backend) };
         let mut client = RegistryClient::new(channel);
         let call = client.deregister(contract::v1::DeregisterRequest::from(&request));
         match tokio::time::timeout(self.config.deregister_timeout, call).await {
-            Ok(Ok(reply)) => info!(service = %self.spec, %backend, version = reply.get_ref().version, "deregistered"),
-            Ok(Err(status)) => {
-                warn!(service = %self.spec, %backend, status = %status.message(), "deregistration refused")
+            Ok(Ok(reply)) => {
+                info!(service = %self.service, %backend, version = reply.get_ref().version, "deregistered")
             }
-            Err(_) => warn!(service = %self.spec, %backend, "no deregistration confirmation in time"),
+            Ok(Err(status)) => {
+                warn!(service = %self.service, %backend, status = %status.message(), "deregistration refused")
+            }
+            Err(_) => warn!(service = %self.service, %backend, "no deregistration confirmation in time"),
         }
     }
 }
@@ -241,7 +243,7 @@ async fn checks(
     check: Check,
     target: SocketAddr,
     config: Arc<AgentConfig>,
-    spec: AgentService,
+    service: AgentService,
     mut health: Health,
     verdict: watch::Sender<bool>,
 ) {
@@ -252,8 +254,8 @@ async fn checks(
         let result = check.run(target, config.check_timeout).await;
         if let Some(healthy) = health.observe(result.is_ok()) {
             match &result {
-                Ok(()) => info!(service = %spec, check = %check, "server healthy again: back in rotation"),
-                Err(why) => warn!(service = %spec, check = %check, %why, "server failing: out of rotation"),
+                Ok(()) => info!(service = %service, check = %check, "server healthy again: back in rotation"),
+                Err(why) => warn!(service = %service, check = %check, %why, "server failing: out of rotation"),
             }
             verdict.send_replace(healthy);
         }
@@ -261,5 +263,5 @@ async fn checks(
 }
 
 fn answer(seq: u64, healthy: bool) -> RegisterRequest {
-    RegisterRequest { msg: Some(Out::HelloAck(HelloAck { seq, healthy: Some(healthy) })) }
+    HelloAnswer { seq, healthy }.into()
 }

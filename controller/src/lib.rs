@@ -111,7 +111,8 @@ impl Controller {
             let (grace, mut shutdown) = (config.resync_grace, shutdown.clone());
             tasks.spawn(async move {
                 tokio::select! {
-                    () = tokio::time::sleep(grace) => { store.end_warm_up()?; }
+                    // A refusal is logged by the store; nodes then stay in warm-up, serving a superset.
+                    () = tokio::time::sleep(grace) => { let _ = store.end_warm_up(); }
                     () = stopped(&mut shutdown) => {}
                 }
                 Ok(())

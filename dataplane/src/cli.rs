@@ -109,9 +109,7 @@ impl TryFrom<Cli> for DataplaneConfig {
     type Error = FlagError;
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
-        if !(cli.controller.starts_with("http://") || cli.controller.starts_with("https://")) {
-            return Err(FlagError::new("controller", "must be an http:// or https:// URL"));
-        }
+        let controller = contract::client::controller_url(cli.controller)?;
         FlagError::require_positive(&[("backoff-max", cli.backoff_max)])?;
         let node_id = match cli.node_id {
             Some(id) if id.trim().is_empty() => return Err(FlagError::new("node-id", "must not be empty")),
@@ -121,7 +119,7 @@ impl TryFrom<Cli> for DataplaneConfig {
         Ok(DataplaneConfig {
             node: cli.node.node_config(node_id.clone(), cli.load_report_interval)?,
             sync: SyncConfig {
-                controller: cli.controller,
+                controller,
                 node_id,
                 backoff_min: Duration::from_millis(100).min(cli.backoff_max),
                 backoff_max: cli.backoff_max,

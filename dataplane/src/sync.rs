@@ -12,7 +12,7 @@ use contract::{
     backoff::Backoff,
     client::{self, StreamError},
     convert,
-    model::{NodeReport, RoutingSnapshot},
+    model::{NodeHello, NodeReport, RoutingSnapshot},
     v1::{self, controller_message, dataplane_client::DataplaneClient},
 };
 use tokio::sync::{mpsc, watch};
@@ -99,10 +99,8 @@ async fn attempt(
     let channel = client::connect(&config.controller).await?;
     let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
     let known_version = snapshots.borrow().version;
-    let hello = v1::NodeHello { node_id: config.node_id.clone(), known_version };
-    tx.send(v1::NodeMessage { msg: Some(v1::node_message::Msg::Hello(hello)) })
-        .await
-        .map_err(|_| StreamError::Closed)?;
+    let hello = NodeHello { node_id: config.node_id.clone(), known_version };
+    tx.send((&hello).into()).await.map_err(|_| StreamError::Closed)?;
     let mut inbound = DataplaneClient::new(channel).sync(ReceiverStream::new(rx)).await?.into_inner();
     info!(controller = %config.controller, node = %config.node_id, known_version, "following the controller");
     status.send_replace(SyncStatus { connected: true, last_error: None });

@@ -31,6 +31,15 @@ pub enum StreamError {
     Closed,
 }
 
+/// `url` as a controller URL for a `--controller` flag: it must be `http://` or `https://`.
+pub fn controller_url(url: String) -> Result<String, crate::process::FlagError> {
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(url)
+    } else {
+        Err(crate::process::FlagError::new("controller", format!("{url:?} is not an http:// or https:// URL")))
+    }
+}
+
 /// The endpoint of the controller at `url` (`http://host:port`), or why the URL is not one.
 pub fn controller_endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.to_owned())?

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use contract::{
-    model::{BackendSpec, Deregistration, RegisterReply, RegistrationRequest},
+    model::{BackendSpec, Deregistration, HelloAnswer, RegisterReply, RegistrationRequest},
     process::stopped,
     v1::{
         DeregisterRequest, DeregisterResponse, Hello, RegisterAck, RegisterRequest, RegisterResponse,
@@ -100,7 +100,7 @@ impl Registry for RegistryApi {
         };
         let first = RegistrationRequest::try_from(&first).map_err(invalid_argument)?;
 
-        let registration = self.store.open_registration(Origin::grpc(peer));
+        let registration = self.store.open_registration(Origin::grpc(peer))?;
         registration.set_healthy(first.healthy.unwrap_or(true))?;
         let (tx, rx) = mpsc::channel(16);
         let ack = register_ack(&registration, &first, peer, self.bind_ack_timeout).await;
@@ -149,7 +149,7 @@ impl RegisterStream {
                 message = self.inbound.message() => match message {
                     Ok(Some(RegisterRequest { msg: Some(register_request::Msg::HelloAck(ack)) })) => {
                         probe.on_answer();
-                        if let Err(error) = self.registration.set_healthy(ack.healthy.unwrap_or(true)) {
+                        if let Err(error) = self.registration.set_healthy(HelloAnswer::from(&ack).healthy) {
                             let _ = self.tx.send(Err(error.into())).await;
                             break "the store refused a health change".to_owned();
                         }

@@ -44,9 +44,14 @@ pub async fn serve(listener: TcpListener, ctx: Arc<JsonContext>, mut shutdown: w
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    tokio::spawn(Connection::new(stream, peer, Arc::clone(&ctx)).run());
-                }
+                Ok((stream, peer)) => match ctx.store.open_registration(Origin::json(peer)) {
+                    Ok(registration) => {
+                        tokio::spawn(Connection::new(stream, peer, Arc::clone(&ctx), registration).run());
+                    }
+                    Err(error) => {
+                        tokio::spawn(refuse(stream, error.to_string()));
+                    }
+                },
                 Err(error) => {
                     warn!(%error, "control channel accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -70,8 +75,7 @@ struct Connection {
 // === impl Connection ===
 
 impl Connection {
-    fn new(stream: TcpStream, peer: SocketAddr, ctx: Arc<JsonContext>) -> Self {
-        let registration = ctx.store.open_registration(Origin::json(peer));
+    fn new(stream: TcpStream, peer: SocketAddr, ctx: Arc<JsonContext>, registration: Registration) -> Self {
         Connection { stream: Some(stream), peer, ctx, registration, probe: None }
     }
 
@@ -198,6 +202,13 @@ impl Connection {
             }
         }
     }
+}
+
+/// Answers a connection that may not register with one `failed` reply saying `why`, and closes it.
+async fn refuse(stream: TcpStream, why: String) {
+    let (_, mut writer) = stream.into_split();
+    let _ = write(&mut writer, &request::failed(&why)).await;
+    let _ = writer.shutdown().await;
 }
 
 /// Writes one JSON object and its newline in a single write, so an ack and a hello never share one.

@@ -9,20 +9,17 @@ use std::sync::Arc;
 
 use contract::{
     convert,
-    model::{NodeReport, RoutingSnapshot},
+    model::{BackendLoad, NodeHello, NodeReport, RoutingSnapshot},
     process::stopped,
-    v1::{self, ControllerMessage, NodeMessage, dataplane_server::Dataplane, node_message},
+    v1::{ControllerMessage, NodeMessage, dataplane_server::Dataplane, node_message},
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
+use super::invalid_argument;
 use crate::store::{ClusterLoadFeed, NodeLink, Store};
-
-/// Largest version a node may claim to know: far beyond any real history (a change per microsecond for
-/// a century), far enough below `u64::MAX` that versions never wrap.
-const MAX_KNOWN_VERSION: u64 = 1 << 62;
 
 /// `switchboard.v1.Dataplane`.
 #[derive(Debug)]
@@ -46,12 +43,7 @@ impl Dataplane for DataplaneApi {
         let Some(node_message::Msg::Hello(hello)) = first.msg else {
             return Err(Status::invalid_argument("the first message must be `hello`"));
         };
-        if hello.node_id.trim().is_empty() {
-            return Err(Status::invalid_argument("node_id must not be empty"));
-        }
-        if hello.known_version > MAX_KNOWN_VERSION {
-            return Err(Status::invalid_argument(format!("known_version {} is not plausible", hello.known_version)));
-        }
+        let hello = NodeHello::try_from(&hello).map_err(invalid_argument)?;
         // Continue above whatever the node already applied (it may come from a controller that ran before).
         self.store.observe_version(hello.known_version)?;
         let link = self.store.connect_node(&hello.node_id, peer);
@@ -91,7 +83,7 @@ async fn follow(
                     continue;
                 }
                 sent = snapshot.version;
-                let message = ControllerMessage { msg: Some(v1::controller_message::Msg::Snapshot((&*snapshot).into())) };
+                let message = convert::snapshot_message(&snapshot);
                 debug!(%node, version = sent, "snapshot sent");
                 if tx.send(Ok(message)).await.is_err() {
                     break;
@@ -121,7 +113,7 @@ async fn follow(
 }
 
 /// The next change of the other nodes' counts; never, with `--no-cluster-counts`.
-async fn next_cluster_load(feed: &mut Option<ClusterLoadFeed>) -> Vec<contract::model::BackendLoad> {
+async fn next_cluster_load(feed: &mut Option<ClusterLoadFeed>) -> Vec<BackendLoad> {
     match feed {
         Some(feed) => feed.changed().await,
         None => std::future::pending().await,

@@ -29,13 +29,14 @@ pub(super) struct Registered {
 
 impl Store {
     /// Opens a registration; it holds no backend yet, so nothing is published.
-    pub(super) fn add_registration(&self, origin: Origin) -> RegistrationId {
+    pub(super) fn add_registration(&self, origin: Origin) -> Result<RegistrationId, StoreError> {
         let mut state = self.lock();
-        let registry = &mut state.registry;
-        registry.next_registration += 1;
-        let id = RegistrationId(registry.next_registration);
-        registry.registrations.insert(id, RegistrationRecord { origin, healthy: true, backends: BTreeSet::new() });
-        id
+        let mut draft = state.registry.clone();
+        draft.next_registration += 1;
+        let id = RegistrationId(draft.next_registration);
+        draft.registrations.insert(id, RegistrationRecord { origin, healthy: true, backends: BTreeSet::new() });
+        Self::keep(&mut state, draft)?;
+        Ok(id)
     }
 
     /// Adds `backend` to `service` on behalf of `registration`, creating the service if needed. A backend
@@ -50,11 +51,10 @@ impl Store {
     ) -> Result<Registered, StoreError> {
         self.check_port(service.port)?;
         let mut state = self.lock();
-        let mut draft = state.registry.clone();
         // The first registration of a service chooses its algorithm; a later one may only agree, unless an
         // operator chose since (then the operator's choice stands and the registration goes through).
         let mut overruled = None;
-        if let (Some(requested), Some(existing)) = (algorithm, draft.services.get(&service))
+        if let (Some(requested), Some(existing)) = (algorithm, state.registry.services.get(&service))
             && requested != existing.algorithm
             && !existing.backends.is_empty()
         {
@@ -63,27 +63,26 @@ impl Store {
             }
             overruled = Some((requested, existing.algorithm));
         }
-        let Some(reg) = draft.registrations.get_mut(&registration) else {
+        let Some(origin) = state.registry.registrations.get(&registration).map(|r| r.origin) else {
             // Only a closed handle could ask, and handles close on drop: nothing to register for.
             return Ok(Registered { version: state.version, created: false, overruled: None });
         };
-        let origin = reg.origin;
-        reg.backends.insert((service, backend.address));
-        let entry = draft.services.entry(service).or_default();
-        let new_service = entry.backends.is_empty();
-        let existing = entry.backends.get(&backend.address).map(|b| (b.owner, b.weight, b.draining));
+        let existing = state.registry.services.get(&service).and_then(|s| s.backends.get(&backend.address));
+        let existing = existing.map(|b| (b.owner, b.weight, b.draining));
         let created = existing.is_none();
-        match existing {
-            Some((owner, weight, _)) if owner == registration && weight == backend.weight => {
-                return Ok(Registered { version: state.version, created, overruled });
-            }
-            Some((owner, _, _)) if owner != registration => {
-                if let Some(previous) = draft.registrations.get_mut(&owner) {
-                    previous.backends.remove(&(service, backend.address));
-                }
-            }
-            _ => {}
+        if existing.is_some_and(|(owner, weight, _)| owner == registration && weight == backend.weight) {
+            return Ok(Registered { version: state.version, created, overruled });
         }
+        let mut draft = state.registry.clone();
+        if let Some((owner, _, _)) = existing.filter(|&(owner, _, _)| owner != registration)
+            && let Some(previous) = draft.registrations.get_mut(&owner)
+        {
+            previous.backends.remove(&(service, backend.address));
+        }
+        if let Some(reg) = draft.registrations.get_mut(&registration) {
+            reg.backends.insert((service, backend.address));
+        }
+        let new_service = draft.services.get(&service).is_none_or(|s| s.backends.is_empty());
         // A drained backend stays drained when its server registers it again.
         let draining = existing.is_some_and(|(_, _, draining)| draining);
         draft.retired.remove(&service);
@@ -122,8 +121,8 @@ impl Store {
         let mut draft = state.registry.clone();
         let Some(reg) = draft.registrations.remove(&registration) else { return };
         if reg.backends.is_empty() {
-            // Nothing routed changes: no version.
-            state.registry = draft;
+            // Nothing routed changes: no version. A refusal has been logged; the handle is gone either way.
+            let _ = Self::keep(&mut state, draft);
             return;
         }
         for &(service, backend) in &reg.backends {
@@ -161,17 +160,17 @@ impl Store {
     /// Records a registration's own health verdict; an unhealthy one stays registered, out of rotation.
     pub(super) fn set_healthy(&self, registration: RegistrationId, healthy: bool) -> Result<(), StoreError> {
         let mut state = self.lock();
-        let mut draft = state.registry.clone();
-        let Some(reg) = draft.registrations.get_mut(&registration) else { return Ok(()) };
-        if reg.healthy == healthy {
+        let unchanged = state.registry.registrations.get(&registration).is_none_or(|r| r.healthy == healthy);
+        if unchanged {
             return Ok(());
         }
+        let mut draft = state.registry.clone();
+        let Some(reg) = draft.registrations.get_mut(&registration) else { return Ok(()) };
         reg.healthy = healthy;
         let backends: Vec<_> = reg.backends.iter().copied().collect();
         if backends.is_empty() {
             // Nothing routed changes, no version: the verdict applies to the backends it registers next.
-            state.registry = draft;
-            return Ok(());
+            return Self::keep(&mut state, draft);
         }
         let version = self.commit(&mut state, draft)?;
         for (service, backend) in backends {
@@ -218,12 +217,13 @@ impl Store {
     /// above it, so no node is ever sent a version it knows or an older one.
     pub fn observe_version(&self, version: u64) -> Result<u64, StoreError> {
         let mut state = self.lock();
-        if version < state.version {
-            return Ok(state.version);
+        let current = state.version;
+        if version < current {
+            return Ok(current);
         }
         state.version = version;
         let draft = state.registry.clone();
-        let version = self.commit(&mut state, draft)?;
+        let version = self.commit(&mut state, draft).inspect_err(|_| state.version = current)?;
         info!(version, "version raised above a node's");
         Ok(version)
     }
@@ -232,12 +232,11 @@ impl Store {
     /// ones drain.
     pub fn drain_backend(&self, service: ServiceKey, backend: SocketAddr) -> Result<u64, StoreError> {
         let mut state = self.lock();
-        let mut draft = state.registry.clone();
-        let entry = draft.backend_mut(service, backend)?;
-        if entry.draining {
+        if state.registry.backend_mut(service, backend)?.draining {
             return Ok(state.version);
         }
-        entry.draining = true;
+        let mut draft = state.registry.clone();
+        draft.backend_mut(service, backend)?.draining = true;
         let version = self.commit(&mut state, draft)?;
         info!(%service, %backend, version, "backend draining: no new connections");
         self.emit(Event::backend(EventKind::BackendDraining, version, service, backend, "drained by an operator"));
@@ -248,12 +247,11 @@ impl Store {
     /// Changes a backend's weight.
     pub fn set_weight(&self, service: ServiceKey, backend: SocketAddr, weight: Weight) -> Result<u64, StoreError> {
         let mut state = self.lock();
-        let mut draft = state.registry.clone();
-        let entry = draft.backend_mut(service, backend)?;
-        if entry.weight == weight {
+        if state.registry.backend_mut(service, backend)?.weight == weight {
             return Ok(state.version);
         }
-        let old = std::mem::replace(&mut entry.weight, weight);
+        let mut draft = state.registry.clone();
+        let old = std::mem::replace(&mut draft.backend_mut(service, backend)?.weight, weight);
         let version = self.commit(&mut state, draft)?;
         info!(%service, %backend, %old, %weight, version, "weight changed");
         self.emit(Event::backend(EventKind::WeightChanged, version, service, backend, &format!("{old} -> {weight}")));
@@ -269,7 +267,7 @@ impl Store {
         entry.algorithm_set_by_operator = true;
         if entry.algorithm == algorithm {
             // Not routed, so no version: the operator's choice only decides future conflicts.
-            state.registry = draft;
+            Self::keep(&mut state, draft)?;
             return Ok(state.version);
         }
         let old = std::mem::replace(&mut entry.algorithm, algorithm);

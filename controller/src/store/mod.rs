@@ -7,9 +7,9 @@
 //! - [`events`]: the broadcast of state changes.
 //! - [`view`]: the read model operators see, and `--print-state`.
 //!
-//! The commit path, top to bottom: a change takes the lock, copies the registry into a draft, applies
-//! itself to the draft (or returns early when it changes nothing: no version), and hands the draft to
-//! [`Store::commit`]. The commit checks the invariants: a draft that breaks one is refused (the caller
+//! The commit path, top to bottom: a change takes the lock, returns early when it changes nothing (no
+//! version), copies the registry into a draft, applies itself to the draft, and hands the draft to
+//! [`Store::commit`] (or to `Store::keep` when no snapshot shows the change). The commit checks the invariants: a draft that breaks one is refused (the caller
 //! gets [`StoreError::Invariant`], nothing is published). Otherwise the draft becomes the registry, the
 //! version goes up by one, and the snapshot of that version is published on a watch channel that every
 //! node follows.
@@ -97,14 +97,26 @@ impl Store {
     /// unless it breaks an invariant; then nothing changes and the caller gets the error. Called with the
     /// lock held, so versions are published in order and never twice.
     fn commit(&self, state: &mut State, draft: Registry) -> Result<u64, StoreError> {
-        if let Err(broken) = draft.check_invariants() {
-            error!(%broken, version = state.version, "change refused: it would break a store invariant");
-            return Err(StoreError::Invariant(broken));
-        }
+        Self::check(state, &draft)?;
         state.version += 1;
         state.registry = draft;
         self.snapshots.send_replace(Arc::new(state.registry.snapshot(state.version)));
         Ok(state.version)
+    }
+
+    /// The same gate for a change that no snapshot shows (a registration opened or closed with nothing
+    /// routed, a verdict or an operator's choice that routes nothing yet): checked, kept, not published.
+    fn keep(state: &mut State, draft: Registry) -> Result<(), StoreError> {
+        Self::check(state, &draft)?;
+        state.registry = draft;
+        Ok(())
+    }
+
+    fn check(state: &State, draft: &Registry) -> Result<(), StoreError> {
+        draft.check_invariants().map_err(|broken| {
+            error!(%broken, version = state.version, "change refused: it would break a store invariant");
+            StoreError::Invariant(broken)
+        })
     }
 
     fn print(&self, state: &State) {

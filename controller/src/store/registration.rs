@@ -38,8 +38,8 @@ pub struct Registration {
 
 impl Store {
     /// Opens a registration; it holds no backend yet.
-    pub fn open_registration(self: &Arc<Self>, origin: Origin) -> Registration {
-        Registration { store: Arc::clone(self), id: self.add_registration(origin), close_reason: None }
+    pub fn open_registration(self: &Arc<Self>, origin: Origin) -> Result<Registration, StoreError> {
+        Ok(Registration { store: Arc::clone(self), id: self.add_registration(origin)?, close_reason: None })
     }
 }
 

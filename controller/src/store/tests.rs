@@ -22,12 +22,12 @@ fn backend(addr: &str) -> BackendSpec {
 fn every_change_bumps_the_version_and_publishes_a_snapshot() {
     let store = store();
     let rx = store.subscribe();
-    let a = store.open_registration(origin("127.0.0.2"));
+    let a = store.open_registration(origin("127.0.0.2")).unwrap();
     let r1 = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
     assert_eq!(r1, Registered { version: 1, created: true, overruled: None });
     // The same registration again changes nothing: no new version.
     assert_eq!(store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap().version, 1);
-    let b = store.open_registration(origin("127.0.0.3"));
+    let b = store.open_registration(origin("127.0.0.3")).unwrap();
     assert_eq!(store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.3:80"), None).unwrap().version, 2);
     let snapshot = rx.borrow().clone();
     assert_eq!(snapshot.version, 2);
@@ -44,7 +44,7 @@ fn every_change_bumps_the_version_and_publishes_a_snapshot() {
 #[test]
 fn ports_outside_the_policy_are_refused_without_a_new_version() {
     let store = store();
-    let a = store.open_registration(origin("127.0.0.2"));
+    let a = store.open_registration(origin("127.0.0.2")).unwrap();
     let err = store.register(a.id, ServiceKey::tcp(9001), backend("127.0.0.2:9001"), None).unwrap_err();
     assert_eq!(err.to_string(), "port 9001 is outside the allowed ports 1-9000");
     let err = store.register(a.id, ServiceKey::udp(8080), backend("127.0.0.2:8080"), None).unwrap_err();
@@ -56,7 +56,7 @@ fn ports_outside_the_policy_are_refused_without_a_new_version() {
 #[test]
 fn unregister_works_from_any_registration_and_reports_unknown_backends() {
     let store = store();
-    let a = store.open_registration(origin("127.0.0.2"));
+    let a = store.open_registration(origin("127.0.0.2")).unwrap();
     store.register(a.id, ServiceKey::udp(53), backend("127.0.0.2:53"), None).unwrap();
     let addr = "127.0.0.2:53".parse().unwrap();
     assert!(matches!(store.unregister(ServiceKey::udp(53), addr, "test"), Ok(2)));
@@ -72,8 +72,8 @@ fn unregister_works_from_any_registration_and_reports_unknown_backends() {
 #[test]
 fn a_backend_registered_again_moves_to_the_new_registration() {
     let store = store();
-    let old = store.open_registration(origin("127.0.0.2"));
-    let new = store.open_registration(origin("127.0.0.2"));
+    let old = store.open_registration(origin("127.0.0.2")).unwrap();
+    let new = store.open_registration(origin("127.0.0.2")).unwrap();
     store.register(old.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
     let again = store.register(new.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
     assert!(!again.created);
@@ -86,7 +86,7 @@ fn a_backend_registered_again_moves_to_the_new_registration() {
 #[test]
 fn unhealthy_backends_stay_registered_out_of_rotation() {
     let store = store();
-    let a = store.open_registration(origin("127.0.0.2"));
+    let a = store.open_registration(origin("127.0.0.2")).unwrap();
     store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
     a.set_healthy(false).unwrap();
     let snapshot = store.snapshot();
@@ -102,11 +102,11 @@ fn warm_up_snapshots_retire_removed_services_and_versions_jump_above_known_ones(
     let store = store();
     store.begin_warm_up().unwrap();
     assert!(store.snapshot().warming_up);
-    let a = store.open_registration(origin("127.0.0.2"));
+    let a = store.open_registration(origin("127.0.0.2")).unwrap();
     store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
     drop(a);
     assert_eq!(store.snapshot().retired, [ServiceKey::tcp(80)].into());
-    let b = store.open_registration(origin("127.0.0.2"));
+    let b = store.open_registration(origin("127.0.0.2")).unwrap();
     store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
     assert!(store.snapshot().retired.is_empty(), "re-registered: no longer retired");
 
@@ -123,7 +123,7 @@ fn warm_up_snapshots_retire_removed_services_and_versions_jump_above_known_ones(
 #[tokio::test(start_paused = true)]
 async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed() {
     let store = store();
-    let reg = store.open_registration(origin("127.0.0.2"));
+    let reg = store.open_registration(origin("127.0.0.2")).unwrap();
     // No node at all: success with a note.
     let reply = reg.register(ServiceKey::tcp(80), backend("127.0.0.2:80"), None, Duration::from_secs(2)).await.unwrap();
     assert!(reply.success && reply.message.unwrap().contains("no data-plane node"));
@@ -174,7 +174,7 @@ async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed()
 fn drain_and_weight_changes_are_versioned_events() {
     let store = store();
     let mut events = store.watch_events();
-    let a = store.open_registration(origin("127.0.0.2"));
+    let a = store.open_registration(origin("127.0.0.2")).unwrap();
     let addr: SocketAddr = "127.0.0.2:80".parse().unwrap();
     store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
     assert_eq!(events.try_recv().unwrap().kind, EventKind::ServiceAdded);
@@ -202,8 +202,8 @@ fn drain_and_weight_changes_are_versioned_events() {
 #[test]
 fn the_first_registration_chooses_the_algorithm_until_an_operator_does() {
     let store = store();
-    let a = store.open_registration(origin("127.0.0.2"));
-    let b = store.open_registration(origin("127.0.0.3"));
+    let a = store.open_registration(origin("127.0.0.2")).unwrap();
+    let b = store.open_registration(origin("127.0.0.3")).unwrap();
     let key = ServiceKey::tcp(80);
     store.register(a.id, key, backend("127.0.0.2:80"), Some(Algorithm::LeastConnections)).unwrap();
     assert_eq!(store.snapshot().services[&key].algorithm, Algorithm::LeastConnections);
@@ -213,7 +213,7 @@ fn the_first_registration_chooses_the_algorithm_until_an_operator_does() {
     store.register(b.id, key, backend("127.0.0.3:80"), None).unwrap();
     // After the operator's choice, a registration asking for the old one is let in, overruled.
     store.set_algorithm(key, Algorithm::PowerOfTwo).unwrap();
-    let c = store.open_registration(origin("127.0.0.4"));
+    let c = store.open_registration(origin("127.0.0.4")).unwrap();
     let again = store.register(c.id, key, backend("127.0.0.4:80"), Some(Algorithm::LeastConnections)).unwrap();
     assert_eq!(again.overruled, Some((Algorithm::LeastConnections, Algorithm::PowerOfTwo)));
     assert_eq!(store.snapshot().services[&key].algorithm, Algorithm::PowerOfTwo);
@@ -244,7 +244,7 @@ fn a_reconnecting_node_replaces_its_old_link() {
 fn a_change_that_breaks_an_invariant_is_refused_and_never_published() {
     let store = store();
     let mut snapshots = store.subscribe();
-    let a = store.open_registration(origin("127.0.0.2"));
+    let a = store.open_registration(origin("127.0.0.2")).unwrap();
     store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
     snapshots.borrow_and_update();
     let before = store.snapshot();

@@ -2,7 +2,7 @@
 
 use super::{ConvertError, invalid, socket_addr};
 use crate::{
-    model::{BackendRef, Event, EventKind, FrontendView, ServiceKey, StateView},
+    model::{BackendRef, Event, EventKind, FrontendStatus, ServiceKey, StateView},
     v1,
 };
 
@@ -50,16 +50,6 @@ pub fn event_message(event: Event, state: Option<StateView>) -> v1::Event {
     }
 }
 
-impl From<&FrontendView> for v1::FrontendResult {
-    fn from(view: &FrontendView) -> Self {
-        let result = match (&view.listening, &view.error) {
-            (Some(addr), _) => v1::frontend_result::Result::Listening(addr.to_string()),
-            (None, error) => v1::frontend_result::Result::Error(error.clone().unwrap_or_default()),
-        };
-        v1::FrontendResult { service: Some(view.service.into()), result: Some(result) }
-    }
-}
-
 impl From<StateView> for v1::ListServicesResponse {
     fn from(view: StateView) -> Self {
         let services = view
@@ -99,7 +89,7 @@ impl From<StateView> for v1::ListNodesResponse {
                 acked_version: n.acked_version,
                 last_seen_ms_ago: n.last_seen_ms_ago,
                 address: n.address.map(|a| a.to_string()).unwrap_or_default(),
-                frontends: n.frontends.iter().map(Into::into).collect(),
+                frontends: n.frontends.iter().map(|f| (&FrontendStatus::from(f)).into()).collect(),
             })
             .collect();
         v1::ListNodesResponse { version: view.version, nodes }

@@ -4,7 +4,10 @@ use std::time::Duration;
 
 use super::{ConvertError, algorithm, optional_ip, optional_port, socket_addr, weight};
 use crate::{
-    model::{BackendTarget, Deregistration, ProbeOverrides, RegisterReply, RegistrationRequest, ServiceKey, Weight},
+    model::{
+        BackendTarget, Deregistration, HelloAnswer, ProbeOverrides, RegisterReply, RegistrationRequest, ServiceKey,
+        Weight,
+    },
     v1,
 };
 
@@ -87,6 +90,20 @@ impl TryFrom<&v1::RegisterAck> for RegisterReply {
         let backend = if ack.backend.is_empty() { None } else { Some(socket_addr("backend", &ack.backend)?) };
         let message = if ack.message.is_empty() { None } else { Some(ack.message.clone()) };
         Ok(RegisterReply { success: ack.success, message, backend })
+    }
+}
+
+impl From<&v1::HelloAck> for HelloAnswer {
+    /// An unset verdict means healthy (a client that reports no verdict is judged by its hellos alone).
+    fn from(ack: &v1::HelloAck) -> Self {
+        HelloAnswer { seq: ack.seq, healthy: ack.healthy.unwrap_or(true) }
+    }
+}
+
+impl From<HelloAnswer> for v1::RegisterRequest {
+    fn from(answer: HelloAnswer) -> Self {
+        let ack = v1::HelloAck { seq: answer.seq, healthy: Some(answer.healthy) };
+        v1::RegisterRequest { msg: Some(v1::register_request::Msg::HelloAck(ack)) }
     }
 }
 

@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 
-use super::{ConvertError, invalid, socket_addr, weight};
+use super::{ConvertError, invalid, socket_addr};
 use crate::{
     model::{
-        Algorithm, BackendLoad, BackendSpec, FrontendStatus, NodeReport, RoutingSnapshot, ServiceKey, ServiceSpec,
+        Algorithm, BackendLoad, BackendSpec, FrontendStatus, NodeHello, NodeReport, RoutingSnapshot, ServiceKey,
+        ServiceSpec, Weight,
     },
     v1,
 };
@@ -49,8 +50,11 @@ impl TryFrom<v1::Snapshot> for RoutingSnapshot {
             let backends = s
                 .backends
                 .iter()
+                // A weight out of range is brought into it (an older controller sent 0 for "unset"), as
+                // nodes always did, rather than refusing the whole snapshot.
                 .map(|b| {
-                    Ok(BackendSpec { address: socket_addr("backend address", &b.address)?, weight: weight(b.weight)? })
+                    let address = socket_addr("backend address", &b.address)?;
+                    Ok(BackendSpec { address, weight: Weight::clamped(b.weight.into()) })
                 })
                 .collect::<Result<_, ConvertError>>()?;
             services.insert(key, ServiceSpec { key, algorithm, backends });
@@ -140,6 +144,36 @@ impl TryFrom<v1::LoadReport> for NodeReport {
     }
 }
 
+/// Largest version a node may claim to know: far beyond any real history (a change per microsecond for
+/// a century), far enough below `u64::MAX` that versions never wrap.
+pub const MAX_KNOWN_VERSION: u64 = 1 << 62;
+
+impl TryFrom<&v1::NodeHello> for NodeHello {
+    type Error = ConvertError;
+
+    fn try_from(hello: &v1::NodeHello) -> Result<Self, Self::Error> {
+        if hello.node_id.trim().is_empty() {
+            return Err(invalid("node_id", "must not be empty"));
+        }
+        if hello.known_version > MAX_KNOWN_VERSION {
+            return Err(invalid("known_version", format!("{} is not plausible", hello.known_version)));
+        }
+        Ok(NodeHello { node_id: hello.node_id.clone(), known_version: hello.known_version })
+    }
+}
+
+impl From<&NodeHello> for v1::NodeMessage {
+    fn from(hello: &NodeHello) -> Self {
+        let hello = v1::NodeHello { node_id: hello.node_id.clone(), known_version: hello.known_version };
+        v1::NodeMessage { msg: Some(v1::node_message::Msg::Hello(hello)) }
+    }
+}
+
+/// A snapshot, as the controller sends it on a `Sync` stream.
+pub fn snapshot_message(snapshot: &RoutingSnapshot) -> v1::ControllerMessage {
+    v1::ControllerMessage { msg: Some(v1::controller_message::Msg::Snapshot(snapshot.into())) }
+}
+
 /// The other nodes' counts, as the controller sends them to one node.
 pub fn cluster_load_message(rows: &[BackendLoad]) -> v1::ControllerMessage {
     let backends = rows.iter().map(Into::into).collect();
@@ -154,7 +188,6 @@ pub fn cluster_load(load: &v1::ClusterLoad) -> Vec<BackendLoad> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Weight;
 
     #[test]
     fn snapshots_and_reports_survive_the_wire() {
@@ -182,6 +215,14 @@ mod tests {
         let Some(v1::node_message::Msg::Ack(ack)) = v1::NodeMessage::from(&report).msg else { panic!() };
         assert_eq!(NodeReport::try_from(ack).unwrap(), report);
 
+        let hello = NodeHello { node_id: "n1".into(), known_version: 7 };
+        let Some(v1::node_message::Msg::Hello(wire)) = v1::NodeMessage::from(&hello).msg else { panic!() };
+        assert_eq!(NodeHello::try_from(&wire), Ok(hello));
+        let forged = v1::NodeHello { node_id: " ".into(), known_version: 1 };
+        assert_eq!(NodeHello::try_from(&forged).unwrap_err().what, "node_id");
+        let forged = v1::NodeHello { node_id: "n1".into(), known_version: u64::MAX };
+        assert_eq!(NodeHello::try_from(&forged).unwrap_err().what, "known_version");
+
         let rows = vec![BackendLoad { service: key, backend: "127.0.0.2:5353".parse().unwrap(), active: 2, total: 9 }];
         let Some(v1::controller_message::Msg::ClusterLoad(load)) = cluster_load_message(&rows).msg else { panic!() };
         assert_eq!(cluster_load(&load), rows);
@@ -198,7 +239,9 @@ mod tests {
             ..Default::default()
         };
         assert!(RoutingSnapshot::try_from(bad("nowhere", 1)).is_err());
-        assert!(RoutingSnapshot::try_from(bad("127.0.0.2:80", 10_001)).is_err());
-        assert!(RoutingSnapshot::try_from(bad("127.0.0.2:80", 1)).is_ok());
+        let weight = |w| {
+            RoutingSnapshot::try_from(bad("127.0.0.2:80", w)).unwrap().services[&ServiceKey::tcp(80)].backends[0].weight
+        };
+        assert_eq!((weight(0), weight(10_001)), (Weight::MIN, Weight::MAX));
     }
 }

@@ -16,8 +16,10 @@ pub mod snapshot;
 pub mod view;
 
 pub use event::{Event, EventKind};
-pub use registration::{BackendRef, BackendTarget, Deregistration, ProbeOverrides, RegisterReply, RegistrationRequest};
-pub use report::{BackendLoad, FrontendStatus, NodeReport};
+pub use registration::{
+    BackendRef, BackendTarget, Deregistration, HelloAnswer, ProbeOverrides, RegisterReply, RegistrationRequest,
+};
+pub use report::{BackendLoad, FrontendStatus, NodeHello, NodeReport};
 pub use service::{Algorithm, InvalidWeight, Protocol, ServiceKey, UnknownName, Weight};
 pub use snapshot::{BackendSpec, RoutingSnapshot, ServiceSpec};
 pub use view::{BackendView, FrontendView, NodeView, ServiceView, StateView};

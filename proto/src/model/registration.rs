@@ -75,6 +75,16 @@ pub struct RegisterReply {
     pub backend: Option<SocketAddr>,
 }
 
+/// A registration's answer to hello `seq` (0: unasked, a heartbeat or a verdict change), with its own
+/// verdict on its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HelloAnswer {
+    /// The hello answered.
+    pub seq: u64,
+    /// Whether the backends should be in rotation.
+    pub healthy: bool,
+}
+
 // === impl BackendTarget ===
 
 impl BackendTarget {

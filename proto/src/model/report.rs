@@ -5,6 +5,16 @@ use std::net::SocketAddr;
 
 use super::ServiceKey;
 
+/// How a node opens its link to the controller: who it is, and the last snapshot version it applied (so
+/// the controller continues above it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeHello {
+    /// The node's name, unique among connected nodes.
+    pub node_id: String,
+    /// The last version the node applied; 0 when it has none.
+    pub known_version: u64,
+}
+
 /// What a node tells whoever feeds it snapshots.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NodeReport {

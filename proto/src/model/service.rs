@@ -176,6 +176,12 @@ impl Weight {
             .ok_or(InvalidWeight(value))
     }
 
+    /// `value` brought into `1..=10000`: for wire values a peer has already checked, where one odd weight
+    /// should not cost a whole snapshot.
+    pub fn clamped(value: u64) -> Self {
+        Weight(u32::try_from(value).unwrap_or(u32::MAX).clamp(Weight::MIN.0, Weight::MAX.0))
+    }
+
     /// The number.
     pub fn get(self) -> u32 {
         self.0
@@ -226,6 +232,8 @@ mod tests {
             assert_eq!(Weight::new(bad), Err(InvalidWeight(bad)));
         }
         assert_eq!(InvalidWeight(0).to_string(), "0 is not in 1..=10000");
+        assert_eq!((Weight::clamped(0), Weight::clamped(u64::MAX)), (Weight::MIN, Weight::MAX));
+        assert_eq!(Weight::clamped(7).get(), 7);
         assert_eq!(Weight::default(), Weight::MIN);
     }
 }

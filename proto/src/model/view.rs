@@ -94,6 +94,13 @@ impl From<&FrontendStatus> for FrontendView {
     }
 }
 
+impl From<&FrontendView> for FrontendStatus {
+    fn from(view: &FrontendView) -> Self {
+        let result = view.listening.ok_or_else(|| view.error.clone().unwrap_or_default());
+        FrontendStatus { service: view.service, result }
+    }
+}
+
 // === impl StateView ===
 
 impl fmt::Display for StateView {
