@@ -1,11 +1,11 @@
 //! Command-line flags of `agent`, and the validated [`AgentConfig`] built from them.
 
-use std::{fmt, net::IpAddr, str::FromStr, time::Duration};
+use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::Parser;
 use contract::model::{Algorithm, Protocol, ServiceKey, Weight};
 
-use contract::process::FlagError;
+use contract::{auth::Token, process::FlagError};
 
 use crate::check::Check;
 
@@ -81,6 +81,14 @@ pub struct Cli {
     /// How long to wait for the controller to confirm the deregistration on SIGTERM/SIGINT.
     #[arg(long, env = "SWITCHBOARD_DEREGISTER_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub deregister_timeout: Duration,
+
+    /// Bearer token presented to the controller (its --auth-token).
+    #[arg(long, env = "SWITCHBOARD_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+
+    /// File whose first line is the --auth-token (keeps it out of `ps`).
+    #[arg(long, env = "SWITCHBOARD_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
 }
 
 /// One service to register the server in, and the port the server listens on for it.
@@ -121,6 +129,8 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Bound on the deregistration at shutdown.
     pub deregister_timeout: Duration,
+    /// Presented on every call.
+    pub token: Option<Token>,
 }
 
 // === impl AgentConfig ===
@@ -182,6 +192,7 @@ impl TryFrom<Cli> for AgentConfig {
             startup_timeout: cli.startup_timeout,
             backoff_max: cli.backoff_max,
             deregister_timeout: cli.deregister_timeout,
+            token: Token::from_flags("auth-token", cli.auth_token, cli.auth_token_file.as_deref())?,
         })
     }
 }

@@ -13,6 +13,7 @@ use std::{
 };
 
 use contract::{
+    auth::Bearer,
     backoff::Backoff,
     client::{self, StreamError},
     model::{BackendTarget, Deregistration, HelloAnswer, ProbeOverrides, RegisterReply, RegistrationRequest},
@@ -27,7 +28,7 @@ use tokio::{
     time::{Instant, MissedTickBehavior},
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Streaming, transport::Channel};
+use tonic::{Code, Streaming, service::interceptor::InterceptedService, transport::Channel};
 use tracing::{info, warn};
 
 use crate::{
@@ -138,8 +139,15 @@ impl ServiceAgent {
                         StreamEnd::Lost(why) => why,
                     }
                 }
-                // Refused at startup: retrying changes nothing (a port the controller does not allow).
+                // Refused at startup: retrying changes nothing (a port the controller does not allow, a
+                // token it does not take, a backend address this agent may not name).
                 Err(StreamError::Refused(why)) if starting => {
+                    return Err(AgentError::Refused { service: self.service.to_string(), why });
+                }
+                Err(StreamError::Stream(status))
+                    if starting && matches!(status.code(), Code::Unauthenticated | Code::PermissionDenied) =>
+                {
+                    let why = status.message().to_owned();
                     return Err(AgentError::Refused { service: self.service.to_string(), why });
                 }
                 Err(error) => error.to_string(),
@@ -166,7 +174,7 @@ impl ServiceAgent {
 
     /// Connects, registers with `healthy` as the initial verdict, and waits for the ack.
     async fn register(&self, healthy: bool) -> Result<Live, StreamError> {
-        let channel = client::connect(&self.config.controller).await?;
+        let channel = client::connect(&self.config.controller, self.config.backend_address).await?;
         let (tx, rx) = mpsc::channel(16);
         let registration = RegistrationRequest {
             service: self.service.key,
@@ -178,7 +186,7 @@ impl ServiceAgent {
         };
         let message = RegisterRequest { msg: Some(Out::Register((&registration).into())) };
         tx.send(message).await.map_err(|_| StreamError::Closed)?;
-        let mut inbound = RegistryClient::new(channel.clone()).register(ReceiverStream::new(rx)).await?.into_inner();
+        let mut inbound = self.client(channel.clone()).register(ReceiverStream::new(rx)).await?.into_inner();
         let Some(In::Ack(ack)) = inbound.message().await?.and_then(|m| m.msg) else { return Err(StreamError::Closed) };
         let reply = RegisterReply::try_from(&ack)?;
         let note = reply.message.unwrap_or_default();
@@ -189,6 +197,11 @@ impl ServiceAgent {
             }
             _ => Err(StreamError::Refused(note)),
         }
+    }
+
+    /// The `Registry` client over `channel`, presenting the agent's token.
+    fn client(&self, channel: Channel) -> RegistryClient<InterceptedService<Channel, Bearer>> {
+        RegistryClient::with_interceptor(channel, Bearer::new(self.config.token.as_ref()))
     }
 
     /// Answers hellos and reports verdict changes until the stream is lost or the agent stops.
@@ -224,7 +237,7 @@ impl ServiceAgent {
     /// end would remove it too; the explicit call is what confirms it.
     async fn deregister(&self, channel: Channel, backend: SocketAddr) {
         let request = Deregistration { service: self.service.key, backend: BackendTarget::exact(backend) };
-        let mut client = RegistryClient::new(channel);
+        let mut client = self.client(channel);
         let call = client.deregister(contract::v1::DeregisterRequest::from(&request));
         match tokio::time::timeout(self.config.deregister_timeout, call).await {
             Ok(Ok(reply)) => {

@@ -1,7 +1,7 @@
 //! Command-line flags of `controller`. Every flag has an environment override; library code never sees
 //! this type, only the validated [`crate::Config`].
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use dataplane::NodeArgs;
@@ -63,6 +63,41 @@ pub struct Cli {
     /// node's own connections (for comparison).
     #[arg(long, env = "SWITCHBOARD_NO_CLUSTER_COUNTS")]
     pub no_cluster_counts: bool,
+
+    /// Bearer token that callers of `Registry` (agents, gRPC servers) must present. Unset: anyone may.
+    #[arg(long, env = "SWITCHBOARD_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+
+    /// File whose first line is the --auth-token (keeps it out of `ps`).
+    #[arg(long, env = "SWITCHBOARD_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+
+    /// Bearer token that nodes must present on `Dataplane.Sync`. Unset: anyone may follow as a node.
+    #[arg(long, env = "SWITCHBOARD_NODE_TOKEN", hide_env_values = true)]
+    pub node_token: Option<String>,
+
+    /// File whose first line is the --node-token.
+    #[arg(long, env = "SWITCHBOARD_NODE_TOKEN_FILE")]
+    pub node_token_file: Option<PathBuf>,
+
+    /// Bearer token that callers of `Admin` and of the admin HTTP listener must present; it also lets a
+    /// gRPC registration name another host's backend. Unset: anyone may.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// File whose first line is the --admin-token.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Let any gRPC registration name a backend at another IP than the one it connects from (otherwise
+    /// only a caller with the admin token may).
+    #[arg(long, env = "SWITCHBOARD_ALLOW_FOREIGN_BACKENDS")]
+    pub allow_foreign_backends: bool,
+
+    /// Source addresses allowed on the JSON control channel, as CIDR blocks, e.g. `10.0.0.0/8,::1/128`.
+    /// Others get one `failed` reply and are disconnected.
+    #[arg(long, env = "SWITCHBOARD_JSON_ALLOW", default_value = "0.0.0.0/0,::/0")]
+    pub json_allow: String,
 
     /// Validate the configuration and exit.
     #[arg(long)]

@@ -1,11 +1,16 @@
 //! The validated configuration of a controller, built from [`crate::Cli`]: parse first, bind later.
 
-use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    str::FromStr,
+    time::Duration,
+};
 
-use contract::process::FlagError;
+use contract::{auth::Token, process::FlagError};
 use dataplane::NodeConfig;
 
-use crate::{cli::Cli, error::ConfigError, probe::ProbeSettings};
+use crate::{api::auth::Tokens, cli::Cli, error::ConfigError, probe::ProbeSettings};
 
 /// Everything a controller needs to start.
 #[derive(Debug, Clone)]
@@ -30,6 +35,12 @@ pub struct Config {
     pub cluster_counts: bool,
     /// The embedded node, unless disabled.
     pub embedded_node: Option<NodeConfig>,
+    /// The bearer tokens of the three doors.
+    pub tokens: Tokens,
+    /// Any gRPC registration may name another host's backend.
+    pub allow_foreign_backends: bool,
+    /// Sources that may use the JSON control channel.
+    pub json_allow: CidrList,
     /// Only validate.
     pub check: bool,
 }
@@ -43,6 +54,10 @@ const EMBEDDED_LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 /// A set of port ranges, e.g. `80,8000-8999`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortRanges(Vec<(u16, u16)>);
+
+/// A set of address blocks, e.g. `10.0.0.0/8,127.0.0.1/32,::1/128`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CidrList(Vec<(IpAddr, u8)>);
 
 // === impl Config ===
 
@@ -73,8 +88,68 @@ impl TryFrom<Cli> for Config {
             resync_grace: cli.resync_grace,
             cluster_counts: !cli.no_cluster_counts,
             embedded_node: (!cli.no_embedded_dataplane).then_some(node),
+            tokens: Tokens {
+                auth: Token::from_flags("auth-token", cli.auth_token, cli.auth_token_file.as_deref())?,
+                node: Token::from_flags("node-token", cli.node_token, cli.node_token_file.as_deref())?,
+                admin: Token::from_flags("admin-token", cli.admin_token, cli.admin_token_file.as_deref())?,
+            },
+            allow_foreign_backends: cli.allow_foreign_backends,
+            json_allow: cli.json_allow.parse().map_err(|why| FlagError::new("json-allow", why))?,
             check: cli.check,
         })
+    }
+}
+
+// === impl CidrList ===
+
+impl CidrList {
+    /// True when `ip` is in one of the blocks (an IPv4 address seen as `::ffff:a.b.c.d` counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|&(net, len)| match (net, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                prefix(u128::from(u32::from(net)) << 96, u128::from(u32::from(ip)) << 96, len)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => prefix(u128::from(net), u128::from(ip), len),
+            _ => false,
+        })
+    }
+}
+
+/// True when `a` and `b` agree on their first `len` bits.
+fn prefix(a: u128, b: u128, len: u8) -> bool {
+    len == 0 || (a ^ b) >> (128 - u32::from(len)) == 0
+}
+
+impl FromStr for CidrList {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut blocks = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (ip, len) = part.split_once('/').ok_or_else(|| format!("{part:?} is not ADDRESS/LENGTH"))?;
+            let ip: IpAddr = ip.parse().map_err(|_| format!("{ip:?} in {part:?} is not an IP address"))?;
+            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let len = len.parse::<u8>().ok().filter(|&l| l <= max);
+            let len = len.ok_or_else(|| format!("the prefix length of {part:?} is not in 0..={max}"))?;
+            blocks.push((ip, len));
+        }
+        if blocks.is_empty() {
+            return Err("no address block given".to_owned());
+        }
+        Ok(CidrList(blocks))
+    }
+}
+
+impl fmt::Display for CidrList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (ip, len)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{ip}/{len}")?;
+        }
+        Ok(())
     }
 }
 
@@ -144,6 +219,23 @@ mod tests {
         assert_eq!(r.to_string(), "80,8000-8999");
         for bad in ["", "0", "70000", "9-1", "a-b", "1-"] {
             assert!(bad.parse::<PortRanges>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cidr_lists_parse_and_match() {
+        let list: CidrList = "127.0.0.0/30, ::1/128".parse().unwrap();
+        for ip in ["127.0.0.1", "127.0.0.3", "::1", "::ffff:127.0.0.2"] {
+            assert!(list.contains(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["127.0.0.4", "10.0.0.1", "::2"] {
+            assert!(!list.contains(ip.parse().unwrap()), "{ip}");
+        }
+        let all: CidrList = "0.0.0.0/0,::/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()) && all.contains("2001:db8::1".parse().unwrap()));
+        assert_eq!(all.to_string(), "0.0.0.0/0,::/0");
+        for bad in ["", "127.0.0.1", "127.0.0.1/33", "::1/129", "nowhere/8", "10.0.0.0/x"] {
+            assert!(bad.parse::<CidrList>().is_err(), "{bad}");
         }
     }
 

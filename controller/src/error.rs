@@ -50,6 +50,26 @@ pub enum StoreError {
         /// The backend looked for.
         backend: SocketAddr,
     },
+    /// The backend is one of the controller's own listeners.
+    #[error("backend {backend} is one of the balancer's own listeners")]
+    OwnListener {
+        /// The backend asked for.
+        backend: SocketAddr,
+    },
+    /// The backend is the service's own frontend on a node.
+    #[error("backend {backend} is the frontend of {service} itself: traffic would loop")]
+    Loop {
+        /// The service.
+        service: ServiceKey,
+        /// The backend asked for.
+        backend: SocketAddr,
+    },
+    /// A node with this id is connected already.
+    #[error("node id {node:?} is taken by a connected node")]
+    NodeTaken {
+        /// The id.
+        node: String,
+    },
     /// The change would leave the store inconsistent (a bug, not bad input): refused, nothing published.
     #[error("internal error: the change would break a store invariant ({0}); nothing changed")]
     Invariant(String),

@@ -30,6 +30,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
 };
+use tracing::warn;
 
 pub use cli::Cli;
 pub use config::Config;
@@ -70,23 +71,27 @@ impl Controller {
         let json = bind("the JSON control channel", config.json_listen).await?;
         let grpc = bind("gRPC", config.grpc_listen).await?;
         let admin = bind("admin HTTP", config.admin_listen).await?;
-        let mut reserved_ports = Vec::new();
+        let mut own_listeners = Vec::new();
         for listener in [&json, &grpc, &admin] {
             let addr = listener.local_addr().map_err(|source| ControllerError::Bind {
                 what: "a listener",
                 addr: config.json_listen,
                 source,
             })?;
-            reserved_ports.push(addr.port());
+            own_listeners.push(addr);
         }
-        let policy = store::Policy { allowed_ports: config.allowed_ports.clone(), reserved_ports };
+        let policy = store::Policy {
+            allowed_ports: config.allowed_ports.clone(),
+            own_listeners,
+            frontend_ip: config.embedded_node.as_ref().map(|node| node.frontend_address),
+        };
         let store = Store::new(policy, config.print_state);
         if !config.resync_grace.is_zero() {
             store.begin_warm_up()?;
         }
         // The embedded node counts as connected from the start: a registration that arrives right after
         // READY waits for its bind result instead of being told that no node is there.
-        let embedded = config.embedded_node.as_ref().map(|node| store.connect_node(&node.node_id, None));
+        let embedded = config.embedded_node.as_ref().map(|node| store.connect_node(&node.node_id, None)).transpose()?;
         Ok(Controller { config, json, grpc, admin, store, embedded })
     }
 
@@ -122,6 +127,7 @@ impl Controller {
             store: Arc::clone(&store),
             probe: config.probe,
             bind_ack_timeout: config.bind_ack_timeout,
+            allow: config.json_allow.clone(),
         });
         tasks.spawn({
             let shutdown = shutdown.clone();
@@ -130,15 +136,18 @@ impl Controller {
                 Ok(())
             }
         });
-        tasks.spawn(api::grpc::serve(
-            grpc,
-            Arc::clone(&store),
-            config.probe,
-            config.bind_ack_timeout,
-            config.cluster_counts,
-            shutdown.clone(),
-        ));
-        tasks.spawn(api::http::serve(admin, Arc::clone(&store), shutdown.clone()));
+        for door in config.tokens.open_doors() {
+            warn!("{door}");
+        }
+        let settings = api::grpc::GrpcSettings {
+            probe: config.probe,
+            bind_ack_timeout: config.bind_ack_timeout,
+            cluster_counts: config.cluster_counts,
+            tokens: config.tokens.clone(),
+            allow_foreign_backends: config.allow_foreign_backends,
+        };
+        tasks.spawn(api::grpc::serve(grpc, Arc::clone(&store), settings, shutdown.clone()));
+        tasks.spawn(api::http::serve(admin, Arc::clone(&store), config.tokens.admin(), shutdown.clone()));
         if let (Some(node), Some(link)) = (config.embedded_node, embedded) {
             tasks.spawn(run_embedded_node(node, link, Arc::clone(&store), config.cluster_counts, shutdown));
         }

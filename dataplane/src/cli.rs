@@ -3,11 +3,12 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
 use clap::{Args, Parser};
-use contract::process::FlagError;
+use contract::{auth::Token, process::FlagError};
 
 use crate::{node::NodeConfig, sync::SyncConfig};
 
@@ -38,6 +39,14 @@ pub struct Cli {
     /// Longest wait between two attempts to reach the controller.
     #[arg(long, env = "SWITCHBOARD_BACKOFF_MAX", default_value = "5s", value_parser = humantime::parse_duration)]
     pub backoff_max: Duration,
+
+    /// Bearer token presented to the controller (its --node-token).
+    #[arg(long, env = "SWITCHBOARD_NODE_TOKEN", hide_env_values = true)]
+    pub node_token: Option<String>,
+
+    /// File whose first line is the --node-token (keeps it out of `ps`).
+    #[arg(long, env = "SWITCHBOARD_NODE_TOKEN_FILE")]
+    pub node_token_file: Option<PathBuf>,
 }
 
 /// The flags of one node: how it binds frontends and treats connections. `dataplane` and the controller
@@ -123,6 +132,7 @@ impl TryFrom<Cli> for DataplaneConfig {
                 node_id,
                 backoff_min: Duration::from_millis(100).min(cli.backoff_max),
                 backoff_max: cli.backoff_max,
+                token: Token::from_flags("node-token", cli.node_token, cli.node_token_file.as_deref())?,
             },
             admin_listen: cli.admin_listen,
         })

@@ -9,6 +9,7 @@
 use std::{sync::Arc, time::Duration};
 
 use contract::{
+    auth::{Bearer, Token},
     backoff::Backoff,
     client::{self, StreamError},
     convert,
@@ -32,6 +33,8 @@ pub struct SyncConfig {
     pub backoff_min: Duration,
     /// Longest retry delay.
     pub backoff_max: Duration,
+    /// Presented on every call (`--node-token`).
+    pub token: Option<Token>,
 }
 
 /// Whether the node currently follows a controller, for its admin API.
@@ -96,12 +99,13 @@ async fn attempt(
     backoff: &mut Backoff,
     node: &NodeHandle,
 ) -> Result<AttemptEnd, StreamError> {
-    let channel = client::connect(&config.controller).await?;
+    let channel = client::connect(&config.controller, None).await?;
     let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
     let known_version = snapshots.borrow().version;
     let hello = NodeHello { node_id: config.node_id.clone(), known_version };
     tx.send((&hello).into()).await.map_err(|_| StreamError::Closed)?;
-    let mut inbound = DataplaneClient::new(channel).sync(ReceiverStream::new(rx)).await?.into_inner();
+    let mut client = DataplaneClient::with_interceptor(channel, Bearer::new(config.token.as_ref()));
+    let mut inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
     info!(controller = %config.controller, node = %config.node_id, known_version, "following the controller");
     status.send_replace(SyncStatus { connected: true, last_error: None });
     backoff.reset();

@@ -2,7 +2,10 @@
 //! HTTP/2 keep-alives, so a controller that vanished without closing its connections is noticed in seconds
 //! rather than never; and why one of their streams ended.
 
-use std::time::Duration;
+use std::{
+    net::{IpAddr, SocketAddr, UdpSocket},
+    time::Duration,
+};
 
 use tonic::transport::{Channel, Endpoint};
 
@@ -49,8 +52,15 @@ pub fn controller_endpoint(url: &str) -> Result<Endpoint, tonic::transport::Erro
         .keep_alive_while_idle(true))
 }
 
-/// A channel to the controller at `url`.
-pub async fn connect(url: &str) -> Result<Channel, StreamError> {
+/// A channel to the controller at `url`, leaving from `source` when that address is this host's (an agent
+/// beside its server connects from the server's address, so the controller sees the backend's own host).
+pub async fn connect(url: &str, source: Option<IpAddr>) -> Result<Channel, StreamError> {
     let endpoint = controller_endpoint(url).map_err(|e| StreamError::Url(e.to_string()))?;
-    Ok(endpoint.connect().await?)
+    let source = source.filter(|&ip| is_local(ip));
+    Ok(endpoint.local_address(source).connect().await?)
+}
+
+/// True when `ip` is one of this host's addresses (this host can send from it).
+pub fn is_local(ip: IpAddr) -> bool {
+    ip.is_loopback() || ip.is_unspecified() || UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }

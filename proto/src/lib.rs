@@ -10,8 +10,10 @@
 //! - [`v1`]: generated messages, clients (`*_client`) and servers (`*_server`); [`FILE_DESCRIPTOR_SET`]
 //!   for server reflection.
 //! - [`process`]: logging, the READY line, the shutdown signal, task supervision, exit codes.
+//! - [`auth`]: bearer tokens, presented by clients and checked by the controller.
 //! - [`backoff`], [`client`]: how the contract's clients reach the controller and retry.
 
+pub mod auth;
 pub mod backoff;
 pub mod client;
 pub mod convert;

@@ -260,14 +260,32 @@ impl Controller {
         format!("http://{}", self.process.addr("grpc"))
     }
 
+    /// A gRPC channel to the controller from `source` on the machine.
+    pub async fn grpc_channel_from(&self, source: IpAddr) -> tonic::transport::Channel {
+        grpc_channel_from(&Host::Root, self.process.addr("grpc"), Some(source)).await
+    }
+
     /// The embedded node's frontend of `port`.
     pub fn frontend(&self, port: u16) -> SocketAddr {
         SocketAddr::new(self.net.frontend(), port)
     }
 
-    /// `GET /api/state`.
+    /// `GET /api/state`, with the controller's admin token when it has one.
     pub async fn state(&self) -> Value {
-        http_get_json(&self.host, self.process.addr("admin"), "/api/state").await
+        let (status, body) = self.http_get("/api/state", self.admin_token()).await;
+        assert_eq!(status, 200, "GET /api/state: {body}");
+        serde_json::from_str(&body).expect("JSON state")
+    }
+
+    /// `GET path` on the admin listener, presenting `token`: the status and the body.
+    pub async fn http_get(&self, path: &str, token: Option<&str>) -> (u16, String) {
+        http_get(&self.host, self.process.addr("admin"), path, token).await
+    }
+
+    /// The `--admin-token` the controller was started with.
+    pub fn admin_token(&self) -> Option<&str> {
+        let at = self.args.iter().rposition(|a| a == "--admin-token")?;
+        self.args.get(at + 1).map(String::as_str)
     }
 
     /// Polls the state until `pred` holds and every connected node has applied the latest version (so
@@ -367,10 +385,16 @@ impl DataplaneNode {
 
 /// A gRPC channel to `addr`, connected from `host` (so a client can live in a namespace).
 pub async fn grpc_channel(host: &Host, addr: SocketAddr) -> tonic::transport::Channel {
+    grpc_channel_from(host, addr, None).await
+}
+
+/// A gRPC channel to `addr`, connected from `host` and, when given, from its address `source` (a server
+/// that registers itself connects from its own address).
+pub async fn grpc_channel_from(host: &Host, addr: SocketAddr, source: Option<IpAddr>) -> tonic::transport::Channel {
     let host = host.clone();
     let connector = tower::service_fn(move |_: tonic::codegen::http::Uri| {
         let host = host.clone();
-        async move { host.tcp_connect(addr, None).await.map(hyper_util::rt::TokioIo::new) }
+        async move { host.tcp_connect(addr, source).await.map(hyper_util::rt::TokioIo::new) }
     });
     tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
@@ -380,13 +404,22 @@ pub async fn grpc_channel(host: &Host, addr: SocketAddr) -> tonic::transport::Ch
 }
 
 async fn http_get_json(host: &Host, addr: SocketAddr, path: &str) -> Value {
+    let (_, body) = http_get(host, addr, path, None).await;
+    serde_json::from_str(&body).expect("JSON state")
+}
+
+/// `GET path` over HTTP/1.0 from `host`, presenting `token` as a bearer token: the status and the body.
+pub async fn http_get(host: &Host, addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
     let mut stream = host.tcp_connect(addr, None).await.expect("admin connect");
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: switchboard\r\n\r\n").as_bytes()).await.unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let request = format!("GET {path} HTTP/1.0\r\nHost: switchboard\r\n{auth}\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
     let text = String::from_utf8(response).unwrap();
-    let (_, body) = text.split_once("\r\n\r\n").expect("HTTP response");
-    serde_json::from_str(body).expect("JSON state")
+    let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("HTTP status");
+    (status, body.to_owned())
 }
 
 // ---------------------------------------------------------------------------------------------------------

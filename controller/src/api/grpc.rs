@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use contract::{
-    model::{BackendSpec, Deregistration, HelloAnswer, RegisterReply, RegistrationRequest},
+    model::{BackendSpec, BackendTarget, Deregistration, HelloAnswer, RegisterReply, RegistrationRequest},
     process::stopped,
     v1::{
         DeregisterRequest, DeregisterResponse, Hello, RegisterAck, RegisterRequest, RegisterResponse,
@@ -24,20 +24,39 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
-use super::{admin::AdminApi, invalid_argument, sync::DataplaneApi};
+use super::{
+    admin::AdminApi,
+    auth::{Caller, Tokens},
+    invalid_argument,
+    sync::DataplaneApi,
+};
 use crate::{
     error::ControllerError,
     probe::{Probe, ProbeAction, ProbeSettings},
     store::{Origin, Registration, Store},
 };
 
-/// Serves every gRPC service on `listener` until `shutdown` turns true.
+/// How the gRPC services behave.
+#[derive(Debug, Clone)]
+pub struct GrpcSettings {
+    /// Hello probes of `Register` streams (a registration may override them).
+    pub probe: ProbeSettings,
+    /// How long a registration waits for nodes' bind results.
+    pub bind_ack_timeout: Duration,
+    /// Send each node the other nodes' counts.
+    pub cluster_counts: bool,
+    /// The doors' tokens.
+    pub tokens: Tokens,
+    /// Any registration may name another host's backend, not only an operator's.
+    pub allow_foreign_backends: bool,
+}
+
+/// Serves every gRPC service on `listener` until `shutdown` turns true. Health and reflection stay open:
+/// they tell nothing but that the controller is up and what it speaks.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<Store>,
-    probe: ProbeSettings,
-    bind_ack_timeout: Duration,
-    cluster_counts: bool,
+    settings: GrpcSettings,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ControllerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -52,8 +71,17 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1().map_err(|e| ControllerError::Reflection(e.to_string()))?;
     let reflection_v1alpha = reflection().build_v1alpha().map_err(|e| ControllerError::Reflection(e.to_string()))?;
 
-    let registry = RegistryApi { store: Arc::clone(&store), probe, bind_ack_timeout, shutdown: shutdown.clone() };
-    let dataplane = DataplaneApi { store: Arc::clone(&store), shutdown: shutdown.clone(), cluster_counts };
+    let tokens = &settings.tokens;
+    let registry = RegistryApi {
+        store: Arc::clone(&store),
+        probe: settings.probe,
+        bind_ack_timeout: settings.bind_ack_timeout,
+        allow_foreign_backends: settings.allow_foreign_backends,
+        shutdown: shutdown.clone(),
+    };
+    let dataplane =
+        DataplaneApi { store: Arc::clone(&store), shutdown: shutdown.clone(), cluster_counts: settings.cluster_counts };
+    let admin = AdminApi { store, shutdown: shutdown.clone() };
     tonic::transport::Server::builder()
         // Notices dead peers (a node or agent host gone without a FIN) instead of keeping their streams.
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
@@ -61,9 +89,9 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(RegistryServer::new(registry))
-        .add_service(DataplaneServer::new(dataplane))
-        .add_service(AdminServer::new(AdminApi { store, shutdown: shutdown.clone() }))
+        .add_service(RegistryServer::with_interceptor(registry, tokens.registry()))
+        .add_service(DataplaneServer::with_interceptor(dataplane, tokens.dataplane()))
+        .add_service(AdminServer::with_interceptor(admin, tokens.admin()))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stopped(&mut shutdown).await })
         .await?;
     Ok(())
@@ -75,6 +103,7 @@ pub struct RegistryApi {
     store: Arc<Store>,
     probe: ProbeSettings,
     bind_ack_timeout: Duration,
+    allow_foreign_backends: bool,
     /// Ends every `Register` stream, so a graceful server shutdown does not wait on them forever.
     shutdown: watch::Receiver<bool>,
 }
@@ -92,6 +121,7 @@ impl Registry for RegistryApi {
         request: Request<Streaming<RegisterRequest>>,
     ) -> Result<Response<Self::RegisterStream>, Status> {
         let peer = request.remote_addr().ok_or_else(|| Status::internal("the peer address is unknown"))?;
+        let caller = request.extensions().get::<Caller>().copied().unwrap_or(Caller::Anyone);
         let mut inbound = request.into_inner();
         let first =
             inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream ended before `register`"))?;
@@ -99,6 +129,8 @@ impl Registry for RegistryApi {
             return Err(Status::invalid_argument("the first message must be `register`"));
         };
         let first = RegistrationRequest::try_from(&first).map_err(invalid_argument)?;
+        let rules = BackendRules { caller, peer, allow_foreign: self.allow_foreign_backends };
+        rules.check(first.backend)?;
 
         let registration = self.store.open_registration(Origin::grpc(peer))?;
         registration.set_healthy(first.healthy.unwrap_or(true))?;
@@ -112,6 +144,7 @@ impl Registry for RegistryApi {
                 inbound,
                 tx,
                 peer,
+                rules,
                 bind_ack_timeout: self.bind_ack_timeout,
                 shutdown: self.shutdown.clone(),
             };
@@ -122,7 +155,9 @@ impl Registry for RegistryApi {
 
     async fn deregister(&self, request: Request<DeregisterRequest>) -> Result<Response<DeregisterResponse>, Status> {
         let peer = request.remote_addr().ok_or_else(|| Status::internal("the peer address is unknown"))?;
+        let caller = request.extensions().get::<Caller>().copied().unwrap_or(Caller::Anyone);
         let request = Deregistration::try_from(request.get_ref()).map_err(invalid_argument)?;
+        BackendRules { caller, peer, allow_foreign: self.allow_foreign_backends }.check(request.backend)?;
         let backend = request.backend.resolve(peer.ip(), request.service);
         let version = self.store.unregister(request.service, backend, "deregistered over gRPC")?;
         Ok(Response::new(DeregisterResponse { version }))
@@ -135,6 +170,7 @@ struct RegisterStream {
     inbound: Streaming<RegisterRequest>,
     tx: ResponseTx,
     peer: SocketAddr,
+    rules: BackendRules,
     bind_ack_timeout: Duration,
     shutdown: watch::Receiver<bool>,
 }
@@ -155,9 +191,10 @@ impl RegisterStream {
                         }
                     }
                     Ok(Some(RegisterRequest { msg: Some(register_request::Msg::Register(more)) })) => {
-                        let ack = match RegistrationRequest::try_from(&more) {
+                        let more = RegistrationRequest::try_from(&more).map_err(invalid_argument);
+                        let ack = match more.and_then(|more| self.rules.check(more.backend).map(|()| more)) {
                             Ok(more) => register_ack(&self.registration, &more, self.peer, self.bind_ack_timeout).await,
-                            Err(error) => (&RegisterReply { success: false, message: Some(error.to_string()), backend: None }).into(),
+                            Err(status) => (&RegisterReply { success: false, message: Some(status.message().to_owned()), backend: None }).into(),
                         };
                         if self.tx.send(Ok(response(register_response::Msg::Ack(ack)))).await.is_err() {
                             break "stream closed by the client".to_owned();
@@ -186,6 +223,33 @@ impl RegisterStream {
             }
         };
         self.registration.close(reason);
+    }
+}
+
+/// Which backends a `Registry` call may name: its own host's, unless its caller is an operator or the
+/// controller lets anyone name any (`--allow-foreign-backends`). Otherwise a client could take over, and
+/// then remove, a backend that another registration announced.
+#[derive(Debug, Clone, Copy)]
+struct BackendRules {
+    caller: Caller,
+    peer: SocketAddr,
+    allow_foreign: bool,
+}
+
+// === impl BackendRules ===
+
+impl BackendRules {
+    fn check(&self, backend: BackendTarget) -> Result<(), Status> {
+        match backend.ip {
+            Some(ip) if ip != self.peer.ip() && !self.allow_foreign && self.caller != Caller::Operator => {
+                Err(Status::permission_denied(format!(
+                    "backend_address {ip} is not the address this call comes from ({}); naming another host's \
+                     backend needs the admin token or --allow-foreign-backends",
+                    self.peer.ip()
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -2,19 +2,24 @@
 
 use std::sync::Arc;
 
-use axum::{Json, Router, extract::State, routing::get};
+use axum::{Json, Router, extract::State, middleware, routing::get};
 use contract::{model::StateView, process::stopped};
 use tokio::{net::TcpListener, sync::watch};
 
+use super::auth::{Guard, http_guard};
 use crate::{error::ControllerError, store::Store};
 
-/// Serves the admin endpoints until `shutdown` turns true.
+/// Serves the admin endpoints, each behind `guard`, until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<Store>,
+    guard: Guard,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ControllerError> {
-    let app = Router::new().route("/api/state", get(state)).with_state(store);
+    let app = Router::new()
+        .route("/api/state", get(state))
+        .with_state(store)
+        .layer(middleware::from_fn_with_state(guard, http_guard));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { stopped(&mut shutdown).await })
         .await

@@ -21,6 +21,7 @@ use super::{
     request::{self, Request},
 };
 use crate::{
+    config::CidrList,
     probe::{Probe, ProbeAction, ProbeSettings},
     store::{Origin, Registration, Store},
 };
@@ -37,6 +38,8 @@ pub struct JsonContext {
     pub probe: ProbeSettings,
     /// How long a `register` waits for nodes' bind results.
     pub bind_ack_timeout: Duration,
+    /// Sources that may use the channel.
+    pub allow: CidrList,
 }
 
 /// Accepts control connections until `shutdown` turns true.
@@ -44,6 +47,11 @@ pub async fn serve(listener: TcpListener, ctx: Arc<JsonContext>, mut shutdown: w
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) if !ctx.allow.contains(peer.ip()) => {
+                    debug!(%peer, "control connection from a source outside --json-allow");
+                    let why = format!("source {} is not allowed on the control channel (--json-allow {})", peer.ip(), ctx.allow);
+                    tokio::spawn(refuse(stream, why));
+                }
                 Ok((stream, peer)) => match ctx.store.open_registration(Origin::json(peer)) {
                     Ok(registration) => {
                         tokio::spawn(Connection::new(stream, peer, Arc::clone(&ctx), registration).run());

@@ -3,6 +3,7 @@
 //! contract crate's `convert`, and the errors of both become gRPC statuses here, once.
 
 pub mod admin;
+pub mod auth;
 pub mod framing;
 pub mod grpc;
 pub mod http;
@@ -23,6 +24,8 @@ impl From<StoreError> for Status {
             StoreError::PortNotAllowed { .. } | StoreError::ReservedPort { .. } => {
                 Status::failed_precondition(error.to_string())
             }
+            StoreError::OwnListener { .. } | StoreError::Loop { .. } => Status::permission_denied(error.to_string()),
+            StoreError::NodeTaken { .. } => Status::already_exists(error.to_string()),
             StoreError::Invariant(_) => Status::internal(error.to_string()),
         }
     }

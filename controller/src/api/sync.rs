@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
 use super::invalid_argument;
+use crate::config::EMBEDDED_NODE;
 use crate::store::{ClusterLoadFeed, NodeLink, Store};
 
 /// `switchboard.v1.Dataplane`.
@@ -44,9 +45,15 @@ impl Dataplane for DataplaneApi {
             return Err(Status::invalid_argument("the first message must be `hello`"));
         };
         let hello = NodeHello::try_from(&hello).map_err(invalid_argument)?;
+        if hello.node_id == EMBEDDED_NODE {
+            return Err(Status::already_exists(format!(
+                "node id {EMBEDDED_NODE:?} is reserved for the controller's own node"
+            )));
+        }
+        // A taken id is refused before anything else changes.
+        let link = self.store.connect_node(&hello.node_id, peer)?;
         // Continue above whatever the node already applied (it may come from a controller that ran before).
         self.store.observe_version(hello.known_version)?;
-        let link = self.store.connect_node(&hello.node_id, peer);
         let (tx, rx) = mpsc::channel(16);
         let cluster = self.cluster_counts.then(|| link.cluster_load());
         tokio::spawn(follow(link, self.store.subscribe(), cluster, inbound, tx, self.shutdown.clone()));

@@ -2,13 +2,19 @@
 //! the draft to [`Store::commit`]; one that changes nothing returns the current version and makes none.
 //! Events are emitted under the lock, so they keep the order of the changes they describe.
 
-use std::{collections::BTreeSet, net::SocketAddr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+};
 
-use contract::model::{Algorithm, BackendSpec, Event, EventKind, ServiceKey, Weight};
+use contract::{
+    client,
+    model::{Algorithm, BackendSpec, Event, EventKind, ServiceKey, Weight},
+};
 use tracing::{info, warn};
 
 use super::{
-    Store,
+    State, Store,
     registration::Origin,
     registry::{Backend, RegistrationId, RegistrationRecord},
 };
@@ -51,6 +57,7 @@ impl Store {
     ) -> Result<Registered, StoreError> {
         self.check_port(service.port)?;
         let mut state = self.lock();
+        self.check_not_itself(&state, service, backend.address)?;
         // The first registration of a service chooses its algorithm; a later one may only agree, unless an
         // operator chose since (then the operator's choice stands and the registration goes through).
         let mut overruled = None;
@@ -278,8 +285,28 @@ impl Store {
         Ok(version)
     }
 
+    /// A backend may not be the balancer itself: one of the controller's listeners (a public frontend
+    /// would relay into the admin port), or the frontend of its own service on a node (a loop that eats
+    /// file descriptors until none are left).
+    fn check_not_itself(&self, state: &State, service: ServiceKey, backend: SocketAddr) -> Result<(), StoreError> {
+        let here = client::is_local(backend.ip());
+        let at = |listener: IpAddr| if listener.is_unspecified() { here } else { listener == backend.ip() };
+        if self.policy.own_listeners.iter().any(|l| l.port() == backend.port() && at(l.ip())) {
+            return Err(StoreError::OwnListener { backend });
+        }
+        if backend.port() == service.port {
+            let embedded = self.policy.frontend_ip.is_some_and(at);
+            let remote =
+                state.nodes.nodes.values().any(|n| n.connected && n.address.is_some_and(|a| a.ip() == backend.ip()));
+            if embedded || remote {
+                return Err(StoreError::Loop { service, backend });
+            }
+        }
+        Ok(())
+    }
+
     fn check_port(&self, port: u16) -> Result<(), StoreError> {
-        if self.policy.reserved_ports.contains(&port) {
+        if self.policy.own_listeners.iter().any(|l| l.port() == port) {
             return Err(StoreError::ReservedPort { port });
         }
         if !self.policy.allowed_ports.contains(port) {

@@ -21,7 +21,10 @@ pub mod registration;
 mod registry;
 mod view;
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use contract::model::{Event, RoutingSnapshot};
 use tokio::sync::{broadcast, watch};
@@ -33,13 +36,15 @@ pub use registration::{Origin, OriginKind, Registration};
 use self::{nodes::NodeTable, registry::Registry};
 use crate::{config::PortRanges, error::StoreError};
 
-/// Which ports services may use.
+/// Which ports services may use, and which backends are the balancer itself.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     /// `--allowed-ports`.
     pub allowed_ports: PortRanges,
-    /// The controller's own listening ports: never a frontend.
-    pub reserved_ports: Vec<u16>,
+    /// The controller's own listeners: their ports are never a frontend, their addresses never a backend.
+    pub own_listeners: Vec<SocketAddr>,
+    /// Where the embedded node binds its frontends (none without an embedded node).
+    pub frontend_ip: Option<IpAddr>,
 }
 
 /// The store. See the module documentation.

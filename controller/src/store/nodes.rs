@@ -10,6 +10,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tracing::info;
 
 use super::Store;
+use crate::error::StoreError;
 
 /// How often a node's view of the other nodes' counts is refreshed (only changes are sent).
 pub const CLUSTER_LOAD_INTERVAL: Duration = Duration::from_millis(100);
@@ -67,14 +68,18 @@ pub struct ClusterLoadFeed {
 // === impl Store ===
 
 impl Store {
-    /// A node joined (or rejoined): registrations wait for its bind results from now on.
-    pub fn connect_node(self: &Arc<Self>, node: &str, address: Option<SocketAddr>) -> NodeLink {
+    /// A node joined (or rejoined): registrations wait for its bind results from now on. An id that a
+    /// connected node holds is refused: a second stream may not displace the first (a node that lost its
+    /// stream gets its id back once the controller notices, by the stream's end or its keep-alive).
+    pub fn connect_node(self: &Arc<Self>, node: &str, address: Option<SocketAddr>) -> Result<NodeLink, StoreError> {
         let mut state = self.lock();
         let version = state.version;
         let table = &mut state.nodes;
+        if table.nodes.get(node).is_some_and(|n| n.connected) {
+            return Err(StoreError::NodeTaken { node: node.to_owned() });
+        }
         table.next_link += 1;
         let link = table.next_link;
-        let replaced = table.nodes.get(node).is_some_and(|n| n.connected);
         let record = NodeRecord {
             link,
             connected: true,
@@ -89,11 +94,11 @@ impl Store {
         self.emit(Event::node(EventKind::NodeJoined, version, node));
         drop(state);
         match address {
-            Some(address) => info!(node, %address, replaced, "node joined"),
+            Some(address) => info!(node, %address, "node joined"),
             None => info!(node, "node joined"),
         }
         self.node_updates.send_modify(|n| *n += 1);
-        NodeLink { store: Arc::clone(self), node: node.to_owned(), link }
+        Ok(NodeLink { store: Arc::clone(self), node: node.to_owned(), link })
     }
 
     fn node_report(&self, node: &str, link: u64, report: NodeReport) {

@@ -7,7 +7,12 @@ use contract::model::{
 use super::{changes::Registered, registry::Registry, *};
 
 fn store() -> Arc<Store> {
-    Store::new(Policy { allowed_ports: "1-9000".parse().unwrap(), reserved_ports: vec![8080] }, false)
+    let policy = Policy {
+        allowed_ports: "1-9000".parse().unwrap(),
+        own_listeners: vec!["127.0.0.1:8080".parse().unwrap()],
+        frontend_ip: Some("127.0.0.1".parse().unwrap()),
+    };
+    Store::new(policy, false)
 }
 
 fn origin(ip: &str) -> Origin {
@@ -128,8 +133,8 @@ async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed()
     let reply = reg.register(ServiceKey::tcp(80), backend("127.0.0.2:80"), None, Duration::from_secs(2)).await.unwrap();
     assert!(reply.success && reply.message.unwrap().contains("no data-plane node"));
 
-    let node_a = Arc::new(store.connect_node("a", None));
-    let node_b = Arc::new(store.connect_node("b", None));
+    let node_a = Arc::new(store.connect_node("a", None).unwrap());
+    let node_b = Arc::new(store.connect_node("b", None).unwrap());
     let report = |store: Arc<Store>, node: Arc<NodeLink>, result: Result<SocketAddr, String>| async move {
         let mut rx = store.subscribe();
         let version = rx.wait_for(|s| s.services.contains_key(&ServiceKey::tcp(81))).await.unwrap().version;
@@ -159,7 +164,7 @@ async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed()
     assert_eq!(reply.message.as_deref(), Some("node a: no bind result in time"));
 
     // One node listens, another fails: success, naming the failing node.
-    let node_c = Arc::new(store.connect_node("c", None));
+    let node_c = Arc::new(store.connect_node("c", None).unwrap());
     let a = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_a), Ok("0.0.0.0:81".parse().unwrap())));
     let c = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_c), Err("bind 0.0.0.0:81: in use".into())));
     let reply = reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), None, Duration::from_secs(2)).await.unwrap();
@@ -220,14 +225,18 @@ fn the_first_registration_chooses_the_algorithm_until_an_operator_does() {
 }
 
 #[test]
-fn a_reconnecting_node_replaces_its_old_link() {
+fn a_taken_node_id_is_refused_until_its_link_ends() {
     let store = store();
-    let old = store.connect_node("n1", None);
-    let new = store.connect_node("n1", None);
-    old.report(NodeReport::Applied { version: 9, frontends: Vec::new() });
-    assert_eq!(store.view().nodes[0].acked_version, None, "reports of a replaced link are ignored");
-    drop(old);
-    assert!(store.view().nodes[0].connected, "the old stream's end does not disconnect the new one");
+    let first = store.connect_node("n1", None).unwrap();
+    let second = store.connect_node("n1", None).unwrap_err();
+    assert_eq!(second, StoreError::NodeTaken { node: "n1".into() });
+    assert!(store.view().nodes[0].connected, "a second stream does not displace the first");
+    first.report(NodeReport::Applied { version: 9, frontends: Vec::new() });
+    assert_eq!(store.view().nodes[0].acked_version, Some(9));
+    drop(first);
+    assert!(!store.view().nodes[0].connected);
+    let new = store.connect_node("n1", None).unwrap();
+    assert_eq!(store.view().nodes[0].acked_version, None, "a new link starts with no ack");
     new.report(NodeReport::Load(vec![BackendLoad {
         service: ServiceKey::tcp(80),
         backend: "127.0.0.2:80".parse().unwrap(),
@@ -273,4 +282,24 @@ fn a_change_that_breaks_an_invariant_is_refused_and_never_published() {
     );
     drop(state);
     assert_eq!(store.drain_backend(ServiceKey::tcp(80), "127.0.0.2:80".parse().unwrap()), Ok(before.version + 1));
+}
+
+#[test]
+fn a_backend_may_not_be_the_balancer_itself() {
+    let store = store();
+    let a = store.open_registration(origin("127.0.0.1")).unwrap();
+    // The controller's own JSON listener behind a public frontend would relay into the control plane.
+    let own = store.register(a.id, ServiceKey::tcp(81), backend("127.0.0.1:8080"), None).unwrap_err();
+    assert_eq!(own.to_string(), "backend 127.0.0.1:8080 is one of the balancer's own listeners");
+    // The embedded node's frontend of the same service: every connection would come back to itself.
+    let looped = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.1:80"), None).unwrap_err();
+    assert_eq!(looped, StoreError::Loop { service: ServiceKey::tcp(80), backend: "127.0.0.1:80".parse().unwrap() });
+    // A remote node's frontend address, likewise.
+    let _node = store.connect_node("n1", Some("127.0.0.9:40000".parse().unwrap())).unwrap();
+    let looped = store.register(a.id, ServiceKey::udp(53), backend("127.0.0.9:53"), None).unwrap_err();
+    assert!(matches!(looped, StoreError::Loop { .. }), "{looped}");
+    assert_eq!(store.snapshot().version, 0, "nothing was registered");
+    // Another address on the same host, or the same address on another port, is a backend like any other.
+    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    store.register(a.id, ServiceKey::tcp(82), backend("127.0.0.1:80"), None).unwrap();
 }

@@ -24,7 +24,8 @@ async fn register_stream_carries_traffic_answers_hellos_and_its_end_deregisters(
     let ctl = Controller::spawn(net, &["--hello-interval", "200ms"]).await;
     let backend = TcpEcho::start(net.host(2), 0).await;
     let port = backend.addr.port();
-    let mut registry = RegistryClient::connect(ctl.grpc_url()).await.unwrap();
+    // A server registers itself: it connects from its own address.
+    let mut registry = RegistryClient::new(ctl.grpc_channel_from(net.host(2)).await);
 
     let (tx, rx) = mpsc::channel(4);
     tx.send(registration(net.host(2), port)).await.unwrap();
@@ -72,7 +73,8 @@ async fn deregister_removes_a_backend_and_unknown_ones_are_not_found() {
     let ctl = Controller::spawn(net, &[]).await;
     let backend = TcpEcho::start(net.host(2), 0).await;
     let port = backend.addr.port();
-    let mut registry = RegistryClient::connect(ctl.grpc_url()).await.unwrap();
+    // A server registers itself: it connects from its own address.
+    let mut registry = RegistryClient::new(ctl.grpc_channel_from(net.host(2)).await);
     let (tx, rx) = mpsc::channel(4);
     tx.send(registration(net.host(2), port)).await.unwrap();
     let mut inbound = registry.register(ReceiverStream::new(rx)).await.unwrap().into_inner();

@@ -12,3 +12,4 @@ mod loadgen;
 mod multihost;
 mod nodes;
 mod relay;
+mod security;

@@ -177,7 +177,7 @@ async fn the_controller_exits_0_on_sigterm_with_nodes_and_streams_connected() {
     let mut server = JsonClient::connect(&ctl, net.host(2)).await;
     assert_eq!(server.register("tcp", backend.addr.port()).await["ack"], "successful");
     let other = TcpEcho::start(net.host(3), 0).await;
-    let channel = tonic::transport::Endpoint::from_shared(ctl.grpc_url()).unwrap().connect().await.unwrap();
+    let channel = ctl.grpc_channel_from(net.host(3)).await;
     let grpc = GrpcRegistration::tcp(channel, other.addr.port(), other.addr).await.unwrap();
     assert!(grpc.ack.success);
 

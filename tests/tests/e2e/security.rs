@@ -1,0 +1,232 @@
+//! Who may steer the balancer: bearer tokens at each door, the registration rules (sources, foreign
+//! backends, loops into the balancer, node ids).
+
+use std::{net::SocketAddr, time::Duration};
+
+use contract::{
+    auth::{Bearer, Token},
+    v1::{
+        self, DeregisterRequest, ListServicesRequest, RegisterRequest, Registration, admin_client::AdminClient,
+        register_request, register_response, registry_client::RegistryClient,
+    },
+};
+use serde_json::json;
+use switchboard_tests::harness::{
+    Controller, DEADLINE, DataplaneNode, JsonClient, Net, TcpEcho, free_port, run_to_exit, spawn_agent,
+};
+use switchboard_tests::hosts::Host;
+use tokio::{sync::mpsc, time::Instant};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
+
+const AUTH: &str = "registration-token-0001";
+const NODE: &str = "node-token-000000000001";
+const ADMIN: &str = "admin-token-00000000001";
+
+fn bearer(token: Option<&str>) -> Bearer {
+    Bearer::new(token.map(|t| Token::new(t).unwrap()).as_ref())
+}
+
+fn registry(channel: Channel, token: Option<&str>) -> RegistryClient<InterceptedService<Channel, Bearer>> {
+    RegistryClient::with_interceptor(channel, bearer(token))
+}
+
+/// Opens a `Register` stream for TCP `port` naming `backend`; the first answer, or the refusal.
+async fn register(
+    client: &mut RegistryClient<InterceptedService<Channel, Bearer>>,
+    port: u16,
+    backend: SocketAddr,
+) -> Result<v1::RegisterAck, tonic::Status> {
+    let (tx, rx) = mpsc::channel(4);
+    let registration = Registration {
+        service: Some(v1::ServiceKey { protocol: v1::Protocol::Tcp.into(), port: port.into() }),
+        backend_address: backend.ip().to_string(),
+        backend_port: backend.port().into(),
+        ..Default::default()
+    };
+    tx.send(RegisterRequest { msg: Some(register_request::Msg::Register(registration)) }).await.unwrap();
+    let mut inbound = client.register(ReceiverStream::new(rx)).await?.into_inner();
+    // Keep the stream (and so the registration) open for the test's lifetime.
+    std::mem::forget(tx);
+    match inbound.message().await?.and_then(|m| m.msg) {
+        Some(register_response::Msg::Ack(ack)) => {
+            tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
+            Ok(ack)
+        }
+        other => panic!("expected an ack, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn each_door_opens_for_its_own_token_only() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &["--auth-token", AUTH, "--node-token", NODE, "--admin-token", ADMIN]).await;
+    let channel = tonic::transport::Endpoint::from_shared(ctl.grpc_url()).unwrap().connect().await.unwrap();
+
+    // Admin, over gRPC and HTTP: only the admin token. An agent's token cannot drain or read.
+    for token in [None, Some("wrong-token-0000000000"), Some(AUTH), Some(NODE)] {
+        let mut admin = AdminClient::with_interceptor(channel.clone(), bearer(token));
+        let status = admin.list_services(ListServicesRequest {}).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{token:?}: {status}");
+        let (code, body) = ctl.http_get("/api/state", token).await;
+        assert_eq!(code, 401, "{token:?}: {body}");
+        assert!(body.contains("bearer token"), "{body}");
+    }
+    let mut admin = AdminClient::with_interceptor(channel.clone(), bearer(Some(ADMIN)));
+    admin.list_services(ListServicesRequest {}).await.unwrap();
+    assert_eq!(ctl.http_get("/api/state", Some(ADMIN)).await.0, 200);
+
+    // Registry: the registration token (an agent with it registers; one without is refused at once).
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let status = register(&mut registry(channel.clone(), None), backend.addr.port(), backend.addr).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated, "{status}");
+    let port = backend.addr.port().to_string();
+    let ip = net.host(2).to_string();
+    let agent = ["--protocol", "tcp", "--port", &port, "--backend-address", &ip, "--check", "none"];
+    let _agent = spawn_agent(&ctl, &[&agent[..], &["--auth-token", AUTH]].concat()).await;
+    ctl.wait_state("registered by the agent", |s| Controller::backends(s, "tcp", backend.addr.port()).len() == 1).await;
+    let grpc = ctl.grpc_url();
+    let wrong = [&agent[..], &["--controller", &grpc, "--auth-token", "wrong-token-0000000000"]].concat();
+    let (exit, stderr) = run_to_exit("agent", &wrong).await;
+    assert_eq!(exit, Some(1), "{stderr}");
+    assert!(stderr.contains("agent: the controller refused tcp:") && stderr.contains("bearer token"), "{stderr}");
+
+    // Dataplane.Sync: the node token. A node without it is refused and says why on its own admin API.
+    let good =
+        DataplaneNode::spawn(Host::Root, &ctl, "good", net.host(11), net.host(254), &["--node-token", NODE]).await;
+    let bad = DataplaneNode::spawn(Host::Root, &ctl, "bad", net.host(12), net.host(254), &[]).await;
+    ctl.wait_synced(&["good"]).await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let state = bad.state().await;
+        if state["last_error"].as_str().is_some_and(|e| e.contains("bearer token")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tokenless node was not refused: {state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(Controller::node(&ctl.state().await, "bad").is_none(), "a refused node is never listed");
+    drop((good, bad));
+}
+
+#[tokio::test]
+async fn tokens_come_from_files_and_open_doors_are_warned_about() {
+    let net = Net::new();
+    let dir = std::env::temp_dir().join(format!("switchboard-token-{}-{}", std::process::id(), net.host(1)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("admin-token");
+    std::fs::write(&file, format!("{ADMIN}\n")).unwrap();
+    let ctl = Controller::spawn(net, &["--admin-token-file", file.to_str().unwrap()]).await;
+    assert_eq!(ctl.http_get("/api/state", None).await.0, 401);
+    assert_eq!(ctl.http_get("/api/state", Some(ADMIN)).await.0, 200);
+    let stderr = ctl.process.stderr_text();
+    assert!(stderr.contains("no --auth-token: anyone who reaches the gRPC port"), "{stderr}");
+    assert!(stderr.contains("no --node-token"), "{stderr}");
+    assert!(!stderr.contains("no --admin-token"), "{stderr}");
+    assert!(!stderr.contains(ADMIN), "the token is never logged");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A token too short to be one is a configuration error, named.
+    let (exit, stderr) = run_to_exit("controller", &["--auth-token", "short"]).await;
+    assert_eq!(exit, Some(64), "{stderr}");
+    assert!(stderr.contains("controller: invalid --auth-token: a token must have at least 16 characters"), "{stderr}");
+}
+
+#[tokio::test]
+async fn only_an_operator_may_register_another_hosts_backend() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &["--admin-token", ADMIN]).await;
+    let victim = TcpEcho::start(net.host(2), 0).await;
+    // A client on .5 names the backend on .2: it could take it over, and remove it by leaving.
+    let from_elsewhere = ctl.grpc_channel_from(net.host(5)).await;
+    let status =
+        register(&mut registry(from_elsewhere.clone(), None), victim.addr.port(), victim.addr).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
+    assert!(status.message().contains("needs the admin token or --allow-foreign-backends"), "{status}");
+    let deregister = DeregisterRequest {
+        service: Some(v1::ServiceKey { protocol: v1::Protocol::Tcp.into(), port: victim.addr.port().into() }),
+        backend_address: net.host(2).to_string(),
+        backend_port: 0,
+    };
+    let status = registry(from_elsewhere.clone(), None).deregister(deregister.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status}");
+
+    // The operator may (a registration service that announces others' servers).
+    let ack =
+        register(&mut registry(from_elsewhere.clone(), Some(ADMIN)), victim.addr.port(), victim.addr).await.unwrap();
+    assert!(ack.success, "{}", ack.message);
+    registry(from_elsewhere, Some(ADMIN)).deregister(deregister).await.unwrap();
+
+    // So may anyone, when the operator says so.
+    let open = Controller::spawn(Net::new(), &["--allow-foreign-backends"]).await;
+    let other = TcpEcho::start(open.net.host(2), 0).await;
+    let channel = open.grpc_channel_from(open.net.host(5)).await;
+    assert!(register(&mut registry(channel, None), other.addr.port(), other.addr).await.unwrap().success);
+}
+
+#[tokio::test]
+async fn a_backend_is_never_the_balancer_itself() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &["--admin-token", ADMIN]).await;
+    // A public frontend relaying into the admin port.
+    let channel = ctl.grpc_channel_from(net.host(5)).await;
+    let admin = ctl.process.addr("admin");
+    let port = free_port(net.frontend());
+    let ack = register(&mut registry(channel, Some(ADMIN)), port, admin).await.unwrap();
+    assert!(!ack.success);
+    assert_eq!(ack.message, format!("backend {admin} is one of the balancer's own listeners"));
+
+    // A server on the frontend's own address registering its port: every connection would loop.
+    let mut looped = JsonClient::connect(&ctl, net.frontend()).await;
+    let port = TcpEcho::start(net.host(2), 0).await.addr.port();
+    let reply = looped.register("tcp", port).await;
+    let frontend = SocketAddr::new(net.frontend(), port);
+    assert_eq!(
+        reply,
+        json!({"ack": "failed", "msg": format!("backend {frontend} is the frontend of tcp:{port} itself: traffic would loop")})
+    );
+    assert!(Controller::backends(&ctl.state().await, "tcp", port).is_empty());
+}
+
+#[tokio::test]
+async fn the_json_channel_takes_only_allowed_sources() {
+    let net = Net::new();
+    let allowed = format!("{}/32", net.host(2));
+    let ctl = Controller::spawn(net, &["--json-allow", &allowed]).await;
+    let mut refused = JsonClient::connect(&ctl, net.host(3)).await;
+    let msg = format!("source {} is not allowed on the control channel (--json-allow {allowed})", net.host(3));
+    assert_eq!(refused.recv().await, json!({"ack": "failed", "msg": msg}));
+    assert_eq!(refused.wait_closed().await, 0, "and disconnected");
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    assert_eq!(server.register("tcp", backend.addr.port()).await, json!({"ack": "successful"}));
+}
+
+#[tokio::test]
+async fn a_node_id_is_held_by_one_stream_and_embedded_is_reserved() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &[]).await;
+    let first = DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(11), net.host(254), &[]).await;
+    ctl.wait_synced(&["n1"]).await;
+    for (id, ip, why) in [("n1", net.host(12), "node id \"n1\" is taken"), ("embedded", net.host(13), "reserved")] {
+        let impostor = DataplaneNode::spawn(Host::Root, &ctl, id, ip, net.host(254), &[]).await;
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let state = impostor.state().await;
+            if state["last_error"].as_str().is_some_and(|e| e.contains(why)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{id} was not refused: {state}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let state = ctl.state().await;
+        let node = Controller::node(&state, id).unwrap();
+        assert_eq!(node["connected"], true, "{id}: the first holder stays connected");
+        assert!(node["address"].is_null() || id == "n1", "{id}: the embedded node is still the controller's own");
+    }
+    // Registrations still reach the real embedded node.
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    assert_eq!(server.register("tcp", backend.addr.port()).await, json!({"ack": "successful"}));
+    drop(first);
+}
