@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    process::main("agent", AgentConfig::try_from(Cli::parse()), run).await
+    process::main("agent", || AgentConfig::try_from(Cli::parse()), run).await
 }
 
 async fn run(config: AgentConfig) -> Result<(), AgentError> {

@@ -41,6 +41,8 @@ pub struct Config {
     pub allow_foreign_backends: bool,
     /// Sources that may use the JSON control channel.
     pub json_allow: CidrList,
+    /// How the descriptor limit is shared between the doors and the embedded node's clients.
+    pub fd_shares: FdShares,
     /// Only validate.
     pub check: bool,
 }
@@ -50,6 +52,20 @@ pub const EMBEDDED_NODE: &str = "embedded";
 
 /// How often the embedded node reports its counts (a remote node's `--load-report-interval` default).
 const EMBEDDED_LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How the process's file-descriptor limit is shared: the control plane's caps come first, so that clients
+/// who exhaust their share never lock out the JSON channel, gRPC or admin HTTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdShares {
+    /// Open JSON control connections.
+    pub json: usize,
+    /// Open gRPC connections (agents, nodes, operators).
+    pub grpc: usize,
+    /// Open admin HTTP connections.
+    pub admin: usize,
+    /// Descriptors the embedded node's clients may hold.
+    pub clients: usize,
+}
 
 /// A set of port ranges, e.g. `80,8000-8999`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +92,8 @@ impl TryFrom<Cli> for Config {
         let probe =
             ProbeSettings { interval: cli.hello_interval, timeout: cli.hello_timeout, failures: cli.hello_failures };
         // Checked even when no node is embedded: a flag given is a flag that must make sense.
-        let node = cli.node.node_config(EMBEDDED_NODE.to_owned(), EMBEDDED_LOAD_REPORT_INTERVAL)?;
+        let fd_shares = FdShares::current();
+        let node = cli.node.node_config(EMBEDDED_NODE.to_owned(), EMBEDDED_LOAD_REPORT_INTERVAL, fd_shares.clients)?;
         Ok(Config {
             json_listen: cli.json_listen,
             grpc_listen: cli.grpc_listen,
@@ -95,8 +112,30 @@ impl TryFrom<Cli> for Config {
             },
             allow_foreign_backends: cli.allow_foreign_backends,
             json_allow: cli.json_allow.parse().map_err(|why| FlagError::new("json-allow", why))?,
+            fd_shares,
             check: cli.check,
         })
+    }
+}
+
+// === impl FdShares ===
+
+impl FdShares {
+    /// Descriptors kept for everything else: listeners, upstream connections of probes, logs, the runtime.
+    const SPARE: usize = 64;
+
+    /// The shares of `limit` when `open` descriptors are in use already.
+    pub fn split(limit: usize, open: usize) -> Self {
+        let json = (limit / 16).max(16);
+        let grpc = (limit / 16).max(16);
+        let admin = (limit / 64).max(8);
+        let clients = limit.saturating_sub(open + json + grpc + admin + Self::SPARE);
+        FdShares { json, grpc, admin, clients }
+    }
+
+    /// The shares of this process's limit.
+    pub fn current() -> Self {
+        FdShares::split(contract::process::fd_limit(), contract::process::open_fds())
     }
 }
 

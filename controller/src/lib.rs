@@ -23,6 +23,8 @@ pub mod store;
 
 use std::{net::SocketAddr, sync::Arc};
 
+use api::listener::CappedListener;
+use contract::limit::Limit;
 use contract::process::{self, stopped};
 use dataplane::{Node, NodeConfig};
 use tokio::{
@@ -30,7 +32,7 @@ use tokio::{
     sync::{mpsc, watch},
     task::JoinSet,
 };
-use tracing::warn;
+use tracing::{info, warn};
 
 pub use cli::Cli;
 pub use config::Config;
@@ -123,11 +125,20 @@ impl Controller {
                 Ok(())
             });
         }
+        let shares = config.fd_shares;
+        info!(
+            json = shares.json,
+            grpc = shares.grpc,
+            admin = shares.admin,
+            clients = shares.clients,
+            "file descriptors: connections each door may hold, and the embedded node's clients"
+        );
         let json_ctx = Arc::new(api::json::JsonContext {
             store: Arc::clone(&store),
             probe: config.probe,
             bind_ack_timeout: config.bind_ack_timeout,
             allow: config.json_allow.clone(),
+            connections: Limit::new("JSON control connections", shares.json),
         });
         tasks.spawn({
             let shutdown = shutdown.clone();
@@ -146,7 +157,9 @@ impl Controller {
             tokens: config.tokens.clone(),
             allow_foreign_backends: config.allow_foreign_backends,
         };
+        let grpc = CappedListener::new(grpc, "gRPC connections", shares.grpc);
         tasks.spawn(api::grpc::serve(grpc, Arc::clone(&store), settings, shutdown.clone()));
+        let admin = CappedListener::new(admin, "admin HTTP connections", shares.admin);
         tasks.spawn(api::http::serve(admin, Arc::clone(&store), config.tokens.admin(), shutdown.clone()));
         if let (Some(node), Some(link)) = (config.embedded_node, embedded) {
             tasks.spawn(run_embedded_node(node, link, Arc::clone(&store), config.cluster_counts, shutdown));

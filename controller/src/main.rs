@@ -9,7 +9,7 @@ use controller::{Cli, Config, Controller};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    process::main("controller", Config::try_from(Cli::parse()), run).await
+    process::main("controller", || Config::try_from(Cli::parse()), run).await
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

@@ -70,9 +70,18 @@ pub struct NodeArgs {
     #[arg(long, env = "SWITCHBOARD_UDP_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub udp_idle_timeout: Duration,
 
-    /// Most UDP sessions per frontend.
-    #[arg(long, env = "SWITCHBOARD_UDP_MAX_SESSIONS", default_value_t = 65_536)]
+    /// Most UDP sessions per frontend (each holds a descriptor); datagrams that would open more are dropped.
+    #[arg(long, env = "SWITCHBOARD_UDP_MAX_SESSIONS", default_value_t = 4_096)]
     pub udp_max_sessions: usize,
+
+    /// Most TCP connections open at once per service and node; more are queued (--queue-timeout) or refused.
+    #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_SERVICE", default_value_t = 10_000)]
+    pub max_connections_per_service: usize,
+
+    /// How long a TCP client past --max-connections-per-service waits for a slot before it is refused;
+    /// 0 refuses at once.
+    #[arg(long, env = "SWITCHBOARD_QUEUE_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub queue_timeout: Duration,
 }
 
 /// The validated configuration of a `dataplane` process.
@@ -90,10 +99,18 @@ pub struct DataplaneConfig {
 
 impl NodeArgs {
     /// The configuration of a node named `node_id` that reports its load at most every
-    /// `load_report_interval`.
-    pub fn node_config(&self, node_id: String, load_report_interval: Duration) -> Result<NodeConfig, FlagError> {
+    /// `load_report_interval` and lets clients hold at most `client_fds` file descriptors.
+    pub fn node_config(
+        &self,
+        node_id: String,
+        load_report_interval: Duration,
+        client_fds: usize,
+    ) -> Result<NodeConfig, FlagError> {
         if self.udp_max_sessions == 0 {
             return Err(FlagError::new("udp-max-sessions", "must be at least 1"));
+        }
+        if self.max_connections_per_service == 0 {
+            return Err(FlagError::new("max-connections-per-service", "must be at least 1"));
         }
         FlagError::require_positive(&[
             ("connect-timeout", self.connect_timeout),
@@ -108,6 +125,9 @@ impl NodeArgs {
             udp_max_sessions: self.udp_max_sessions,
             load_report_interval,
             drain_timeout: self.drain_timeout,
+            client_fds,
+            max_connections_per_service: self.max_connections_per_service,
+            queue_timeout: self.queue_timeout,
         })
     }
 }
@@ -126,7 +146,7 @@ impl TryFrom<Cli> for DataplaneConfig {
             None => default_node_id(),
         };
         Ok(DataplaneConfig {
-            node: cli.node.node_config(node_id.clone(), cli.load_report_interval)?,
+            node: cli.node.node_config(node_id.clone(), cli.load_report_interval, client_fds())?,
             sync: SyncConfig {
                 controller,
                 node_id,
@@ -137,6 +157,12 @@ impl TryFrom<Cli> for DataplaneConfig {
             admin_listen: cli.admin_listen,
         })
     }
+}
+
+/// Descriptors a `dataplane` process lets clients hold: its limit, less what is open now and a reserve
+/// for its link to the controller, its admin listener and its logs.
+fn client_fds() -> usize {
+    contract::process::fd_limit().saturating_sub(contract::process::open_fds() + 64)
 }
 
 /// `hostname-pid`: unique per process on a host, readable in logs.

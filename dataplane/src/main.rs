@@ -10,7 +10,7 @@ use dataplane::{Cli, Dataplane, DataplaneConfig};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    process::main("dataplane", DataplaneConfig::try_from(Cli::parse()), run).await
+    process::main("dataplane", || DataplaneConfig::try_from(Cli::parse()), run).await
 }
 
 async fn run(config: DataplaneConfig) -> anyhow::Result<()> {

@@ -16,6 +16,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use contract::limit::Limit;
 use contract::model::{BackendLoad, FrontendStatus, NodeReport, Protocol, RoutingSnapshot, ServiceKey};
 use tokio::{
     sync::{mpsc, oneshot, watch},
@@ -49,6 +50,13 @@ pub struct NodeConfig {
     /// How long connections of a removed backend go on, and how long a stopping node waits for its
     /// connections.
     pub drain_timeout: Duration,
+    /// File descriptors clients may hold (two per TCP connection, one per UDP session); the rest of the
+    /// process's limit stays for the control plane.
+    pub client_fds: usize,
+    /// Most TCP connections at once per service.
+    pub max_connections_per_service: usize,
+    /// How long a client past that bound waits for a slot.
+    pub queue_timeout: Duration,
 }
 
 /// What the node serves now, for its admin API.
@@ -97,6 +105,9 @@ impl Node {
             connect_timeout: config.connect_timeout,
             udp_idle_timeout: config.udp_idle_timeout,
             udp_max_sessions: config.udp_max_sessions,
+            client_fds: Limit::new("client file descriptors", config.client_fds),
+            max_connections_per_service: config.max_connections_per_service,
+            queue_timeout: config.queue_timeout,
             connections: TaskTracker::new(),
         });
         Node {

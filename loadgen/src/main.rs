@@ -12,6 +12,8 @@ use loadgen::{
 fn main() -> ExitCode {
     let cli = Cli::parse();
     process::init_logging();
+    // A load driver holds a socket per connection in flight.
+    let _ = process::raise_fd_limit();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(threads) = cli.threads {
         runtime.worker_threads(threads.max(1));

@@ -11,12 +11,14 @@
 //!   for server reflection.
 //! - [`process`]: logging, the READY line, the shutdown signal, task supervision, exit codes.
 //! - [`auth`]: bearer tokens, presented by clients and checked by the controller.
+//! - [`limit`]: bounds on what clients can make a process hold, and throttled refusal logs.
 //! - [`backoff`], [`client`]: how the contract's clients reach the controller and retry.
 
 pub mod auth;
 pub mod backoff;
 pub mod client;
 pub mod convert;
+pub mod limit;
 pub mod model;
 pub mod process;
 

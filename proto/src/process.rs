@@ -49,6 +49,42 @@ pub fn init_logging() {
         .init();
 }
 
+/// The file-descriptor limits a process found and left at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FdLimits {
+    /// The soft limit it started with.
+    pub soft: u64,
+    /// The hard limit.
+    pub hard: u64,
+    /// The soft limit in force now.
+    pub now: u64,
+}
+
+/// Raises the soft limit on open file descriptors to the hard limit (a load balancer holds two per TCP
+/// client). Done before anything sizes itself on the limit, and logged once logging is up.
+pub fn raise_fd_limit() -> nix::Result<FdLimits> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    // An unlimited hard limit is not a number the kernel takes for RLIMIT_NOFILE: stay at a large one.
+    let target = hard.min(1 << 20);
+    if soft < target {
+        setrlimit(Resource::RLIMIT_NOFILE, target, hard)?;
+    }
+    Ok(FdLimits { soft, hard, now: target.max(soft) })
+}
+
+/// The soft limit on open file descriptors in force.
+pub fn fd_limit() -> usize {
+    let soft =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft).unwrap_or(usize::MAX)
+}
+
+/// File descriptors open now.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+}
+
 /// Prints the one READY line on stdout (flushed at once: scripts wait for it) and logs it.
 pub fn print_ready(line: &str) -> std::io::Result<()> {
     use std::io::Write;
@@ -107,18 +143,25 @@ pub async fn supervise<E: 'static>(mut tasks: JoinSet<Result<(), E>>) -> Result<
     Ok(())
 }
 
-/// The `main` of every binary: a configuration error is one line and exit 64; otherwise logging starts,
-/// `run` runs, and its error, if any, is one line and exit 1.
-pub async fn main<C, F, E>(binary: &str, config: Result<C, impl Display>, run: impl FnOnce(C) -> F) -> ExitCode
+/// The `main` of every binary: the file-descriptor limit is raised, then `config` is read (a
+/// configuration error is one line and exit 64), logging starts, `run` runs, and its error, if any, is one
+/// line and exit 1.
+pub async fn main<C, F, E, G>(binary: &str, config: impl FnOnce() -> Result<C, G>, run: impl FnOnce(C) -> F) -> ExitCode
 where
     F: Future<Output = Result<(), E>>,
     E: Display,
+    G: Display,
 {
-    let config = match config {
+    let limits = raise_fd_limit();
+    let config = match config() {
         Ok(config) => config,
         Err(error) => return config_error(binary, &error),
     };
     init_logging();
+    match limits {
+        Ok(FdLimits { soft, hard, now }) => tracing::info!(soft, hard, now, "file-descriptor limits"),
+        Err(error) => tracing::warn!(%error, "cannot raise the file-descriptor soft limit"),
+    }
     exit(binary, run(config).await)
 }
 

@@ -16,11 +16,10 @@ use contract::{
     },
 };
 use tokio::{
-    net::TcpListener,
     sync::{mpsc, watch},
     time::Instant,
 };
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -28,6 +27,7 @@ use super::{
     admin::AdminApi,
     auth::{Caller, Tokens},
     invalid_argument,
+    listener::CappedListener,
     sync::DataplaneApi,
 };
 use crate::{
@@ -54,7 +54,7 @@ pub struct GrpcSettings {
 /// Serves every gRPC service on `listener` until `shutdown` turns true. Health and reflection stay open:
 /// they tell nothing but that the controller is up and what it speaks.
 pub async fn serve(
-    listener: TcpListener,
+    listener: CappedListener,
     store: Arc<Store>,
     settings: GrpcSettings,
     mut shutdown: watch::Receiver<bool>,
@@ -92,7 +92,7 @@ pub async fn serve(
         .add_service(RegistryServer::with_interceptor(registry, tokens.registry()))
         .add_service(DataplaneServer::with_interceptor(dataplane, tokens.dataplane()))
         .add_service(AdminServer::with_interceptor(admin, tokens.admin()))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move { stopped(&mut shutdown).await })
+        .serve_with_incoming_shutdown(listener.incoming(), async move { stopped(&mut shutdown).await })
         .await?;
     Ok(())
 }

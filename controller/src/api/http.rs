@@ -4,14 +4,17 @@ use std::sync::Arc;
 
 use axum::{Json, Router, extract::State, middleware, routing::get};
 use contract::{model::StateView, process::stopped};
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
 
-use super::auth::{Guard, http_guard};
+use super::{
+    auth::{Guard, http_guard},
+    listener::CappedListener,
+};
 use crate::{error::ControllerError, store::Store};
 
 /// Serves the admin endpoints, each behind `guard`, until `shutdown` turns true.
 pub async fn serve(
-    listener: TcpListener,
+    listener: CappedListener,
     store: Arc<Store>,
     guard: Guard,
     mut shutdown: watch::Receiver<bool>,

@@ -6,7 +6,11 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use contract::{model::BackendSpec, process::stopped};
+use contract::{
+    limit::{Limit, Permit, Throttle},
+    model::BackendSpec,
+    process::stopped,
+};
 use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -40,10 +44,13 @@ pub struct JsonContext {
     pub bind_ack_timeout: Duration,
     /// Sources that may use the channel.
     pub allow: CidrList,
+    /// Open control connections: past the bound, a new one is refused.
+    pub connections: Arc<Limit>,
 }
 
 /// Accepts control connections until `shutdown` turns true.
 pub async fn serve(listener: TcpListener, ctx: Arc<JsonContext>, mut shutdown: watch::Receiver<bool>) {
+    let mut accept_errors = Throttle::new(Duration::from_secs(10));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -52,16 +59,25 @@ pub async fn serve(listener: TcpListener, ctx: Arc<JsonContext>, mut shutdown: w
                     let why = format!("source {} is not allowed on the control channel (--json-allow {})", peer.ip(), ctx.allow);
                     tokio::spawn(refuse(stream, why));
                 }
-                Ok((stream, peer)) => match ctx.store.open_registration(Origin::json(peer)) {
-                    Ok(registration) => {
-                        tokio::spawn(Connection::new(stream, peer, Arc::clone(&ctx), registration).run());
+                Ok((stream, peer)) => match ctx.connections.try_take(1) {
+                    None => {
+                        ctx.connections.refused();
+                        let why = format!("the control channel is full ({} connections); try again later", ctx.connections.max());
+                        tokio::spawn(refuse(stream, why));
                     }
-                    Err(error) => {
-                        tokio::spawn(refuse(stream, error.to_string()));
-                    }
+                    Some(slot) => match ctx.store.open_registration(Origin::json(peer)) {
+                        Ok(registration) => {
+                            tokio::spawn(Connection::new(stream, peer, Arc::clone(&ctx), registration).run(slot));
+                        }
+                        Err(error) => {
+                            tokio::spawn(refuse(stream, error.to_string()));
+                        }
+                    },
                 },
                 Err(error) => {
-                    warn!(%error, "control channel accept failed");
+                    if let Some(held_back) = accept_errors.admit(Instant::now()) {
+                        warn!(%error, repeated = held_back, "control channel accept failed; backing off");
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
@@ -87,7 +103,9 @@ impl Connection {
         Connection { stream: Some(stream), peer, ctx, registration, probe: None }
     }
 
-    async fn run(mut self) {
+    /// Serves the connection; `slot` is its place among the open control connections.
+    async fn run(mut self, slot: Permit) {
+        let _slot = slot;
         let Some(stream) = self.stream.take() else { return };
         let _ = stream.set_nodelay(true);
         let (mut reader, mut writer) = stream.into_split();

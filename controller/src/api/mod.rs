@@ -8,6 +8,7 @@ pub mod framing;
 pub mod grpc;
 pub mod http;
 pub mod json;
+pub mod listener;
 pub mod request;
 pub mod sync;
 

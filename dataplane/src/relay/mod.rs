@@ -1,8 +1,9 @@
 //! Relays: the per-frontend tasks that move client traffic to backends.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
+use contract::limit::Limit;
 use tokio_util::task::TaskTracker;
 
 use crate::table::RoutingTable;
@@ -21,6 +22,12 @@ pub struct RelayContext {
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions one frontend keeps; datagrams that would open more are dropped.
     pub udp_max_sessions: usize,
+    /// The descriptors every client of the node shares: a TCP connection takes two, a UDP session one.
+    pub client_fds: Arc<Limit>,
+    /// Most TCP connections at once per service.
+    pub max_connections_per_service: usize,
+    /// How long a client past that bound waits for a slot.
+    pub queue_timeout: Duration,
     /// Every TCP connection task, so a shutdown can wait for them to finish.
     pub connections: TaskTracker,
 }

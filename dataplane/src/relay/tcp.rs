@@ -3,15 +3,17 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use contract::{
+    limit::{Limit, Throttle},
+    model::ServiceKey,
+};
 use tokio::{
     io::copy_bidirectional,
     net::{TcpListener, TcpStream},
     sync::oneshot,
-    time::timeout,
+    time::{Instant, timeout},
 };
 use tracing::{debug, warn};
-
-use contract::model::ServiceKey;
 
 use super::RelayContext;
 use crate::{stats::ConnectionGuard, table::ServiceRoute};
@@ -24,6 +26,9 @@ pub async fn serve(
     ctx: Arc<RelayContext>,
     mut stop: oneshot::Receiver<()>,
 ) {
+    // Lives as long as the frontend: the service's connections across snapshots.
+    let slots = Limit::new("TCP connections of one service", ctx.max_connections_per_service);
+    let mut accept_errors = Throttle::new(Duration::from_secs(10));
     loop {
         let accepted = tokio::select! {
             biased;
@@ -33,18 +38,34 @@ pub async fn serve(
         let (client, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
-                // Out of file descriptors or memory: back off briefly instead of spinning on the error.
-                warn!(%service, %error, "accept failed");
+                // Out of file descriptors or memory: back off briefly instead of spinning on the error, and
+                // say so once in a while rather than every time.
+                if let Some(held_back) = accept_errors.admit(Instant::now()) {
+                    warn!(%service, %error, repeated = held_back, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
+        // The client's descriptor and the one for its backend, from the node's share, or no connection:
+        // clients never take the descriptors the control plane needs.
+        let Some(fds) = ctx.client_fds.try_take(2) else {
+            ctx.client_fds.refused();
+            continue;
+        };
         // One table read per connection; the connection keeps the route it started with.
         let route = ctx.table.load().route(&service);
-        let connect_timeout = ctx.connect_timeout;
+        let (connect_timeout, queue_timeout) = (ctx.connect_timeout, ctx.queue_timeout);
+        let slots = Arc::clone(&slots);
         ctx.connections.spawn(async move {
             let Some(route) = route else { return };
+            // Past the service's bound: wait in the queue up to --queue-timeout, else close.
+            let Some(slot) = slots.take_within(1, queue_timeout).await else {
+                slots.refused();
+                return;
+            };
             relay(client, peer, service, route, connect_timeout).await;
+            drop((slot, fds));
         });
     }
 }

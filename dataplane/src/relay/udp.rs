@@ -3,9 +3,15 @@
 //!
 //! The session table is owned by the frontend's receive task alone, so the per-datagram path takes no
 //! lock: session tasks report their end over a channel instead of touching the table.
+//!
+//! Memory follows the sessions open, not the sessions ever opened: a session holds no buffer while it
+//! waits (replies are copied through a buffer borrowed from the worker thread), and the table gives its
+//! room back when it empties.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{
         Arc,
@@ -13,21 +19,29 @@ use std::{
     },
 };
 
+use contract::{
+    limit::{Permit, Throttle},
+    model::ServiceKey,
+};
 use tokio::{
     net::UdpSocket,
     sync::{mpsc, oneshot},
     task::{AbortHandle, JoinSet},
     time::{Duration, Instant},
 };
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::RelayContext;
-use contract::model::ServiceKey;
-
 use crate::stats::ConnectionGuard;
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
+
+thread_local! {
+    /// One reply buffer per worker thread, borrowed for a synchronous receive-and-send, never across an
+    /// `.await`: idle sessions hold none.
+    static REPLY: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
+}
 
 struct Session {
     id: u64,
@@ -50,6 +64,8 @@ struct SessionTask {
     epoch: Instant,
     idle: Duration,
     guard: ConnectionGuard,
+    /// The upstream socket's descriptor, from the node's client share.
+    _fd: Permit,
     ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
 }
 
@@ -63,6 +79,7 @@ pub async fn serve(socket: UdpSocket, service: ServiceKey, ctx: Arc<RelayContext
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
     let mut next_id = 0u64;
     let mut buf = Vec::with_capacity(MAX_DATAGRAM);
+    let mut full = Throttle::new(Duration::from_secs(10));
 
     loop {
         buf.clear();
@@ -75,6 +92,10 @@ pub async fn serve(socket: UdpSocket, service: ServiceKey, ctx: Arc<RelayContext
             Some((peer, id)) = ended_rx.recv() => {
                 if sessions.get(&peer).is_some_and(|s: &Session| s.id == id) {
                     sessions.remove(&peer);
+                    // After a burst the table gives its room back.
+                    if sessions.capacity() > 64 && sessions.len() < sessions.capacity() / 4 {
+                        sessions.shrink_to(sessions.len() * 2);
+                    }
                 }
                 while tasks.try_join_next().is_some() {}
             }
@@ -101,7 +122,9 @@ pub async fn serve(socket: UdpSocket, service: ServiceKey, ctx: Arc<RelayContext
                 }
                 if !sessions.contains_key(&peer) {
                     if sessions.len() >= ctx.udp_max_sessions {
-                        debug!(%service, client = %peer, max = ctx.udp_max_sessions, "session table full; datagram dropped");
+                        if let Some(held_back) = full.admit(Instant::now()) {
+                            warn!(%service, max = ctx.udp_max_sessions, dropped_since_last_warning = held_back + 1, "session table full: datagrams of new clients are dropped");
+                        }
                         continue;
                     }
                     next_id += 1;
@@ -140,6 +163,10 @@ async fn open_session(
         (table.version, table.route(&service)?)
     };
     let backend = route.candidates(peer.ip()).next()?;
+    let Some(fd) = ctx.client_fds.try_take(1) else {
+        ctx.client_fds.refused();
+        return None;
+    };
     let unspecified = match backend.address.ip() {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
@@ -166,6 +193,7 @@ async fn open_session(
         epoch,
         idle: ctx.udp_idle_timeout,
         guard: backend.stats.open(),
+        _fd: fd,
         ended: ended.clone(),
     };
     debug!(%service, client = %peer, backend = %backend.address, "session opened");
@@ -180,37 +208,61 @@ async fn open_session(
 impl SessionTask {
     /// Carries replies back to the client until the session is idle or the backend is unreachable.
     async fn run(mut self) {
-        let mut buf = Vec::with_capacity(MAX_DATAGRAM);
         loop {
-            buf.clear();
             let last = self.last_active.load(Ordering::Relaxed);
             let idle_at = self.epoch + Duration::from_millis(last) + self.idle;
-            let received = tokio::select! {
-                received = tokio::time::timeout_at(idle_at, self.upstream.recv_buf(&mut buf)) => received,
+            let readable = tokio::select! {
+                readable = tokio::time::timeout_at(idle_at, self.upstream.readable()) => readable,
                 () = self.guard.evicted() => {
                     debug!(client = %self.peer, "session closed: drain time is over");
                     break;
                 }
             };
-            match received {
-                Ok(Ok(_)) => {
+            let passed = match readable {
+                Ok(Ok(())) => self.pass_reply(),
+                Ok(Err(error)) => Err(error),
+                // Timed out: idle only if nothing arrived from the client meanwhile either.
+                Err(_) if self.last_active.load(Ordering::Relaxed) == last => break,
+                Err(_) => continue,
+            };
+            match passed {
+                Ok(pending) => {
                     self.last_active.store(elapsed_ms(self.epoch), Ordering::Relaxed);
-                    if let Err(error) = self.frontend.send_to(&buf, self.peer).await {
+                    // The client's socket buffer was full: this one reply waits its turn.
+                    if let Some(datagram) = pending
+                        && let Err(error) = self.frontend.send_to(&datagram, self.peer).await
+                    {
                         debug!(client = %self.peer, %error, "reply to client failed");
                     }
                 }
-                Ok(Err(error)) => {
+                // Readiness without a datagram: wait again.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => {
                     // ICMP port unreachable surfaces here as ECONNREFUSED: the next datagram re-balances.
                     debug!(client = %self.peer, %error, "backend unreachable; session ends");
                     break;
                 }
-                // Timed out: idle only if nothing arrived from the client meanwhile either.
-                Err(_) if self.last_active.load(Ordering::Relaxed) == last => break,
-                Err(_) => {}
             }
         }
         debug!(client = %self.peer, "session ended");
         let _ = self.ended.send((self.peer, self.id));
+    }
+
+    /// Receives one reply from the backend and sends it to the client, through the thread's buffer. `Ok`
+    /// carries a copy of the reply when the client's socket could not take it at once.
+    fn pass_reply(&self) -> io::Result<Option<Vec<u8>>> {
+        REPLY.with_borrow_mut(|buf| {
+            let n = self.upstream.try_recv(buf)?;
+            let reply = &buf[..n];
+            Ok(match self.frontend.try_send_to(reply, self.peer) {
+                Ok(_) => None,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => Some(reply.to_vec()),
+                Err(error) => {
+                    debug!(client = %self.peer, %error, "reply to client failed");
+                    None
+                }
+            })
+        })
     }
 }
 
