@@ -99,6 +99,22 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_JSON_ALLOW", default_value = "0.0.0.0/0,::/0")]
     pub json_allow: String,
 
+    /// Live registrations (JSON connections, gRPC streams, agents) one source address may hold.
+    #[arg(long, env = "SWITCHBOARD_MAX_REGISTRATIONS_PER_SOURCE", default_value_t = 64)]
+    pub max_registrations_per_source: usize,
+
+    /// Backends one registration may hold.
+    #[arg(long, env = "SWITCHBOARD_MAX_BACKENDS_PER_REGISTRATION", default_value_t = 256)]
+    pub max_backends_per_registration: usize,
+
+    /// Services (each a frontend on every node) the balancer serves at most.
+    #[arg(long, env = "SWITCHBOARD_MAX_SERVICES", default_value_t = 4096)]
+    pub max_services: usize,
+
+    /// A JSON control connection that has registered nothing is closed after this long without a request.
+    #[arg(long, env = "SWITCHBOARD_JSON_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub json_idle_timeout: Duration,
+
     /// Validate the configuration and exit.
     #[arg(long)]
     pub check: bool,

@@ -10,7 +10,7 @@ use std::{
 use contract::{auth::Token, process::FlagError};
 use dataplane::NodeConfig;
 
-use crate::{api::auth::Tokens, cli::Cli, error::ConfigError, probe::ProbeSettings};
+use crate::{api::auth::Tokens, cli::Cli, error::ConfigError, probe::ProbeSettings, store::RegistryLimits};
 
 /// Everything a controller needs to start.
 #[derive(Debug, Clone)]
@@ -43,6 +43,10 @@ pub struct Config {
     pub json_allow: CidrList,
     /// How the descriptor limit is shared between the doors and the embedded node's clients.
     pub fd_shares: FdShares,
+    /// Bounds on what registrations may make the store hold.
+    pub registry_limits: RegistryLimits,
+    /// A JSON connection that has registered nothing is closed after this long without a request.
+    pub json_idle_timeout: Duration,
     /// Only validate.
     pub check: bool,
 }
@@ -85,6 +89,7 @@ impl TryFrom<Cli> for Config {
             ("hello-interval", cli.hello_interval),
             ("hello-timeout", cli.hello_timeout),
             ("bind-ack-timeout", cli.bind_ack_timeout),
+            ("json-idle-timeout", cli.json_idle_timeout),
         ])?;
         if cli.hello_failures == 0 {
             return Err(FlagError::new("hello-failures", "must be at least 1").into());
@@ -113,9 +118,25 @@ impl TryFrom<Cli> for Config {
             allow_foreign_backends: cli.allow_foreign_backends,
             json_allow: cli.json_allow.parse().map_err(|why| FlagError::new("json-allow", why))?,
             fd_shares,
+            registry_limits: RegistryLimits {
+                registrations_per_source: at_least_one(
+                    "max-registrations-per-source",
+                    cli.max_registrations_per_source,
+                )?,
+                backends_per_registration: at_least_one(
+                    "max-backends-per-registration",
+                    cli.max_backends_per_registration,
+                )?,
+                services: at_least_one("max-services", cli.max_services)?,
+            },
+            json_idle_timeout: cli.json_idle_timeout,
             check: cli.check,
         })
     }
+}
+
+fn at_least_one(flag: &'static str, value: usize) -> Result<usize, FlagError> {
+    if value == 0 { Err(FlagError::new(flag, "must be at least 1")) } else { Ok(value) }
 }
 
 // === impl FdShares ===

@@ -1,6 +1,9 @@
 //! Errors of the controller, one enum per boundary.
 
-use std::{io, net::SocketAddr};
+use std::{
+    io,
+    net::{IpAddr, SocketAddr},
+};
 
 use contract::{
     model::{Algorithm, ServiceKey},
@@ -63,6 +66,26 @@ pub enum StoreError {
         service: ServiceKey,
         /// The backend asked for.
         backend: SocketAddr,
+    },
+    /// A source holds as many registrations as it may.
+    #[error("source {address} holds {max} registrations already (--max-registrations-per-source)")]
+    TooManyRegistrations {
+        /// The source address.
+        address: IpAddr,
+        /// The bound.
+        max: usize,
+    },
+    /// A registration holds as many backends as it may.
+    #[error("this registration holds {max} backends already (--max-backends-per-registration)")]
+    TooManyBackends {
+        /// The bound.
+        max: usize,
+    },
+    /// The balancer serves as many services as it may.
+    #[error("the balancer serves {max} services already (--max-services)")]
+    TooManyServices {
+        /// The bound.
+        max: usize,
     },
     /// A node with this id is connected already.
     #[error("node id {node:?} is taken by a connected node")]

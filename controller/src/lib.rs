@@ -86,6 +86,7 @@ impl Controller {
             allowed_ports: config.allowed_ports.clone(),
             own_listeners,
             frontend_ip: config.embedded_node.as_ref().map(|node| node.frontend_address),
+            limits: config.registry_limits,
         };
         let store = Store::new(policy, config.print_state);
         if !config.resync_grace.is_zero() {
@@ -139,6 +140,7 @@ impl Controller {
             bind_ack_timeout: config.bind_ack_timeout,
             allow: config.json_allow.clone(),
             connections: Limit::new("JSON control connections", shares.json),
+            idle_timeout: config.json_idle_timeout,
         });
         tasks.spawn({
             let shutdown = shutdown.clone();

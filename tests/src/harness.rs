@@ -74,8 +74,23 @@ pub struct Process {
 impl Process {
     /// Starts `name` with `args` on `host` and waits for its `READY` line on stdout.
     pub async fn spawn(host: &Host, name: &str, args: &[String]) -> Process {
-        let mut child = host
-            .command(&bin(name))
+        Process::spawn_command(host.command(&bin(name)), name, args).await
+    }
+
+    /// Starts `name` under a file-descriptor limit of `nofile` (soft and hard), with `prlimit`, as a
+    /// machine with the common limit of 1,024 would.
+    pub async fn spawn_with_fd_limit(name: &str, args: &[String], nofile: u32) -> Process {
+        assert!(
+            std::process::Command::new("prlimit").arg("--version").output().is_ok(),
+            "prlimit (util-linux) is needed to run a binary under a descriptor limit"
+        );
+        let mut command = tokio::process::Command::new("prlimit");
+        command.arg(format!("--nofile={nofile}:{nofile}")).arg("--").arg(bin(name));
+        Process::spawn_command(command, name, args).await
+    }
+
+    async fn spawn_command(mut command: tokio::process::Command, name: &str, args: &[String]) -> Process {
+        let mut child = command
             .args(args)
             .env("RUST_LOG", "info,dataplane=debug,controller=debug")
             .stdin(Stdio::null())
@@ -237,6 +252,19 @@ impl Controller {
         all.extend(args.iter().cloned());
         let process = Process::spawn(&host, "controller", &all).await;
         Controller { process, net, host, args: all }
+    }
+
+    /// Starts a controller like [`Controller::spawn`], under a file-descriptor limit of `nofile`.
+    pub async fn spawn_with_fd_limit(net: Net, nofile: u32, extra: &[&str]) -> Controller {
+        let ip = net.host(254);
+        let mut all: Vec<String> = CONTROLLER_DEFAULTS.iter().map(|s| (*s).to_owned()).collect();
+        for flag in ["--json-listen", "--grpc-listen", "--admin-listen"] {
+            all.extend([flag.to_owned(), SocketAddr::new(ip, 0).to_string()]);
+        }
+        all.extend(["--frontend-address".to_owned(), net.frontend().to_string()]);
+        all.extend(extra.iter().map(|s| (*s).to_owned()));
+        let process = Process::spawn_with_fd_limit("controller", &all, nofile).await;
+        Controller { process, net, host: Host::Root, args: all }
     }
 
     /// Kills the controller (a crash) and starts it again on the same addresses, as an operator would.

@@ -46,6 +46,8 @@ pub struct JsonContext {
     pub allow: CidrList,
     /// Open control connections: past the bound, a new one is refused.
     pub connections: Arc<Limit>,
+    /// A connection that has registered nothing is closed after this long without a request.
+    pub idle_timeout: Duration,
 }
 
 /// Accepts control connections until `shutdown` turns true.
@@ -112,8 +114,12 @@ impl Connection {
         debug!(peer = %self.peer, "control channel opened");
         let mut framer = Framer::new(MAX_REQUEST);
         let mut buf = vec![0u8; 8192];
+        let idle = self.ctx.idle_timeout;
+        let mut idle_until = Instant::now() + idle;
         let reason = loop {
             let probe_at = self.probe.as_ref().map(Probe::deadline);
+            // Nothing registered: no hello keeps the connection honest, so silence ends it.
+            let unregistered = self.probe.is_none();
             tokio::select! {
                 read = reader.read(&mut buf) => {
                     let n = match read {
@@ -121,6 +127,7 @@ impl Connection {
                         Ok(n) => n,
                         Err(error) => break format!("control channel error: {error}"),
                     };
+                    idle_until = Instant::now() + idle;
                     framer.push(&buf[..n]);
                     if let Err(reason) = self.on_input(&mut framer, &mut writer).await {
                         break reason;
@@ -130,6 +137,11 @@ impl Connection {
                     if let Err(reason) = self.on_probe_timer(&mut writer).await {
                         break reason;
                     }
+                }
+                () = tokio::time::sleep_until(idle_until), if unregistered => {
+                    let why = format!("no request for {idle:?} and nothing registered: closing (--json-idle-timeout)");
+                    let _ = write(&mut writer, &request::failed(&why)).await;
+                    break why;
                 }
             }
         };

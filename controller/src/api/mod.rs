@@ -27,6 +27,9 @@ impl From<StoreError> for Status {
             }
             StoreError::OwnListener { .. } | StoreError::Loop { .. } => Status::permission_denied(error.to_string()),
             StoreError::NodeTaken { .. } => Status::already_exists(error.to_string()),
+            StoreError::TooManyRegistrations { .. }
+            | StoreError::TooManyBackends { .. }
+            | StoreError::TooManyServices { .. } => Status::resource_exhausted(error.to_string()),
             StoreError::Invariant(_) => Status::internal(error.to_string()),
         }
     }

@@ -37,6 +37,11 @@ impl Store {
     /// Opens a registration; it holds no backend yet, so nothing is published.
     pub(super) fn add_registration(&self, origin: Origin) -> Result<RegistrationId, StoreError> {
         let mut state = self.lock();
+        let max = self.policy.limits.registrations_per_source;
+        let address = origin.peer.ip();
+        if state.registry.registrations.values().filter(|r| r.origin.peer.ip() == address).count() >= max {
+            return Err(StoreError::TooManyRegistrations { address, max });
+        }
         let mut draft = state.registry.clone();
         draft.next_registration += 1;
         let id = RegistrationId(draft.next_registration);
@@ -79,6 +84,14 @@ impl Store {
         let created = existing.is_none();
         if existing.is_some_and(|(owner, weight, _)| owner == registration && weight == backend.weight) {
             return Ok(Registered { version: state.version, created, overruled });
+        }
+        let limits = self.policy.limits;
+        let held = state.registry.registrations.get(&registration).map_or(0, |r| r.backends.len());
+        if existing.is_none() && held >= limits.backends_per_registration {
+            return Err(StoreError::TooManyBackends { max: limits.backends_per_registration });
+        }
+        if !state.registry.services.contains_key(&service) && state.registry.services.len() >= limits.services {
+            return Err(StoreError::TooManyServices { max: limits.services });
         }
         let mut draft = state.registry.clone();
         if let Some((owner, _, _)) = existing.filter(|&(owner, _, _)| owner != registration)

@@ -11,6 +11,7 @@ fn store() -> Arc<Store> {
         allowed_ports: "1-9000".parse().unwrap(),
         own_listeners: vec!["127.0.0.1:8080".parse().unwrap()],
         frontend_ip: Some("127.0.0.1".parse().unwrap()),
+        limits: RegistryLimits::default(),
     };
     Store::new(policy, false)
 }

@@ -8,6 +8,7 @@ mod agent;
 mod balancing;
 mod grpc;
 mod json_channel;
+mod limits;
 mod loadgen;
 mod multihost;
 mod nodes;
