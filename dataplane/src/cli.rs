@@ -82,6 +82,11 @@ pub struct NodeArgs {
     /// 0 refuses at once.
     #[arg(long, env = "SWITCHBOARD_QUEUE_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
     pub queue_timeout: Duration,
+
+    /// A TCP client that sends nothing for this long after connecting is closed before a backend is
+    /// chosen (slowloris-style idlers). 0 turns it off, as protocols where the server speaks first need.
+    #[arg(long, env = "SWITCHBOARD_CLIENT_FIRST_BYTE_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub client_first_byte_timeout: Duration,
 }
 
 /// The validated configuration of a `dataplane` process.
@@ -128,6 +133,7 @@ impl NodeArgs {
             client_fds,
             max_connections_per_service: self.max_connections_per_service,
             queue_timeout: self.queue_timeout,
+            first_byte_timeout: (!self.client_first_byte_timeout.is_zero()).then_some(self.client_first_byte_timeout),
         })
     }
 }

@@ -57,6 +57,8 @@ pub struct NodeConfig {
     pub max_connections_per_service: usize,
     /// How long a client past that bound waits for a slot.
     pub queue_timeout: Duration,
+    /// A TCP client silent for this long after connecting is closed (none: never).
+    pub first_byte_timeout: Option<Duration>,
 }
 
 /// What the node serves now, for its admin API.
@@ -108,6 +110,7 @@ impl Node {
             client_fds: Limit::new("client file descriptors", config.client_fds),
             max_connections_per_service: config.max_connections_per_service,
             queue_timeout: config.queue_timeout,
+            first_byte_timeout: config.first_byte_timeout,
             connections: TaskTracker::new(),
         });
         Node {

@@ -28,6 +28,8 @@ pub struct RelayContext {
     pub max_connections_per_service: usize,
     /// How long a client past that bound waits for a slot.
     pub queue_timeout: Duration,
+    /// A TCP client silent for this long after connecting is closed before any backend is tried.
+    pub first_byte_timeout: Option<Duration>,
     /// Every TCP connection task, so a shutdown can wait for them to finish.
     pub connections: TaskTracker,
 }

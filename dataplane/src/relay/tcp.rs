@@ -55,10 +55,17 @@ pub async fn serve(
         };
         // One table read per connection; the connection keeps the route it started with.
         let route = ctx.table.load().route(&service);
-        let (connect_timeout, queue_timeout) = (ctx.connect_timeout, ctx.queue_timeout);
+        let (connect_timeout, queue_timeout, first_byte) =
+            (ctx.connect_timeout, ctx.queue_timeout, ctx.first_byte_timeout);
         let slots = Arc::clone(&slots);
         ctx.connections.spawn(async move {
             let Some(route) = route else { return };
+            if let Some(wait) = first_byte
+                && !spoke_within(&client, wait).await
+            {
+                debug!(%service, client = %peer, ?wait, "client sent nothing in time; closed");
+                return;
+            }
             // Past the service's bound: wait in the queue up to --queue-timeout, else close.
             let Some(slot) = slots.take_within(1, queue_timeout).await else {
                 slots.refused();
@@ -68,6 +75,12 @@ pub async fn serve(
             drop((slot, fds));
         });
     }
+}
+
+/// True when the client sent a byte within `wait` (it stays unread, for the backend).
+async fn spoke_within(client: &TcpStream, wait: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(timeout(wait, client.peek(&mut byte)).await, Ok(Ok(1..)))
 }
 
 async fn relay(

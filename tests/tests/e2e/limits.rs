@@ -184,3 +184,20 @@ async fn registrations_per_source_backends_and_services_are_bounded() {
     let mut elsewhere = JsonClient::connect(&ctl, net.host(3)).await;
     assert_eq!(elsewhere.register("tcp", a.addr.port()).await["ack"], "successful");
 }
+
+#[tokio::test]
+async fn a_client_that_never_speaks_is_closed_before_any_backend_sees_it() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &["--client-first-byte-timeout", "300ms"]).await;
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let port = backend.addr.port();
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    assert_eq!(server.register("tcp", port).await, json!({"ack": "successful"}));
+    let mut silent = TcpStream::connect(ctl.frontend(port)).await.unwrap();
+    let mut byte = [0u8; 1];
+    let closed = timeout(DEADLINE, silent.read(&mut byte)).await.expect("closed in time");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    assert_eq!(backend.accepted(), 0, "no backend was bothered");
+    assert_eq!(tcp_roundtrip(ctl.frontend(port), b"hi").await.unwrap(), b"hi", "a client that speaks is relayed");
+    assert_eq!(backend.accepted(), 1);
+}
