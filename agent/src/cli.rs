@@ -5,7 +5,7 @@ use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr, time::Duration};
 use clap::Parser;
 use contract::model::{Algorithm, Protocol, ServiceKey, Weight};
 
-use contract::{auth::Token, process::FlagError};
+use contract::{auth::Token, client::ClientTls, process::FlagError};
 
 use crate::check::Check;
 
@@ -89,6 +89,10 @@ pub struct Cli {
     /// File whose first line is the --auth-token (keeps it out of `ps`).
     #[arg(long, env = "SWITCHBOARD_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+
+    /// PEM file of the authority that signed the controller's certificate (an https:// --controller).
+    #[arg(long, env = "SWITCHBOARD_CA")]
+    pub ca: Option<PathBuf>,
 }
 
 /// One service to register the server in, and the port the server listens on for it.
@@ -131,6 +135,8 @@ pub struct AgentConfig {
     pub deregister_timeout: Duration,
     /// Presented on every call.
     pub token: Option<Token>,
+    /// TLS towards an https:// controller.
+    pub tls: Option<ClientTls>,
 }
 
 // === impl AgentConfig ===
@@ -139,7 +145,8 @@ impl TryFrom<Cli> for AgentConfig {
     type Error = FlagError;
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
-        let controller = contract::client::controller_url(cli.controller)?;
+        let tls = ClientTls::from_flags(cli.ca.as_deref(), None, None)?;
+        let controller = contract::client::controller_url(cli.controller, tls.as_ref())?;
         let services = match (&cli.protocol, cli.port, cli.services.is_empty()) {
             (Some(protocol), Some(port), true) => {
                 let protocol: Protocol = protocol.parse().map_err(|e| FlagError::new("protocol", format!("{e}")))?;
@@ -193,6 +200,7 @@ impl TryFrom<Cli> for AgentConfig {
             backoff_max: cli.backoff_max,
             deregister_timeout: cli.deregister_timeout,
             token: Token::from_flags("auth-token", cli.auth_token, cli.auth_token_file.as_deref())?,
+            tls,
         })
     }
 }

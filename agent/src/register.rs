@@ -174,7 +174,8 @@ impl ServiceAgent {
 
     /// Connects, registers with `healthy` as the initial verdict, and waits for the ack.
     async fn register(&self, healthy: bool) -> Result<Live, StreamError> {
-        let channel = client::connect(&self.config.controller, self.config.backend_address).await?;
+        let channel =
+            client::connect(&self.config.controller, self.config.backend_address, self.config.tls.as_ref()).await?;
         let (tx, rx) = mpsc::channel(16);
         let registration = RegistrationRequest {
             service: self.service.key,

@@ -89,6 +89,19 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
 
+    /// PEM certificate of the gRPC listener: with --tls-key, gRPC is served over TLS only.
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM authority whose certificates nodes must show (mutual TLS for `Dataplane.Sync`; agents and
+    /// operators need none).
+    #[arg(long, env = "SWITCHBOARD_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
+
     /// Let any gRPC registration name a backend at another IP than the one it connects from (otherwise
     /// only a caller with the admin token may).
     #[arg(long, env = "SWITCHBOARD_ALLOW_FOREIGN_BACKENDS")]

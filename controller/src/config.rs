@@ -3,11 +3,12 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
+    path::Path,
     str::FromStr,
     time::Duration,
 };
 
-use contract::{auth::Token, process::FlagError};
+use contract::{auth::Token, client::read_pem, process::FlagError};
 use dataplane::NodeConfig;
 
 use crate::{api::auth::Tokens, cli::Cli, error::ConfigError, probe::ProbeSettings, store::RegistryLimits};
@@ -43,6 +44,8 @@ pub struct Config {
     pub json_allow: CidrList,
     /// How the descriptor limit is shared between the doors and the embedded node's clients.
     pub fd_shares: FdShares,
+    /// TLS on the gRPC listener.
+    pub tls: Option<ServerTls>,
     /// Bounds on what registrations may make the store hold.
     pub registry_limits: RegistryLimits,
     /// A JSON connection that has registered nothing is closed after this long without a request.
@@ -74,6 +77,36 @@ pub struct FdShares {
 /// A set of port ranges, e.g. `80,8000-8999`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortRanges(Vec<(u16, u16)>);
+
+/// TLS of the gRPC listener: its certificate and key, and the authority nodes' certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    /// Certificate and key, PEM.
+    pub identity: (Vec<u8>, Vec<u8>),
+    /// Authority of nodes' certificates (mutual TLS), PEM.
+    pub client_ca: Option<Vec<u8>>,
+}
+
+// === impl ServerTls ===
+
+impl ServerTls {
+    fn from_flags(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        client_ca: Option<&Path>,
+    ) -> Result<Option<Self>, FlagError> {
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => (read_pem("tls-cert", cert)?, read_pem("tls-key", key)?),
+            (None, None) if client_ca.is_some() => {
+                return Err(FlagError::new("client-ca", "needs --tls-cert and --tls-key"));
+            }
+            (None, None) => return Ok(None),
+            _ => return Err(FlagError::new("tls-cert", "--tls-cert and --tls-key go together")),
+        };
+        let client_ca = client_ca.map(|path| read_pem("client-ca", path)).transpose()?;
+        Ok(Some(ServerTls { identity, client_ca }))
+    }
+}
 
 /// A set of address blocks, e.g. `10.0.0.0/8,127.0.0.1/32,::1/128`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +151,7 @@ impl TryFrom<Cli> for Config {
             allow_foreign_backends: cli.allow_foreign_backends,
             json_allow: cli.json_allow.parse().map_err(|why| FlagError::new("json-allow", why))?,
             fd_shares,
+            tls: ServerTls::from_flags(cli.tls_cert.as_deref(), cli.tls_key.as_deref(), cli.client_ca.as_deref())?,
             registry_limits: RegistryLimits {
                 registrations_per_source: at_least_one(
                     "max-registrations-per-source",

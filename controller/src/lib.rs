@@ -158,6 +158,7 @@ impl Controller {
             cluster_counts: config.cluster_counts,
             tokens: config.tokens.clone(),
             allow_foreign_backends: config.allow_foreign_backends,
+            tls: config.tls.clone(),
         };
         let grpc = CappedListener::new(grpc, "gRPC connections", shares.grpc);
         tasks.spawn(api::grpc::serve(grpc, Arc::clone(&store), settings, shutdown.clone()));

@@ -8,7 +8,7 @@ use std::{
 };
 
 use clap::{Args, Parser};
-use contract::{auth::Token, process::FlagError};
+use contract::{auth::Token, client::ClientTls, process::FlagError};
 
 use crate::{node::NodeConfig, sync::SyncConfig};
 
@@ -47,6 +47,18 @@ pub struct Cli {
     /// File whose first line is the --node-token (keeps it out of `ps`).
     #[arg(long, env = "SWITCHBOARD_NODE_TOKEN_FILE")]
     pub node_token_file: Option<PathBuf>,
+
+    /// PEM file of the authority that signed the controller's certificate (an https:// --controller).
+    #[arg(long, env = "SWITCHBOARD_CA")]
+    pub ca: Option<PathBuf>,
+
+    /// PEM certificate this node shows the controller (mutual TLS, with --tls-key).
+    #[arg(long, env = "SWITCHBOARD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SWITCHBOARD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The flags of one node: how it binds frontends and treats connections. `dataplane` and the controller
@@ -144,7 +156,8 @@ impl TryFrom<Cli> for DataplaneConfig {
     type Error = FlagError;
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
-        let controller = contract::client::controller_url(cli.controller)?;
+        let tls = ClientTls::from_flags(cli.ca.as_deref(), cli.tls_cert.as_deref(), cli.tls_key.as_deref())?;
+        let controller = contract::client::controller_url(cli.controller, tls.as_ref())?;
         FlagError::require_positive(&[("backoff-max", cli.backoff_max)])?;
         let node_id = match cli.node_id {
             Some(id) if id.trim().is_empty() => return Err(FlagError::new("node-id", "must not be empty")),
@@ -159,6 +172,7 @@ impl TryFrom<Cli> for DataplaneConfig {
                 backoff_min: Duration::from_millis(100).min(cli.backoff_max),
                 backoff_max: cli.backoff_max,
                 token: Token::from_flags("node-token", cli.node_token, cli.node_token_file.as_deref())?,
+                tls,
             },
             admin_listen: cli.admin_listen,
         })

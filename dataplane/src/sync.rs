@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 use contract::{
     auth::{Bearer, Token},
     backoff::Backoff,
-    client::{self, StreamError},
+    client::{self, ClientTls, StreamError},
     convert,
     model::{NodeHello, NodeReport, RoutingSnapshot},
     v1::{self, controller_message, dataplane_client::DataplaneClient},
@@ -35,6 +35,8 @@ pub struct SyncConfig {
     pub backoff_max: Duration,
     /// Presented on every call (`--node-token`).
     pub token: Option<Token>,
+    /// TLS towards an https:// controller.
+    pub tls: Option<ClientTls>,
 }
 
 /// Whether the node currently follows a controller, for its admin API.
@@ -99,7 +101,7 @@ async fn attempt(
     backoff: &mut Backoff,
     node: &NodeHandle,
 ) -> Result<AttemptEnd, StreamError> {
-    let channel = client::connect(&config.controller, None).await?;
+    let channel = client::connect(&config.controller, None, config.tls.as_ref()).await?;
     let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
     let known_version = snapshots.borrow().version;
     let hello = NodeHello { node_id: config.node_id.clone(), known_version };

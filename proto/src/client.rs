@@ -4,12 +4,20 @@
 
 use std::{
     net::{IpAddr, SocketAddr, UdpSocket},
+    path::Path,
     time::Duration,
 };
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::convert::ConvertError;
+use crate::{convert::ConvertError, process::FlagError};
+
+/// How a client checks the controller's certificate, and the certificate it shows for mutual TLS.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    ca: Certificate,
+    identity: Option<Identity>,
+}
 
 /// Why a client's stream with the controller ended (or never began).
 #[derive(Debug, thiserror::Error)]
@@ -34,12 +42,16 @@ pub enum StreamError {
     Closed,
 }
 
-/// `url` as a controller URL for a `--controller` flag: it must be `http://` or `https://`.
-pub fn controller_url(url: String) -> Result<String, crate::process::FlagError> {
-    if url.starts_with("http://") || url.starts_with("https://") {
-        Ok(url)
-    } else {
-        Err(crate::process::FlagError::new("controller", format!("{url:?} is not an http:// or https:// URL")))
+/// `url` as a controller URL for a `--controller` flag: `http://`, or `https://` when `tls` says how to
+/// check the controller.
+pub fn controller_url(url: String, tls: Option<&ClientTls>) -> Result<String, FlagError> {
+    match (url.starts_with("http://"), url.starts_with("https://"), tls) {
+        (true, _, None) | (_, true, Some(_)) => Ok(url),
+        (true, _, Some(_)) => Err(FlagError::new("controller", format!("{url:?}: --ca needs an https:// URL"))),
+        (_, true, None) => {
+            Err(FlagError::new("ca", format!("{url:?} is https://: --ca must name the authority to trust")))
+        }
+        _ => Err(FlagError::new("controller", format!("{url:?} is not an http:// or https:// URL"))),
     }
 }
 
@@ -53,11 +65,50 @@ pub fn controller_endpoint(url: &str) -> Result<Endpoint, tonic::transport::Erro
 }
 
 /// A channel to the controller at `url`, leaving from `source` when that address is this host's (an agent
-/// beside its server connects from the server's address, so the controller sees the backend's own host).
-pub async fn connect(url: &str, source: Option<IpAddr>) -> Result<Channel, StreamError> {
-    let endpoint = controller_endpoint(url).map_err(|e| StreamError::Url(e.to_string()))?;
+/// beside its server connects from the server's address, so the controller sees the backend's own host),
+/// over TLS when `tls` is given.
+pub async fn connect(url: &str, source: Option<IpAddr>, tls: Option<&ClientTls>) -> Result<Channel, StreamError> {
+    let mut endpoint = controller_endpoint(url).map_err(|e| StreamError::Url(e.to_string()))?;
+    if let Some(tls) = tls {
+        let mut config = ClientTlsConfig::new().ca_certificate(tls.ca.clone());
+        if let Some(identity) = &tls.identity {
+            config = config.identity(identity.clone());
+        }
+        endpoint = endpoint.tls_config(config)?;
+    }
     let source = source.filter(|&ip| is_local(ip));
     Ok(endpoint.local_address(source).connect().await?)
+}
+
+// === impl ClientTls ===
+
+impl ClientTls {
+    /// From `--ca` (the authority that signed the controller's certificate) and, for mutual TLS,
+    /// `--tls-cert` and `--tls-key`; none without `--ca`. The files are read now, so a missing one is a
+    /// flag error at start.
+    pub fn from_flags(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Self>, FlagError> {
+        let identity = match (cert, key) {
+            (Some(cert), Some(key)) => Some(Identity::from_pem(read_pem("tls-cert", cert)?, read_pem("tls-key", key)?)),
+            (None, None) => None,
+            _ => return Err(FlagError::new("tls-cert", "--tls-cert and --tls-key go together")),
+        };
+        match ca {
+            Some(ca) => Ok(Some(ClientTls { ca: Certificate::from_pem(read_pem("ca", ca)?), identity })),
+            None if identity.is_some() => {
+                Err(FlagError::new("ca", "a client certificate needs --ca to check the controller"))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+/// The contents of a PEM file named by `--flag`.
+pub fn read_pem(flag: &'static str, path: &Path) -> Result<Vec<u8>, FlagError> {
+    let pem = std::fs::read(path).map_err(|e| FlagError::new(flag, format!("cannot read {}: {e}", path.display())))?;
+    if !pem.trim_ascii_start().starts_with(b"-----BEGIN") {
+        return Err(FlagError::new(flag, format!("{} is not a PEM file", path.display())));
+    }
+    Ok(pem)
 }
 
 /// True when `ip` is one of this host's addresses (this host can send from it).

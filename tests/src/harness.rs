@@ -50,6 +50,14 @@ pub fn bin(name: &str) -> PathBuf {
         let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
         let mut build = std::process::Command::new(cargo);
         build.args(["build", "--quiet", "--workspace", "--bins"]).current_dir(workspace);
+        // Cargo gives this test its package's CARGO_* variables; build scripts that watch them (ring's) would
+        // otherwise see a changed environment and rebuild on every run.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_") && !matches!(&*key, "CARGO_HOME" | "CARGO_TARGET_DIR") {
+                build.env_remove(&*key);
+            }
+        }
         if dir.file_name().is_some_and(|p| p == "release") {
             build.arg("--release");
         }
@@ -283,9 +291,10 @@ impl Controller {
         self.process.addr("json")
     }
 
-    /// The gRPC endpoint, as a URL.
+    /// The gRPC endpoint, as a URL (https:// when the controller serves TLS).
     pub fn grpc_url(&self) -> String {
-        format!("http://{}", self.process.addr("grpc"))
+        let scheme = if self.args.iter().any(|a| a == "--tls-cert") { "https" } else { "http" };
+        format!("{scheme}://{}", self.process.addr("grpc"))
     }
 
     /// A gRPC channel to the controller from `source` on the machine.

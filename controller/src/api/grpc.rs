@@ -20,7 +20,10 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{
+    Request, Response, Status, Streaming,
+    transport::{Certificate, Identity, ServerTlsConfig},
+};
 use tracing::{debug, warn};
 
 use super::{
@@ -31,6 +34,7 @@ use super::{
     sync::DataplaneApi,
 };
 use crate::{
+    config::ServerTls,
     error::ControllerError,
     probe::{Probe, ProbeAction, ProbeSettings},
     store::{Origin, Registration, Store},
@@ -49,6 +53,8 @@ pub struct GrpcSettings {
     pub tokens: Tokens,
     /// Any registration may name another host's backend, not only an operator's.
     pub allow_foreign_backends: bool,
+    /// TLS of the listener.
+    pub tls: Option<ServerTls>,
 }
 
 /// Serves every gRPC service on `listener` until `shutdown` turns true. Health and reflection stay open:
@@ -79,10 +85,24 @@ pub async fn serve(
         allow_foreign_backends: settings.allow_foreign_backends,
         shutdown: shutdown.clone(),
     };
-    let dataplane =
-        DataplaneApi { store: Arc::clone(&store), shutdown: shutdown.clone(), cluster_counts: settings.cluster_counts };
+    let dataplane = DataplaneApi {
+        store: Arc::clone(&store),
+        shutdown: shutdown.clone(),
+        cluster_counts: settings.cluster_counts,
+        nodes_need_certificates: settings.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
+    };
     let admin = AdminApi { store, shutdown: shutdown.clone() };
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = &settings.tls {
+        let (cert, key) = &tls.identity;
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        if let Some(ca) = &tls.client_ca {
+            // Agents and operators come with tokens, not certificates; Dataplane.Sync insists on one.
+            config = config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(true);
+        }
+        server = server.tls_config(config)?;
+    }
+    server
         // Notices dead peers (a node or agent host gone without a FIN) instead of keeping their streams.
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))

@@ -31,6 +31,8 @@ pub struct DataplaneApi {
     pub shutdown: watch::Receiver<bool>,
     /// Send each node the other nodes' connection counts (`--no-cluster-counts` turns it off).
     pub cluster_counts: bool,
+    /// Mutual TLS: a node must show a certificate of `--client-ca`.
+    pub nodes_need_certificates: bool,
 }
 
 #[tonic::async_trait]
@@ -39,6 +41,10 @@ impl Dataplane for DataplaneApi {
 
     async fn sync(&self, request: Request<Streaming<NodeMessage>>) -> Result<Response<Self::SyncStream>, Status> {
         let peer = request.remote_addr();
+        // The TLS handshake checked any certificate shown against --client-ca; here one must be shown.
+        if self.nodes_need_certificates && request.peer_certs().is_none_or(|certs| certs.is_empty()) {
+            return Err(Status::permission_denied("a node must show a client certificate signed by --client-ca"));
+        }
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream ended before `hello`"))?;
         let Some(node_message::Msg::Hello(hello)) = first.msg else {

@@ -230,3 +230,95 @@ async fn a_node_id_is_held_by_one_stream_and_embedded_is_reserved() {
     assert_eq!(server.register("tcp", backend.addr.port()).await, json!({"ack": "successful"}));
     drop(first);
 }
+
+/// A certificate authority and the certificates it signs, written as PEM files into a directory of the
+/// test's own.
+struct Pki {
+    dir: std::path::PathBuf,
+    key: rcgen::KeyPair,
+    params: rcgen::CertificateParams,
+}
+
+impl Pki {
+    fn new(dir: &std::path::Path, name: &str) -> Pki {
+        std::fs::create_dir_all(dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        Pki { dir: dir.to_owned(), key, params }
+    }
+
+    /// The authority's certificate file.
+    fn ca(&self, name: &str) -> String {
+        self.dir.join(format!("{name}.pem")).to_string_lossy().into_owned()
+    }
+
+    /// A certificate for `ip`, signed by this authority: (certificate file, key file).
+    fn issue(&self, name: &str, ip: std::net::IpAddr) -> (String, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::IpAddress(ip)];
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (cert_file, key_file) = (self.dir.join(format!("{name}.crt")), self.dir.join(format!("{name}.key")));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        (cert_file.to_string_lossy().into_owned(), key_file.to_string_lossy().into_owned())
+    }
+}
+
+#[tokio::test]
+async fn grpc_over_tls_with_the_right_authority_and_nodes_with_certificates_only() {
+    let net = Net::new();
+    let dir = std::env::temp_dir().join(format!("switchboard-pki-{}-{}", std::process::id(), net.host(1)));
+    let servers = Pki::new(&dir, "servers-ca");
+    let nodes = Pki::new(&dir, "nodes-ca");
+    let strangers = Pki::new(&dir, "strangers-ca");
+    let (cert, key) = servers.issue("controller", net.host(254));
+    let ctl =
+        Controller::spawn(net, &["--tls-cert", &cert, "--tls-key", &key, "--client-ca", &nodes.ca("nodes-ca")]).await;
+    assert!(ctl.grpc_url().starts_with("https://"));
+
+    // An agent that trusts the servers' authority registers over TLS; one that trusts another does not.
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let port = backend.addr.port().to_string();
+    let ip = net.host(2).to_string();
+    let agent = ["--protocol", "tcp", "--port", &port, "--backend-address", &ip, "--check", "none"];
+    let servers_ca = servers.ca("servers-ca");
+    let _agent = spawn_agent(&ctl, &[&agent[..], &["--ca", &servers_ca]].concat()).await;
+    ctl.wait_state("registered over TLS", |s| Controller::backends(s, "tcp", backend.addr.port()).len() == 1).await;
+    let grpc = ctl.grpc_url();
+    let strangers_ca = strangers.ca("strangers-ca");
+    let wrong = [&agent[..], &["--controller", &grpc, "--ca", &strangers_ca, "--startup-timeout", "1s"]].concat();
+    let (exit, stderr) = run_to_exit("agent", &wrong).await;
+    assert_eq!(exit, Some(1), "{stderr}");
+    assert!(stderr.contains("agent: cannot reach the controller"), "{stderr}");
+    // Plaintext to a TLS port gets nowhere either.
+    let plain = format!("http://{}", ctl.process.addr("grpc"));
+    let (exit, _) =
+        run_to_exit("agent", &[&agent[..], &["--controller", &plain, "--startup-timeout", "1s"]].concat()).await;
+    assert_eq!(exit, Some(1));
+
+    // A node with a certificate of the nodes' authority follows; one without is refused, and says why.
+    let (node_cert, node_key) = nodes.issue("n1", net.host(11));
+    let tls = ["--ca", &servers_ca, "--tls-cert", &node_cert, "--tls-key", &node_key];
+    let good = DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(11), net.host(254), &tls).await;
+    ctl.wait_synced(&["n1"]).await;
+    let bare = DataplaneNode::spawn(Host::Root, &ctl, "n2", net.host(12), net.host(254), &["--ca", &servers_ca]).await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let state = bare.state().await;
+        if state["last_error"].as_str().is_some_and(|e| e.contains("client certificate")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a node without a certificate was not refused: {state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(Controller::node(&ctl.state().await, "n2").is_none());
+    drop((good, bare));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
