@@ -146,6 +146,11 @@ impl Process {
         self.ready.get(key).and_then(|a| a.parse().ok()).unwrap_or_else(|| panic!("READY has no {key}="))
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Everything it wrote to stderr so far.
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().unwrap().join("\n")

@@ -14,3 +14,4 @@ mod multihost;
 mod nodes;
 mod relay;
 mod security;
+mod soak;
