@@ -16,6 +16,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,15 +71,27 @@ def udp_memory(args):
         control.sendall(b'{"cmd":"register","protocol":"udp","port":9500}\n')
         reply = control.recv(1000)
         assert b"successful" in reply, reply
+
+        def answer_hellos():
+            # The server stays registered only while it answers the controller's hellos.
+            for line in control.makefile("rb"):
+                if b"hello" in line:
+                    control.sendall(b'{"ack":"hello"}\n')
+
+        threading.Thread(target=answer_hellos, daemon=True).start()
         frontend = ("127.0.0.62", 9500)
         # Warm-up: the first sessions allocate the runtime's steady state.
+        client = iter(range(10**9))
+
         def sessions(n):
             answered = 0
-            for i in range(n):
+            for _ in range(n):
                 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                s.settimeout(1.0)
-                # Clients spread over 50 addresses, so no client address comes back while its session lives.
-                s.bind((f"127.0.1.{1 + i % 50}", 0))
+                s.settimeout(0.3)
+                # Every session its own client address (127.0.2.1 onwards, one port outside the ephemeral
+                # range), so no address comes back while its session lives.
+                k = next(client)
+                s.bind((f"127.0.{2 + k // 250 % 250}.{1 + k % 250}", 20000))
                 try:
                     s.sendto(b"x" * 64, frontend)
                     s.recvfrom(2048)
@@ -93,9 +106,12 @@ def udp_memory(args):
         started = time.time()
         answered = 0
         peak = baseline
-        for _ in range(args.sessions // 1000):
-            answered += sessions(1000)
+        # Rounds of 5,000 new sessions, each round reaped (2 s idle timeout) before the next.
+        for _ in range(args.sessions // 5000):
+            answered += sessions(5000)
             peak = max(peak, rss_kb(ctl.pid))
+            time.sleep(3)
+            log(f"{answered} answered, rss {rss_kb(ctl.pid)} kB")
         elapsed = time.time() - started
         # Every session idles out after 2 s; the reaper runs on the next datagram or timer.
         time.sleep(6)
