@@ -92,8 +92,10 @@ async fn servers_churning_under_load_cost_no_request_while_a_healthy_backend_ans
     let servers_n = env_or("SWITCHBOARD_SOAK_SERVERS", 12).clamp(2, 200) as u8;
     let hangs = env_or("SWITCHBOARD_SOAK_HANGS", 0) == 1;
     let net = Net::new();
-    let mut ctl = Controller::spawn(net, &["--resync-grace", "0s"]).await;
-    let mut node = DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(250), net.host(254), &[]).await;
+    // A short drain: connections to a hung backend that left rotation are closed 3 s later.
+    let mut ctl = Controller::spawn(net, &["--resync-grace", "0s", "--drain-timeout", "3s"]).await;
+    let mut node =
+        DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(250), net.host(254), &["--drain-timeout", "3s"]).await;
     ctl.wait_synced(&["n1"]).await;
     let port = free_port(net.host(2));
     let addr = |i: u8| SocketAddr::new(net.host(2 + i), port);
@@ -149,6 +151,8 @@ async fn servers_churning_under_load_cost_no_request_while_a_healthy_backend_ans
         match (servers[i].take(), random(4)) {
             // Gone: it comes back.
             (None, _) => servers[i] = Some(Server::start(&ctl, addr(i as u8)).await),
+            // Hung earlier: the controller has closed its channel by now, or will; it is restarted.
+            (Some(server), _) if server.hung.load(Ordering::Relaxed) => drop(server),
             // Unregisters and registers again on the same connection.
             (Some(mut server), 0) => {
                 server.control.send(&json!({"cmd": "unregister", "protocol": "tcp", "port": port})).await;
@@ -185,7 +189,13 @@ async fn servers_churning_under_load_cost_no_request_while_a_healthy_backend_ans
     }
     drop(servers);
     ctl.wait_state("every server gone", |s| Controller::backends(s, "tcp", port).is_empty()).await;
-    let end = (footprint(ctl_pid), footprint(node_pid));
+    // Connections still held by hung backends end with their drain; then nothing may be left over.
+    let settled = Instant::now() + Duration::from_secs(10);
+    let mut end = (footprint(ctl_pid), footprint(node_pid));
+    while (end.0.0 > start.0.0 + 4 || end.1.0 > start.1.0 + 4) && Instant::now() < settled {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        end = (footprint(ctl_pid), footprint(node_pid));
+    }
     let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     println!(
         "SOAK {}",
