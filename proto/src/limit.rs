@@ -22,6 +22,8 @@ pub struct Limit {
     max: usize,
     held: AtomicUsize,
     refused: AtomicU64,
+    /// Callers waiting for a unit: only then does a release wake anyone (the common drop stays one atomic).
+    waiting: AtomicUsize,
     /// Wakes callers waiting for a unit (a queue).
     released: Notify,
     throttle: Mutex<Throttle>,
@@ -53,6 +55,7 @@ impl Limit {
             max,
             held: AtomicUsize::new(0),
             refused: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
             released: Notify::new(),
             throttle: Mutex::new(Throttle::new(WARN_EVERY)),
         })
@@ -61,7 +64,7 @@ impl Limit {
     /// `units` more, if they fit.
     pub fn try_take(self: &Arc<Self>, units: usize) -> Option<Permit> {
         self.held
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
                 held.checked_add(units).filter(|&total| total <= self.max)
             })
             .ok()
@@ -71,16 +74,28 @@ impl Limit {
     /// `units` more, waiting up to `wait` for others to give theirs back (a queue, like HAProxy's
     /// maxqueue). `None` when the wait is over.
     pub async fn take_within(self: &Arc<Self>, units: usize, wait: Duration) -> Option<Permit> {
+        if let Some(permit) = self.try_take(units) {
+            return Some(permit);
+        }
+        if wait.is_zero() {
+            return None;
+        }
         let deadline = Instant::now() + wait;
-        loop {
+        // SeqCst with the release's pair below: either the release sees this waiter, or this waiter's next
+        // try sees the release.
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let permit = loop {
+            // Registered before the check, so a release between the two is not missed.
             let released = self.released.notified();
             if let Some(permit) = self.try_take(units) {
-                return Some(permit);
+                break Some(permit);
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {
-                return self.try_take(units);
+                break self.try_take(units);
             }
-        }
+        };
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        permit
     }
 
     /// Counts one refusal, and logs the refusals of the last interval when one is due.
@@ -115,8 +130,10 @@ impl Limit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.limit.held.fetch_sub(self.units, Ordering::AcqRel);
-        self.limit.released.notify_waiters();
+        self.limit.held.fetch_sub(self.units, Ordering::SeqCst);
+        if self.limit.waiting.load(Ordering::SeqCst) > 0 {
+            self.limit.released.notify_waiters();
+        }
     }
 }
 
