@@ -9,6 +9,8 @@
 //! - [`register`]: one service's registration loop (retry, re-register, deregister on shutdown).
 //! - [`error`]: run-time errors (flag errors are the contract's `FlagError`).
 
+#![forbid(unsafe_code)]
+
 pub mod check;
 pub mod cli;
 pub mod error;

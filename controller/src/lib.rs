@@ -14,6 +14,8 @@
 //! - [`api`]: JSON channel, gRPC, admin HTTP.
 //! - [`error`]: one error enum per boundary.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -15,7 +15,7 @@
 //! - [`relay`]: TCP and UDP relays.
 //! - [`listener`]: how frontend sockets are bound.
 //! - [`stats`]: per-backend connection counters and evictions.
-//! - [`sync`]: the remote node's link to the controller.
+//! - [`sync`]: the remote node's link to the controller; [`sys`]: the one module that calls libc.
 //! - [`cli`], [`admin`]: the `dataplane` binary's flags (and [`NodeArgs`], which the controller takes for
 //!   its embedded node) and admin HTTP server.
 
@@ -28,6 +28,7 @@ pub mod node;
 pub mod relay;
 pub mod stats;
 pub mod sync;
+pub mod sys;
 pub mod table;
 
 use std::{net::SocketAddr, sync::Arc};

@@ -14,6 +14,8 @@
 //! - [`report`]: summary, JSON, CSV, SVG.
 //! - [`serve`]: demo backends.
 
+#![forbid(unsafe_code)]
+
 pub mod cli;
 pub mod driver;
 pub mod error;

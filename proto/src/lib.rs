@@ -14,6 +14,8 @@
 //! - [`limit`]: bounds on what clients can make a process hold, and throttled refusal logs.
 //! - [`backoff`], [`client`]: how the contract's clients reach the controller and retry.
 
+#![forbid(unsafe_code)]
+
 pub mod auth;
 pub mod backoff;
 pub mod client;

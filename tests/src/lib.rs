@@ -7,5 +7,7 @@
 //!   controller's state polled with a deadline, JSON control-channel clients and demo backends.
 //! - [`hosts`]: the machine, or network namespaces on a bridge, as hosts for processes and sockets.
 
+#![forbid(unsafe_code)]
+
 pub mod harness;
 pub mod hosts;

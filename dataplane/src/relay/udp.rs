@@ -92,9 +92,10 @@ pub async fn serve(socket: UdpSocket, service: ServiceKey, ctx: Arc<RelayContext
             Some((peer, id)) = ended_rx.recv() => {
                 if sessions.get(&peer).is_some_and(|s: &Session| s.id == id) {
                     sessions.remove(&peer);
-                    // After a burst the table gives its room back.
+                    // After a burst the table gives its room back, and so does the allocator.
                     if sessions.capacity() > 64 && sessions.len() < sessions.capacity() / 4 {
                         sessions.shrink_to(sessions.len() * 2);
+                        crate::sys::release_free_memory();
                     }
                 }
                 while tasks.try_join_next().is_some() {}
