@@ -697,6 +697,17 @@ impl GrpcRegistration {
         port: u16,
         backend: SocketAddr,
     ) -> Result<GrpcRegistration, tonic::Status> {
+        GrpcRegistration::tcp_with_token(channel, None, port, backend).await
+    }
+
+    /// Registers `backend` for TCP `port` over `channel`, presenting `token` as a bearer token.
+    pub async fn tcp_with_token(
+        channel: tonic::transport::Channel,
+        token: Option<&str>,
+        port: u16,
+        backend: SocketAddr,
+    ) -> Result<GrpcRegistration, tonic::Status> {
+        use contract::auth::{Bearer, Token};
         use contract::v1::{
             self, HelloAck, RegisterRequest, Registration, register_request::Msg as Out, register_response::Msg as In,
             registry_client::RegistryClient,
@@ -710,7 +721,10 @@ impl GrpcRegistration {
         };
         tx.send(RegisterRequest { msg: Some(Out::Register(registration)) }).await.unwrap();
         let mut inbound =
-            RegistryClient::new(channel).register(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+            RegistryClient::with_interceptor(channel, Bearer::new(token.and_then(|t| Token::new(t).ok()).as_ref()))
+                .register(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
         let ack = match inbound.message().await?.and_then(|m| m.msg) {
             Some(In::Ack(ack)) => ack,
             other => return Err(tonic::Status::internal(format!("expected an ack, got {other:?}"))),

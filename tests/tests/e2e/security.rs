@@ -5,18 +5,15 @@ use std::{net::SocketAddr, time::Duration};
 
 use contract::{
     auth::{Bearer, Token},
-    v1::{
-        self, DeregisterRequest, ListServicesRequest, RegisterRequest, Registration, admin_client::AdminClient,
-        register_request, register_response, registry_client::RegistryClient,
-    },
+    v1::{self, DeregisterRequest, ListServicesRequest, admin_client::AdminClient, registry_client::RegistryClient},
 };
 use serde_json::json;
 use switchboard_tests::harness::{
-    Controller, DEADLINE, DataplaneNode, JsonClient, Net, TcpEcho, free_port, run_to_exit, spawn_agent,
+    Controller, DEADLINE, DataplaneNode, GrpcRegistration, JsonClient, Net, TcpEcho, free_port, run_to_exit,
+    spawn_agent,
 };
 use switchboard_tests::hosts::Host;
-use tokio::{sync::mpsc, time::Instant};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::time::Instant;
 use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
 
 const AUTH: &str = "registration-token-0001";
@@ -31,30 +28,19 @@ fn registry(channel: Channel, token: Option<&str>) -> RegistryClient<Intercepted
     RegistryClient::with_interceptor(channel, bearer(token))
 }
 
-/// Opens a `Register` stream for TCP `port` naming `backend`; the first answer, or the refusal.
+/// Opens a `Register` stream for TCP `port` naming `backend` (kept open for the test), presenting `token`;
+/// the first answer, or the refusal.
 async fn register(
-    client: &mut RegistryClient<InterceptedService<Channel, Bearer>>,
+    channel: Channel,
+    token: Option<&str>,
     port: u16,
     backend: SocketAddr,
 ) -> Result<v1::RegisterAck, tonic::Status> {
-    let (tx, rx) = mpsc::channel(4);
-    let registration = Registration {
-        service: Some(v1::ServiceKey { protocol: v1::Protocol::Tcp.into(), port: port.into() }),
-        backend_address: backend.ip().to_string(),
-        backend_port: backend.port().into(),
-        ..Default::default()
-    };
-    tx.send(RegisterRequest { msg: Some(register_request::Msg::Register(registration)) }).await.unwrap();
-    let mut inbound = client.register(ReceiverStream::new(rx)).await?.into_inner();
-    // Keep the stream (and so the registration) open for the test's lifetime.
-    std::mem::forget(tx);
-    match inbound.message().await?.and_then(|m| m.msg) {
-        Some(register_response::Msg::Ack(ack)) => {
-            tokio::spawn(async move { while let Ok(Some(_)) = inbound.message().await {} });
-            Ok(ack)
-        }
-        other => panic!("expected an ack, got {other:?}"),
-    }
+    let registration = GrpcRegistration::tcp_with_token(channel, token, port, backend).await?;
+    let ack = registration.ack.clone();
+    // The stream, and so the registration, lives as long as the test.
+    std::mem::forget(registration);
+    Ok(ack)
 }
 
 #[tokio::test]
@@ -78,7 +64,7 @@ async fn each_door_opens_for_its_own_token_only() {
 
     // Registry: the registration token (an agent with it registers; one without is refused at once).
     let backend = TcpEcho::start(net.host(2), 0).await;
-    let status = register(&mut registry(channel.clone(), None), backend.addr.port(), backend.addr).await.unwrap_err();
+    let status = register(channel.clone(), None, backend.addr.port(), backend.addr).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated, "{status}");
     let port = backend.addr.port().to_string();
     let ip = net.host(2).to_string();
@@ -139,8 +125,7 @@ async fn only_an_operator_may_register_another_hosts_backend() {
     let victim = TcpEcho::start(net.host(2), 0).await;
     // A client on .5 names the backend on .2: it could take it over, and remove it by leaving.
     let from_elsewhere = ctl.grpc_channel_from(net.host(5)).await;
-    let status =
-        register(&mut registry(from_elsewhere.clone(), None), victim.addr.port(), victim.addr).await.unwrap_err();
+    let status = register(from_elsewhere.clone(), None, victim.addr.port(), victim.addr).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status}");
     assert!(status.message().contains("needs the admin token or --allow-foreign-backends"), "{status}");
     let deregister = DeregisterRequest {
@@ -152,8 +137,7 @@ async fn only_an_operator_may_register_another_hosts_backend() {
     assert_eq!(status.code(), Code::PermissionDenied, "{status}");
 
     // The operator may (a registration service that announces others' servers).
-    let ack =
-        register(&mut registry(from_elsewhere.clone(), Some(ADMIN)), victim.addr.port(), victim.addr).await.unwrap();
+    let ack = register(from_elsewhere.clone(), Some(ADMIN), victim.addr.port(), victim.addr).await.unwrap();
     assert!(ack.success, "{}", ack.message);
     registry(from_elsewhere, Some(ADMIN)).deregister(deregister).await.unwrap();
 
@@ -161,7 +145,7 @@ async fn only_an_operator_may_register_another_hosts_backend() {
     let open = Controller::spawn(Net::new(), &["--allow-foreign-backends"]).await;
     let other = TcpEcho::start(open.net.host(2), 0).await;
     let channel = open.grpc_channel_from(open.net.host(5)).await;
-    assert!(register(&mut registry(channel, None), other.addr.port(), other.addr).await.unwrap().success);
+    assert!(register(channel, None, other.addr.port(), other.addr).await.unwrap().success);
 }
 
 #[tokio::test]
@@ -172,7 +156,7 @@ async fn a_backend_is_never_the_balancer_itself() {
     let channel = ctl.grpc_channel_from(net.host(5)).await;
     let admin = ctl.process.addr("admin");
     let port = free_port(net.frontend());
-    let ack = register(&mut registry(channel, Some(ADMIN)), port, admin).await.unwrap();
+    let ack = register(channel, Some(ADMIN), port, admin).await.unwrap();
     assert!(!ack.success);
     assert_eq!(ack.message, format!("backend {admin} is one of the balancer's own listeners"));
 
