@@ -79,7 +79,7 @@ pub struct FdShares {
 pub struct PortRanges(Vec<(u16, u16)>);
 
 /// TLS of the gRPC listener: its certificate and key, and the authority nodes' certificates must chain to.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ServerTls {
     /// Certificate and key, PEM.
     pub identity: (Vec<u8>, Vec<u8>),
@@ -88,6 +88,13 @@ pub struct ServerTls {
 }
 
 // === impl ServerTls ===
+
+impl fmt::Debug for ServerTls {
+    /// Never the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerTls").field("client_ca", &self.client_ca.is_some()).finish_non_exhaustive()
+    }
+}
 
 impl ServerTls {
     fn from_flags(
@@ -226,7 +233,11 @@ impl FromStr for CidrList {
             let max = if ip.is_ipv4() { 32 } else { 128 };
             let len = len.parse::<u8>().ok().filter(|&l| l <= max);
             let len = len.ok_or_else(|| format!("the prefix length of {part:?} is not in 0..={max}"))?;
-            blocks.push((ip, len));
+            // Clients are matched in canonical form, so an IPv4-mapped block is matched as IPv4.
+            match ip.to_canonical() {
+                IpAddr::V4(v4) if ip.is_ipv6() && len >= 96 => blocks.push((IpAddr::V4(v4), len - 96)),
+                _ => blocks.push((ip, len)),
+            }
         }
         if blocks.is_empty() {
             return Err("no address block given".to_owned());
@@ -325,6 +336,8 @@ mod tests {
         for ip in ["127.0.0.4", "10.0.0.1", "::2"] {
             assert!(!list.contains(ip.parse().unwrap()), "{ip}");
         }
+        let mapped: CidrList = "::ffff:10.0.0.0/104".parse().unwrap();
+        assert!(mapped.contains("10.1.2.3".parse().unwrap()) && !mapped.contains("11.0.0.1".parse().unwrap()));
         let all: CidrList = "0.0.0.0/0,::/0".parse().unwrap();
         assert!(all.contains("192.0.2.1".parse().unwrap()) && all.contains("2001:db8::1".parse().unwrap()));
         assert_eq!(all.to_string(), "0.0.0.0/0,::/0");

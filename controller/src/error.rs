@@ -59,8 +59,8 @@ pub enum StoreError {
         /// The backend asked for.
         backend: SocketAddr,
     },
-    /// The backend is the service's own frontend on a node.
-    #[error("backend {backend} is the frontend of {service} itself: traffic would loop")]
+    /// The backend is a frontend on a node.
+    #[error("backend {backend} is the frontend of {service}: traffic would loop")]
     Loop {
         /// The service.
         service: ServiceKey,
@@ -86,6 +86,12 @@ pub enum StoreError {
     TooManyServices {
         /// The bound.
         max: usize,
+    },
+    /// The backend's address is no one host's (unspecified or multicast).
+    #[error("backend {backend} is not the address of one host")]
+    NotAHost {
+        /// The backend asked for.
+        backend: SocketAddr,
     },
     /// A node with this id is connected already.
     #[error("node id {node:?} is taken by a connected node")]

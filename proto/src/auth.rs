@@ -62,8 +62,15 @@ impl Token {
     /// True when `header` is `Bearer <this token>`. The comparison takes the same time wherever the first
     /// difference is.
     pub fn matches(&self, header: &[u8]) -> bool {
-        let Some(presented) = header.strip_prefix(b"Bearer ") else { return false };
-        bool::from(presented.ct_eq(self.0.as_bytes()))
+        let presented = header.strip_prefix(b"Bearer ").unwrap_or_default();
+        let token = self.0.as_bytes();
+        // Every byte of the token is compared whatever was presented, so neither the position of the
+        // first difference nor a wrong length shows in the time taken.
+        let mut same = subtle::Choice::from(u8::from(presented.len() == token.len()));
+        for (i, byte) in token.iter().enumerate() {
+            same &= presented.get(i).unwrap_or(&0).ct_eq(byte);
+        }
+        header.starts_with(b"Bearer ") && bool::from(same)
     }
 }
 

@@ -36,6 +36,15 @@ pub struct Permit {
     units: usize,
 }
 
+/// One caller waiting in [`Limit::take_within`], counted out on drop.
+struct Waiting<'a>(&'a Limit);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Lets an event through at most once per interval, counting the ones held back: a pure state machine on
 /// the caller's clock.
 #[derive(Debug, Clone)]
@@ -82,9 +91,10 @@ impl Limit {
         }
         let deadline = Instant::now() + wait;
         // SeqCst with the release's pair below: either the release sees this waiter, or this waiter's next
-        // try sees the release.
+        // try sees the release. The guard counts the waiter out however the wait ends (even dropped).
         self.waiting.fetch_add(1, Ordering::SeqCst);
-        let permit = loop {
+        let _waiting = Waiting(self);
+        loop {
             // Registered before the check, so a release between the two is not missed.
             let released = self.released.notified();
             if let Some(permit) = self.try_take(units) {
@@ -93,9 +103,7 @@ impl Limit {
             if tokio::time::timeout_at(deadline, released).await.is_err() {
                 break self.try_take(units);
             }
-        };
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
-        permit
+        }
     }
 
     /// Counts one refusal, and logs the refusals of the last interval when one is due.

@@ -95,7 +95,8 @@ pub async fn serve(
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &settings.tls {
         let (cert, key) = &tls.identity;
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+        // A client that opens a connection and never finishes the handshake gives its slot back.
+        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).timeout(Duration::from_secs(5));
         if let Some(ca) = &tls.client_ca {
             // Agents and operators come with tokens, not certificates; Dataplane.Sync insists on one.
             config = config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(true);
@@ -261,7 +262,11 @@ struct BackendRules {
 impl BackendRules {
     fn check(&self, backend: BackendTarget) -> Result<(), Status> {
         match backend.ip {
-            Some(ip) if ip != self.peer.ip() && !self.allow_foreign && self.caller != Caller::Operator => {
+            Some(ip)
+                if ip.to_canonical() != self.peer.ip().to_canonical()
+                    && !self.allow_foreign
+                    && self.caller != Caller::Operator =>
+            {
                 Err(Status::permission_denied(format!(
                     "backend_address {ip} is not the address this call comes from ({}); naming another host's \
                      backend needs the admin token or --allow-foreign-backends",

@@ -127,10 +127,12 @@ impl Connection {
                         Ok(n) => n,
                         Err(error) => break format!("control channel error: {error}"),
                     };
-                    idle_until = Instant::now() + idle;
                     framer.push(&buf[..n]);
-                    if let Err(reason) = self.on_input(&mut framer, &mut writer).await {
-                        break reason;
+                    match self.on_input(&mut framer, &mut writer).await {
+                        // Only a request keeps an unregistered connection: stray bytes do not.
+                        Ok(requests) if requests > 0 => idle_until = Instant::now() + idle,
+                        Ok(_) => {}
+                        Err(reason) => break reason,
                     }
                 }
                 () = sleep_until(probe_at), if probe_at.is_some() => {
@@ -151,10 +153,15 @@ impl Connection {
     }
 
     /// Answers every complete frame; `Err` closes the connection with that reason.
-    async fn on_input(&mut self, framer: &mut Framer, writer: &mut OwnedWriteHalf) -> Result<(), String> {
+    /// Answers every complete frame and returns how many were JSON values; `Err` closes the connection.
+    async fn on_input(&mut self, framer: &mut Framer, writer: &mut OwnedWriteHalf) -> Result<usize, String> {
+        let mut requests = 0;
         while let Some(frame) = framer.next_frame() {
             let reply = match frame {
-                Frame::Value(value) => self.on_request(&value).await,
+                Frame::Value(value) => {
+                    requests += 1;
+                    self.on_request(&value).await
+                }
                 Frame::Invalid(why) => Some(request::failed(&format!("invalid JSON: {why}"))),
             };
             if let Some(reply) = reply {
@@ -166,7 +173,7 @@ impl Connection {
             write(writer, &request::failed(&why)).await?;
             return Err(why);
         }
-        Ok(())
+        Ok(requests)
     }
 
     async fn on_request(&mut self, value: &Value) -> Option<Value> {

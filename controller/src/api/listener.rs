@@ -1,12 +1,14 @@
-//! Listeners of the control plane with a bound on open connections. Past it, a new connection is closed at
-//! once, so a flood of connections to one door cannot take the descriptors the other doors need; accept
-//! errors (out of descriptors) back off and are logged once in a while, not every time.
+//! Listeners of the control plane with a bound on open connections, in all and per source address. Past
+//! either, a new connection is closed at once, so a flood of connections to one door cannot take the
+//! descriptors the other doors need, and one host cannot take a whole door; accept errors (out of
+//! descriptors) back off and are logged once in a while, not every time.
 
 use std::{
+    collections::HashMap,
     io,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Mutex},
     task::{Context, Poll},
     time::Duration,
 };
@@ -21,19 +23,30 @@ use tokio::{
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::warn;
 
-/// A listener that holds at most `limit` connections open.
+/// A listener that holds at most `limit` connections open, and a quarter of them (at least 4) from one
+/// source address.
 #[derive(Debug)]
 pub struct CappedListener {
     listener: TcpListener,
     limit: Arc<Limit>,
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_source: usize,
     errors: Throttle,
 }
 
-/// An accepted connection, counted against its listener's limit until dropped.
+/// An accepted connection, counted against its listener's limits until dropped.
 #[derive(Debug)]
 pub struct CappedStream {
     inner: TcpStream,
     _permit: Permit,
+    _source: SourceSlot,
+}
+
+/// One connection of one source address, counted out on drop.
+#[derive(Debug)]
+struct SourceSlot {
+    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
 }
 
 // === impl CappedListener ===
@@ -41,16 +54,36 @@ pub struct CappedStream {
 impl CappedListener {
     /// `listener`, holding at most `max` connections of `what` ("gRPC connections").
     pub fn new(listener: TcpListener, what: &'static str, max: usize) -> Self {
-        CappedListener { listener, limit: Limit::new(what, max), errors: Throttle::new(Duration::from_secs(10)) }
+        CappedListener {
+            listener,
+            limit: Limit::new(what, max),
+            sources: Arc::default(),
+            per_source: (max / 4).max(4),
+            errors: Throttle::new(Duration::from_secs(10)),
+        }
+    }
+
+    /// A slot for one more connection from `ip`, if it holds fewer than its share.
+    fn source_slot(&self, ip: IpAddr) -> Option<SourceSlot> {
+        let ip = ip.to_canonical();
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let held = sources.entry(ip).or_default();
+        if *held >= self.per_source {
+            return None;
+        }
+        *held += 1;
+        Some(SourceSlot { sources: Arc::clone(&self.sources), ip })
     }
 
     /// The next connection within the limit; those past it are closed on arrival.
     pub async fn accept(&mut self) -> (CappedStream, SocketAddr) {
         loop {
             match self.listener.accept().await {
-                Ok((inner, peer)) => match self.limit.try_take(1) {
-                    Some(permit) => return (CappedStream { inner, _permit: permit }, peer),
-                    None => self.limit.refused(),
+                Ok((inner, peer)) => match (self.source_slot(peer.ip()), self.limit.try_take(1)) {
+                    (Some(source), Some(permit)) => {
+                        return (CappedStream { inner, _permit: permit, _source: source }, peer);
+                    }
+                    _ => self.limit.refused(),
                 },
                 Err(error) => {
                     if let Some(held_back) = self.errors.admit(Instant::now()) {
@@ -81,6 +114,20 @@ impl axum::serve::Listener for CappedListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         self.listener.local_addr()
+    }
+}
+
+// === impl SourceSlot ===
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = sources.get_mut(&self.ip) {
+            *held -= 1;
+            if *held == 0 {
+                sources.remove(&self.ip);
+            }
+        }
     }
 }
 

@@ -25,7 +25,9 @@ impl From<StoreError> for Status {
             StoreError::PortNotAllowed { .. } | StoreError::ReservedPort { .. } => {
                 Status::failed_precondition(error.to_string())
             }
-            StoreError::OwnListener { .. } | StoreError::Loop { .. } => Status::permission_denied(error.to_string()),
+            StoreError::OwnListener { .. } | StoreError::Loop { .. } | StoreError::NotAHost { .. } => {
+                Status::permission_denied(error.to_string())
+            }
             StoreError::NodeTaken { .. } => Status::already_exists(error.to_string()),
             StoreError::TooManyRegistrations { .. }
             | StoreError::TooManyBackends { .. }

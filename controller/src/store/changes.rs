@@ -299,21 +299,30 @@ impl Store {
     }
 
     /// A backend may not be the balancer itself: one of the controller's listeners (a public frontend
-    /// would relay into the admin port), or the frontend of its own service on a node (a loop that eats
-    /// file descriptors until none are left).
+    /// would relay into the admin port), or a frontend on a node, of its own service or of another of the
+    /// same protocol (a loop, direct or through the other service, that eats descriptors until none are
+    /// left). Addresses are compared in their canonical form (`::ffff:a.b.c.d` is `a.b.c.d`).
     fn check_not_itself(&self, state: &State, service: ServiceKey, backend: SocketAddr) -> Result<(), StoreError> {
-        let here = client::is_local(backend.ip());
-        let at = |listener: IpAddr| if listener.is_unspecified() { here } else { listener == backend.ip() };
+        let ip = backend.ip().to_canonical();
+        // A connect to 0.0.0.0 or :: reaches this host; a multicast address is no one server.
+        if ip.is_unspecified() || ip.is_multicast() {
+            return Err(StoreError::NotAHost { backend });
+        }
+        let here = client::is_local(ip);
+        let at = |listener: IpAddr| {
+            let listener = listener.to_canonical();
+            if listener.is_unspecified() { here } else { listener == ip }
+        };
         if self.policy.own_listeners.iter().any(|l| l.port() == backend.port() && at(l.ip())) {
             return Err(StoreError::OwnListener { backend });
         }
-        if backend.port() == service.port {
-            let embedded = self.policy.frontend_ip.is_some_and(at);
-            let remote =
-                state.nodes.nodes.values().any(|n| n.connected && n.address.is_some_and(|a| a.ip() == backend.ip()));
-            if embedded || remote {
-                return Err(StoreError::Loop { service, backend });
-            }
+        let frontends = state.registry.services.keys().copied().filter(|k| k.protocol == service.protocol);
+        let Some(frontend) = frontends.chain([service]).find(|k| k.port == backend.port()) else { return Ok(()) };
+        let embedded = self.policy.frontend_ip.is_some_and(at);
+        let remote =
+            state.nodes.nodes.values().any(|n| n.connected && n.address.is_some_and(|a| a.ip().to_canonical() == ip));
+        if embedded || remote {
+            return Err(StoreError::Loop { service: frontend, backend });
         }
         Ok(())
     }

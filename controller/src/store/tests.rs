@@ -300,7 +300,25 @@ fn a_backend_may_not_be_the_balancer_itself() {
     let looped = store.register(a.id, ServiceKey::udp(53), backend("127.0.0.9:53"), None).unwrap_err();
     assert!(matches!(looped, StoreError::Loop { .. }), "{looped}");
     assert_eq!(store.snapshot().version, 0, "nothing was registered");
-    // Another address on the same host, or the same address on another port, is a backend like any other.
+    // Another address on the same host, or the same address on a port no frontend uses, is a backend like
+    // any other.
     store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
-    store.register(a.id, ServiceKey::tcp(82), backend("127.0.0.1:80"), None).unwrap();
+    store.register(a.id, ServiceKey::tcp(82), backend("127.0.0.1:85"), None).unwrap();
+}
+
+#[test]
+fn the_loop_check_sees_through_other_spellings_and_other_services() {
+    let store = store();
+    let a = store.open_registration(origin("127.0.0.1")).unwrap();
+    let refused =
+        |service: ServiceKey, backend: &str| store.register(a.id, service, self::backend(backend), None).is_err();
+    assert!(refused(ServiceKey::tcp(81), "0.0.0.0:8080"), "0.0.0.0 reaches this host");
+    assert!(refused(ServiceKey::tcp(81), "[::ffff:127.0.0.1]:8080"), "a mapped address is the same address");
+    assert!(refused(ServiceKey::tcp(81), "224.0.0.1:81"), "multicast is no one host");
+    store.register(a.id, ServiceKey::tcp(90), backend("127.0.0.2:90"), None).unwrap();
+    // tcp:91 -> the frontend of tcp:90 -> ... would chain into the balancer.
+    let chained = store.register(a.id, ServiceKey::tcp(91), backend("127.0.0.1:90"), None).unwrap_err();
+    assert_eq!(chained, StoreError::Loop { service: ServiceKey::tcp(90), backend: "127.0.0.1:90".parse().unwrap() });
+    // Another protocol's port is another socket.
+    store.register(a.id, ServiceKey::udp(92), backend("127.0.0.1:90"), None).unwrap();
 }

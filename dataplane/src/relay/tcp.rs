@@ -47,9 +47,9 @@ pub async fn serve(
                 continue;
             }
         };
-        // The client's descriptor and the one for its backend, from the node's share, or no connection:
-        // clients never take the descriptors the control plane needs.
-        let Some(fds) = ctx.client_fds.try_take(2) else {
+        // The client's descriptor, from the node's share, or no connection: clients never take the
+        // descriptors the control plane needs.
+        let Some(client_fd) = ctx.client_fds.try_take(1) else {
             ctx.client_fds.refused();
             continue;
         };
@@ -57,7 +57,7 @@ pub async fn serve(
         let route = ctx.table.load().route(&service);
         let (connect_timeout, queue_timeout, first_byte) =
             (ctx.connect_timeout, ctx.queue_timeout, ctx.first_byte_timeout);
-        let slots = Arc::clone(&slots);
+        let (slots, client_fds) = (Arc::clone(&slots), Arc::clone(&ctx.client_fds));
         ctx.connections.spawn(async move {
             let Some(route) = route else { return };
             if let Some(wait) = first_byte
@@ -71,8 +71,13 @@ pub async fn serve(
                 slots.refused();
                 return;
             };
+            // The backend's descriptor only once the service has room: a queued client holds one, not two.
+            let Some(backend_fd) = client_fds.try_take(1) else {
+                client_fds.refused();
+                return;
+            };
             relay(client, peer, service, route, connect_timeout).await;
-            drop((slot, fds));
+            drop((slot, client_fd, backend_fd));
         });
     }
 }

@@ -152,6 +152,22 @@ async fn a_silent_json_connection_that_registered_nothing_is_closed() {
     assert_eq!(reply["ack"], "failed");
     assert!(reply["msg"].as_str().unwrap().contains("--json-idle-timeout"), "{reply}");
     assert_eq!(silent.wait_closed().await, 0);
+    // Stray bytes are not requests: a connection that dribbles whitespace is closed all the same, while it
+    // is still dribbling.
+    let dribbler = TcpStream::connect(ctl.json_addr()).await.unwrap();
+    let (mut read, mut write) = dribbler.into_split();
+    let dribbling = tokio::spawn(async move {
+        for _ in 0..20 {
+            if write.write_all(b" ").await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut reply = String::new();
+    timeout(Duration::from_millis(1500), read.read_to_string(&mut reply)).await.expect("closed while dribbling").ok();
+    assert!(reply.contains("--json-idle-timeout"), "{reply}");
+    dribbling.abort();
     // A registered server is kept by its hellos, however long it stays quiet otherwise.
     let backend = TcpEcho::start(net.host(3), 0).await;
     let mut server = JsonClient::connect(&ctl, net.host(3)).await;

@@ -167,7 +167,7 @@ async fn a_backend_is_never_the_balancer_itself() {
     let frontend = SocketAddr::new(net.frontend(), port);
     assert_eq!(
         reply,
-        json!({"ack": "failed", "msg": format!("backend {frontend} is the frontend of tcp:{port} itself: traffic would loop")})
+        json!({"ack": "failed", "msg": format!("backend {frontend} is the frontend of tcp:{port}: traffic would loop")})
     );
     assert!(Controller::backends(&ctl.state().await, "tcp", port).is_empty());
 }
