@@ -11,7 +11,7 @@ use std::{
 use contract::{auth::Token, client::read_pem, process::FlagError};
 use dataplane::NodeConfig;
 
-use crate::{api::auth::Tokens, cli::Cli, error::ConfigError, probe::ProbeSettings, store::RegistryLimits};
+use crate::{api::auth::Tokens, cli::Cli, error::ConfigError, probe::ProbeSettings};
 
 /// Everything a controller needs to start.
 #[derive(Debug, Clone)]
@@ -72,6 +72,23 @@ pub struct FdShares {
     pub admin: usize,
     /// Descriptors the embedded node's clients may hold.
     pub clients: usize,
+}
+
+/// Bounds on what clients may make the store hold, each refused with a reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegistryLimits {
+    /// Live registrations from one source address.
+    pub registrations_per_source: usize,
+    /// Backends one registration may hold.
+    pub backends_per_registration: usize,
+    /// Services (frontends on every node) in total.
+    pub services: usize,
+}
+
+impl Default for RegistryLimits {
+    fn default() -> Self {
+        RegistryLimits { registrations_per_source: 64, backends_per_registration: 256, services: 4096 }
+    }
 }
 
 /// A set of port ranges, e.g. `80,8000-8999`.

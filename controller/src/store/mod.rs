@@ -34,7 +34,10 @@ pub use nodes::{ClusterLoadFeed, FrontendVerdict, NodeLink};
 pub use registration::{Origin, OriginKind, Registration};
 
 use self::{nodes::NodeTable, registry::Registry};
-use crate::{config::PortRanges, error::StoreError};
+use crate::{
+    config::{PortRanges, RegistryLimits},
+    error::StoreError,
+};
 
 /// Which ports services may use, and which backends are the balancer itself.
 #[derive(Debug, Clone, Default)]
@@ -47,23 +50,6 @@ pub struct Policy {
     pub frontend_ip: Option<IpAddr>,
     /// Bounds on what registrations may make the store hold.
     pub limits: RegistryLimits,
-}
-
-/// Bounds on what clients may make the store hold, each refused with a reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegistryLimits {
-    /// Live registrations from one source address.
-    pub registrations_per_source: usize,
-    /// Backends one registration may hold.
-    pub backends_per_registration: usize,
-    /// Services (frontends on every node) in total.
-    pub services: usize,
-}
-
-impl Default for RegistryLimits {
-    fn default() -> Self {
-        RegistryLimits { registrations_per_source: 64, backends_per_registration: 256, services: 4096 }
-    }
 }
 
 /// The store. See the module documentation.
