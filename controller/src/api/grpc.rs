@@ -24,7 +24,7 @@ use tonic::{
     Request, Response, Status, Streaming,
     transport::{Certificate, Identity, ServerTlsConfig},
 };
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{
     admin::AdminApi,
@@ -286,10 +286,13 @@ async fn register_ack(
     bind_ack_timeout: Duration,
 ) -> RegisterAck {
     let backend = BackendSpec { address: request.backend.resolve(peer.ip(), request.service), weight: request.weight };
-    let reply =
-        registration.register(request.service, backend, request.algorithm, bind_ack_timeout).await.unwrap_or_else(
-            |error| RegisterReply { success: false, message: Some(error.to_string()), backend: Some(backend.address) },
-        );
+    let reply = registration
+        .register(request.service, backend, request.algorithm, bind_ack_timeout)
+        .await
+        .unwrap_or_else(|error| {
+            info!(%peer, service = %request.service, %error, "registration refused");
+            RegisterReply { success: false, message: Some(error.to_string()), backend: Some(backend.address) }
+        });
     (&reply).into()
 }
 

@@ -207,7 +207,10 @@ impl Connection {
                         info!(peer = %self.peer, %service, %why, "registration failed");
                         request::failed(&why)
                     }
-                    Err(error) => request::failed(&error.to_string()),
+                    Err(error) => {
+                        info!(peer = %self.peer, %service, %error, "registration refused");
+                        request::failed(&error.to_string())
+                    }
                 }
             }
             Request::Unregister { service, backend_port } => {
