@@ -264,6 +264,7 @@ impl Controller {
         }
         all.extend(args.iter().cloned());
         let process = Process::spawn(&host, "controller", &all).await;
+        note_controller_ports(&process);
         Controller { process, net, host, args: all }
     }
 
@@ -277,6 +278,7 @@ impl Controller {
         all.extend(["--frontend-address".to_owned(), net.frontend().to_string()]);
         all.extend(extra.iter().map(|s| (*s).to_owned()));
         let process = Process::spawn_with_fd_limit("controller", &all, nofile).await;
+        note_controller_ports(&process);
         Controller { process, net, host: Host::Root, args: all }
     }
 
@@ -589,7 +591,11 @@ impl TcpEcho {
 
     /// Listens on `ip` at `port` (0 for any) on `host`.
     pub async fn start_on(host: &Host, ip: IpAddr, port: u16) -> TcpEcho {
-        let listener = host.tcp_listen(SocketAddr::new(ip, port)).await.expect("echo bind");
+        let mut listener = host.tcp_listen(SocketAddr::new(ip, port)).await.expect("echo bind");
+        // A service may not use a controller's own port: an ephemeral port that happens to be one is no good.
+        while port == 0 && is_controller_port(listener.local_addr().unwrap().port()) {
+            listener = host.tcp_listen(SocketAddr::new(ip, port)).await.expect("echo bind");
+        }
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&accepted);
@@ -627,7 +633,10 @@ pub struct UdpEcho {
 impl UdpEcho {
     /// Listens on `ip` at `port` (0 for any), answering with `name` as prefix.
     pub async fn start(ip: IpAddr, port: u16, name: &str) -> UdpEcho {
-        let socket = Host::Root.udp_bind(SocketAddr::new(ip, port)).await.expect("udp echo bind");
+        let mut socket = Host::Root.udp_bind(SocketAddr::new(ip, port)).await.expect("udp echo bind");
+        while port == 0 && is_controller_port(socket.local_addr().unwrap().port()) {
+            socket = Host::Root.udp_bind(SocketAddr::new(ip, port)).await.expect("udp echo bind");
+        }
         let addr = socket.local_addr().unwrap();
         let prefix = format!("{name}:").into_bytes();
         let task = tokio::spawn(async move {
@@ -774,7 +783,25 @@ pub async fn run_to_exit(name: &str, args: &[&str]) -> (Option<i32>, String) {
 
 /// A free TCP port on `ip` (bound and released: on a test's own loopback block nothing else takes it).
 pub fn free_port(ip: IpAddr) -> u16 {
-    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+    loop {
+        let port = std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+        if !is_controller_port(port) {
+            return port;
+        }
+    }
+}
+
+/// Ports the controllers of this test binary listen on. The controller refuses them as service ports
+/// (whatever the address), so test backends stay off them.
+static CONTROLLER_PORTS: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+
+fn note_controller_ports(process: &Process) {
+    let ports = ["json", "grpc", "admin"].map(|key| process.addr(key).port());
+    CONTROLLER_PORTS.lock().unwrap().extend(ports);
+}
+
+fn is_controller_port(port: u16) -> bool {
+    CONTROLLER_PORTS.lock().unwrap().contains(&port)
 }
 
 /// `python3 -m http.server` on `addr`, killed when dropped; returns once it accepts connections.
