@@ -7,12 +7,12 @@
 //! - [`cli`] and [`config`]: flags, and the validated configuration built from them.
 //! - [`store`]: the single source of truth, in rooms: registry and commit, nodes and cluster load, events,
 //!   read model.
+//! - [`probe`]: the hello health check shared by both registration channels.
+//! - [`api`]: JSON channel, gRPC, admin HTTP, and the doors' tokens and connection caps.
+//! - [`error`]: one error enum per boundary.
 //!
 //! The domain types and their wire conversions are the contract crate's; the `dataplane` crate is used only
 //! to embed a node.
-//! - [`probe`]: the hello health check shared by both registration channels.
-//! - [`api`]: JSON channel, gRPC, admin HTTP.
-//! - [`error`]: one error enum per boundary.
 
 #![forbid(unsafe_code)]
 

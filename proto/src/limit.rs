@@ -12,8 +12,8 @@ use std::{
 
 use tokio::{sync::Notify, time::Instant};
 
-/// How often a refusing limit logs.
-const WARN_EVERY: Duration = Duration::from_secs(10);
+/// How often a refusing limit, a failing accept or a full table logs.
+pub const WARN_EVERY: Duration = Duration::from_secs(10);
 
 /// At most `max` units held at once.
 #[derive(Debug)]
@@ -34,6 +34,32 @@ pub struct Limit {
 pub struct Permit {
     limit: Arc<Limit>,
     units: usize,
+}
+
+/// The failed accepts of one listener. Out of descriptors or memory, accept fails again at once until
+/// something is freed: each failure waits a moment instead of spinning, and is logged at most once per
+/// interval with how many were held back.
+#[derive(Debug)]
+pub struct AcceptErrors {
+    listener: String,
+    throttle: Throttle,
+}
+
+// === impl AcceptErrors ===
+
+impl AcceptErrors {
+    /// The failed accepts of `listener` (a name for logs: "tcp:80", "the JSON control channel").
+    pub fn new(listener: impl ToString) -> Self {
+        AcceptErrors { listener: listener.to_string(), throttle: Throttle::new(WARN_EVERY) }
+    }
+
+    /// Notes `error`, logs it when one is due, and waits before the next accept.
+    pub async fn back_off(&mut self, error: &std::io::Error) {
+        if let Some(held_back) = self.throttle.admit(Instant::now()) {
+            tracing::warn!(listener = %self.listener, %error, repeated = held_back, "accept failed; backing off");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// One caller waiting in [`Limit::take_within`], counted out on drop.

@@ -7,7 +7,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use contract::{
-    limit::{Limit, Permit, Throttle},
+    limit::{AcceptErrors, Limit, Permit},
     model::BackendSpec,
     process::stopped,
 };
@@ -52,36 +52,19 @@ pub struct JsonContext {
 
 /// Accepts control connections until `shutdown` turns true.
 pub async fn serve(listener: TcpListener, ctx: Arc<JsonContext>, mut shutdown: watch::Receiver<bool>) {
-    let mut accept_errors = Throttle::new(Duration::from_secs(10));
+    let mut accept_errors = AcceptErrors::new("the JSON control channel");
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) if !ctx.allow.contains(peer.ip()) => {
-                    debug!(%peer, "control connection from a source outside --json-allow");
-                    let why = format!("source {} is not allowed on the control channel (--json-allow {})", peer.ip(), ctx.allow);
-                    tokio::spawn(refuse(stream, why));
-                }
-                Ok((stream, peer)) => match ctx.connections.try_take(1) {
-                    None => {
-                        ctx.connections.refused();
-                        let why = format!("the control channel is full ({} connections); try again later", ctx.connections.max());
+                Ok((stream, peer)) => match admit(&ctx, peer) {
+                    Ok((slot, registration)) => {
+                        tokio::spawn(Connection::new(stream, peer, Arc::clone(&ctx), registration).run(slot));
+                    }
+                    Err(why) => {
                         tokio::spawn(refuse(stream, why));
                     }
-                    Some(slot) => match ctx.store.open_registration(Origin::json(peer)) {
-                        Ok(registration) => {
-                            tokio::spawn(Connection::new(stream, peer, Arc::clone(&ctx), registration).run(slot));
-                        }
-                        Err(error) => {
-                            tokio::spawn(refuse(stream, error.to_string()));
-                        }
-                    },
                 },
-                Err(error) => {
-                    if let Some(held_back) = accept_errors.admit(Instant::now()) {
-                        warn!(%error, repeated = held_back, "control channel accept failed; backing off");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(error) => accept_errors.back_off(&error).await,
             },
             () = stopped(&mut shutdown) => return,
         }
@@ -250,6 +233,21 @@ impl Connection {
             }
         }
     }
+}
+
+/// Whether `peer` may open a control connection now: its place among the open ones and its registration,
+/// or why not.
+fn admit(ctx: &JsonContext, peer: SocketAddr) -> Result<(Permit, Registration), String> {
+    if !ctx.allow.contains(peer.ip()) {
+        debug!(%peer, "control connection from a source outside --json-allow");
+        return Err(format!("source {} is not allowed on the control channel (--json-allow {})", peer.ip(), ctx.allow));
+    }
+    let Some(slot) = ctx.connections.try_take(1) else {
+        ctx.connections.refused();
+        return Err(format!("the control channel is full ({} connections); try again later", ctx.connections.max()));
+    };
+    let registration = ctx.store.open_registration(Origin::json(peer)).map_err(|error| error.to_string())?;
+    Ok((slot, registration))
 }
 
 /// Answers a connection that may not register with one `failed` reply saying `why`, and closes it.

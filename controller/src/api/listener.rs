@@ -10,18 +10,15 @@ use std::{
     pin::Pin,
     sync::{Arc, Mutex},
     task::{Context, Poll},
-    time::Duration,
 };
 
-use contract::limit::{Limit, Permit, Throttle};
+use contract::limit::{AcceptErrors, Limit, Permit};
 use futures::Stream;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    time::Instant,
 };
 use tonic::transport::server::{Connected, TcpConnectInfo};
-use tracing::warn;
 
 /// A listener that holds at most `limit` connections open, and a quarter of them (at least 4) from one
 /// source address.
@@ -31,7 +28,7 @@ pub struct CappedListener {
     limit: Arc<Limit>,
     sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
     per_source: usize,
-    errors: Throttle,
+    errors: AcceptErrors,
 }
 
 /// An accepted connection, counted against its listener's limits until dropped.
@@ -59,7 +56,7 @@ impl CappedListener {
             limit: Limit::new(what, max),
             sources: Arc::default(),
             per_source: (max / 4).max(4),
-            errors: Throttle::new(Duration::from_secs(10)),
+            errors: AcceptErrors::new(what),
         }
     }
 
@@ -85,12 +82,7 @@ impl CappedListener {
                     }
                     _ => self.limit.refused(),
                 },
-                Err(error) => {
-                    if let Some(held_back) = self.errors.admit(Instant::now()) {
-                        warn!(%error, repeated = held_back, "accept failed; backing off");
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+                Err(error) => self.errors.back_off(&error).await,
             }
         }
     }
@@ -195,6 +187,6 @@ mod tests {
         first.read_exact(&mut byte).await.unwrap();
         drop(first);
         let _third_client = TcpStream::connect(addr).await.unwrap();
-        let (_third, _) = tokio::time::timeout(Duration::from_secs(5), third).await.unwrap().unwrap();
+        let (_third, _) = tokio::time::timeout(std::time::Duration::from_secs(5), third).await.unwrap().unwrap();
     }
 }

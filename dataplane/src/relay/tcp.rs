@@ -4,14 +4,14 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use contract::{
-    limit::{Limit, Throttle},
+    limit::{AcceptErrors, Limit},
     model::ServiceKey,
 };
 use tokio::{
     io::copy_bidirectional,
     net::{TcpListener, TcpStream},
     sync::oneshot,
-    time::{Instant, timeout},
+    time::timeout,
 };
 use tracing::{debug, warn};
 
@@ -28,7 +28,7 @@ pub async fn serve(
 ) {
     // Lives as long as the frontend: the service's connections across snapshots.
     let slots = Limit::new("TCP connections of one service", ctx.max_connections_per_service);
-    let mut accept_errors = Throttle::new(Duration::from_secs(10));
+    let mut accept_errors = AcceptErrors::new(service);
     loop {
         let accepted = tokio::select! {
             biased;
@@ -38,12 +38,7 @@ pub async fn serve(
         let (client, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(error) => {
-                // Out of file descriptors or memory: back off briefly instead of spinning on the error, and
-                // say so once in a while rather than every time.
-                if let Some(held_back) = accept_errors.admit(Instant::now()) {
-                    warn!(%service, %error, repeated = held_back, "accept failed");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                accept_errors.back_off(&error).await;
                 continue;
             }
         };

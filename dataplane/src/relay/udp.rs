@@ -20,7 +20,7 @@ use std::{
 };
 
 use contract::{
-    limit::{Permit, Throttle},
+    limit::{Permit, Throttle, WARN_EVERY},
     model::ServiceKey,
 };
 use tokio::{
@@ -79,7 +79,7 @@ pub async fn serve(socket: UdpSocket, service: ServiceKey, ctx: Arc<RelayContext
     let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
     let mut next_id = 0u64;
     let mut buf = Vec::with_capacity(MAX_DATAGRAM);
-    let mut full = Throttle::new(Duration::from_secs(10));
+    let mut full = Throttle::new(WARN_EVERY);
 
     loop {
         buf.clear();
