@@ -8,8 +8,13 @@ use std::{
     time::Duration,
 };
 
-use contract::{auth::Token, client::read_pem, process::FlagError};
+use contract::{
+    auth::Token,
+    client::{read_identity, read_pem},
+    process::FlagError,
+};
 use dataplane::NodeConfig;
+use tonic::transport::{Certificate, Identity};
 
 use crate::{api::auth::Tokens, cli::Cli, error::ConfigError, probe::ProbeSettings};
 
@@ -98,10 +103,10 @@ pub struct PortRanges(Vec<(u16, u16)>);
 /// TLS of the gRPC listener: its certificate and key, and the authority nodes' certificates must chain to.
 #[derive(Clone)]
 pub struct ServerTls {
-    /// Certificate and key, PEM.
-    pub identity: (Vec<u8>, Vec<u8>),
-    /// Authority of nodes' certificates (mutual TLS), PEM.
-    pub client_ca: Option<Vec<u8>>,
+    /// Certificate and key.
+    pub identity: Identity,
+    /// Authority of nodes' certificates (mutual TLS).
+    pub client_ca: Option<Certificate>,
 }
 
 // === impl ServerTls ===
@@ -119,15 +124,13 @@ impl ServerTls {
         key: Option<&Path>,
         client_ca: Option<&Path>,
     ) -> Result<Option<Self>, FlagError> {
-        let identity = match (cert, key) {
-            (Some(cert), Some(key)) => (read_pem("tls-cert", cert)?, read_pem("tls-key", key)?),
-            (None, None) if client_ca.is_some() => {
-                return Err(FlagError::new("client-ca", "needs --tls-cert and --tls-key"));
-            }
-            (None, None) => return Ok(None),
-            _ => return Err(FlagError::new("tls-cert", "--tls-cert and --tls-key go together")),
+        let Some(identity) = read_identity(cert, key)? else {
+            return match client_ca {
+                Some(_) => Err(FlagError::new("client-ca", "needs --tls-cert and --tls-key")),
+                None => Ok(None),
+            };
         };
-        let client_ca = client_ca.map(|path| read_pem("client-ca", path)).transpose()?;
+        let client_ca = client_ca.map(|path| read_pem("client-ca", path).map(Certificate::from_pem)).transpose()?;
         Ok(Some(ServerTls { identity, client_ca }))
     }
 }

@@ -87,11 +87,7 @@ impl ClientTls {
     /// `--tls-cert` and `--tls-key`; none without `--ca`. The files are read now, so a missing one is a
     /// flag error at start.
     pub fn from_flags(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Self>, FlagError> {
-        let identity = match (cert, key) {
-            (Some(cert), Some(key)) => Some(Identity::from_pem(read_pem("tls-cert", cert)?, read_pem("tls-key", key)?)),
-            (None, None) => None,
-            _ => return Err(FlagError::new("tls-cert", "--tls-cert and --tls-key go together")),
-        };
+        let identity = read_identity(cert, key)?;
         match ca {
             Some(ca) => Ok(Some(ClientTls { ca: Certificate::from_pem(read_pem("ca", ca)?), identity })),
             None if identity.is_some() => {
@@ -99,6 +95,15 @@ impl ClientTls {
             }
             None => Ok(None),
         }
+    }
+}
+
+/// The certificate and key named by `--tls-cert` and `--tls-key`, which go together; none without them.
+pub fn read_identity(cert: Option<&Path>, key: Option<&Path>) -> Result<Option<Identity>, FlagError> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(Identity::from_pem(read_pem("tls-cert", cert)?, read_pem("tls-key", key)?))),
+        (None, None) => Ok(None),
+        _ => Err(FlagError::new("tls-cert", "--tls-cert and --tls-key go together")),
     }
 }
 

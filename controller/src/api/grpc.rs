@@ -20,10 +20,7 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    Request, Response, Status, Streaming,
-    transport::{Certificate, Identity, ServerTlsConfig},
-};
+use tonic::{Request, Response, Status, Streaming, transport::ServerTlsConfig};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -94,12 +91,11 @@ pub async fn serve(
     let admin = AdminApi { store, shutdown: shutdown.clone() };
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = &settings.tls {
-        let (cert, key) = &tls.identity;
         // A client that opens a connection and never finishes the handshake gives its slot back.
-        let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key)).timeout(Duration::from_secs(5));
+        let mut config = ServerTlsConfig::new().identity(tls.identity.clone()).timeout(Duration::from_secs(5));
         if let Some(ca) = &tls.client_ca {
             // Agents and operators come with tokens, not certificates; Dataplane.Sync insists on one.
-            config = config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(true);
+            config = config.client_ca_root(ca.clone()).client_auth_optional(true);
         }
         server = server.tls_config(config)?;
     }
