@@ -61,8 +61,10 @@ impl Store {
         algorithm: Option<Algorithm>,
     ) -> Result<Registered, StoreError> {
         self.check_port(service.port)?;
+        // A socket call, so outside the lock: whether the backend's address is this host's.
+        let here = client::is_local(backend.address.ip().to_canonical());
         let mut state = self.lock();
-        self.check_not_itself(&state, service, backend.address)?;
+        self.check_not_itself(&state, service, backend.address, here)?;
         // The first registration of a service chooses its algorithm; a later one may only agree, unless an
         // operator chose since (then the operator's choice stands and the registration goes through).
         let mut overruled = None;
@@ -301,14 +303,20 @@ impl Store {
     /// A backend may not be the balancer itself: one of the controller's listeners (a public frontend
     /// would relay into the admin port), or a frontend on a node, of its own service or of another of the
     /// same protocol (a loop, direct or through the other service, that eats descriptors until none are
-    /// left). Addresses are compared in their canonical form (`::ffff:a.b.c.d` is `a.b.c.d`).
-    fn check_not_itself(&self, state: &State, service: ServiceKey, backend: SocketAddr) -> Result<(), StoreError> {
+    /// left). Addresses are compared in their canonical form (`::ffff:a.b.c.d` is `a.b.c.d`); `here` says
+    /// whether the backend's address is this host's.
+    fn check_not_itself(
+        &self,
+        state: &State,
+        service: ServiceKey,
+        backend: SocketAddr,
+        here: bool,
+    ) -> Result<(), StoreError> {
         let ip = backend.ip().to_canonical();
         // A connect to 0.0.0.0 or :: reaches this host; a multicast address is no one server.
         if ip.is_unspecified() || ip.is_multicast() {
             return Err(StoreError::NotAHost { backend });
         }
-        let here = client::is_local(ip);
         let at = |listener: IpAddr| {
             let listener = listener.to_canonical();
             if listener.is_unspecified() { here } else { listener == ip }
