@@ -130,6 +130,9 @@ pub enum ControllerError {
     /// The store refused a change of the controller's own (warm-up).
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    /// The embedded node could not start.
+    #[error("embedded node: {0}")]
+    Node(#[from] dataplane::DataplaneError),
 }
 
 /// A configuration value that makes no sense.

@@ -184,7 +184,7 @@ async fn run_embedded_node(
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ControllerError> {
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    let node = Node::new(config);
+    let node = Node::new(config)?;
     // The other nodes' counts, as a remote node gets them on its sync stream.
     let cluster = cluster_counts.then(|| {
         let (handle, mut feed) = (node.handle(), link.cluster_load());

@@ -8,7 +8,7 @@ use contract::model::{FrontendView, ServiceKey, ServiceSpec};
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::{node::NodeHandle, sync::SyncStatus};
+use crate::{node::NodeHandle, relay::pump::PumpStats, sync::SyncStatus};
 
 /// What `/api/state` reads.
 #[derive(Clone)]
@@ -31,6 +31,12 @@ struct NodeStateView {
     services: Vec<ServiceSpec>,
     frontends: Vec<FrontendView>,
     backends: Vec<LoadView>,
+    /// Microseconds the last snapshot took to apply.
+    last_apply_us: u64,
+    /// Data-path worker threads.
+    workers: usize,
+    /// What the TCP relay moved, by splice or by copy.
+    relay: PumpStats,
 }
 
 #[derive(Serialize)]
@@ -84,5 +90,8 @@ async fn state_view(State(admin): State<AdminState>) -> Json<NodeStateView> {
                 remote_connections: remote,
             })
             .collect(),
+        last_apply_us: u64::try_from(node.apply_time.as_micros()).unwrap_or(u64::MAX),
+        workers: admin.node.workers(),
+        relay: admin.node.pump_stats(),
     })
 }

@@ -99,6 +99,19 @@ pub struct NodeArgs {
     /// chosen (slowloris-style idlers). 0 turns it off, as protocols where the server speaks first need.
     #[arg(long, env = "SWITCHBOARD_CLIENT_FIRST_BYTE_TIMEOUT", default_value = "0s", value_parser = humantime::parse_duration)]
     pub client_first_byte_timeout: Duration,
+
+    /// Data-path worker threads, each with its own socket on every frontend port (0: one per core).
+    #[arg(long, env = "SWITCHBOARD_WORKERS", default_value_t = 0)]
+    pub workers: usize,
+
+    /// Most pipes for zero-copy TCP relaying (splice), two descriptors each, held only while bytes are in
+    /// flight; past it connections copy through a buffer (0: never splice).
+    #[arg(long, env = "SWITCHBOARD_SPLICE_PIPES", default_value_t = 256)]
+    pub splice_pipes: usize,
+
+    /// Capacity asked of each splice pipe, in bytes.
+    #[arg(long, env = "SWITCHBOARD_PIPE_SIZE", default_value_t = 256 * 1024)]
+    pub pipe_size: usize,
 }
 
 /// The validated configuration of a `dataplane` process.
@@ -129,6 +142,9 @@ impl NodeArgs {
         if self.max_connections_per_service == 0 {
             return Err(FlagError::new("max-connections-per-service", "must be at least 1"));
         }
+        if !(4096..=1 << 20).contains(&self.pipe_size) {
+            return Err(FlagError::new("pipe-size", "must be between 4096 and 1048576 bytes"));
+        }
         FlagError::require_positive(&[
             ("connect-timeout", self.connect_timeout),
             ("udp-idle-timeout", self.udp_idle_timeout),
@@ -146,6 +162,12 @@ impl NodeArgs {
             max_connections_per_service: self.max_connections_per_service,
             queue_timeout: self.queue_timeout,
             first_byte_timeout: (!self.client_first_byte_timeout.is_zero()).then_some(self.client_first_byte_timeout),
+            workers: match self.workers {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
+            splice_pipes: self.splice_pipes,
+            pipe_size: self.pipe_size,
         })
     }
 }
@@ -208,6 +230,9 @@ mod tests {
         assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "node-id");
         let bad = Cli::parse_from(["dataplane", "--udp-max-sessions", "0"]);
         assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "udp-max-sessions");
+        let bad = Cli::parse_from(["dataplane", "--pipe-size", "100"]);
+        assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "pipe-size");
+        assert!(config.node.workers >= 1);
         let bad = Cli::parse_from(["dataplane", "--connect-timeout", "0s"]);
         assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "connect-timeout");
     }

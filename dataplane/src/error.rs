@@ -29,6 +29,9 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    /// The data-path worker threads could not start.
+    #[error("cannot start worker threads: {0}")]
+    Workers(#[source] std::io::Error),
     /// The admin HTTP server failed.
     #[error("admin HTTP server: {0}")]
     Admin(#[source] std::io::Error),

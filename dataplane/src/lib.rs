@@ -15,6 +15,7 @@
 //! - [`relay`]: TCP and UDP relays.
 //! - [`listener`]: how frontend sockets are bound.
 //! - [`stats`]: per-backend connection counters and evictions.
+//! - [`workers`]: the data path's threads, one runtime per core.
 //! - [`sync`]: the remote node's link to the controller; [`sys`]: the one module that calls libc.
 //! - [`cli`], [`admin`]: the `dataplane` binary's flags (and [`NodeArgs`], which the controller takes for
 //!   its embedded node) and admin HTTP server.
@@ -30,6 +31,7 @@ pub mod stats;
 pub mod sync;
 pub mod sys;
 pub mod table;
+pub mod workers;
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -75,7 +77,7 @@ impl Dataplane {
     /// drain timeout to finish.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), DataplaneError> {
         let Dataplane { config, admin } = self;
-        let node = Node::new(config.node.clone());
+        let node = Node::new(config.node.clone())?;
         let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(RoutingSnapshot::default()));
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let (status_tx, status_rx) = watch::channel(sync::SyncStatus::default());

@@ -1,39 +1,65 @@
-//! Frontend sockets: binding them the way a load balancer needs (large backlog, address reuse for TCP,
-//! never for UDP).
+//! Frontend sockets: binding them the way a load balancer needs (one socket per worker, large backlog,
+//! address reuse for TCP, never for UDP).
 
 use std::net::SocketAddr;
 
 use socket2::{Domain, Protocol as SockProtocol, Socket, Type};
-use tokio::net::{TcpListener, UdpSocket};
 
 use crate::error::FrontendError;
 
 /// Listen backlog of TCP frontends: a small one drops SYNs under new-connection floods.
 const LISTEN_BACKLOG: i32 = 4096;
 
-/// Binds a TCP frontend. `SO_REUSEADDR` lets a restarted node bind while old connections sit in
-/// TIME_WAIT; it does not let two live listeners share the port, so conflicts still fail here.
-pub fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, FrontendError> {
-    let bind = |addr: SocketAddr| -> std::io::Result<TcpListener> {
+/// Binds a TCP frontend as `count` listening sockets on one address, one per worker, sharing the port
+/// through `SO_REUSEPORT` so the kernel spreads new connections over them.
+///
+/// `SO_REUSEPORT` would also let another process of the same user join the group silently, so the port is
+/// first bound alone, without it: a port that anyone holds fails here with the OS error, as it did with a
+/// single socket. `SO_REUSEADDR` lets a restarted node bind while old connections sit in TIME_WAIT.
+pub fn bind_tcp(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>, FrontendError> {
+    let bind = |addr: SocketAddr, shared: bool| -> std::io::Result<Socket> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))?;
         socket.set_reuse_address(true)?;
+        socket.set_reuse_port(shared)?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
-        socket.listen(LISTEN_BACKLOG)?;
-        TcpListener::from_std(socket.into())
+        Ok(socket)
     };
-    bind(addr).map_err(|source| FrontendError::Bind { addr, source })
+    let group = || -> std::io::Result<Vec<std::net::TcpListener>> {
+        let addr = free_port(bind(addr, false)?)?;
+        let mut sockets = Vec::with_capacity(count);
+        for _ in 0..count.max(1) {
+            let socket = bind(addr, true)?;
+            socket.listen(LISTEN_BACKLOG)?;
+            sockets.push(socket.into());
+        }
+        Ok(sockets)
+    };
+    group().map_err(|source| FrontendError::Bind { addr, source })
 }
 
-/// Binds a UDP frontend. No `SO_REUSEADDR`: on UDP it would let two sockets share the port silently.
-pub fn bind_udp(addr: SocketAddr) -> Result<UdpSocket, FrontendError> {
-    let bind = |addr: SocketAddr| -> std::io::Result<UdpSocket> {
+/// Binds a UDP frontend as `count` sockets on one address, one per worker (`SO_REUSEPORT`: the kernel
+/// hashes each client's address and port to one socket, so a client's datagrams always reach the same
+/// worker and its session). Checked free first, as for TCP; no `SO_REUSEADDR`, which on UDP would let two
+/// sockets share the port silently.
+pub fn bind_udp(addr: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocket>, FrontendError> {
+    let bind = |addr: SocketAddr, shared: bool| -> std::io::Result<Socket> {
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(SockProtocol::UDP))?;
+        socket.set_reuse_port(shared)?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;
-        UdpSocket::from_std(socket.into())
+        Ok(socket)
     };
-    bind(addr).map_err(|source| FrontendError::Bind { addr, source })
+    let group = || -> std::io::Result<Vec<std::net::UdpSocket>> {
+        let addr = free_port(bind(addr, false)?)?;
+        (0..count.max(1)).map(|_| Ok(bind(addr, true)?.into())).collect()
+    };
+    group().map_err(|source| FrontendError::Bind { addr, source })
+}
+
+/// The address `probe` got (the port chosen when port 0 was asked), with the probe closed again.
+fn free_port(probe: Socket) -> std::io::Result<SocketAddr> {
+    probe.local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("not an IP socket"))
 }
 
 #[cfg(test)]
@@ -42,13 +68,16 @@ mod tests {
 
     #[tokio::test]
     async fn a_taken_port_is_reported_with_the_os_error() {
-        let first = bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = first.local_addr().unwrap();
-        let err = bind_tcp(addr).unwrap_err().to_string();
+        let first = bind_tcp("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        assert_eq!(first.len(), 2);
+        let addr = first[0].local_addr().unwrap();
+        assert_eq!(first[1].local_addr().unwrap(), addr);
+        // Another group on the same port is refused, even though both ask for SO_REUSEPORT.
+        let err = bind_tcp(addr, 2).unwrap_err().to_string();
         assert!(err.starts_with(&format!("bind {addr}: ")), "{err}");
         assert!(err.contains("in use"), "{err}");
 
-        let udp = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
-        assert!(bind_udp(udp.local_addr().unwrap()).is_err());
+        let udp = bind_udp("127.0.0.1:0".parse().unwrap(), 2).unwrap();
+        assert!(bind_udp(udp[0].local_addr().unwrap(), 1).is_err());
     }
 }

@@ -19,17 +19,21 @@ use arc_swap::ArcSwap;
 use contract::limit::Limit;
 use contract::model::{BackendLoad, FrontendStatus, NodeReport, Protocol, RoutingSnapshot, ServiceKey};
 use tokio::{
-    sync::{mpsc, oneshot, watch},
+    sync::{mpsc, watch},
     task::{JoinHandle, JoinSet},
 };
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    listener,
-    relay::{self, RelayContext},
+    DataplaneError, FrontendError, listener,
+    relay::{
+        self, RelayContext,
+        pump::{PipePool, PumpStats},
+    },
     stats::{BackendStats, StatsRegistry},
     table::RoutingTable,
+    workers::Workers,
 };
 
 /// Settings of one node.
@@ -59,6 +63,12 @@ pub struct NodeConfig {
     pub queue_timeout: Duration,
     /// A TCP client silent for this long after connecting is closed (none: never).
     pub first_byte_timeout: Option<Duration>,
+    /// Data-path worker threads (at least one).
+    pub workers: usize,
+    /// Most splice pipes (0: never splice).
+    pub splice_pipes: usize,
+    /// Capacity asked of each splice pipe, in bytes.
+    pub pipe_size: usize,
 }
 
 /// What the node serves now, for its admin API.
@@ -68,6 +78,8 @@ pub struct ServedState {
     pub snapshot: Arc<RoutingSnapshot>,
     /// One entry per service of `snapshot`.
     pub frontends: Vec<FrontendStatus>,
+    /// How long applying `snapshot` took, from receiving it to its report being ready.
+    pub apply_time: Duration,
 }
 
 /// Read access to a running node, for its admin API.
@@ -75,11 +87,14 @@ pub struct ServedState {
 pub struct NodeHandle {
     state: watch::Receiver<ServedState>,
     stats: Arc<StatsRegistry>,
+    ctx: Arc<RelayContext>,
+    workers: usize,
 }
 
 /// One data-plane node.
 pub struct Node {
     config: NodeConfig,
+    workers: Workers,
     ctx: Arc<RelayContext>,
     stats: Arc<StatsRegistry>,
     frontends: HashMap<ServiceKey, Frontend>,
@@ -90,43 +105,53 @@ pub struct Node {
     drains: JoinSet<()>,
 }
 
-/// An open frontend: its socket lives inside `task`, which returns once `stop` fires.
+/// An open frontend: one socket per worker, each inside its worker's task, which returns once `stop`
+/// fires.
 struct Frontend {
     local: SocketAddr,
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<()>,
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
 }
 
 // === impl Node ===
 
 impl Node {
-    /// A node with no frontends yet.
-    pub fn new(config: NodeConfig) -> Self {
+    /// A node with no frontends yet, its worker threads started.
+    pub fn new(config: NodeConfig) -> Result<Self, DataplaneError> {
+        let workers = Workers::start(config.workers).map_err(DataplaneError::Workers)?;
+        let client_fds = Limit::new("client file descriptors", config.client_fds);
         let ctx = Arc::new(RelayContext {
             table: ArcSwap::from_pointee(RoutingTable::default()),
             connect_timeout: config.connect_timeout,
             udp_idle_timeout: config.udp_idle_timeout,
             udp_max_sessions: config.udp_max_sessions,
-            client_fds: Limit::new("client file descriptors", config.client_fds),
+            pipes: PipePool::new(config.splice_pipes, config.pipe_size, Arc::clone(&client_fds)),
+            client_fds,
             max_connections_per_service: config.max_connections_per_service,
             queue_timeout: config.queue_timeout,
             first_byte_timeout: config.first_byte_timeout,
             connections: TaskTracker::new(),
         });
-        Node {
+        Ok(Node {
             config,
+            workers,
             ctx,
             stats: Arc::default(),
             frontends: HashMap::new(),
             failures: HashMap::new(),
             state: watch::Sender::new(ServedState::default()),
             drains: JoinSet::new(),
-        }
+        })
     }
 
     /// Read access to this node's state and counters, valid while it runs.
     pub fn handle(&self) -> NodeHandle {
-        NodeHandle { state: self.state.subscribe(), stats: Arc::clone(&self.stats) }
+        NodeHandle {
+            state: self.state.subscribe(),
+            stats: Arc::clone(&self.stats),
+            ctx: Arc::clone(&self.ctx),
+            workers: self.workers.len(),
+        }
     }
 
     /// Applies every snapshot published on `snapshots` and reports on `reports`, until `shutdown` turns
@@ -156,6 +181,7 @@ impl Node {
     }
 
     async fn apply(&mut self, received: &RoutingSnapshot) -> Vec<FrontendStatus> {
+        let started = std::time::Instant::now();
         let snapshot = received.applied_over(&self.state.borrow().snapshot);
         // The new table first: connections accepted from here on see the new backends.
         let old = self.ctx.table.load_full();
@@ -193,7 +219,8 @@ impl Node {
                 "controller warming up: keeping services it does not list yet"
             );
         }
-        self.state.send_replace(ServedState { snapshot: Arc::new(snapshot), frontends: statuses.clone() });
+        let apply_time = started.elapsed();
+        self.state.send_replace(ServedState { snapshot: Arc::new(snapshot), frontends: statuses.clone(), apply_time });
         statuses
     }
 
@@ -217,23 +244,38 @@ impl Node {
 
     fn open(&mut self, service: ServiceKey) -> Result<SocketAddr, String> {
         let addr = SocketAddr::new(self.config.frontend_address, service.port);
-        let ctx = Arc::clone(&self.ctx);
-        let (stop, stopped) = oneshot::channel();
+        let stop = CancellationToken::new();
+        let workers = self.workers.len();
+        let local_of =
+            |local: std::io::Result<SocketAddr>| local.map_err(|source| FrontendError::Bind { addr, source });
         let opened = match service.protocol {
-            Protocol::Tcp => listener::bind_tcp(addr).and_then(|l| {
-                let local = l.local_addr().map_err(|source| crate::FrontendError::Bind { addr, source })?;
-                Ok((local, tokio::spawn(relay::tcp::serve(l, service, ctx, stopped))))
+            Protocol::Tcp => listener::bind_tcp(addr, workers).and_then(|sockets| {
+                let local = local_of(sockets[0].local_addr())?;
+                // Lives as long as the frontend: the service's connections across workers and snapshots.
+                let slots = Limit::new("TCP connections of one service", self.ctx.max_connections_per_service);
+                let tasks = sockets.into_iter().enumerate().map(|(worker, socket)| {
+                    let serve =
+                        relay::tcp::serve(socket, service, Arc::clone(&self.ctx), Arc::clone(&slots), stop.clone());
+                    self.workers.spawn(worker, serve)
+                });
+                Ok((local, tasks.collect()))
             }),
-            Protocol::Udp => listener::bind_udp(addr).and_then(|s| {
-                let local = s.local_addr().map_err(|source| crate::FrontendError::Bind { addr, source })?;
-                Ok((local, tokio::spawn(relay::udp::serve(s, service, ctx, stopped))))
+            Protocol::Udp => listener::bind_udp(addr, workers).and_then(|sockets| {
+                let local = local_of(sockets[0].local_addr())?;
+                let slots = Limit::new("UDP sessions of one frontend", self.ctx.udp_max_sessions);
+                let tasks = sockets.into_iter().enumerate().map(|(worker, socket)| {
+                    let serve =
+                        relay::udp::serve(socket, service, Arc::clone(&self.ctx), Arc::clone(&slots), stop.clone());
+                    self.workers.spawn(worker, serve)
+                });
+                Ok((local, tasks.collect()))
             }),
         };
         match opened {
-            Ok((local, task)) => {
-                info!(node = %self.config.node_id, %service, addr = %local, "port opened");
+            Ok((local, tasks)) => {
+                info!(node = %self.config.node_id, %service, addr = %local, workers, "port opened");
                 self.failures.remove(&service);
-                self.frontends.insert(service, Frontend { local, stop, task });
+                self.frontends.insert(service, Frontend { local, stop, tasks });
                 Ok(local)
             }
             Err(error) => {
@@ -273,10 +315,12 @@ impl Node {
 impl Frontend {
     /// Stops accepting and releases the port before returning.
     async fn close(self, node: &str, service: ServiceKey) {
-        let _ = self.stop.send(());
-        // Waiting for the task is what guarantees the socket is closed by the time the node acknowledges
+        self.stop.cancel();
+        // Waiting for the tasks is what guarantees the sockets are closed by the time the node acknowledges
         // the snapshot.
-        let _ = self.task.await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
         info!(node, %service, addr = %self.local, "port closed");
     }
 }
@@ -292,6 +336,16 @@ impl NodeHandle {
     /// The node's per-backend counters, each with the other nodes' connections as last reported.
     pub fn load(&self) -> Vec<(BackendLoad, u64)> {
         self.stats.collect_with_remote()
+    }
+
+    /// Data-path worker threads.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// What the TCP relay's pumps have moved, and how.
+    pub fn pump_stats(&self) -> PumpStats {
+        self.ctx.pipes.stats()
     }
 
     /// Takes in the other nodes' connection counts (sums per backend), for the load-aware algorithms.

@@ -7,7 +7,7 @@ use std::{
     sync::Arc,
 };
 
-use contract::model::{RoutingSnapshot, ServiceKey};
+use contract::model::{Algorithm, RoutingSnapshot, ServiceKey, ServiceSpec};
 
 use crate::{
     balance::{Balancer, RouteBackend},
@@ -25,6 +25,8 @@ pub struct RoutingTable {
 /// How to reach the backends of one service.
 #[derive(Debug)]
 pub struct ServiceRoute {
+    /// The algorithm `balancer` runs.
+    pub algorithm: Algorithm,
     /// Backends in rotation, in snapshot order.
     pub backends: Vec<RouteBackend>,
     /// Picks among `backends`.
@@ -34,12 +36,18 @@ pub struct ServiceRoute {
 // === impl RoutingTable ===
 
 impl RoutingTable {
-    /// Resolves `snapshot`; balancers continue from `previous`.
+    /// Resolves `snapshot`. A service whose algorithm and backends (addresses and weights, in order) are
+    /// those of `previous` keeps its route as it is: same balancer state, same counters, nothing rebuilt.
+    /// The others get new balancers that continue from `previous` where they can.
     pub fn build(snapshot: &RoutingSnapshot, previous: &RoutingTable, stats: &StatsRegistry) -> Self {
         let services = snapshot
             .services
             .values()
             .map(|spec| {
+                let before = previous.services.get(&spec.key);
+                if let Some(route) = before.filter(|route| route.serves(spec)) {
+                    return (spec.key, Arc::clone(route));
+                }
                 let backends: Vec<RouteBackend> = spec
                     .backends
                     .iter()
@@ -49,9 +57,8 @@ impl RoutingTable {
                         stats: stats.get(spec.key, b.address),
                     })
                     .collect();
-                let balancer =
-                    Balancer::build(spec.algorithm, &backends, previous.services.get(&spec.key).map(|r| &r.balancer));
-                (spec.key, Arc::new(ServiceRoute { backends, balancer }))
+                let balancer = Balancer::build(spec.algorithm, &backends, before.map(|r| &r.balancer));
+                (spec.key, Arc::new(ServiceRoute { algorithm: spec.algorithm, backends, balancer }))
             })
             .collect();
         RoutingTable { version: snapshot.version, services }
@@ -84,6 +91,13 @@ impl ServiceRoute {
         (0..len).map(move |i| &self.backends[(start + i) % len])
     }
 
+    /// True when this route was built from exactly `spec`'s algorithm and backends.
+    fn serves(&self, spec: &ServiceSpec) -> bool {
+        self.algorithm == spec.algorithm
+            && self.backends.len() == spec.backends.len()
+            && self.backends.iter().zip(&spec.backends).all(|(b, s)| b.address == s.address && b.weight == s.weight)
+    }
+
     /// True when `addr` is still in rotation.
     pub fn contains(&self, addr: SocketAddr) -> bool {
         self.backends.iter().any(|b| b.address == addr)
@@ -92,7 +106,7 @@ impl ServiceRoute {
 
 #[cfg(test)]
 mod tests {
-    use contract::model::{Algorithm, BackendSpec, ServiceSpec, Weight};
+    use contract::model::{BackendSpec, Weight};
 
     use super::*;
 
@@ -118,5 +132,46 @@ mod tests {
         assert_eq!(order.len(), 2);
         assert_ne!(order[0], order[1]);
         assert!(t2.route(&ServiceKey::udp(80)).is_none());
+    }
+
+    #[test]
+    fn an_unchanged_service_keeps_its_route_across_a_snapshot_that_changes_another() {
+        let stats = StatsRegistry::default();
+        let (a, b) = (ServiceKey::tcp(80), ServiceKey::tcp(81));
+        let spec = |key, backends: &[&str]| ServiceSpec {
+            key,
+            algorithm: Algorithm::RoundRobin,
+            backends: backends
+                .iter()
+                .map(|a| BackendSpec { address: a.parse().unwrap(), weight: Weight::MIN })
+                .collect(),
+        };
+        let snapshot = |version, b_backends: &[&str]| RoutingSnapshot {
+            version,
+            services: [(a, spec(a, &["127.0.0.2:80", "127.0.0.3:80", "127.0.0.4:80"])), (b, spec(b, b_backends))]
+                .into(),
+            ..Default::default()
+        };
+        let client = "127.0.0.1".parse().unwrap();
+        let t1 = RoutingTable::build(&snapshot(1, &["127.0.0.5:81"]), &RoutingTable::default(), &stats);
+        let route = t1.route(&a).unwrap();
+        // Two picks: the round robin now points at the third backend.
+        route.candidates(client).next();
+        route.candidates(client).next();
+        let _open = route.backends[0].stats.open();
+
+        let t2 = RoutingTable::build(&snapshot(2, &["127.0.0.5:81", "127.0.0.6:81"]), &t1, &stats);
+        let kept = t2.route(&a).unwrap();
+        assert!(Arc::ptr_eq(&route, &kept), "the unchanged service's route was rebuilt");
+        assert_eq!(kept.candidates(client).next().unwrap().address, "127.0.0.4:80".parse().unwrap());
+        assert_eq!(kept.backends[0].stats.active(), 1);
+        assert_eq!(t2.route(&b).unwrap().backends.len(), 2);
+
+        // A weight change is a change: that route is rebuilt, its rotation carried on.
+        let mut changed = snapshot(3, &["127.0.0.5:81", "127.0.0.6:81"]);
+        changed.services.get_mut(&a).unwrap().backends[0].weight = Weight::new(2).unwrap();
+        let t3 = RoutingTable::build(&changed, &t2, &stats);
+        assert!(!Arc::ptr_eq(&kept, &t3.route(&a).unwrap()));
+        assert_eq!(t3.route(&a).unwrap().backends[0].stats.active(), 1);
     }
 }

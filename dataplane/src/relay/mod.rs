@@ -8,6 +8,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::table::RoutingTable;
 
+pub mod pump;
 pub mod tcp;
 pub mod udp;
 
@@ -30,6 +31,8 @@ pub struct RelayContext {
     pub queue_timeout: Duration,
     /// A TCP client silent for this long after connecting is closed before any backend is tried.
     pub first_byte_timeout: Option<Duration>,
+    /// Pipes for the TCP relay's splice path.
+    pub pipes: pump::PipePool,
     /// Every TCP connection task, so a shutdown can wait for them to finish.
     pub connections: TaskTracker,
 }

@@ -8,31 +8,37 @@ use contract::{
     model::ServiceKey,
 };
 use tokio::{
-    io::copy_bidirectional,
     net::{TcpListener, TcpStream},
-    sync::oneshot,
     time::timeout,
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::RelayContext;
+use super::{RelayContext, pump};
 use crate::{stats::ConnectionGuard, table::ServiceRoute};
 
-/// Accepts clients of `service` until `stop` fires (the frontend closes). Connections already accepted
-/// go on; they are tracked in the context so a shutdown can wait for them.
+/// Accepts clients of `service` on one worker's listener until `stop` fires (the frontend closes).
+/// Connections already accepted go on, on this worker; they are tracked in the context so a shutdown can
+/// wait for them. `slots` bounds the service's connections across all its workers (and snapshots).
 pub async fn serve(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     service: ServiceKey,
     ctx: Arc<RelayContext>,
-    mut stop: oneshot::Receiver<()>,
+    slots: Arc<Limit>,
+    stop: CancellationToken,
 ) {
-    // Lives as long as the frontend: the service's connections across snapshots.
-    let slots = Limit::new("TCP connections of one service", ctx.max_connections_per_service);
+    let listener = match TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            warn!(%service, %error, "frontend socket unusable on this worker");
+            return;
+        }
+    };
     let mut accept_errors = AcceptErrors::new(service);
     loop {
         let accepted = tokio::select! {
             biased;
-            _ = &mut stop => return,
+            () = stop.cancelled() => return,
             accepted = listener.accept() => accepted,
         };
         let (client, peer) = match accepted {
@@ -52,7 +58,7 @@ pub async fn serve(
         let route = ctx.table.load().route(&service);
         let (connect_timeout, queue_timeout, first_byte) =
             (ctx.connect_timeout, ctx.queue_timeout, ctx.first_byte_timeout);
-        let (slots, client_fds) = (Arc::clone(&slots), Arc::clone(&ctx.client_fds));
+        let (slots, client_fds, shared) = (Arc::clone(&slots), Arc::clone(&ctx.client_fds), Arc::clone(&ctx));
         ctx.connections.spawn(async move {
             let Some(route) = route else { return };
             if let Some(wait) = first_byte
@@ -71,7 +77,7 @@ pub async fn serve(
                 client_fds.refused();
                 return;
             };
-            relay(client, peer, service, route, connect_timeout).await;
+            relay(client, peer, service, route, connect_timeout, &shared).await;
             drop((slot, client_fd, backend_fd));
         });
     }
@@ -84,13 +90,14 @@ async fn spoke_within(client: &TcpStream, wait: Duration) -> bool {
 }
 
 async fn relay(
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     service: ServiceKey,
     route: Arc<ServiceRoute>,
     connect_timeout: Duration,
+    ctx: &RelayContext,
 ) {
-    let Some((mut upstream, backend, mut guard)) = connect(&route, service, peer, connect_timeout).await else {
+    let Some((upstream, backend, mut guard)) = connect(&route, service, peer, connect_timeout).await else {
         warn!(%service, client = %peer, backends = route.backends.len(), "no backend accepted the connection");
         return;
     };
@@ -98,7 +105,7 @@ async fn relay(
     drop(route);
     let _ = client.set_nodelay(true);
     tokio::select! {
-        copied = copy_bidirectional(&mut client, &mut upstream) => match copied {
+        moved = pump::both_ways(&client, &upstream, &ctx.pipes) => match moved {
             Ok((up, down)) => debug!(%service, client = %peer, %backend, up, down, "connection closed"),
             Err(error) => debug!(%service, client = %peer, %backend, %error, "connection ended with an error"),
         },

@@ -4,6 +4,10 @@
 //! The session table is owned by the frontend's receive task alone, so the per-datagram path takes no
 //! lock: session tasks report their end over a channel instead of touching the table.
 //!
+//! Each worker has its own socket on the frontend's port (the kernel sends a client always to the same one)
+//! and receives in batches: one recvmmsg(2) takes every datagram waiting, up to [`BATCH_SIZE`], into the
+//! worker's buffers, and each goes on to its session's upstream socket without an `.await`.
+//!
 //! Memory follows the sessions open, not the sessions ever opened: a session holds no buffer while it
 //! waits (replies are copied through a buffer borrowed from the worker thread), and the table gives its
 //! room back when it empties.
@@ -11,8 +15,9 @@
 use std::{
     cell::RefCell,
     collections::HashMap,
-    io,
+    io::{self, IoSliceMut},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::{AsRawFd, RawFd},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -20,27 +25,36 @@ use std::{
 };
 
 use contract::{
-    limit::{Permit, Throttle, WARN_EVERY},
+    limit::{Limit, Permit, Throttle, WARN_EVERY},
     model::ServiceKey,
 };
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+use socket2::SockRef;
 use tokio::{
+    io::Interest,
     net::UdpSocket,
-    sync::{mpsc, oneshot},
+    sync::mpsc,
     task::{AbortHandle, JoinSet},
     time::{Duration, Instant},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::RelayContext;
-use crate::stats::ConnectionGuard;
+use crate::{stats::ConnectionGuard, table::RoutingTable};
 
-/// Largest UDP payload.
-const MAX_DATAGRAM: usize = 65_535;
+/// Largest UDP payload (and a little more, so a datagram that fills a buffer is never cut short).
+const MAX_DATAGRAM: usize = 65_536;
+
+/// Most datagrams one receive call takes, and most replies a session passes per wake-up.
+pub const BATCH_SIZE: usize = 32;
 
 thread_local! {
     /// One reply buffer per worker thread, borrowed for a synchronous receive-and-send, never across an
     /// `.await`: idle sessions hold none.
     static REPLY: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
+    /// One receive batch per worker thread, used the same way.
+    static BATCH: RefCell<Batch> = RefCell::new(Batch::new());
 }
 
 struct Session {
@@ -52,6 +66,8 @@ struct Session {
     /// Table version at which `backend` was last seen in rotation.
     checked_version: u64,
     task: AbortHandle,
+    /// The session's place in the frontend's bound.
+    _slot: Permit,
 }
 
 /// Everything a session task needs besides its own upstream socket.
@@ -69,139 +85,240 @@ struct SessionTask {
     ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
 }
 
-/// Relays datagrams of `service` until `stop` fires (the frontend closes). Every session ends with it, and
-/// is waited for, so the port is really released when this returns.
-pub async fn serve(socket: UdpSocket, service: ServiceKey, ctx: Arc<RelayContext>, mut stop: oneshot::Receiver<()>) {
-    let frontend = Arc::new(socket);
-    let epoch = Instant::now();
-    let mut sessions: HashMap<SocketAddr, Session> = HashMap::new();
-    let mut tasks = JoinSet::new();
-    let (ended_tx, mut ended_rx) = mpsc::unbounded_channel();
-    let mut next_id = 0u64;
-    let mut buf = Vec::with_capacity(MAX_DATAGRAM);
-    let mut full = Throttle::new(WARN_EVERY);
-
+/// Relays datagrams of `service` arriving on one worker's socket until `stop` fires (the frontend closes).
+/// Every session of this socket ends with it, and is waited for, so the port is really released when this
+/// returns. `slots` bounds the frontend's sessions across all its workers.
+pub async fn serve(
+    socket: std::net::UdpSocket,
+    service: ServiceKey,
+    ctx: Arc<RelayContext>,
+    slots: Arc<Limit>,
+    stop: CancellationToken,
+) {
+    let frontend = match UdpSocket::from_std(socket) {
+        Ok(socket) => Arc::new(socket),
+        Err(error) => {
+            warn!(%service, %error, "frontend socket unusable on this worker");
+            return;
+        }
+    };
+    let (ended, mut ended_rx) = mpsc::unbounded_channel();
+    let mut relay = Frontend {
+        service,
+        ctx,
+        slots,
+        frontend,
+        epoch: Instant::now(),
+        sessions: HashMap::new(),
+        tasks: JoinSet::new(),
+        ended,
+        next_id: 0,
+        full: Throttle::new(WARN_EVERY),
+    };
     loop {
-        buf.clear();
         tokio::select! {
             biased;
-            _ = &mut stop => {
-                tasks.shutdown().await;
+            () = stop.cancelled() => {
+                relay.tasks.shutdown().await;
                 return;
             }
-            Some((peer, id)) = ended_rx.recv() => {
-                if sessions.get(&peer).is_some_and(|s: &Session| s.id == id) {
-                    sessions.remove(&peer);
-                    // After a burst the table gives its room back, and so does the allocator.
-                    if sessions.capacity() > 64 && sessions.len() < sessions.capacity() / 4 {
-                        sessions.shrink_to(sessions.len() * 2);
-                        crate::sys::release_free_memory();
-                    }
-                }
-                while tasks.try_join_next().is_some() {}
-            }
-            received = frontend.recv_buf_from(&mut buf) => {
-                let peer = match received {
-                    Ok((_, peer)) => peer,
-                    Err(error) => {
-                        debug!(%service, %error, "receive failed");
-                        continue;
-                    }
-                };
-                let now = elapsed_ms(epoch);
-                let table_version = ctx.table.load().version;
-                // A session whose backend left rotation ends here, so its next datagram is re-balanced.
-                if let Some(session) = sessions.get_mut(&peer)
-                    && session.checked_version != table_version
-                {
-                    let in_rotation = ctx.table.load().route(&service).is_some_and(|r| r.contains(session.backend));
-                    if in_rotation {
-                        session.checked_version = table_version;
-                    } else if let Some(gone) = sessions.remove(&peer) {
-                        gone.task.abort();
-                    }
-                }
-                if !sessions.contains_key(&peer) {
-                    if sessions.len() >= ctx.udp_max_sessions {
-                        if let Some(held_back) = full.admit(Instant::now()) {
-                            warn!(%service, max = ctx.udp_max_sessions, dropped_since_last_warning = held_back + 1, "session table full: datagrams of new clients are dropped");
-                        }
-                        continue;
-                    }
-                    next_id += 1;
-                    let Some(session) = open_session(&ctx, service, peer, next_id, now, &frontend, epoch, &ended_tx, &mut tasks).await else {
-                        continue;
-                    };
-                    sessions.insert(peer, session);
-                }
-                let Some(session) = sessions.get(&peer) else { continue };
-                session.last_active.store(now, Ordering::Relaxed);
-                if let Err(error) = session.upstream.send(&buf).await {
-                    debug!(%service, client = %peer, backend = %session.backend, %error, "send to backend failed; session ends");
-                    if let Some(gone) = sessions.remove(&peer) {
-                        gone.task.abort();
-                    }
-                }
-            }
+            Some((peer, id)) = ended_rx.recv() => relay.ended(peer, id),
+            ready = relay.frontend.readable() => match ready {
+                Ok(()) => relay.receive_batch(),
+                Err(error) => debug!(%service, %error, "frontend socket failed"),
+            },
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn open_session(
-    ctx: &RelayContext,
+/// One worker's socket of a UDP frontend, with the sessions of the clients the kernel sends it.
+struct Frontend {
     service: ServiceKey,
-    peer: SocketAddr,
-    id: u64,
-    now: u64,
-    frontend: &Arc<UdpSocket>,
+    ctx: Arc<RelayContext>,
+    slots: Arc<Limit>,
+    frontend: Arc<UdpSocket>,
     epoch: Instant,
-    ended: &mpsc::UnboundedSender<(SocketAddr, u64)>,
-    tasks: &mut JoinSet<()>,
-) -> Option<Session> {
-    let (table_version, route) = {
-        let table = ctx.table.load();
-        (table.version, table.route(&service)?)
-    };
-    let backend = route.candidates(peer.ip()).next()?;
-    let Some(fd) = ctx.client_fds.try_take(1) else {
-        ctx.client_fds.refused();
-        return None;
-    };
-    let unspecified = match backend.address.ip() {
+    sessions: HashMap<SocketAddr, Session>,
+    tasks: JoinSet<()>,
+    ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
+    next_id: u64,
+    full: Throttle,
+}
+
+impl Frontend {
+    /// Receives every datagram waiting on the socket (up to one batch, in one call) and passes each on.
+    fn receive_batch(&mut self) {
+        BATCH.with_borrow_mut(|batch| {
+            let fd = self.frontend.as_raw_fd();
+            match self.frontend.try_io(Interest::READABLE, || batch.receive(fd)) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
+                Err(error) => {
+                    debug!(service = %self.service, %error, "receive failed");
+                    return;
+                }
+            }
+            // One table read per batch.
+            let table = self.ctx.table.load();
+            let now = elapsed_ms(self.epoch);
+            for &(index, len, peer) in &batch.received {
+                self.forward(&batch.buffers[index][..len], peer, &table, now);
+            }
+        });
+    }
+
+    fn forward(&mut self, datagram: &[u8], peer: SocketAddr, table: &RoutingTable, now: u64) {
+        let service = self.service;
+        // A session whose backend left rotation ends here, so its next datagram is re-balanced.
+        if let Some(session) = self.sessions.get_mut(&peer)
+            && session.checked_version != table.version
+        {
+            if table.contains(&service, session.backend) {
+                session.checked_version = table.version;
+            } else if let Some(gone) = self.sessions.remove(&peer) {
+                gone.task.abort();
+            }
+        }
+        if !self.sessions.contains_key(&peer) {
+            let Some(session) = self.open_session(peer, table, now) else { return };
+            self.sessions.insert(peer, session);
+        }
+        let Some(session) = self.sessions.get(&peer) else { return };
+        session.last_active.store(now, Ordering::Relaxed);
+        // Straight to the socket: a UDP send never waits, and the runtime's readiness of a socket this new
+        // would refuse it before trying.
+        match SockRef::from(&*session.upstream).send(datagram) {
+            Ok(_) => {}
+            // The upstream socket's send buffer is full: like any full queue on the way, the datagram is lost.
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                debug!(%service, client = %peer, backend = %session.backend, "upstream busy; datagram dropped");
+            }
+            Err(error) => {
+                debug!(%service, client = %peer, backend = %session.backend, %error, "send to backend failed; session ends");
+                if let Some(gone) = self.sessions.remove(&peer) {
+                    gone.task.abort();
+                }
+            }
+        }
+    }
+
+    /// A session ended by itself (idle, or its backend unreachable).
+    fn ended(&mut self, peer: SocketAddr, id: u64) {
+        if self.sessions.get(&peer).is_some_and(|s| s.id == id) {
+            self.sessions.remove(&peer);
+            // After a burst the table gives its room back, and so does the allocator.
+            if self.sessions.capacity() > 64 && self.sessions.len() < self.sessions.capacity() / 4 {
+                self.sessions.shrink_to(self.sessions.len() * 2);
+                crate::sys::release_free_memory();
+            }
+        }
+        while self.tasks.try_join_next().is_some() {}
+    }
+
+    fn open_session(&mut self, peer: SocketAddr, table: &RoutingTable, now: u64) -> Option<Session> {
+        let service = self.service;
+        let Some(slot) = self.slots.try_take(1) else {
+            if let Some(held_back) = self.full.admit(Instant::now()) {
+                warn!(%service, max = self.slots.max(), dropped_since_last_warning = held_back + 1, "session table full: datagrams of new clients are dropped");
+            }
+            return None;
+        };
+        let route = table.route(&service)?;
+        let backend = route.candidates(peer.ip()).next()?;
+        let Some(fd) = self.ctx.client_fds.try_take(1) else {
+            self.ctx.client_fds.refused();
+            return None;
+        };
+        let upstream = match connect_upstream(backend.address) {
+            Ok(socket) => Arc::new(socket),
+            Err(error) => {
+                debug!(%service, backend = %backend.address, %error, "cannot open an upstream socket");
+                return None;
+            }
+        };
+        self.next_id += 1;
+        let id = self.next_id;
+        let last_active = Arc::new(AtomicU64::new(now));
+        let task = SessionTask {
+            id,
+            peer,
+            frontend: Arc::clone(&self.frontend),
+            upstream: Arc::clone(&upstream),
+            last_active: Arc::clone(&last_active),
+            epoch: self.epoch,
+            idle: self.ctx.udp_idle_timeout,
+            guard: backend.stats.open(),
+            _fd: fd,
+            ended: self.ended.clone(),
+        };
+        debug!(%service, client = %peer, backend = %backend.address, "session opened");
+        // Sessions aborted since (backend out of rotation, send failure) are reaped here, not left to pile up.
+        while self.tasks.try_join_next().is_some() {}
+        let task = self.tasks.spawn(task.run());
+        Some(Session {
+            id,
+            backend: backend.address,
+            upstream,
+            last_active,
+            checked_version: table.version,
+            task,
+            _slot: slot,
+        })
+    }
+}
+
+/// A socket of its own toward `backend`, connected so only the backend's replies reach it.
+fn connect_upstream(backend: SocketAddr) -> io::Result<UdpSocket> {
+    let unspecified = match backend.ip() {
         IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
     };
-    let upstream = match UdpSocket::bind((unspecified, 0)).await {
-        Ok(socket) => socket,
-        Err(error) => {
-            debug!(%service, %error, "cannot open an upstream socket");
-            return None;
+    let socket = std::net::UdpSocket::bind((unspecified, 0))?;
+    socket.connect(backend)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+/// A worker's receive batch: buffers for [`BATCH_SIZE`] datagrams, filled by one recvmmsg(2).
+struct Batch {
+    buffers: Vec<Vec<u8>>,
+    headers: MultiHeaders<SockaddrStorage>,
+    /// Buffer index, length and sender of each datagram received.
+    received: Vec<(usize, usize, SocketAddr)>,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            buffers: (0..BATCH_SIZE).map(|_| vec![0; MAX_DATAGRAM]).collect(),
+            headers: MultiHeaders::preallocate(BATCH_SIZE, None),
+            received: Vec::with_capacity(BATCH_SIZE),
         }
-    };
-    if let Err(error) = upstream.connect(backend.address).await {
-        debug!(%service, backend = %backend.address, %error, "cannot reach backend");
-        return None;
     }
-    let upstream = Arc::new(upstream);
-    let last_active = Arc::new(AtomicU64::new(now));
-    let task = SessionTask {
-        id,
-        peer,
-        frontend: Arc::clone(frontend),
-        upstream: Arc::clone(&upstream),
-        last_active: Arc::clone(&last_active),
-        epoch,
-        idle: ctx.udp_idle_timeout,
-        guard: backend.stats.open(),
-        _fd: fd,
-        ended: ended.clone(),
-    };
-    debug!(%service, client = %peer, backend = %backend.address, "session opened");
-    // Sessions aborted since (backend out of rotation, send failure) are reaped here, not left to pile up.
-    while tasks.try_join_next().is_some() {}
-    let task = tasks.spawn(task.run());
-    Some(Session { id, backend: backend.address, upstream, last_active, checked_version: table_version, task })
+
+    /// Receives what is waiting, without blocking; `WouldBlock` when nothing is.
+    fn receive(&mut self, fd: RawFd) -> io::Result<()> {
+        self.received.clear();
+        let mut slices: Vec<[IoSliceMut<'_>; 1]> =
+            self.buffers.iter_mut().map(|buffer| [IoSliceMut::new(buffer)]).collect();
+        let messages = recvmmsg(fd, &mut self.headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
+        for (index, message) in messages.enumerate() {
+            // Buffers hold the largest datagram; a truncated one is never passed on cut short.
+            if let Some(sender) = message.address.as_ref().and_then(socket_addr)
+                && !message.flags.contains(MsgFlags::MSG_TRUNC)
+            {
+                self.received.push((index, message.bytes, sender));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn socket_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = address.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    address.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
 }
 
 // === impl SessionTask ===
@@ -220,14 +337,16 @@ impl SessionTask {
                 }
             };
             let passed = match readable {
-                Ok(Ok(())) => self.pass_reply(),
+                Ok(Ok(())) => self.pass_replies(),
                 Ok(Err(error)) => Err(error),
                 // Timed out: idle only if nothing arrived from the client meanwhile either.
                 Err(_) if self.last_active.load(Ordering::Relaxed) == last => break,
                 Err(_) => continue,
             };
             match passed {
-                Ok(pending) => {
+                // Readiness without a datagram: wait again.
+                Ok((0, _)) => {}
+                Ok((_, pending)) => {
                     self.last_active.store(elapsed_ms(self.epoch), Ordering::Relaxed);
                     // The client's socket buffer was full: this one reply waits its turn.
                     if let Some(datagram) = pending
@@ -236,8 +355,6 @@ impl SessionTask {
                         debug!(client = %self.peer, %error, "reply to client failed");
                     }
                 }
-                // Readiness without a datagram: wait again.
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(error) => {
                     // ICMP port unreachable surfaces here as ECONNREFUSED: the next datagram re-balances.
                     debug!(client = %self.peer, %error, "backend unreachable; session ends");
@@ -247,6 +364,21 @@ impl SessionTask {
         }
         debug!(client = %self.peer, "session ended");
         let _ = self.ended.send((self.peer, self.id));
+    }
+
+    /// Passes the replies waiting, up to a batch: how many, and a copy of the last one when the client's
+    /// socket could not take it at once.
+    fn pass_replies(&self) -> io::Result<(usize, Option<Vec<u8>>)> {
+        let mut passed = 0;
+        while passed < BATCH_SIZE {
+            match self.pass_reply() {
+                Ok(None) => passed += 1,
+                Ok(Some(pending)) => return Ok((passed + 1, Some(pending))),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) => return Err(error),
+            }
+        }
+        Ok((passed, None))
     }
 
     /// Receives one reply from the backend and sends it to the client, through the thread's buffer. `Ok`
@@ -269,4 +401,27 @@ impl SessionTask {
 
 fn elapsed_ms(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_call_receives_every_waiting_datagram_with_its_sender() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut batch = Batch::new();
+        let empty = batch.receive(socket.as_raw_fd()).unwrap_err();
+        assert_eq!(empty.kind(), io::ErrorKind::WouldBlock);
+        for i in 0..3u8 {
+            client.send_to(&[i; 10], socket.local_addr().unwrap()).unwrap();
+        }
+        batch.receive(socket.as_raw_fd()).unwrap();
+        let got: Vec<_> =
+            batch.received.iter().map(|&(i, len, from)| (batch.buffers[i][..len].to_vec(), from)).collect();
+        let sender = client.local_addr().unwrap();
+        assert_eq!(got, (0..3u8).map(|i| (vec![i; 10], sender)).collect::<Vec<_>>());
+    }
 }

@@ -15,3 +15,4 @@ mod nodes;
 mod relay;
 mod security;
 mod soak;
+mod splice;

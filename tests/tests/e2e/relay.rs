@@ -66,6 +66,56 @@ async fn udp_traffic_reaches_two_servers_in_round_robin_and_replies_leave_from_t
 }
 
 #[tokio::test]
+async fn udp_sessions_opened_in_a_burst_stay_pinned_and_end_when_idle() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &["--udp-idle-timeout", "2s"]).await;
+    let a = UdpEcho::start(net.host(2), 0, "a").await;
+    let port = a.addr.port();
+    let _b = UdpEcho::start(net.host(3), port, "b").await;
+    let mut server_a = JsonClient::connect(&ctl, net.host(2)).await;
+    let mut server_b = JsonClient::connect(&ctl, net.host(3)).await;
+    assert_eq!(server_a.register("udp", port).await, json!({"ack": "successful"}));
+    assert_eq!(server_b.register("udp", port).await, json!({"ack": "successful"}));
+    ctl.wait_state("two udp backends", |s| Controller::backends(s, "udp", port).len() == 2).await;
+
+    // 40 clients each send three datagrams without waiting: they queue up and are received in batches.
+    let mut clients = Vec::new();
+    for _ in 0..40 {
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        for i in 0..3 {
+            client.send_to(format!("{i}").as_bytes(), ctl.frontend(port)).await.unwrap();
+        }
+        clients.push(client);
+    }
+    let mut per_server = std::collections::HashMap::new();
+    for client in &clients {
+        let mut answers = Vec::new();
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            let (n, from) = tokio::time::timeout(std::time::Duration::from_secs(10), client.recv_from(&mut buf))
+                .await
+                .expect("UDP answer timed out")
+                .unwrap();
+            assert_eq!(from, ctl.frontend(port), "answers leave from the frontend");
+            answers.push(String::from_utf8(buf[..n].to_vec()).unwrap());
+        }
+        answers.sort();
+        let server = answers[0].split(':').next().unwrap().to_owned();
+        assert_eq!(answers, ["0", "1", "2"].map(|i| format!("{server}:{i}")), "a client's session stays on one server");
+        *per_server.entry(server).or_insert(0) += 1;
+    }
+    assert_eq!(per_server, [("a".to_owned(), 20), ("b".to_owned(), 20)].into(), "round robin over sessions");
+    let active = |s: &serde_json::Value| -> u64 {
+        Controller::backends(s, "udp", port).iter().map(|b| b["active_connections"].as_u64().unwrap()).sum()
+    };
+    ctl.wait_state("40 sessions", |s| active(s) == 40).await;
+    // Silent for the idle timeout, every session ends; a datagram after that opens a new one.
+    ctl.wait_state("sessions idle and gone", |s| active(s) == 0).await;
+    let again = udp_roundtrip(&clients[0], ctl.frontend(port), b"later").await;
+    assert!(String::from_utf8(again).unwrap().ends_with(":later"));
+}
+
+#[tokio::test]
 async fn a_refusing_backend_never_fails_a_client_while_another_is_up() {
     let net = Net::new();
     let ctl = Controller::spawn(net, &[]).await;
