@@ -65,6 +65,9 @@ pub struct Store {
     node_updates: watch::Sender<u64>,
     /// Every state change, for `Admin.WatchEvents`.
     events: broadcast::Sender<Event>,
+    /// Every connected node's counts summed, computed once per change of any of them and outside the
+    /// state lock; each node's view is this less its own rows.
+    totals: Mutex<nodes::ClusterTotals>,
 }
 
 /// Everything behind the store's lock.
@@ -90,6 +93,7 @@ impl Store {
             snapshots: watch::Sender::new(Arc::default()),
             node_updates: watch::Sender::new(0),
             events: broadcast::Sender::new(1024),
+            totals: Mutex::default(),
         })
     }
 

@@ -3,7 +3,12 @@
 //!
 //! None of this is a commit: a node joining, acking or reporting its load changes no snapshot.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use contract::model::{BackendLoad, Event, EventKind, FrontendStatus, NodeReport, ServiceKey};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
@@ -20,6 +25,24 @@ pub const CLUSTER_LOAD_INTERVAL: Duration = Duration::from_millis(100);
 pub(super) struct NodeTable {
     pub nodes: BTreeMap<String, NodeRecord>,
     next_link: u64,
+    /// Moves whenever a connected node's counts change (a load report, a node leaving).
+    load_generation: u64,
+}
+
+/// The connected nodes' counts at one load generation, summed per (service, backend), with each node's
+/// own rows so its view can be taken out consistently.
+#[derive(Debug, Default)]
+pub(super) struct ClusterTotals {
+    generation: u64,
+    sums: BTreeMap<(ServiceKey, SocketAddr), Contributed>,
+    per_node: BTreeMap<String, Arc<Vec<BackendLoad>>>,
+}
+
+/// One row of the sums and how many nodes reported it.
+#[derive(Debug, Clone, Copy)]
+struct Contributed {
+    sum: BackendLoad,
+    nodes: u32,
 }
 
 #[derive(Debug)]
@@ -32,7 +55,8 @@ pub(super) struct NodeRecord {
     pub acked_version: Option<u64>,
     pub last_seen: Instant,
     pub frontends: BTreeMap<ServiceKey, Result<SocketAddr, String>>,
-    pub load: Vec<BackendLoad>,
+    /// Shared with the cluster totals, so summing happens outside the lock.
+    pub load: Arc<Vec<BackendLoad>>,
 }
 
 /// Whether nodes serve a service, as far as their reports tell.
@@ -62,6 +86,8 @@ pub struct ClusterLoadFeed {
     store: Arc<Store>,
     node: String,
     ticks: Interval,
+    /// Load generation of the last computed view: nothing to compute until it moves.
+    seen: Option<u64>,
     last: Option<Vec<BackendLoad>>,
 }
 
@@ -87,7 +113,7 @@ impl Store {
             acked_version: None,
             last_seen: Instant::now(),
             frontends: BTreeMap::new(),
-            load: Vec::new(),
+            load: Arc::default(),
         };
         table.nodes.insert(node.to_owned(), record);
         // Emitted under the lock, so events keep the order of the changes they describe.
@@ -111,7 +137,10 @@ impl Store {
                 record.frontends =
                     frontends.into_iter().map(|FrontendStatus { service, result }| (service, result)).collect();
             }
-            NodeReport::Load(load) => record.load = load,
+            NodeReport::Load(load) => {
+                record.load = Arc::new(load);
+                state.nodes.load_generation += 1;
+            }
         }
         drop(state);
         self.node_updates.send_modify(|n| *n += 1);
@@ -126,7 +155,8 @@ impl Store {
             return;
         };
         record.connected = false;
-        record.load.clear();
+        record.load = Arc::default();
+        state.nodes.load_generation += 1;
         self.emit(Event::node(EventKind::NodeLeft, version, node));
         drop(state);
         info!(node, "node left");
@@ -150,11 +180,65 @@ impl Store {
         self.lock().nodes.frontend_verdict(service, version, true).unwrap_or(FrontendVerdict::NoNodes)
     }
 
-    /// The connection counts of every connected node except `node`, summed per backend.
+    /// The connection counts of every connected node except `node`, summed per backend: the totals less
+    /// the node's own rows, O(rows) once the totals are known.
     pub fn cluster_load_excluding(&self, node: &str) -> Vec<BackendLoad> {
-        let state = self.lock();
-        let others = state.nodes.nodes.iter().filter(|(id, n)| *id != node && n.connected);
-        sum_load(others.map(|(_, n)| n.load.as_slice()))
+        let totals = self.cluster_totals();
+        let totals = totals.lock().unwrap_or_else(|e| e.into_inner());
+        let own: BTreeMap<_, _> = totals
+            .per_node
+            .get(node)
+            .map(|rows| rows.iter().map(|row| ((row.service, row.backend), row)).collect())
+            .unwrap_or_default();
+        totals
+            .sums
+            .iter()
+            .filter_map(|(key, c)| match own.get(key) {
+                None => Some(c.sum),
+                Some(mine) if c.nodes > 1 => Some(BackendLoad {
+                    active: c.sum.active.saturating_sub(mine.active),
+                    total: c.sum.total.saturating_sub(mine.total),
+                    ..c.sum
+                }),
+                Some(_) => None,
+            })
+            .collect()
+    }
+
+    /// The load generation now: the cluster view of any node can only have changed when it moved.
+    pub fn load_generation(&self) -> u64 {
+        self.lock().nodes.load_generation
+    }
+
+    /// The totals, brought up to date when a report came in since they were summed. Under the state lock
+    /// only the nodes' rows are collected (shared, not copied); the sums are made outside it.
+    fn cluster_totals(&self) -> &Mutex<ClusterTotals> {
+        let (generation, per_node) = {
+            let state = self.lock();
+            let generation = state.nodes.load_generation;
+            if self.totals.lock().unwrap_or_else(|e| e.into_inner()).generation == generation {
+                return &self.totals;
+            }
+            let connected = state.nodes.nodes.iter().filter(|(_, n)| n.connected);
+            let per_node: BTreeMap<String, Arc<Vec<BackendLoad>>> =
+                connected.map(|(id, n)| (id.clone(), Arc::clone(&n.load))).collect();
+            (generation, per_node)
+        };
+        let mut sums: BTreeMap<(ServiceKey, SocketAddr), Contributed> = BTreeMap::new();
+        for row in per_node.values().flat_map(|rows| rows.iter()) {
+            let c = sums
+                .entry((row.service, row.backend))
+                .or_insert(Contributed { sum: BackendLoad { active: 0, total: 0, ..*row }, nodes: 0 });
+            c.sum.active += row.active;
+            c.sum.total += row.total;
+            c.nodes += 1;
+        }
+        let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
+        // Another caller may have summed a later generation meanwhile: keep the newer.
+        if generation >= totals.generation {
+            *totals = ClusterTotals { generation, sums, per_node };
+        }
+        &self.totals
     }
 }
 
@@ -221,7 +305,7 @@ impl NodeLink {
     pub fn cluster_load(&self) -> ClusterLoadFeed {
         let mut ticks = tokio::time::interval(CLUSTER_LOAD_INTERVAL);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        ClusterLoadFeed { store: Arc::clone(&self.store), node: self.node.clone(), ticks, last: None }
+        ClusterLoadFeed { store: Arc::clone(&self.store), node: self.node.clone(), ticks, seen: None, last: None }
     }
 }
 
@@ -234,10 +318,16 @@ impl Drop for NodeLink {
 // === impl ClusterLoadFeed ===
 
 impl ClusterLoadFeed {
-    /// The sums at the next tick where they differ from the last ones returned. Cancel-safe.
+    /// The sums at the next tick where they differ from the last ones returned. Cancel-safe. A tick where
+    /// no node reported costs one look at the load generation.
     pub async fn changed(&mut self) -> Vec<BackendLoad> {
         loop {
             self.ticks.tick().await;
+            let generation = self.store.load_generation();
+            if self.seen == Some(generation) {
+                continue;
+            }
+            self.seen = Some(generation);
             let load = self.store.cluster_load_excluding(&self.node);
             if self.last.as_ref() != Some(&load) {
                 self.last = Some(load.clone());

@@ -322,3 +322,36 @@ fn the_loop_check_sees_through_other_spellings_and_other_services() {
     // Another protocol's port is another socket.
     store.register(a.id, ServiceKey::udp(92), backend("127.0.0.1:90"), None).unwrap();
 }
+
+#[test]
+fn each_node_sees_the_others_counts_summed_and_a_node_that_leaves_drops_out() {
+    let store = store();
+    let row = |backend: &str, active| BackendLoad {
+        service: ServiceKey::tcp(80),
+        backend: backend.parse().unwrap(),
+        active,
+        total: active * 10,
+    };
+    let a = store.connect_node("a", None).unwrap();
+    let b = store.connect_node("b", None).unwrap();
+    let c = store.connect_node("c", None).unwrap();
+    a.report(NodeReport::Load(vec![row("127.0.0.2:80", 1), row("127.0.0.9:80", 5)]));
+    b.report(NodeReport::Load(vec![row("127.0.0.2:80", 2)]));
+    c.report(NodeReport::Load(vec![row("127.0.0.2:80", 4), row("127.0.0.3:80", 8)]));
+
+    // A row only `a` reports is not in its own view; shared rows are the others' sum.
+    assert_eq!(store.cluster_load_excluding("a"), vec![row("127.0.0.2:80", 6), row("127.0.0.3:80", 8)]);
+    assert_eq!(
+        store.cluster_load_excluding("b"),
+        vec![row("127.0.0.2:80", 5), row("127.0.0.3:80", 8), row("127.0.0.9:80", 5)]
+    );
+    let generation = store.load_generation();
+    assert_eq!(store.load_generation(), generation, "reading views changes nothing");
+
+    drop(c);
+    assert_ne!(store.load_generation(), generation, "a node leaving moves the generation");
+    assert_eq!(store.cluster_load_excluding("a"), vec![row("127.0.0.2:80", 2)]);
+    b.report(NodeReport::Load(vec![row("127.0.0.2:80", 3)]));
+    assert_eq!(store.cluster_load_excluding("a"), vec![row("127.0.0.2:80", 3)]);
+    assert_eq!(store.cluster_load_excluding("b"), vec![row("127.0.0.2:80", 1), row("127.0.0.9:80", 5)]);
+}
