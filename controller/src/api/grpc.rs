@@ -87,6 +87,7 @@ pub async fn serve(
         shutdown: shutdown.clone(),
         cluster_counts: settings.cluster_counts,
         nodes_need_certificates: settings.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
+        messages: Arc::default(),
     };
     let admin = AdminApi { store, shutdown: shutdown.clone() };
     let mut server = tonic::transport::Server::builder();

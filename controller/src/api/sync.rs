@@ -33,6 +33,33 @@ pub struct DataplaneApi {
     pub cluster_counts: bool,
     /// Mutual TLS: a node must show a certificate of `--client-ca`.
     pub nodes_need_certificates: bool,
+    /// The wire form of the latest snapshot, made once for every stream.
+    pub messages: Arc<SnapshotMessages>,
+}
+
+/// The latest snapshot in its wire form: with a hundred nodes, one conversion per version instead of one
+/// per node (each stream still gets its own copy to encode).
+#[derive(Debug, Default)]
+pub struct SnapshotMessages {
+    latest: std::sync::Mutex<Option<(u64, Arc<ControllerMessage>)>>,
+}
+
+impl SnapshotMessages {
+    /// The message of `snapshot`, converted unless another stream already did.
+    fn get(&self, snapshot: &RoutingSnapshot) -> Arc<ControllerMessage> {
+        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        match &*latest {
+            Some((version, message)) if *version == snapshot.version => Arc::clone(message),
+            cached => {
+                let message = Arc::new(convert::snapshot_message(snapshot));
+                // A stream that lags behind does not evict the newer version the others are sending.
+                if cached.as_ref().is_none_or(|(version, _)| *version < snapshot.version) {
+                    *latest = Some((snapshot.version, Arc::clone(&message)));
+                }
+                message
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -62,7 +89,8 @@ impl Dataplane for DataplaneApi {
         self.store.observe_version(hello.known_version)?;
         let (tx, rx) = mpsc::channel(16);
         let cluster = self.cluster_counts.then(|| link.cluster_load());
-        tokio::spawn(follow(link, self.store.subscribe(), cluster, inbound, tx, self.shutdown.clone()));
+        let messages = Arc::clone(&self.messages);
+        tokio::spawn(follow(link, self.store.subscribe(), messages, cluster, inbound, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -70,6 +98,7 @@ impl Dataplane for DataplaneApi {
 async fn follow(
     link: NodeLink,
     mut snapshots: watch::Receiver<Arc<RoutingSnapshot>>,
+    messages: Arc<SnapshotMessages>,
     mut cluster: Option<ClusterLoadFeed>,
     mut inbound: Streaming<NodeMessage>,
     tx: mpsc::Sender<Result<ControllerMessage, Status>>,
@@ -96,7 +125,7 @@ async fn follow(
                     continue;
                 }
                 sent = snapshot.version;
-                let message = convert::snapshot_message(&snapshot);
+                let message = ControllerMessage::clone(&messages.get(&snapshot));
                 debug!(%node, version = sent, "snapshot sent");
                 if tx.send(Ok(message)).await.is_err() {
                     break;

@@ -103,7 +103,7 @@ pub async fn serve(
         }
     };
     let (ended, mut ended_rx) = mpsc::unbounded_channel();
-    let mut relay = Frontend {
+    let mut relay = FrontendSocket {
         service,
         ctx,
         slots,
@@ -132,7 +132,7 @@ pub async fn serve(
 }
 
 /// One worker's socket of a UDP frontend, with the sessions of the clients the kernel sends it.
-struct Frontend {
+struct FrontendSocket {
     service: ServiceKey,
     ctx: Arc<RelayContext>,
     slots: Arc<Limit>,
@@ -145,7 +145,7 @@ struct Frontend {
     full: Throttle,
 }
 
-impl Frontend {
+impl FrontendSocket {
     /// Receives every datagram waiting on the socket (up to one batch, in one call) and passes each on.
     fn receive_batch(&mut self) {
         BATCH.with_borrow_mut(|batch| {
