@@ -10,7 +10,6 @@ use contract::{
     v1::{
         DeregisterRequest, DeregisterResponse, Hello, RegisterAck, RegisterRequest, RegisterResponse,
         admin_server::AdminServer,
-        dataplane_server::DataplaneServer,
         register_request, register_response,
         registry_server::{Registry, RegistryServer},
     },
@@ -20,7 +19,9 @@ use tokio::{
     time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming, transport::ServerTlsConfig};
+use tonic::{
+    Request, Response, Status, Streaming, service::interceptor::InterceptedService, transport::ServerTlsConfig,
+};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -28,7 +29,7 @@ use super::{
     auth::{Caller, Tokens},
     invalid_argument,
     listener::CappedListener,
-    sync::DataplaneApi,
+    sync::{DataplaneApi, DataplaneServer},
 };
 use crate::{
     config::ServerTls,
@@ -65,7 +66,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<RegistryServer<RegistryApi>>().await;
     health.set_serving::<AdminServer<AdminApi>>().await;
-    health.set_serving::<DataplaneServer<DataplaneApi>>().await;
+    health.set_serving::<DataplaneServer>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(contract::FILE_DESCRIPTOR_SET)
@@ -108,7 +109,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(RegistryServer::with_interceptor(registry, tokens.registry()))
-        .add_service(DataplaneServer::with_interceptor(dataplane, tokens.dataplane()))
+        .add_service(InterceptedService::new(DataplaneServer::new(dataplane), tokens.dataplane()))
         .add_service(AdminServer::with_interceptor(admin, tokens.admin()))
         .serve_with_incoming_shutdown(listener.incoming(), async move { stopped(&mut shutdown).await })
         .await?;

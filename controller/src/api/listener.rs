@@ -78,6 +78,9 @@ impl CappedListener {
             match self.listener.accept().await {
                 Ok((inner, peer)) => match (self.source_slot(peer.ip()), self.limit.try_take(1)) {
                     (Some(source), Some(permit)) => {
+                        // gRPC and HTTP write small frames and wait for answers: Nagle's wait for the
+                        // peer's delayed ACK would add up to 40 ms to each.
+                        let _ = inner.set_nodelay(true);
                         return (CappedStream { inner, _permit: permit, _source: source }, peer);
                     }
                     _ => self.limit.refused(),

@@ -4,18 +4,30 @@
 //! at once, then each change; a watch coalesces bursts, and every snapshot is the full state, so a node
 //! that skips a version misses nothing), its acks and load reports come back into the store, and its end
 //! marks the node disconnected.
+//!
+//! The service is served by [`DataplaneServer`], written out here instead of generated, for one reason:
+//! a snapshot goes to every node, so it is encoded once per version and each stream sends the same bytes
+//! ([`Outbound::Encoded`]). The wire is the generated one's: same path, same messages.
 
-use std::sync::Arc;
+use std::{convert::Infallible, sync::Arc};
 
+use bytes::{BufMut, Bytes};
 use contract::{
     convert,
     model::{BackendLoad, NodeHello, NodeReport, RoutingSnapshot},
     process::stopped,
-    v1::{ControllerMessage, NodeMessage, dataplane_server::Dataplane, node_message},
+    v1::{ControllerMessage, NodeMessage, node_message},
 };
+use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{
+    Request, Response, Status, Streaming,
+    codec::{Codec, EncodeBuf, Encoder},
+    codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http},
+    server::{Grpc, NamedService, StreamingService},
+};
+use tonic_prost::{ProstCodec, ProstDecoder};
 use tracing::{debug, warn};
 
 use super::invalid_argument;
@@ -33,40 +45,51 @@ pub struct DataplaneApi {
     pub cluster_counts: bool,
     /// Mutual TLS: a node must show a certificate of `--client-ca`.
     pub nodes_need_certificates: bool,
-    /// The wire form of the latest snapshot, made once for every stream.
+    /// The latest snapshot, encoded once for every stream.
     pub messages: Arc<SnapshotMessages>,
 }
 
-/// The latest snapshot in its wire form: with a hundred nodes, one conversion per version instead of one
-/// per node (each stream still gets its own copy to encode).
+/// The latest snapshot as encoded bytes: with a hundred nodes, one conversion and one encoding per
+/// version instead of one per node, and a queued snapshot costs a reference, not a copy.
 #[derive(Debug, Default)]
 pub struct SnapshotMessages {
-    latest: std::sync::Mutex<Option<(u64, Arc<ControllerMessage>)>>,
+    latest: std::sync::Mutex<Option<(u64, Bytes)>>,
 }
 
 impl SnapshotMessages {
-    /// The message of `snapshot`, converted unless another stream already did.
-    fn get(&self, snapshot: &RoutingSnapshot) -> Arc<ControllerMessage> {
+    /// The encoded message of `snapshot`, made unless another stream already did.
+    fn get(&self, snapshot: &RoutingSnapshot) -> Bytes {
         let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
         match &*latest {
-            Some((version, message)) if *version == snapshot.version => Arc::clone(message),
+            Some((version, encoded)) if *version == snapshot.version => encoded.clone(),
             cached => {
-                let message = Arc::new(convert::snapshot_message(snapshot));
+                let encoded = Bytes::from(convert::snapshot_message(snapshot).encode_to_vec());
                 // A stream that lags behind does not evict the newer version the others are sending.
                 if cached.as_ref().is_none_or(|(version, _)| *version < snapshot.version) {
-                    *latest = Some((snapshot.version, Arc::clone(&message)));
+                    *latest = Some((snapshot.version, encoded.clone()));
                 }
-                message
+                encoded
             }
         }
     }
 }
 
-#[tonic::async_trait]
-impl Dataplane for DataplaneApi {
-    type SyncStream = ReceiverStream<Result<ControllerMessage, Status>>;
+/// One message of a `Sync` stream toward a node: built for this node, or already encoded for all.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A message for this stream only (the other nodes' counts).
+    Message(ControllerMessage),
+    /// A `ControllerMessage` encoded once and shared by every stream (a snapshot).
+    Encoded(Bytes),
+}
 
-    async fn sync(&self, request: Request<Streaming<NodeMessage>>) -> Result<Response<Self::SyncStream>, Status> {
+type SyncStream = ReceiverStream<Result<Outbound, Status>>;
+
+// === impl DataplaneApi ===
+
+impl DataplaneApi {
+    /// `Dataplane.Sync`: checks the node's hello, then follows the store for it.
+    async fn sync(&self, request: Request<Streaming<NodeMessage>>) -> Result<Response<SyncStream>, Status> {
         let peer = request.remote_addr();
         // The TLS handshake checked any certificate shown against --client-ca; here one must be shown.
         if self.nodes_need_certificates && request.peer_certs().is_none_or(|certs| certs.is_empty()) {
@@ -95,13 +118,103 @@ impl Dataplane for DataplaneApi {
     }
 }
 
+/// Serves `switchboard.v1.Dataplane` (its one method, `Sync`) with [`SyncCodec`].
+#[derive(Debug, Clone)]
+pub struct DataplaneServer {
+    api: Arc<DataplaneApi>,
+}
+
+impl DataplaneServer {
+    /// Serves `api`.
+    pub fn new(api: DataplaneApi) -> Self {
+        DataplaneServer { api: Arc::new(api) }
+    }
+}
+
+impl NamedService for DataplaneServer {
+    const NAME: &'static str = "switchboard.v1.Dataplane";
+}
+
+impl<B> Service<http::Request<B>> for DataplaneServer
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if request.uri().path() != "/switchboard.v1.Dataplane/Sync" {
+            return Box::pin(async { Ok(Status::unimplemented("unknown method").into_http()) });
+        }
+        let method = SyncMethod(Arc::clone(&self.api));
+        Box::pin(async move { Ok(Grpc::new(SyncCodec).streaming(method, request).await) })
+    }
+}
+
+struct SyncMethod(Arc<DataplaneApi>);
+
+impl StreamingService<NodeMessage> for SyncMethod {
+    type Response = Outbound;
+    type ResponseStream = SyncStream;
+    type Future = BoxFuture<Response<SyncStream>, Status>;
+
+    fn call(&mut self, request: Request<Streaming<NodeMessage>>) -> Self::Future {
+        let api = Arc::clone(&self.0);
+        Box::pin(async move { api.sync(request).await })
+    }
+}
+
+/// Decodes `NodeMessage`s as tonic's prost codec does; encodes [`Outbound`]s, shared bytes as they are.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SyncCodec;
+
+impl Codec for SyncCodec {
+    type Encode = Outbound;
+    type Decode = NodeMessage;
+    type Encoder = OutboundEncoder;
+    type Decoder = ProstDecoder<NodeMessage>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        OutboundEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        ProstCodec::<ControllerMessage, NodeMessage>::default().decoder()
+    }
+}
+
+/// The encoding half of [`SyncCodec`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OutboundEncoder;
+
+impl Encoder for OutboundEncoder {
+    type Item = Outbound;
+    type Error = Status;
+
+    fn encode(&mut self, item: Outbound, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        match item {
+            Outbound::Message(message) => message.encode(buf).map_err(|e| Status::internal(e.to_string())),
+            Outbound::Encoded(bytes) => {
+                buf.put_slice(&bytes);
+                Ok(())
+            }
+        }
+    }
+}
+
 async fn follow(
     link: NodeLink,
     mut snapshots: watch::Receiver<Arc<RoutingSnapshot>>,
     messages: Arc<SnapshotMessages>,
     mut cluster: Option<ClusterLoadFeed>,
     mut inbound: Streaming<NodeMessage>,
-    tx: mpsc::Sender<Result<ControllerMessage, Status>>,
+    tx: mpsc::Sender<Result<Outbound, Status>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let node = link.node().to_owned();
@@ -111,7 +224,7 @@ async fn follow(
     loop {
         tokio::select! {
             load = next_cluster_load(&mut cluster) => {
-                if tx.send(Ok(convert::cluster_load_message(&load))).await.is_err() {
+                if tx.send(Ok(Outbound::Message(convert::cluster_load_message(&load)))).await.is_err() {
                     break;
                 }
             }
@@ -125,7 +238,7 @@ async fn follow(
                     continue;
                 }
                 sent = snapshot.version;
-                let message = ControllerMessage::clone(&messages.get(&snapshot));
+                let message = Outbound::Encoded(messages.get(&snapshot));
                 debug!(%node, version = sent, "snapshot sent");
                 if tx.send(Ok(message)).await.is_err() {
                     break;
@@ -159,5 +272,24 @@ async fn next_cluster_load(feed: &mut Option<ClusterLoadFeed>) -> Vec<BackendLoa
     match feed {
         Some(feed) => feed.changed().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_is_encoded_once_per_version_and_decodes_to_its_message() {
+        let messages = SnapshotMessages::default();
+        let snapshot = |version| RoutingSnapshot { version, ..Default::default() };
+        let two = messages.get(&snapshot(2));
+        assert_eq!(ControllerMessage::decode(two.clone()).unwrap(), convert::snapshot_message(&snapshot(2)));
+        // The same buffer for every stream at that version.
+        assert_eq!(messages.get(&snapshot(2)).as_ptr(), two.as_ptr());
+        // A lagging stream gets its older version without evicting the newer one.
+        let one = messages.get(&snapshot(1));
+        assert_eq!(ControllerMessage::decode(one).unwrap(), convert::snapshot_message(&snapshot(1)));
+        assert_eq!(messages.get(&snapshot(2)).as_ptr(), two.as_ptr());
     }
 }
