@@ -1,6 +1,10 @@
 //! Command-line interface of `loadgen`: one subcommand per workload, and `serve` for the demo backends.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    time::Duration,
+};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -32,6 +36,9 @@ pub enum Command {
     /// A demo backend.
     #[command(subcommand)]
     Serve(ServeCommand),
+    /// The controller at scale: simulated nodes on real `Dataplane.Sync` streams, registrations over
+    /// `Registry`, and how long registrations and changes take to reach every node.
+    ControlPlane(ControlPlaneArgs),
 }
 
 /// Options of every load run.
@@ -136,4 +143,70 @@ pub struct ServeArgs {
     /// HTTP: wait per request, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub sleep_ms: u64,
+}
+
+/// Options of `control-plane`.
+#[derive(Debug, Clone, Args)]
+pub struct ControlPlaneArgs {
+    /// gRPC URL of the controller, e.g. `http://127.0.0.40:50051`.
+    #[arg(long)]
+    pub controller: String,
+
+    /// Services (TCP ports from --base-port on) to register.
+    #[arg(long, default_value_t = 1000)]
+    pub services: usize,
+
+    /// Backends per service: backend `b` is --backend-address + `b`, each on its own source address.
+    #[arg(long, default_value_t = 10)]
+    pub backends: usize,
+
+    /// Simulated nodes, each on its own `Dataplane.Sync` stream.
+    #[arg(long, default_value_t = 100)]
+    pub nodes: usize,
+
+    /// Health changes to time once everything is registered.
+    #[arg(long, default_value_t = 50)]
+    pub changes: usize,
+
+    /// Port of the first service.
+    #[arg(long, default_value_t = 20000)]
+    pub base_port: u16,
+
+    /// Address of the first backend (and source address of its registrations).
+    #[arg(long, default_value = "127.0.0.101")]
+    pub backend_address: Ipv4Addr,
+
+    /// Backends one `Register` stream holds at most (keep it within the controller's
+    /// --max-backends-per-registration).
+    #[arg(long, default_value_t = 250)]
+    pub backends_per_stream: usize,
+
+    /// Bearer token for `Registry` (the controller's --auth-token).
+    #[arg(long, env = "SWITCHBOARD_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+
+    /// Bearer token for `Dataplane.Sync` (the controller's --node-token).
+    #[arg(long, env = "SWITCHBOARD_NODE_TOKEN", hide_env_values = true)]
+    pub node_token: Option<String>,
+
+    /// Longest wait for any one step: a registration's answer, every node's ack of a change.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+
+    /// Longest the whole run may take.
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    pub time_limit: Duration,
+
+    /// After the report, keep the nodes and registrations until stdin closes (at most --timeout), so a
+    /// script can read the controller and other nodes at the final state.
+    #[arg(long)]
+    pub hold: bool,
+
+    /// Write the report as JSON to this file (`-` for stdout).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+
+    /// Allow a controller outside loopback and private test ranges.
+    #[arg(long)]
+    pub allow_any_target: bool,
 }

@@ -18,6 +18,9 @@ pub enum LoadError {
     /// A server could not start.
     #[error("{0}")]
     Serve(String),
+    /// A control-plane run failed.
+    #[error(transparent)]
+    ControlPlane(#[from] crate::control_plane::ControlPlaneError),
 }
 
 /// Why one request failed: the kinds the summary counts separately.

@@ -13,10 +13,12 @@
 //! - [`driver`]: open loop, closed loop, bulk; recording.
 //! - [`report`]: summary, JSON, CSV, SVG.
 //! - [`serve`]: demo backends.
+//! - [`control_plane`]: the controller at scale: simulated nodes, registrations, changes, timed.
 
 #![forbid(unsafe_code)]
 
 pub mod cli;
+pub mod control_plane;
 pub mod driver;
 pub mod error;
 pub mod report;

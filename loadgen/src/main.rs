@@ -37,6 +37,8 @@ fn main() -> ExitCode {
             Command::Http(args) => summary(loadgen::run(Kind::Http, args).await),
             Command::Udp(args) => summary(loadgen::run(Kind::Udp, args).await),
             Command::Bulk(args) => summary(loadgen::run(Kind::Bulk, args).await),
+            // It prints its own summary, before holding the cluster with --hold.
+            Command::ControlPlane(args) => loadgen::control_plane::run(args).await.map(|_| ()),
         }
     });
     // Lanes still blocked on a dead target must not hold the process past its duration.
