@@ -957,7 +957,7 @@ def cp_markdown(result):
     out += ["", f"Registration phases: first backends {r['register_first_s']:.1f} s, other backends "
                 f"{r['register_more_s']:.1f} s over {r['register_streams']} Register streams; last snapshot: "
                 f"version {snap['version']}, {snap['services']:,} services, {snap['backends']:,} backends, "
-                f"{snap['bytes']:,} bytes; {r['snapshots_per_node']:.0f} snapshots per node. Change: {r['change']}.",
+                f"last message (a delta once a node holds a snapshot) {snap['bytes']:,} bytes; {r['snapshots_per_node']:.0f} snapshots per node. Change: {r['change']}.",
             ""]
     if r.get("answers_with_note"):
         out += [f"{r['answers_with_note']} registration answers carried a note, e.g. {r['note_example']!r}.", ""]

@@ -5,6 +5,10 @@
 //! the controller goes away the node keeps serving the last snapshot (new connections included) while this
 //! client retries with capped, jittered backoff. On reconnect the node says which version it has and the
 //! controller continues above it.
+//!
+//! The node accepts deltas: after a stream's first, whole snapshot, the controller sends only what changed
+//! since the last one. A delta that does not start from the version the node holds ends the stream; the
+//! next one starts whole again.
 
 use std::{sync::Arc, time::Duration};
 
@@ -13,7 +17,7 @@ use contract::{
     backoff::Backoff,
     client::{self, ClientTls, StreamError},
     convert,
-    model::{NodeHello, NodeReport, RoutingSnapshot},
+    model::{NodeHello, NodeReport, RoutingDelta, RoutingSnapshot},
     v1::{self, controller_message, dataplane_client::DataplaneClient},
 };
 use tokio::sync::{mpsc, watch};
@@ -104,7 +108,7 @@ async fn attempt(
     let channel = client::connect(&config.controller, None, config.tls.as_ref()).await?;
     let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
     let known_version = snapshots.borrow().version;
-    let hello = NodeHello { node_id: config.node_id.clone(), known_version };
+    let hello = NodeHello { node_id: config.node_id.clone(), known_version, accepts_deltas: true };
     tx.send((&hello).into()).await.map_err(|_| StreamError::Closed)?;
     let mut client = DataplaneClient::with_interceptor(channel, Bearer::new(config.token.as_ref()));
     let mut inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
@@ -119,14 +123,23 @@ async fn attempt(
             message = inbound.message() => {
                 let Some(message) = message? else { return Ok(AttemptEnd::ByController) };
                 let snapshot = match message.msg {
-                    Some(controller_message::Msg::Snapshot(snapshot)) => snapshot,
+                    Some(controller_message::Msg::Snapshot(snapshot)) => RoutingSnapshot::try_from(snapshot)?,
+                    // Deltas start from the last snapshot of this stream, which is the one the node holds
+                    // (the stream's first message is always whole).
+                    Some(controller_message::Msg::Delta(delta)) => {
+                        let delta = RoutingDelta::try_from(delta)?;
+                        let base = delta.base_version;
+                        let rebuilt = snapshots.borrow().with_delta(delta);
+                        rebuilt.ok_or_else(|| StreamError::Protocol(format!(
+                            "a delta from version {base}, but this node holds version {}", snapshots.borrow().version
+                        )))?
+                    }
                     Some(controller_message::Msg::ClusterLoad(load)) => {
                         node.set_remote_load(&convert::cluster_load(&load));
                         continue;
                     }
                     None => continue,
                 };
-                let snapshot = RoutingSnapshot::try_from(snapshot)?;
                 let current = snapshots.borrow().version;
                 if snapshot.version <= current && current != 0 {
                     // The controller promises increasing versions; an old one would undo newer state.

@@ -21,6 +21,7 @@
 //! (`--hold`: until stdin closes too).
 
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     io::Read as _,
     net::{IpAddr, Ipv4Addr, SocketAddr},
@@ -120,7 +121,7 @@ pub struct SnapshotFigures {
     pub services: usize,
     /// Backends in rotation in it.
     pub backends: usize,
-    /// Its size on the wire (protobuf), in bytes.
+    /// Size on the wire (protobuf) of the last message that brought it: a whole snapshot or a delta.
     pub bytes: usize,
 }
 
@@ -604,7 +605,7 @@ async fn follow(
         Err(error) => return failed(error),
     };
     let (tx, rx) = mpsc::channel::<NodeMessage>(64);
-    let hello = NodeHello { node_id: id.to_owned(), known_version: 0 };
+    let hello = NodeHello { node_id: id.to_owned(), known_version: 0, accepts_deltas: true };
     // The receiver is alive: this cannot fail.
     let _ = tx.send(NodeMessage { msg: Some(node_message::Msg::Hello(hello)) }).await;
     let mut client = DataplaneClient::with_interceptor(channel, Bearer::new(token));
@@ -612,32 +613,45 @@ async fn follow(
         Ok(response) => response.into_inner(),
         Err(status) => return failed(status.into()),
     };
+    // The services this node holds, as a real node rebuilds them from a whole snapshot and the deltas
+    // after it: (protocol, port) → (key, backends).
+    let mut held: BTreeMap<(i32, u32), (v1::ServiceKey, usize)> = BTreeMap::new();
+    let hold = |held: &mut BTreeMap<_, _>, spec: &v1::ServiceSpec| {
+        if let Some(key) = spec.service {
+            held.insert((key.protocol, key.port), (key, spec.backends.len()));
+        }
+    };
     loop {
-        let snapshot = match inbound.message().await {
-            Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::Snapshot(snapshot)) })) => snapshot,
+        let (version, bytes) = match inbound.message().await {
+            Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::Snapshot(snapshot)) })) => {
+                held.clear();
+                snapshot.services.iter().for_each(|spec| hold(&mut held, spec));
+                (snapshot.version, if measure_bytes { snapshot.encoded_len() } else { 0 })
+            }
+            Ok(Some(ControllerMessage { msg: Some(controller_message::Msg::Delta(delta)) })) => {
+                for key in &delta.removed {
+                    held.remove(&(key.protocol, key.port));
+                }
+                delta.services.iter().for_each(|spec| hold(&mut held, spec));
+                (delta.version, if measure_bytes { delta.encoded_len() } else { 0 })
+            }
             Ok(Some(_)) => continue,
             Ok(None) => {
                 return ControlPlaneError::Ended { what: format!("node {id}"), why: "the controller ended it".into() };
             }
             Err(status) => return failed(status.into()),
         };
-        let figures = SnapshotFigures {
-            version: snapshot.version,
-            services: snapshot.services.len(),
-            backends: snapshot.services.iter().map(|s| s.backends.len()).sum(),
-            bytes: if measure_bytes { snapshot.encoded_len() } else { 0 },
-        };
+        let figures =
+            SnapshotFigures { version, services: held.len(), backends: held.values().map(|(_, n)| n).sum(), bytes };
         // What a node that bound every frontend reports.
-        let frontends = snapshot
-            .services
-            .iter()
-            .filter_map(|spec| spec.service)
-            .map(|service| FrontendResult {
+        let frontends = held
+            .values()
+            .map(|&(service, _)| FrontendResult {
                 service: Some(service),
                 result: Some(frontend_result::Result::Listening(format!("127.0.0.1:{}", service.port))),
             })
             .collect();
-        let ack = SnapshotAck { version: snapshot.version, frontends };
+        let ack = SnapshotAck { version, frontends };
         if tx.send(NodeMessage { msg: Some(node_message::Msg::Ack(ack)) }).await.is_err() {
             return failed(StreamError::Closed);
         }
@@ -831,7 +845,7 @@ impl ControlPlaneReport {
         let s = &self.final_snapshot;
         let _ = writeln!(
             out,
-            "last snapshot: version {}, {} services, {} backends, {} bytes; {:.1} snapshots per node; {:.1} s in all",
+            "last snapshot: version {}, {} services, {} backends, last message {} bytes; {:.1} snapshots per node; {:.1} s in all",
             s.version, s.services, s.backends, s.bytes, self.snapshots_per_node, self.elapsed_s
         );
         out

@@ -34,6 +34,9 @@ pub enum StreamError {
     /// The controller sent a message that makes no valid domain value.
     #[error("invalid message from the controller: {0}")]
     Invalid(#[from] ConvertError),
+    /// The controller broke the stream's rules (a delta from a version the node does not hold).
+    #[error("out of step with the controller: {0}")]
+    Protocol(String),
     /// The controller refused what the client asked for.
     #[error("the controller refused the registration: {0}")]
     Refused(String),

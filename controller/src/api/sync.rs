@@ -49,28 +49,47 @@ pub struct DataplaneApi {
     pub messages: Arc<SnapshotMessages>,
 }
 
-/// The latest snapshot as encoded bytes: with a hundred nodes, one conversion and one encoding per
-/// version instead of one per node, and a queued snapshot costs a reference, not a copy.
+/// The latest snapshot and the latest delta as encoded bytes: with a hundred nodes, one conversion and
+/// one encoding per version instead of one per node (nodes that keep up all need the same delta), and a
+/// queued message costs a reference, not a copy.
 #[derive(Debug, Default)]
 pub struct SnapshotMessages {
-    latest: std::sync::Mutex<Option<(u64, Bytes)>>,
+    /// Keyed by (0, version) for a whole snapshot.
+    whole: Cached,
+    /// Keyed by (base version, version).
+    delta: Cached,
+}
+
+#[derive(Debug, Default)]
+struct Cached(std::sync::Mutex<Option<((u64, u64), Bytes)>>);
+
+impl Cached {
+    /// The bytes of `key`, made by `encode` unless another stream already did. A stream that lags behind
+    /// does not evict the newer message the others are sending.
+    fn get(&self, key: (u64, u64), encode: impl FnOnce() -> ControllerMessage) -> Bytes {
+        let mut latest = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*latest {
+            Some((cached, bytes)) if *cached == key => bytes.clone(),
+            cached => {
+                let bytes = Bytes::from(encode().encode_to_vec());
+                if cached.as_ref().is_none_or(|(cached, _)| cached.1 < key.1) {
+                    *latest = Some((key, bytes.clone()));
+                }
+                bytes
+            }
+        }
+    }
 }
 
 impl SnapshotMessages {
-    /// The encoded message of `snapshot`, made unless another stream already did.
-    fn get(&self, snapshot: &RoutingSnapshot) -> Bytes {
-        let mut latest = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        match &*latest {
-            Some((version, encoded)) if *version == snapshot.version => encoded.clone(),
-            cached => {
-                let encoded = Bytes::from(convert::snapshot_message(snapshot).encode_to_vec());
-                // A stream that lags behind does not evict the newer version the others are sending.
-                if cached.as_ref().is_none_or(|(version, _)| *version < snapshot.version) {
-                    *latest = Some((snapshot.version, encoded.clone()));
-                }
-                encoded
-            }
-        }
+    /// `snapshot` whole.
+    fn whole(&self, snapshot: &RoutingSnapshot) -> Bytes {
+        self.whole.get((0, snapshot.version), || convert::snapshot_message(snapshot))
+    }
+
+    /// The changes from `base` to `snapshot`.
+    fn delta(&self, base: &RoutingSnapshot, snapshot: &RoutingSnapshot) -> Bytes {
+        self.delta.get((base.version, snapshot.version), || convert::delta_message(&snapshot.delta_from(base)))
     }
 }
 
@@ -113,7 +132,9 @@ impl DataplaneApi {
         let (tx, rx) = mpsc::channel(16);
         let cluster = self.cluster_counts.then(|| link.cluster_load());
         let messages = Arc::clone(&self.messages);
-        tokio::spawn(follow(link, self.store.subscribe(), messages, cluster, inbound, tx, self.shutdown.clone()));
+        let deltas = hello.accepts_deltas;
+        let snapshots = self.store.subscribe();
+        tokio::spawn(follow(link, snapshots, messages, deltas, cluster, inbound, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -208,10 +229,12 @@ impl Encoder for OutboundEncoder {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     link: NodeLink,
     mut snapshots: watch::Receiver<Arc<RoutingSnapshot>>,
     messages: Arc<SnapshotMessages>,
+    deltas: bool,
     mut cluster: Option<ClusterLoadFeed>,
     mut inbound: Streaming<NodeMessage>,
     tx: mpsc::Sender<Result<Outbound, Status>>,
@@ -220,7 +243,8 @@ async fn follow(
     let node = link.node().to_owned();
     // The current snapshot goes out first.
     snapshots.mark_changed();
-    let mut sent = 0u64;
+    // The last snapshot sent on this stream: what the node holds, and what a delta starts from.
+    let mut sent: Option<Arc<RoutingSnapshot>> = None;
     loop {
         tokio::select! {
             load = next_cluster_load(&mut cluster) => {
@@ -234,12 +258,15 @@ async fn follow(
                 }
                 let snapshot = Arc::clone(&snapshots.borrow_and_update());
                 // Versions only increase on a stream; a repeat would be a bug upstream, never worth sending.
-                if snapshot.version <= sent && sent != 0 {
+                if sent.as_ref().is_some_and(|sent| snapshot.version <= sent.version) {
                     continue;
                 }
-                sent = snapshot.version;
-                let message = Outbound::Encoded(messages.get(&snapshot));
-                debug!(%node, version = sent, "snapshot sent");
+                let message = match sent.as_deref() {
+                    Some(base) if deltas => Outbound::Encoded(messages.delta(base, &snapshot)),
+                    _ => Outbound::Encoded(messages.whole(&snapshot)),
+                };
+                debug!(%node, version = snapshot.version, delta = sent.is_some() && deltas, "snapshot sent");
+                sent = Some(snapshot);
                 if tx.send(Ok(message)).await.is_err() {
                     break;
                 }
@@ -283,13 +310,18 @@ mod tests {
     fn a_snapshot_is_encoded_once_per_version_and_decodes_to_its_message() {
         let messages = SnapshotMessages::default();
         let snapshot = |version| RoutingSnapshot { version, ..Default::default() };
-        let two = messages.get(&snapshot(2));
+        let two = messages.whole(&snapshot(2));
         assert_eq!(ControllerMessage::decode(two.clone()).unwrap(), convert::snapshot_message(&snapshot(2)));
         // The same buffer for every stream at that version.
-        assert_eq!(messages.get(&snapshot(2)).as_ptr(), two.as_ptr());
+        assert_eq!(messages.whole(&snapshot(2)).as_ptr(), two.as_ptr());
         // A lagging stream gets its older version without evicting the newer one.
-        let one = messages.get(&snapshot(1));
+        let one = messages.whole(&snapshot(1));
         assert_eq!(ControllerMessage::decode(one).unwrap(), convert::snapshot_message(&snapshot(1)));
-        assert_eq!(messages.get(&snapshot(2)).as_ptr(), two.as_ptr());
+        assert_eq!(messages.whole(&snapshot(2)).as_ptr(), two.as_ptr());
+        // Deltas are cached by (base, version).
+        let delta = messages.delta(&snapshot(1), &snapshot(2));
+        let expected = convert::delta_message(&snapshot(2).delta_from(&snapshot(1)));
+        assert_eq!(ControllerMessage::decode(delta.clone()).unwrap(), expected);
+        assert_eq!(messages.delta(&snapshot(1), &snapshot(2)).as_ptr(), delta.as_ptr());
     }
 }

@@ -15,7 +15,7 @@ mod routing;
 use std::net::{IpAddr, SocketAddr};
 
 pub use admin::event_message;
-pub use routing::{MAX_KNOWN_VERSION, cluster_load, cluster_load_message, snapshot_message};
+pub use routing::{MAX_KNOWN_VERSION, cluster_load, cluster_load_message, delta_message, snapshot_message};
 
 use crate::{
     model::{Algorithm, Protocol, ServiceKey, Weight},

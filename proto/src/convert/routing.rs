@@ -5,29 +5,56 @@ use std::collections::BTreeMap;
 use super::{ConvertError, invalid, socket_addr};
 use crate::{
     model::{
-        Algorithm, BackendLoad, BackendSpec, FrontendStatus, NodeHello, NodeReport, RoutingSnapshot, ServiceKey,
-        ServiceSpec, Weight,
+        Algorithm, BackendLoad, BackendSpec, FrontendStatus, NodeHello, NodeReport, RoutingDelta, RoutingSnapshot,
+        ServiceKey, ServiceSpec, Weight,
     },
     v1,
 };
+
+impl From<&ServiceSpec> for v1::ServiceSpec {
+    fn from(spec: &ServiceSpec) -> Self {
+        v1::ServiceSpec {
+            service: Some(spec.key.into()),
+            algorithm: spec.algorithm.to_string(),
+            backends: spec
+                .backends
+                .iter()
+                .map(|b| v1::BackendSpec { address: b.address.to_string(), weight: b.weight.get() })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<&v1::ServiceSpec> for ServiceSpec {
+    type Error = ConvertError;
+
+    fn try_from(s: &v1::ServiceSpec) -> Result<Self, Self::Error> {
+        let key = ServiceKey::try_from(s.service.as_ref())?;
+        // A controller newer than this node may name an algorithm it does not know: keep serving the
+        // service, round robin, rather than refusing the whole snapshot.
+        let algorithm: Algorithm = s.algorithm.parse().unwrap_or_else(|_| {
+            tracing::warn!(service = %key, algorithm = %s.algorithm, "unknown algorithm; using round_robin");
+            Algorithm::RoundRobin
+        });
+        let backends = s
+            .backends
+            .iter()
+            // A weight out of range is brought into it (an older controller sent 0 for "unset"), as
+            // nodes always did, rather than refusing the whole snapshot.
+            .map(|b| {
+                let address = socket_addr("backend address", &b.address)?;
+                Ok(BackendSpec { address, weight: Weight::clamped(b.weight.into()) })
+            })
+            .collect::<Result<_, ConvertError>>()?;
+        Ok(ServiceSpec { key, algorithm, backends })
+    }
+}
 
 impl From<&RoutingSnapshot> for v1::Snapshot {
     fn from(snapshot: &RoutingSnapshot) -> Self {
         v1::Snapshot {
             version: snapshot.version,
-            services: snapshot
-                .services
-                .values()
-                .map(|s| v1::ServiceSpec {
-                    service: Some(s.key.into()),
-                    algorithm: s.algorithm.to_string(),
-                    backends: s
-                        .backends
-                        .iter()
-                        .map(|b| v1::BackendSpec { address: b.address.to_string(), weight: b.weight.get() })
-                        .collect(),
-                })
-                .collect(),
+            services: snapshot.services.values().map(Into::into).collect(),
             warming_up: snapshot.warming_up,
             retired: snapshot.retired.iter().map(|&k| k.into()).collect(),
         }
@@ -38,29 +65,42 @@ impl TryFrom<v1::Snapshot> for RoutingSnapshot {
     type Error = ConvertError;
 
     fn try_from(snapshot: v1::Snapshot) -> Result<Self, Self::Error> {
-        let mut services = BTreeMap::new();
-        for s in snapshot.services {
-            let key = ServiceKey::try_from(s.service.as_ref())?;
-            // A controller newer than this node may name an algorithm it does not know: keep serving the
-            // service, round robin, rather than refusing the whole snapshot.
-            let algorithm: Algorithm = s.algorithm.parse().unwrap_or_else(|_| {
-                tracing::warn!(service = %key, algorithm = %s.algorithm, "unknown algorithm; using round_robin");
-                Algorithm::RoundRobin
-            });
-            let backends = s
-                .backends
-                .iter()
-                // A weight out of range is brought into it (an older controller sent 0 for "unset"), as
-                // nodes always did, rather than refusing the whole snapshot.
-                .map(|b| {
-                    let address = socket_addr("backend address", &b.address)?;
-                    Ok(BackendSpec { address, weight: Weight::clamped(b.weight.into()) })
-                })
-                .collect::<Result<_, ConvertError>>()?;
-            services.insert(key, ServiceSpec { key, algorithm, backends });
-        }
+        let services = snapshot
+            .services
+            .iter()
+            .map(|s| ServiceSpec::try_from(s).map(|spec| (spec.key, spec)))
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
         let retired = snapshot.retired.iter().map(|k| ServiceKey::try_from(Some(k))).collect::<Result<_, _>>()?;
         Ok(RoutingSnapshot { version: snapshot.version, services, warming_up: snapshot.warming_up, retired })
+    }
+}
+
+impl From<&RoutingDelta> for v1::SnapshotDelta {
+    fn from(delta: &RoutingDelta) -> Self {
+        v1::SnapshotDelta {
+            base_version: delta.base_version,
+            version: delta.version,
+            services: delta.services.iter().map(Into::into).collect(),
+            removed: delta.removed.iter().map(|&k| k.into()).collect(),
+            warming_up: delta.warming_up,
+            retired: delta.retired.iter().map(|&k| k.into()).collect(),
+        }
+    }
+}
+
+impl TryFrom<v1::SnapshotDelta> for RoutingDelta {
+    type Error = ConvertError;
+
+    fn try_from(delta: v1::SnapshotDelta) -> Result<Self, Self::Error> {
+        let key = |k: &v1::ServiceKey| ServiceKey::try_from(Some(k));
+        Ok(RoutingDelta {
+            base_version: delta.base_version,
+            version: delta.version,
+            services: delta.services.iter().map(ServiceSpec::try_from).collect::<Result<_, _>>()?,
+            removed: delta.removed.iter().map(key).collect::<Result<_, _>>()?,
+            warming_up: delta.warming_up,
+            retired: delta.retired.iter().map(key).collect::<Result<_, _>>()?,
+        })
     }
 }
 
@@ -158,13 +198,21 @@ impl TryFrom<&v1::NodeHello> for NodeHello {
         if hello.known_version > MAX_KNOWN_VERSION {
             return Err(invalid("known_version", format!("{} is not plausible", hello.known_version)));
         }
-        Ok(NodeHello { node_id: hello.node_id.clone(), known_version: hello.known_version })
+        Ok(NodeHello {
+            node_id: hello.node_id.clone(),
+            known_version: hello.known_version,
+            accepts_deltas: hello.accepts_deltas,
+        })
     }
 }
 
 impl From<&NodeHello> for v1::NodeMessage {
     fn from(hello: &NodeHello) -> Self {
-        let hello = v1::NodeHello { node_id: hello.node_id.clone(), known_version: hello.known_version };
+        let hello = v1::NodeHello {
+            node_id: hello.node_id.clone(),
+            known_version: hello.known_version,
+            accepts_deltas: hello.accepts_deltas,
+        };
         v1::NodeMessage { msg: Some(v1::node_message::Msg::Hello(hello)) }
     }
 }
@@ -172,6 +220,11 @@ impl From<&NodeHello> for v1::NodeMessage {
 /// A snapshot, as the controller sends it on a `Sync` stream.
 pub fn snapshot_message(snapshot: &RoutingSnapshot) -> v1::ControllerMessage {
     v1::ControllerMessage { msg: Some(v1::controller_message::Msg::Snapshot(snapshot.into())) }
+}
+
+/// The changes from one snapshot to the next, as the controller sends them to a node that accepts them.
+pub fn delta_message(delta: &RoutingDelta) -> v1::ControllerMessage {
+    v1::ControllerMessage { msg: Some(v1::controller_message::Msg::Delta(delta.into())) }
 }
 
 /// The other nodes' counts, as the controller sends them to one node.
@@ -204,6 +257,9 @@ mod tests {
             retired: [ServiceKey::tcp(80)].into(),
         };
         assert_eq!(RoutingSnapshot::try_from(v1::Snapshot::from(&snapshot)).unwrap(), snapshot);
+        let delta = snapshot.delta_from(&RoutingSnapshot { version: 41, ..Default::default() });
+        let Some(v1::controller_message::Msg::Delta(wire)) = delta_message(&delta).msg else { panic!() };
+        assert_eq!(RoutingDelta::try_from(wire).unwrap(), delta);
 
         let report = NodeReport::Applied {
             version: 42,
@@ -215,12 +271,12 @@ mod tests {
         let Some(v1::node_message::Msg::Ack(ack)) = v1::NodeMessage::from(&report).msg else { panic!() };
         assert_eq!(NodeReport::try_from(ack).unwrap(), report);
 
-        let hello = NodeHello { node_id: "n1".into(), known_version: 7 };
+        let hello = NodeHello { node_id: "n1".into(), known_version: 7, accepts_deltas: true };
         let Some(v1::node_message::Msg::Hello(wire)) = v1::NodeMessage::from(&hello).msg else { panic!() };
         assert_eq!(NodeHello::try_from(&wire), Ok(hello));
-        let forged = v1::NodeHello { node_id: " ".into(), known_version: 1 };
+        let forged = v1::NodeHello { node_id: " ".into(), known_version: 1, accepts_deltas: false };
         assert_eq!(NodeHello::try_from(&forged).unwrap_err().what, "node_id");
-        let forged = v1::NodeHello { node_id: "n1".into(), known_version: u64::MAX };
+        let forged = v1::NodeHello { node_id: "n1".into(), known_version: u64::MAX, accepts_deltas: false };
         assert_eq!(NodeHello::try_from(&forged).unwrap_err().what, "known_version");
 
         let rows = vec![BackendLoad { service: key, backend: "127.0.0.2:5353".parse().unwrap(), active: 2, total: 9 }];

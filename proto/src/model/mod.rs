@@ -21,5 +21,5 @@ pub use registration::{
 };
 pub use report::{BackendLoad, FrontendStatus, NodeHello, NodeReport};
 pub use service::{Algorithm, InvalidWeight, Protocol, ServiceKey, UnknownName, Weight};
-pub use snapshot::{BackendSpec, RoutingSnapshot, ServiceSpec};
+pub use snapshot::{BackendSpec, RoutingDelta, RoutingSnapshot, ServiceSpec};
 pub use view::{BackendView, FrontendView, NodeView, ServiceView, StateView};

@@ -13,6 +13,8 @@ pub struct NodeHello {
     pub node_id: String,
     /// The last version the node applied; 0 when it has none.
     pub known_version: u64,
+    /// The node applies deltas ([`crate::model::RoutingDelta`]).
+    pub accepts_deltas: bool,
 }
 
 /// What a node tells whoever feeds it snapshots.

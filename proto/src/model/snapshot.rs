@@ -47,9 +47,57 @@ pub struct RoutingSnapshot {
     pub retired: BTreeSet<ServiceKey>,
 }
 
+/// The routing state at `version`, written as the changes from the state at `base_version`: what a
+/// `Sync` stream sends instead of the whole state once the node has one.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoutingDelta {
+    /// The version the changes start from.
+    pub base_version: u64,
+    /// The version they lead to.
+    pub version: u64,
+    /// Services added or changed, each whole.
+    pub services: Vec<ServiceSpec>,
+    /// Services of the base that are gone.
+    pub removed: Vec<ServiceKey>,
+    /// As in [`RoutingSnapshot`].
+    pub warming_up: bool,
+    /// As in [`RoutingSnapshot`], whole.
+    pub retired: BTreeSet<ServiceKey>,
+}
+
 // === impl RoutingSnapshot ===
 
 impl RoutingSnapshot {
+    /// The changes that turn `base` into `self`.
+    pub fn delta_from(&self, base: &RoutingSnapshot) -> RoutingDelta {
+        RoutingDelta {
+            base_version: base.version,
+            version: self.version,
+            services: self
+                .services
+                .iter()
+                .filter(|(key, spec)| base.services.get(key) != Some(spec))
+                .map(|(_, spec)| spec.clone())
+                .collect(),
+            removed: base.services.keys().filter(|key| !self.services.contains_key(key)).copied().collect(),
+            warming_up: self.warming_up,
+            retired: self.retired.clone(),
+        }
+    }
+
+    /// `self` with `delta` applied, or `None` when the delta starts from another version.
+    pub fn with_delta(&self, delta: RoutingDelta) -> Option<RoutingSnapshot> {
+        if delta.base_version != self.version {
+            return None;
+        }
+        let mut services = self.services.clone();
+        for key in &delta.removed {
+            services.remove(key);
+        }
+        services.extend(delta.services.into_iter().map(|spec| (spec.key, spec)));
+        Some(RoutingSnapshot { version: delta.version, services, warming_up: delta.warming_up, retired: delta.retired })
+    }
+
     /// What a node serves when `self` arrives while it serves `current`: `self` itself, or during a
     /// controller's warm-up, `self` plus the services of `current` it neither lists nor retired.
     pub fn applied_over(&self, current: &RoutingSnapshot) -> RoutingSnapshot {
@@ -92,5 +140,20 @@ mod tests {
         // After warm-up the controller's word is final.
         let done = snapshot(101, &[80], false, &[]);
         assert_eq!(done.applied_over(&effective).services.len(), 1);
+    }
+
+    #[test]
+    fn a_delta_rebuilds_the_snapshot_it_was_made_from_and_only_from_its_base() {
+        let mut base = snapshot(4, &[80, 81, 82], false, &[]);
+        base.services.get_mut(&ServiceKey::tcp(81)).unwrap().algorithm = Algorithm::Random;
+        let next = snapshot(5, &[80, 81, 83], true, &[82]);
+        let delta = next.delta_from(&base);
+        // 80 is the same in both: not sent. 81 changed, 83 is new, 82 left.
+        let sent: Vec<_> = delta.services.iter().map(|s| s.key.port).collect();
+        assert_eq!(sent, [81, 83]);
+        assert_eq!(delta.removed, [ServiceKey::tcp(82)]);
+        assert_eq!(base.with_delta(delta.clone()), Some(next.clone()));
+        assert_eq!(next.with_delta(delta), None, "a delta applies to its base version only");
+        assert_eq!(next.delta_from(&next).services, []);
     }
 }

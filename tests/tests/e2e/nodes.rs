@@ -91,6 +91,49 @@ async fn a_service_registered_once_is_served_by_every_node_and_unregistering_clo
 }
 
 #[tokio::test]
+async fn a_node_follows_every_change_through_deltas_and_holds_the_controllers_state() {
+    let net = Net::new();
+    let (ctl, n1, n2) = two_nodes(net, &[]).await;
+    let a = TcpEcho::start(net.host(2), 0).await;
+    let b = TcpEcho::start(net.host(3), 0).await;
+    let c = TcpEcho::start(net.host(4), a.addr.port()).await;
+    let mut server_a = JsonClient::connect(&ctl, net.host(2)).await;
+    let mut server_b = JsonClient::connect(&ctl, net.host(3)).await;
+    let mut server_c = JsonClient::connect(&ctl, net.host(4)).await;
+    assert_eq!(server_a.register("tcp", a.addr.port()).await["ack"], "successful");
+    assert_eq!(server_b.register("tcp", b.addr.port()).await["ack"], "successful");
+    assert_eq!(server_c.register("tcp", a.addr.port()).await["ack"], "successful");
+    server_b.send(&json!({"cmd": "unregister", "protocol": "tcp", "port": b.addr.port()})).await;
+    assert_eq!(server_b.recv().await["ack"], "successful");
+
+    // Both nodes rebuilt the controller's state from one whole snapshot and deltas after it.
+    let state = ctl
+        .wait_state("both nodes at the latest version", |s| {
+            ["n1", "n2"].iter().all(|id| Controller::node(s, id).is_some_and(|n| n["acked_version"] == s["version"]))
+        })
+        .await;
+    let version = state["version"].as_u64().unwrap();
+    for node in [&n1, &n2] {
+        let held = node.state().await;
+        assert_eq!(held["version"], version, "{}", node.id);
+        let services = held["services"].as_array().unwrap();
+        assert_eq!(services.len(), 1, "{}: {held}", node.id);
+        let mut backends: Vec<_> = services[0]["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["addr"].as_str().unwrap().to_owned())
+            .collect();
+        backends.sort();
+        assert_eq!(backends, [a.addr.to_string(), c.addr.to_string()], "{}", node.id);
+        assert!(TcpStream::connect(node.frontend(b.addr.port())).await.is_err(), "{} still listens", node.id);
+        assert_eq!(tcp_roundtrip(node.frontend(a.addr.port()), b"x").await.unwrap(), b"x");
+    }
+    let log = ctl.process.stderr_text();
+    assert!(log.contains("delta=true"), "the controller sent no delta:\n{log}");
+}
+
+#[tokio::test]
 async fn a_node_that_cannot_bind_nacks_and_the_reply_names_it() {
     let net = Net::new();
     let (ctl, n1, n2) = two_nodes(net, &[]).await;
