@@ -194,9 +194,11 @@ impl StatsRegistry {
         rows
     }
 
-    /// Every counter of this node, sorted (what it reports).
+    /// Every counter of this node that ever counted a connection, sorted (what it reports: a backend
+    /// without a row has had none, so a node in front of 10,000 idle backends reports nothing).
     pub fn collect(&self) -> Vec<BackendLoad> {
-        self.collect_with_remote().into_iter().map(|(row, _)| row).collect()
+        let rows = self.collect_with_remote().into_iter().map(|(row, _)| row);
+        rows.filter(|row| row.active > 0 || row.total > 0).collect()
     }
 }
 

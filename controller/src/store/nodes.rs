@@ -181,7 +181,9 @@ impl Store {
     }
 
     /// The connection counts of every connected node except `node`, summed per backend: the totals less
-    /// the node's own rows, O(rows) once the totals are known.
+    /// the node's own rows, O(rows) once the totals are known. Only backends with connections open
+    /// elsewhere are listed (a backend not listed has none, which is all a node balances on), so an idle
+    /// cluster sends no counts at all.
     pub fn cluster_load_excluding(&self, node: &str) -> Vec<BackendLoad> {
         let totals = self.cluster_totals();
         let totals = totals.lock().unwrap_or_else(|e| e.into_inner());
@@ -202,6 +204,7 @@ impl Store {
                 }),
                 Some(_) => None,
             })
+            .filter(|row| row.active > 0)
             .collect()
     }
 

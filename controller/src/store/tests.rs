@@ -337,7 +337,8 @@ fn each_node_sees_the_others_counts_summed_and_a_node_that_leaves_drops_out() {
     let c = store.connect_node("c", None).unwrap();
     a.report(NodeReport::Load(vec![row("127.0.0.2:80", 1), row("127.0.0.9:80", 5)]));
     b.report(NodeReport::Load(vec![row("127.0.0.2:80", 2)]));
-    c.report(NodeReport::Load(vec![row("127.0.0.2:80", 4), row("127.0.0.3:80", 8)]));
+    // A row with nothing open elsewhere is not listed: no row means no connection.
+    c.report(NodeReport::Load(vec![row("127.0.0.2:80", 4), row("127.0.0.3:80", 8), row("127.0.0.4:80", 0)]));
 
     // A row only `a` reports is not in its own view; shared rows are the others' sum.
     assert_eq!(store.cluster_load_excluding("a"), vec![row("127.0.0.2:80", 6), row("127.0.0.3:80", 8)]);
