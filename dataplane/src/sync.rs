@@ -10,14 +10,14 @@
 //! since the last one. A delta that does not start from the version the node holds ends the stream; the
 //! next one starts whole again.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use contract::{
     auth::{Bearer, Token},
     backoff::Backoff,
     client::{self, ClientTls, StreamError},
     convert,
-    model::{NodeHello, NodeReport, RoutingDelta, RoutingSnapshot},
+    model::{FrontendStatus, NodeHello, NodeReport, RoutingDelta, RoutingSnapshot, ServiceKey},
     v1::{self, controller_message, dataplane_client::DataplaneClient},
 };
 use tokio::sync::{mpsc, watch};
@@ -82,7 +82,7 @@ pub async fn run(
                 () = &mut sleep => break,
                 report = reports.recv() => match report {
                     Some(report @ NodeReport::Load(_)) => last_load = Some(report),
-                    Some(NodeReport::Applied { .. }) => {}
+                    Some(NodeReport::Applied { .. } | NodeReport::AppliedChanges { .. }) => {}
                     None => return,
                 },
             }
@@ -111,7 +111,10 @@ async fn attempt(
     let hello = NodeHello { node_id: config.node_id.clone(), known_version, accepts_deltas: true };
     tx.send((&hello).into()).await.map_err(|_| StreamError::Closed)?;
     let mut client = DataplaneClient::with_interceptor(channel, Bearer::new(config.token.as_ref()));
-    let mut inbound = client.sync(ReceiverStream::new(rx)).await?.into_inner();
+    let response = client.sync(ReceiverStream::new(rx)).await?;
+    // A controller that says so takes acks that list only what changed since the last one.
+    let mut acked = response.metadata().get(PARTIAL_ACKS).is_some_and(|v| v == "1").then(BTreeMap::new);
+    let mut inbound = response.into_inner();
     info!(controller = %config.controller, node = %config.node_id, known_version, "following the controller");
     status.send_replace(SyncStatus { connected: true, last_error: None });
     backoff.reset();
@@ -154,8 +157,63 @@ async fn attempt(
                 if matches!(report, NodeReport::Load(_)) {
                     *last_load = Some(report.clone());
                 }
+                let report = match (report, acked.as_mut()) {
+                    (NodeReport::Applied { version, frontends }, Some(acked)) => changes_since(acked, version, frontends),
+                    (report, _) => report,
+                };
                 tx.send((&report).into()).await.map_err(|_| StreamError::Closed)?;
             }
         }
+    }
+}
+
+/// The response header of a controller that takes partial acks.
+pub const PARTIAL_ACKS: &str = "x-switchboard-partial-acks";
+
+/// The results of `frontends` as changes since `acked` (the last ones acked on this stream), which then
+/// become the acked ones.
+fn changes_since(
+    acked: &mut BTreeMap<ServiceKey, Result<SocketAddr, String>>,
+    version: u64,
+    frontends: Vec<FrontendStatus>,
+) -> NodeReport {
+    let now: BTreeMap<_, _> = frontends.into_iter().map(|f| (f.service, f.result)).collect();
+    let closed = acked.keys().filter(|service| !now.contains_key(service)).copied().collect();
+    let changed = now
+        .iter()
+        .filter(|(service, result)| acked.get(service) != Some(result))
+        .map(|(&service, result)| FrontendStatus { service, result: result.clone() })
+        .collect();
+    *acked = now;
+    NodeReport::AppliedChanges { version, changed, closed }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_lists_only_what_changed_since_the_last_one() {
+        let status = |port, result: Result<&str, &str>| FrontendStatus {
+            service: ServiceKey::tcp(port),
+            result: result.map(|a| a.parse().unwrap()).map_err(str::to_owned),
+        };
+        let mut acked = BTreeMap::new();
+        let first = changes_since(&mut acked, 1, vec![status(80, Ok("0.0.0.0:80")), status(81, Err("in use"))]);
+        let NodeReport::AppliedChanges { changed, closed, .. } = first else { panic!() };
+        assert_eq!((changed.len(), closed.len()), (2, 0), "the first ack of a stream lists everything");
+        let next = vec![status(80, Ok("0.0.0.0:80")), status(81, Ok("0.0.0.0:81")), status(82, Ok("0.0.0.0:82"))];
+        let second = changes_since(&mut acked, 2, next);
+        assert_eq!(
+            second,
+            NodeReport::AppliedChanges {
+                version: 2,
+                changed: vec![status(81, Ok("0.0.0.0:81")), status(82, Ok("0.0.0.0:82"))],
+                closed: vec![],
+            }
+        );
+        let third = changes_since(&mut acked, 3, vec![status(82, Ok("0.0.0.0:82"))]);
+        let NodeReport::AppliedChanges { changed, closed, .. } = third else { panic!() };
+        assert_eq!((changed, closed), (vec![], vec![ServiceKey::tcp(80), ServiceKey::tcp(81)]));
     }
 }

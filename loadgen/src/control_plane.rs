@@ -609,10 +609,16 @@ async fn follow(
     // The receiver is alive: this cannot fail.
     let _ = tx.send(NodeMessage { msg: Some(node_message::Msg::Hello(hello)) }).await;
     let mut client = DataplaneClient::with_interceptor(channel, Bearer::new(token));
-    let mut inbound = match client.sync(ReceiverStream::new(rx)).await {
-        Ok(response) => response.into_inner(),
+    let (mut inbound, partial) = match client.sync(ReceiverStream::new(rx)).await {
+        Ok(response) => {
+            // As a real node: acks list only what changed when the controller takes that.
+            let partial = response.metadata().get("x-switchboard-partial-acks").is_some_and(|v| v == "1");
+            (response.into_inner(), partial)
+        }
         Err(status) => return failed(status.into()),
     };
+    // The services of the last ack.
+    let mut acked: BTreeMap<(i32, u32), v1::ServiceKey> = BTreeMap::new();
     // The services this node holds, as a real node rebuilds them from a whole snapshot and the deltas
     // after it: (protocol, port) → (key, backends).
     let mut held: BTreeMap<(i32, u32), (v1::ServiceKey, usize)> = BTreeMap::new();
@@ -643,15 +649,22 @@ async fn follow(
         };
         let figures =
             SnapshotFigures { version, services: held.len(), backends: held.values().map(|(_, n)| n).sum(), bytes };
-        // What a node that bound every frontend reports.
-        let frontends = held
-            .values()
-            .map(|&(service, _)| FrontendResult {
-                service: Some(service),
-                result: Some(frontend_result::Result::Listening(format!("127.0.0.1:{}", service.port))),
-            })
-            .collect();
-        let ack = SnapshotAck { version, frontends };
+        // What a node that bound every frontend reports: every frontend, or those bound since the last
+        // ack and those closed.
+        let listening = |service: v1::ServiceKey| FrontendResult {
+            service: Some(service),
+            result: Some(frontend_result::Result::Listening(format!("127.0.0.1:{}", service.port))),
+        };
+        let ack = if partial {
+            let frontends =
+                held.iter().filter(|(key, _)| !acked.contains_key(key)).map(|(_, &(service, _))| listening(service));
+            let closed = acked.iter().filter(|(key, _)| !held.contains_key(key)).map(|(_, &service)| service);
+            SnapshotAck { version, frontends: frontends.collect(), partial: true, closed: closed.collect() }
+        } else {
+            let frontends = held.values().map(|&(service, _)| listening(service)).collect();
+            SnapshotAck { version, frontends, partial: false, closed: Vec::new() }
+        };
+        acked = held.iter().map(|(&key, &(service, _))| (key, service)).collect();
         if tx.send(NodeMessage { msg: Some(node_message::Msg::Ack(ack)) }).await.is_err() {
             return failed(StreamError::Closed);
         }

@@ -25,6 +25,7 @@ use tonic::{
     Request, Response, Status, Streaming,
     codec::{Codec, EncodeBuf, Encoder},
     codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http},
+    metadata::MetadataValue,
     server::{Grpc, NamedService, StreamingService},
 };
 use tonic_prost::{ProstCodec, ProstDecoder};
@@ -135,9 +136,14 @@ impl DataplaneApi {
         let deltas = hello.accepts_deltas;
         let snapshots = self.store.subscribe();
         tokio::spawn(follow(link, snapshots, messages, deltas, cluster, inbound, tx, self.shutdown.clone()));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        let mut response = Response::new(ReceiverStream::new(rx));
+        response.metadata_mut().insert(PARTIAL_ACKS, MetadataValue::from_static("1"));
+        Ok(response)
     }
 }
+
+/// The response header that tells a node this controller takes partial acks.
+const PARTIAL_ACKS: &str = "x-switchboard-partial-acks";
 
 /// Serves `switchboard.v1.Dataplane` (its one method, `Sync`) with [`SyncCodec`].
 #[derive(Debug, Clone)]

@@ -137,6 +137,15 @@ impl Store {
                 record.frontends =
                     frontends.into_iter().map(|FrontendStatus { service, result }| (service, result)).collect();
             }
+            NodeReport::AppliedChanges { version, changed, closed } => {
+                record.acked_version = Some(version);
+                for service in closed {
+                    record.frontends.remove(&service);
+                }
+                record
+                    .frontends
+                    .extend(changed.into_iter().map(|FrontendStatus { service, result }| (service, result)));
+            }
             NodeReport::Load(load) => {
                 record.load = Arc::new(load);
                 state.nodes.load_generation += 1;

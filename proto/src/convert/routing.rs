@@ -158,6 +158,14 @@ impl From<&NodeReport> for v1::NodeMessage {
             NodeReport::Applied { version, frontends } => v1::node_message::Msg::Ack(v1::SnapshotAck {
                 version: *version,
                 frontends: frontends.iter().map(Into::into).collect(),
+                partial: false,
+                closed: Vec::new(),
+            }),
+            NodeReport::AppliedChanges { version, changed, closed } => v1::node_message::Msg::Ack(v1::SnapshotAck {
+                version: *version,
+                frontends: changed.iter().map(Into::into).collect(),
+                partial: true,
+                closed: closed.iter().map(|&k| k.into()).collect(),
             }),
             NodeReport::Load(rows) => {
                 v1::node_message::Msg::Load(v1::LoadReport { backends: rows.iter().map(Into::into).collect() })
@@ -172,7 +180,11 @@ impl TryFrom<v1::SnapshotAck> for NodeReport {
 
     fn try_from(ack: v1::SnapshotAck) -> Result<Self, Self::Error> {
         let frontends = ack.frontends.iter().map(FrontendStatus::try_from).collect::<Result<_, _>>()?;
-        Ok(NodeReport::Applied { version: ack.version, frontends })
+        if !ack.partial {
+            return Ok(NodeReport::Applied { version: ack.version, frontends });
+        }
+        let closed = ack.closed.iter().map(|k| ServiceKey::try_from(Some(k))).collect::<Result<_, _>>()?;
+        Ok(NodeReport::AppliedChanges { version: ack.version, changed: frontends, closed })
     }
 }
 
@@ -270,6 +282,14 @@ mod tests {
         };
         let Some(v1::node_message::Msg::Ack(ack)) = v1::NodeMessage::from(&report).msg else { panic!() };
         assert_eq!(NodeReport::try_from(ack).unwrap(), report);
+        let changes = NodeReport::AppliedChanges {
+            version: 43,
+            changed: vec![FrontendStatus { service: key, result: Ok("0.0.0.0:53".parse().unwrap()) }],
+            closed: vec![ServiceKey::tcp(80)],
+        };
+        let Some(v1::node_message::Msg::Ack(ack)) = v1::NodeMessage::from(&changes).msg else { panic!() };
+        assert!(ack.partial);
+        assert_eq!(NodeReport::try_from(ack).unwrap(), changes);
 
         let hello = NodeHello { node_id: "n1".into(), known_version: 7, accepts_deltas: true };
         let Some(v1::node_message::Msg::Hello(wire)) = v1::NodeMessage::from(&hello).msg else { panic!() };

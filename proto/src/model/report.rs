@@ -27,6 +27,16 @@ pub enum NodeReport {
         /// One entry per service the node serves at that version.
         frontends: Vec<FrontendStatus>,
     },
+    /// A snapshot version is in force, written as the changes since the node's previous report on the
+    /// same link: what a thousand unchanged frontends need not repeat.
+    AppliedChanges {
+        /// The version applied.
+        version: u64,
+        /// The services whose result is new or changed.
+        changed: Vec<FrontendStatus>,
+        /// The services no longer served.
+        closed: Vec<ServiceKey>,
+    },
     /// The node's per-backend counters changed.
     Load(Vec<BackendLoad>),
 }
