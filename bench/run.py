@@ -38,14 +38,29 @@ BIN = ROOT / "target" / "release"
 HTTP_BACKENDS = ["127.0.0.11:8080", "127.0.0.12:8080"]
 IPERF_BACKEND = "127.0.0.21:5201"
 UDP_BACKENDS = ["127.0.0.31:9000", "127.0.0.32:9000"]
+# Holds the idle connections of the memory row; its stats tell how many reached it.
+IDLE_BACKEND = "127.0.0.13:8082"
+IDLE_STATS = "127.0.0.13:8083"
+# This machine's hard descriptor limit is 20,000 per process and cannot be raised here; a proxied
+# connection takes two, and Switchboard leaves clients 85% of its descriptors (the rest is the control
+# plane's): 8,000 fit in every proxy.
+IDLE_CONNECTIONS = 8_000
 CONTROLLER_IP = "127.0.0.40"
-PORTS = {"http": 18080, "bulk": 15201, "udp": 19000}
+PORTS = {"http": 18080, "bulk": 15201, "udp": 19000, "idle": 18082}
 PROXY_IPS = {
     "switchboard": "127.0.0.41",
     "haproxy": "127.0.0.42",
     "haproxy-1t": "127.0.0.44",
     "nginx": "127.0.0.43",
+    # Lever variants (--levers): the same suite against Switchboard with one lever off, and against the
+    # build before them (--before).
+    "switchboard-before": "127.0.0.45",
+    "switchboard-1w": "127.0.0.46",
+    "switchboard-copy": "127.0.0.47",
 }
+PEERS_AND_US = ("switchboard", "haproxy", "haproxy-1t", "nginx")
+VARIANT_FLAGS = {"switchboard-1w": ["--workers", "1"], "switchboard-copy": ["--splice-pipes", "0"]}
+# Every process the suite starts gets its soft descriptor limit raised to the hard one.
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -85,6 +100,14 @@ def build():
     subprocess.run(["cargo", "build", "--release", "--quiet", "--bins"], cwd=ROOT, check=True, timeout=1800)
 
 
+def raise_nofile():
+    """Raises this process's soft descriptor limit to its hard one."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class Processes:
     """Every process the suite starts, stopped at the end whatever happens."""
 
@@ -92,7 +115,8 @@ class Processes:
         self.procs = []
 
     def start(self, cmd, ready=None, name=None):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                                preexec_fn=raise_nofile)
         proc.name = name or Path(cmd[0]).name
         self.procs.append(proc)
         if ready:
@@ -178,26 +202,29 @@ http {{
     procs.start(["nginx", "-c", str(conf)], name="backend-nginx")
     for addr in UDP_BACKENDS:
         procs.start([str(BIN / "loadgen"), "--threads", "1", "serve", "udp-echo", "--listen", addr], ready="READY")
+    procs.start([str(BIN / "loadgen"), "--threads", "1", "serve", "tcp-echo", "--listen", IDLE_BACKEND,
+                 "--stats-listen", IDLE_STATS], ready="READY")
     for addr in HTTP_BACKENDS:
         wait_port(addr)
 
 
 
-def start_switchboard(procs):
-    ip = PROXY_IPS["switchboard"]
+def start_switchboard(procs, name="switchboard", bin_dir=BIN, extra=()):
+    ip = PROXY_IPS[name]
     proc, line = procs.start(
         [
-            str(BIN / "controller"),
+            str(bin_dir / "controller"),
             "--json-listen", f"{CONTROLLER_IP}:0", "--grpc-listen", f"{CONTROLLER_IP}:0",
             "--admin-listen", f"{CONTROLLER_IP}:0", "--frontend-address", ip, "--resync-grace", "0s",
+            "--max-connections-per-service", str(3 * IDLE_CONNECTIONS), *extra,
         ],
         ready="READY",
-        name="switchboard",
+        name=name,
     )
     grpc = re.search(r"grpc=(\S+)", line).group(1)
-    agent = str(BIN / "agent")
+    agent = str(bin_dir / "agent")
     registrations = [("tcp", PORTS["http"], a) for a in HTTP_BACKENDS]
-    registrations += [("tcp", PORTS["bulk"], IPERF_BACKEND)]
+    registrations += [("tcp", PORTS["bulk"], IPERF_BACKEND), ("tcp", PORTS["idle"], IDLE_BACKEND)]
     registrations += [("udp", PORTS["udp"], a) for a in UDP_BACKENDS]
     for protocol, port, backend in registrations:
         bip, bport = backend.rsplit(":", 1)
@@ -217,7 +244,8 @@ def start_haproxy(procs, workdir, name, threads):
     conf = workdir / f"{name}.cfg"
     conf.write_text(f"""
 global
-{nbthread}  maxconn 5000
+{nbthread}  maxconn {IDLE_CONNECTIONS + 500}
+  maxpipes 500
 defaults
   mode tcp
   timeout connect 5s
@@ -236,6 +264,11 @@ backend bulk_be
   option splice-request
   option splice-response
   server iperf {IPERF_BACKEND}
+frontend idle_fe
+  bind {ip}:{PORTS['idle']}
+  default_backend idle_be
+backend idle_be
+  server idle {IDLE_BACKEND}
 """)
     proc, _ = procs.start(["haproxy", "-db", "-f", str(conf)], name=name)
     wait_port(f"{ip}:{PORTS['http']}")
@@ -253,8 +286,8 @@ worker_processes auto;
 daemon off;
 pid {workdir}/nginx-stream.pid;
 error_log {workdir}/nginx-stream.err;
-worker_rlimit_nofile 20000;
-events {{ worker_connections 8000; }}
+worker_rlimit_nofile {2 * IDLE_CONNECTIONS + 3000};
+events {{ worker_connections {2 * IDLE_CONNECTIONS + 2000}; }}
 stream {{
   upstream http_be {{
 {http}
@@ -265,6 +298,7 @@ stream {{
   server {{ listen {ip}:{PORTS['http']} backlog=4096; proxy_pass http_be; }}
   server {{ listen {ip}:{PORTS['bulk']}; proxy_pass {IPERF_BACKEND}; }}
   server {{ listen {ip}:{PORTS['udp']} udp reuseport; proxy_pass udp_be; proxy_timeout 10s; }}
+  server {{ listen {ip}:{PORTS['idle']} backlog=4096; proxy_pass {IDLE_BACKEND}; }}
 }}
 """)
     proc, _ = procs.start(["nginx", "-c", str(conf)], name="nginx")
@@ -383,6 +417,48 @@ def latency_at(addr, rate, seconds):
             "errors": sum(report["errors"].values())}
 
 
+def idle_backend_active():
+    host, port = IDLE_STATS.rsplit(":", 1)
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{host}:{port}/", timeout=5) as reply:
+        return json.loads(reply.read())["active"]
+
+
+def wait_idle_active(count, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        active = idle_backend_active()
+        if active == count:
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the idle backend holds {idle_backend_active()} connections, not {count}")
+
+
+def idle_rss(pid, addr):
+    """RSS of the proxy before, and while it holds IDLE_CONNECTIONS idle proxied connections (each one
+    connected end to end: the backend counts it)."""
+    import socket
+
+    wait_idle_active(0)
+    before = rss_mib(pid)
+    host, port = addr.rsplit(":", 1)
+    sockets = []
+    try:
+        # In steps the proxy can accept as fast as they come: a connection the kernel completed into a full
+        # accept queue would never reach the backend.
+        for _ in range(IDLE_CONNECTIONS // 500):
+            for _ in range(500):
+                sockets.append(socket.create_connection((host, int(port)), timeout=5))
+            wait_idle_active(len(sockets))
+        held = rss_mib(pid)
+    finally:
+        for sock in sockets:
+            sock.close()
+    wait_idle_active(0)
+    return {"rss_before_mib": before, "rss_idle_mib": held}
+
+
 def measure(pid, fn):
     """Runs `fn`, adding the proxy's CPU time over the run and its RSS after it."""
     before = cpu_seconds(pid) if pid else 0.0
@@ -416,11 +492,16 @@ def suite(args):
                 "haproxy-1t": start_haproxy(procs, workdir, "haproxy-1t", 1).pid,
                 "nginx": start_nginx_stream(procs, workdir).pid,
             }
+            if args.levers:
+                for name, flags in VARIANT_FLAGS.items():
+                    pids[name] = start_switchboard(procs, name, extra=flags).pid
+                if args.before:
+                    pids["switchboard-before"] = start_switchboard(procs, "switchboard-before", Path(args.before)).pid
             for port_kind in ("http", "bulk"):
                 wait_port(f"{PROXY_IPS['switchboard']}:{PORTS[port_kind]}")
             targets = {name: {kind: f"{ip}:{PORTS[kind]}" for kind in PORTS} for name, ip in PROXY_IPS.items()}
             targets["direct"] = {"http": HTTP_BACKENDS[0], "bulk": IPERF_BACKEND, "udp": UDP_BACKENDS[0]}
-            udp_capable = ["direct", "switchboard", "nginx"]
+            udp_capable = ["direct", "nginx", *(n for n in pids if n.startswith("switchboard"))]
             for rep in range(reps):
                 # Rotate the order every repetition so no proxy always runs first or last.
                 order = list(pids)
@@ -438,11 +519,16 @@ def suite(args):
                         r["udp"] = measure(pid, lambda: udp_rate(t["udp"], seconds["udp"]))
                     run_rep["results"][name] = r
                 # Latency at a fixed rate below saturation: half the slowest keep-alive rate of this repetition.
-                slowest = min(run_rep["results"][n]["keepalive"]["rate"] for n in order if n != "direct")
+                slowest = min(run_rep["results"][n]["keepalive"]["rate"] for n in order if n in PEERS_AND_US)
                 rate = int(slowest * 0.5)
                 for name in order:
                     pid, t = pids[name], targets[name]
                     run_rep["results"][name]["latency"] = measure(pid, lambda: latency_at(t["http"], rate, seconds["latency"]))
+                # Memory: each proxy holding the same idle connections.
+                for name in order:
+                    if name != "direct":
+                        log(f"rep {rep + 1}/{reps}: {name}, {IDLE_CONNECTIONS:,} idle connections")
+                        run_rep["results"][name]["idle"] = idle_rss(pids[name], targets[name]["idle"])
                 # The load driver itself against wrk, both on keep-alive HTTP straight to nginx.
                 run_rep["loadgen_vs_wrk"] = {
                     "wrk": wrk(targets["direct"]["http"], seconds["wrk"], close=False)["rate"],
@@ -540,6 +626,15 @@ def markdown(results):
         med = lambda k: statistics.median([x[k] for x in lat if x.get(k) is not None] or [0])
         out.append(f"| {n} | {lat[0]['rate']:,} | {med('p50'):.0f} | {med('p99'):.0f} | {med('p999'):.0f} | "
                    f"{sum(x['errors'] for x in lat)} |")
+    out.append("")
+    out += [f"### memory: {IDLE_CONNECTIONS:,} idle proxied connections", "",
+            "| | RSS before, MiB | RSS holding them, MiB | KiB per connection |", "|---|---|---|---|"]
+    for n in names:
+        idle = [r["results"][n]["idle"] for r in results["runs"] if "idle" in r["results"][n]]
+        if idle:
+            before = statistics.median(x["rss_before_mib"] for x in idle)
+            held = statistics.median(x["rss_idle_mib"] for x in idle)
+            out.append(f"| {n} | {before:.1f} | {held:.1f} | {(held - before) * 1024 / IDLE_CONNECTIONS:.2f} |")
     out.append("")
     rss = {n: statistics.median([r["results"][n]["keepalive"].get("rss_mib", 0) for r in results["runs"]]) for n in names if n != "direct"}
     out += ["RSS after the keep-alive run (MiB): " + ", ".join(f"{n} {v:.1f}" for n, v in rss.items()), ""]
@@ -968,10 +1063,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short repetition (under 3 minutes)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions of the full suite")
+    parser.add_argument("--levers", action="store_true",
+                        help="also run Switchboard with one lever off each (--workers 1, --splice-pipes 0)")
+    parser.add_argument("--before", metavar="DIR",
+                        help="with --levers: a directory with an earlier build's controller and agent, run as switchboard-before")
     parser.add_argument("--scenario", choices=["suite", "pydirector", "skew", "control-plane"], default="suite")
     for key in ("services", "backends", "nodes", "changes"):
         parser.add_argument(f"--{key}", type=int, help=f"control-plane: {key} (overrides the size of the run)")
     args = parser.parse_args()
+    raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     if args.scenario == "skew":

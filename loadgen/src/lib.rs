@@ -153,7 +153,7 @@ pub async fn serve(command: ServeCommand, ready: impl FnOnce(String)) -> Result<
     let mut tasks = tokio::task::JoinSet::new();
     let listen = match &command {
         ServeCommand::TcpEcho(_) => {
-            let listener = TcpListener::bind(args.listen).await.map_err(|e| bind_err("tcp-echo", e))?;
+            let listener = serve::listen(args.listen).map_err(|e| bind_err("tcp-echo", e))?;
             let addr = listener.local_addr().map_err(|e| bind_err("tcp-echo", e))?;
             tasks.spawn(serve::tcp_echo(listener, Arc::clone(&stats)));
             addr
@@ -165,7 +165,7 @@ pub async fn serve(command: ServeCommand, ready: impl FnOnce(String)) -> Result<
             addr
         }
         ServeCommand::Http(a) => {
-            let listener = TcpListener::bind(args.listen).await.map_err(|e| bind_err("http", e))?;
+            let listener = serve::listen(args.listen).map_err(|e| bind_err("http", e))?;
             let addr = listener.local_addr().map_err(|e| bind_err("http", e))?;
             let behaviour = serve::HttpBehaviour { work_us: a.work_us, sleep_ms: a.sleep_ms };
             tasks.spawn(serve::http(listener, behaviour, Arc::clone(&stats), addr.to_string()));

@@ -65,6 +65,17 @@ pub struct HttpBehaviour {
     pub sleep_ms: u64,
 }
 
+/// A TCP listener with a backlog fit for a backend behind a balancer: the default of 128 overflows when
+/// a proxy opens hundreds of connections at once, and the overflow shows up as connect timeouts there.
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Echoes every TCP connection back.
 pub async fn tcp_echo(listener: TcpListener, stats: Arc<Stats>) {
     loop {
