@@ -196,7 +196,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, pool: &PipePool) -> io::Result<u
         from.readable().await?;
         let burst = match (bulk && splice_works).then(|| pool.lease()).flatten() {
             Some(mut lease) => match splice_burst(from, to, &mut lease, pool, &mut moved).await {
-                // Refused before any byte went through this way (the pipe is empty): copy from now on.
+                // Refused with the pipe empty: nothing is lost by copying from now on.
                 Err(error) if lease.pending == 0 && refuses_splice(&error) => {
                     pool.counters.splice_refused.fetch_add(1, Ordering::Relaxed);
                     splice_works = false;

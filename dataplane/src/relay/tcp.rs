@@ -56,28 +56,27 @@ pub async fn serve(
         };
         // One table read per connection; the connection keeps the route it started with.
         let route = ctx.table.load().route(&service);
-        let (connect_timeout, queue_timeout, first_byte) =
-            (ctx.connect_timeout, ctx.queue_timeout, ctx.first_byte_timeout);
-        let (slots, client_fds, shared) = (Arc::clone(&slots), Arc::clone(&ctx.client_fds), Arc::clone(&ctx));
+        let (slots, shared) = (Arc::clone(&slots), Arc::clone(&ctx));
         ctx.connections.spawn(async move {
+            let ctx = shared;
             let Some(route) = route else { return };
-            if let Some(wait) = first_byte
+            if let Some(wait) = ctx.first_byte_timeout
                 && !spoke_within(&client, wait).await
             {
                 debug!(%service, client = %peer, ?wait, "client sent nothing in time; closed");
                 return;
             }
             // Past the service's bound: wait in the queue up to --queue-timeout, else close.
-            let Some(slot) = slots.take_within(1, queue_timeout).await else {
+            let Some(slot) = slots.take_within(1, ctx.queue_timeout).await else {
                 slots.refused();
                 return;
             };
             // The backend's descriptor only once the service has room: a queued client holds one, not two.
-            let Some(backend_fd) = client_fds.try_take(1) else {
-                client_fds.refused();
+            let Some(backend_fd) = ctx.client_fds.try_take(1) else {
+                ctx.client_fds.refused();
                 return;
             };
-            relay(client, peer, service, route, connect_timeout, &shared).await;
+            relay(client, peer, service, route, &ctx).await;
             drop((slot, client_fd, backend_fd));
         });
     }
@@ -89,15 +88,8 @@ async fn spoke_within(client: &TcpStream, wait: Duration) -> bool {
     matches!(timeout(wait, client.peek(&mut byte)).await, Ok(Ok(1..)))
 }
 
-async fn relay(
-    client: TcpStream,
-    peer: SocketAddr,
-    service: ServiceKey,
-    route: Arc<ServiceRoute>,
-    connect_timeout: Duration,
-    ctx: &RelayContext,
-) {
-    let Some((upstream, backend, mut guard)) = connect(&route, service, peer, connect_timeout).await else {
+async fn relay(client: TcpStream, peer: SocketAddr, service: ServiceKey, route: Arc<ServiceRoute>, ctx: &RelayContext) {
+    let Some((upstream, backend, mut guard)) = connect(&route, service, peer, ctx.connect_timeout).await else {
         warn!(%service, client = %peer, backends = route.backends.len(), "no backend accepted the connection");
         return;
     };
