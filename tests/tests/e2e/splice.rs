@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use switchboard_tests::harness::{Controller, DataplaneNode, Host, JsonClient, Net};
+use switchboard_tests::harness::{Controller, DataplaneNode, Host, JsonClient, Net, free_port};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -36,9 +36,23 @@ async fn one_node(net: Net, extra: &[&str]) -> (Controller, DataplaneNode) {
     (ctl, node)
 }
 
+/// A listener on `net`'s host `n`, on a port no controller of this test binary listens on (the controller
+/// refuses its own ports as service ports).
+async fn listen(net: Net, n: u8) -> TcpListener {
+    TcpListener::bind((net.host(n), free_port(net.host(n)))).await.unwrap()
+}
+
+/// Registers `port` from `net`'s host `n` over JSON; the channel holds the registration.
+async fn register(ctl: &Controller, net: Net, n: u8, port: u16) -> JsonClient {
+    let mut server = JsonClient::connect(ctl, net.host(n)).await;
+    let reply = server.register("tcp", port).await;
+    assert_eq!(reply["ack"], "successful", "{reply}");
+    server
+}
+
 /// A TCP echo backend on `net`'s host `n`, registered over JSON; answers every connection in full duplex.
 async fn echo_backend(ctl: &Controller, net: Net, n: u8) -> (u16, JsonClient) {
-    let listener = TcpListener::bind((net.host(n), 0)).await.unwrap();
+    let listener = listen(net, n).await;
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
@@ -49,9 +63,7 @@ async fn echo_backend(ctl: &Controller, net: Net, n: u8) -> (u16, JsonClient) {
             });
         }
     });
-    let mut server = JsonClient::connect(ctl, net.host(n)).await;
-    assert_eq!(server.register("tcp", port).await["ack"], "successful");
-    (port, server)
+    (port, register(ctl, net, n, port).await)
 }
 
 /// Sends `payload` through `addr` to an echo backend while reading the echo, then half-closes; returns
@@ -104,7 +116,7 @@ async fn half_closes_pass_both_ways_through_the_splice_path() {
     let size = 4 << 20;
 
     // Client closes first: the backend reads to EOF, then answers with as much again and closes.
-    let listener = TcpListener::bind((net.host(2), 0)).await.unwrap();
+    let listener = listen(net, 2).await;
     let port = listener.local_addr().unwrap().port();
     let (counted_tx, counted_rx) = oneshot::channel();
     let backend = tokio::spawn(async move {
@@ -121,8 +133,7 @@ async fn half_closes_pass_both_ways_through_the_splice_path() {
         stream.read_to_end(&mut got).await.unwrap();
         let _ = counted_tx.send(got);
     });
-    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
-    assert_eq!(server.register("tcp", port).await["ack"], "successful");
+    let _server = register(&ctl, net, 2, port).await;
 
     let sent = pattern(size, 1);
     let mut client = TcpStream::connect(node.frontend(port)).await.unwrap();
@@ -154,7 +165,7 @@ async fn with_the_pipe_pool_exhausted_connections_copy_and_stay_byte_exact() {
     let (ctl, node) = one_node(net, &["--splice-pipes", "1"]).await;
 
     // A backend that reads nothing until told: the connection to it holds the only pipe, full.
-    let listener = TcpListener::bind((net.host(3), 0)).await.unwrap();
+    let listener = listen(net, 3).await;
     let slow_port = listener.local_addr().unwrap().port();
     let (go_tx, go_rx) = oneshot::channel::<()>();
     let slow = tokio::spawn(async move {
@@ -164,8 +175,7 @@ async fn with_the_pipe_pool_exhausted_connections_copy_and_stay_byte_exact() {
         stream.read_to_end(&mut got).await.unwrap();
         got
     });
-    let mut slow_server = JsonClient::connect(&ctl, net.host(3)).await;
-    assert_eq!(slow_server.register("tcp", slow_port).await["ack"], "successful");
+    let _slow_server = register(&ctl, net, 3, slow_port).await;
     let held = pattern(32 << 20, 7);
     let mut stuck = TcpStream::connect(node.frontend(slow_port)).await.unwrap();
     let writer = {
