@@ -30,19 +30,25 @@ async fn tcp_traffic_reaches_two_servers_in_round_robin() {
     assert_eq!(state["services"][0]["algorithm"], "round_robin");
 }
 
+/// UDP echo servers "a" and "b" on hosts 2 and 3, on one port, both registered (the second as "UDP": the
+/// protocol is case-blind); the port, and what must stay alive for them to stay registered.
+async fn udp_pair(ctl: &Controller, net: Net) -> (u16, (UdpEcho, UdpEcho, JsonClient, JsonClient)) {
+    let a = UdpEcho::start(net.host(2), 0, "a").await;
+    let port = a.addr.port();
+    let b = UdpEcho::start(net.host(3), port, "b").await;
+    let mut server_a = JsonClient::connect(ctl, net.host(2)).await;
+    let mut server_b = JsonClient::connect(ctl, net.host(3)).await;
+    assert_eq!(server_a.register("udp", port).await, json!({"ack": "successful"}));
+    assert_eq!(server_b.register("UDP", port).await, json!({"ack": "successful"}));
+    ctl.wait_state("two udp backends", |s| Controller::backends(s, "udp", port).len() == 2).await;
+    (port, (a, b, server_a, server_b))
+}
+
 #[tokio::test]
 async fn udp_traffic_reaches_two_servers_in_round_robin_and_replies_leave_from_the_frontend() {
     let net = Net::new();
     let ctl = Controller::spawn(net, &[]).await;
-    let a = UdpEcho::start(net.host(2), 0, "a").await;
-    let port = a.addr.port();
-    let _b = UdpEcho::start(net.host(3), port, "b").await;
-
-    let mut server_a = JsonClient::connect(&ctl, net.host(2)).await;
-    let mut server_b = JsonClient::connect(&ctl, net.host(3)).await;
-    assert_eq!(server_a.register("udp", port).await, json!({"ack": "successful"}));
-    assert_eq!(server_b.register("UDP", port).await, json!({"ack": "successful"}));
-    ctl.wait_state("two udp backends", |s| Controller::backends(s, "udp", port).len() == 2).await;
+    let (port, _pair) = udp_pair(&ctl, net).await;
 
     let mut names = Vec::new();
     for _ in 0..4 {
@@ -69,14 +75,7 @@ async fn udp_traffic_reaches_two_servers_in_round_robin_and_replies_leave_from_t
 async fn udp_sessions_opened_in_a_burst_stay_pinned_and_end_when_idle() {
     let net = Net::new();
     let ctl = Controller::spawn(net, &["--udp-idle-timeout", "2s"]).await;
-    let a = UdpEcho::start(net.host(2), 0, "a").await;
-    let port = a.addr.port();
-    let _b = UdpEcho::start(net.host(3), port, "b").await;
-    let mut server_a = JsonClient::connect(&ctl, net.host(2)).await;
-    let mut server_b = JsonClient::connect(&ctl, net.host(3)).await;
-    assert_eq!(server_a.register("udp", port).await, json!({"ack": "successful"}));
-    assert_eq!(server_b.register("udp", port).await, json!({"ack": "successful"}));
-    ctl.wait_state("two udp backends", |s| Controller::backends(s, "udp", port).len() == 2).await;
+    let (port, _pair) = udp_pair(&ctl, net).await;
 
     // 40 clients each send three datagrams without waiting: they queue up and are received in batches.
     let mut clients = Vec::new();
