@@ -7,7 +7,7 @@ use contract::{
     convert,
     model::{
         BackendLoad, BackendRef, Deregistration, FrontendStatus, HelloAnswer, NodeHello, NodeReport, RegisterReply,
-        RegistrationRequest, RoutingSnapshot,
+        RegistrationRequest, RoutingDelta, RoutingSnapshot,
     },
     v1,
 };
@@ -26,6 +26,17 @@ fuzz_target!(|data: &[u8]| {
                             // What converts in converts back out and in again to the same value.
                             let again = RoutingSnapshot::try_from(v1::Snapshot::from(&snapshot));
                             assert_eq!(again.as_ref(), Ok(&snapshot));
+                        }
+                    }
+                    Some(v1::controller_message::Msg::Delta(delta)) => {
+                        if let Ok(delta) = RoutingDelta::try_from(delta) {
+                            let again = RoutingDelta::try_from(v1::SnapshotDelta::from(&delta));
+                            assert_eq!(again.as_ref(), Ok(&delta));
+                            // Applied to the state it names as its base, and refused by any other.
+                            let base = RoutingSnapshot { version: delta.base_version, ..Default::default() };
+                            assert!(base.with_delta(delta.clone()).is_some());
+                            let other = RoutingSnapshot { version: delta.base_version.wrapping_add(1), ..Default::default() };
+                            assert!(other.with_delta(delta).is_none());
                         }
                     }
                     Some(v1::controller_message::Msg::ClusterLoad(load)) => {
