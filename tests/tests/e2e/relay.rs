@@ -2,7 +2,7 @@
 
 use serde_json::json;
 use switchboard_tests::harness::{
-    Controller, EchoPair, JsonClient, Net, TcpEcho, UdpEcho, tcp_roundtrip, udp_roundtrip,
+    Controller, EchoPair, JsonClient, Net, TcpEcho, UdpEcho, free_port, tcp_roundtrip, udp_roundtrip,
 };
 use tokio::net::UdpSocket;
 
@@ -142,7 +142,7 @@ async fn half_close_is_passed_through_and_the_other_direction_keeps_flowing() {
     let net = Net::new();
     let ctl = Controller::spawn(net, &[]).await;
     // A backend that reads until EOF, then answers with what it read: only works if our FIN reaches it.
-    let listener = tokio::net::TcpListener::bind((net.host(2), 0)).await.unwrap();
+    let listener = tokio::net::TcpListener::bind((net.host(2), free_port(net.host(2)))).await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let backend = tokio::spawn(async move {
         let (mut stream, _) = listener.accept().await.unwrap();
