@@ -14,6 +14,10 @@ use crate::check::Check;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "agent", version, about, args_override_self = true)]
 pub struct Cli {
+    /// Log format and filter.
+    #[command(flatten)]
+    pub log: contract::process::LogArgs,
+
     /// gRPC URL of the controller.
     #[arg(long, env = "SWITCHBOARD_CONTROLLER", default_value = "http://127.0.0.1:50051")]
     pub controller: String,

@@ -10,7 +10,9 @@ use tokio::sync::oneshot;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    process::main("agent", || AgentConfig::try_from(Cli::parse()), run).await
+    let cli = Cli::parse();
+    let log = cli.log.clone();
+    process::main("agent", &log, || AgentConfig::try_from(cli), run).await
 }
 
 async fn run(config: AgentConfig) -> Result<(), AgentError> {

@@ -10,6 +10,10 @@ use dataplane::NodeArgs;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "controller", version, about, args_override_self = true)]
 pub struct Cli {
+    /// Log format and filter.
+    #[command(flatten)]
+    pub log: contract::process::LogArgs,
+
     /// Address of the HW1 JSON control channel.
     #[arg(long, env = "SWITCHBOARD_JSON_LISTEN", default_value = "0.0.0.0:8080")]
     pub json_listen: SocketAddr,

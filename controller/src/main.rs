@@ -9,7 +9,9 @@ use controller::{Cli, Config, Controller};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    process::main("controller", || Config::try_from(Cli::parse()), run).await
+    let cli = Cli::parse();
+    let log = cli.log.clone();
+    process::main("controller", &log, || Config::try_from(cli), run).await
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {

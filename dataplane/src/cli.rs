@@ -16,6 +16,10 @@ use crate::{node::NodeConfig, sync::SyncConfig};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "dataplane", version, about, args_override_self = true)]
 pub struct Cli {
+    /// Log format and filter.
+    #[command(flatten)]
+    pub log: contract::process::LogArgs,
+
     /// gRPC URL of the controller.
     #[arg(long, env = "SWITCHBOARD_CONTROLLER", default_value = "http://127.0.0.1:50051")]
     pub controller: String,

@@ -10,7 +10,9 @@ use dataplane::{Cli, Dataplane, DataplaneConfig};
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    process::main("dataplane", || DataplaneConfig::try_from(Cli::parse()), run).await
+    let cli = Cli::parse();
+    let log = cli.log.clone();
+    process::main("dataplane", &log, || DataplaneConfig::try_from(cli), run).await
 }
 
 async fn run(config: DataplaneConfig) -> anyhow::Result<()> {

@@ -13,6 +13,10 @@ use clap::{Args, Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "loadgen", version, about, args_override_self = true)]
 pub struct Cli {
+    /// Log format and filter.
+    #[command(flatten)]
+    pub log: contract::process::LogArgs,
+
     /// Worker threads of the runtime (default: one per CPU).
     #[arg(long, global = true)]
     pub threads: Option<usize>,

@@ -11,7 +11,9 @@ use loadgen::{
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    process::init_logging();
+    if let Err(error) = process::init_logging(&cli.log) {
+        return process::config_error("loadgen", &error);
+    }
     // A load driver holds a socket per connection in flight.
     let _ = process::raise_fd_limit();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

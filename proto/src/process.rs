@@ -35,18 +35,46 @@ impl FlagError {
     }
 }
 
-/// Logs to stderr (`RUST_LOG`, default `info`), with colours only on a terminal; stdout is kept for the
-/// READY line.
-pub fn init_logging() {
+/// How a binary logs: `--log-format` and `--log`, the same on every binary.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct LogArgs {
+    /// Log lines as `pretty` text or as `json`, one object per line (level, target, fields, spans).
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+
+    /// Which log lines to print, in `RUST_LOG`'s syntax (e.g. `info,dataplane=debug`). Default: `RUST_LOG`,
+    /// else `info`.
+    #[arg(long = "log", env = "SWITCHBOARD_LOG")]
+    pub log: Option<String>,
+}
+
+/// The shape of log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable text, coloured on a terminal.
+    #[default]
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logs to stderr as `args` say, with colours only on a terminal; stdout is kept for the READY line. An
+/// invalid `--log` filter is a [`FlagError`].
+pub fn init_logging(args: &LogArgs) -> Result<(), FlagError> {
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    use tracing_subscriber::EnvFilter;
+    let filter = match &args.log {
+        Some(filter) => {
+            EnvFilter::try_new(filter).map_err(|error| FlagError::new("log", format!("{filter:?}: {error}")))?
+        }
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Pretty => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+    }
+    Ok(())
 }
 
 /// The file-descriptor limits a process found and left at start.
@@ -144,9 +172,14 @@ pub async fn supervise<E: 'static>(mut tasks: JoinSet<Result<(), E>>) -> Result<
 }
 
 /// The `main` of every binary: the file-descriptor limit is raised, then `config` is read (a
-/// configuration error is one line and exit 64), logging starts, `run` runs, and its error, if any, is one
-/// line and exit 1.
-pub async fn main<C, F, E, G>(binary: &str, config: impl FnOnce() -> Result<C, G>, run: impl FnOnce(C) -> F) -> ExitCode
+/// configuration error is one line and exit 64), logging starts as `log` says, `run` runs, and its error,
+/// if any, is one line and exit 1.
+pub async fn main<C, F, E, G>(
+    binary: &str,
+    log: &LogArgs,
+    config: impl FnOnce() -> Result<C, G>,
+    run: impl FnOnce(C) -> F,
+) -> ExitCode
 where
     F: Future<Output = Result<(), E>>,
     E: Display,
@@ -157,7 +190,9 @@ where
         Ok(config) => config,
         Err(error) => return config_error(binary, &error),
     };
-    init_logging();
+    if let Err(error) = init_logging(log) {
+        return config_error(binary, &error);
+    }
     match limits {
         Ok(FdLimits { soft, hard, now }) => tracing::info!(soft, hard, now, "file-descriptor limits"),
         Err(error) => tracing::warn!(%error, "cannot raise the file-descriptor soft limit"),

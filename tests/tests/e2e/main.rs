@@ -10,6 +10,7 @@ mod grpc;
 mod json_channel;
 mod limits;
 mod loadgen;
+mod logs;
 mod multihost;
 mod nodes;
 mod relay;
