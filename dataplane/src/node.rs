@@ -245,35 +245,30 @@ impl Node {
     fn open(&mut self, service: ServiceKey) -> Result<SocketAddr, String> {
         let addr = SocketAddr::new(self.config.frontend_address, service.port);
         let stop = CancellationToken::new();
-        let workers = self.workers.len();
+        let count = self.workers.len();
         let local_of =
             |local: std::io::Result<SocketAddr>| local.map_err(|source| FrontendError::Bind { addr, source });
+        let (ctx, workers) = (&self.ctx, &self.workers);
         let opened = match service.protocol {
-            Protocol::Tcp => listener::bind_tcp(addr, workers).and_then(|sockets| {
+            Protocol::Tcp => listener::bind_tcp(addr, count).and_then(|sockets| {
                 let local = local_of(sockets[0].local_addr())?;
                 // Lives as long as the frontend: the service's connections across workers and snapshots.
-                let slots = Limit::new("TCP connections of one service", self.ctx.max_connections_per_service);
-                let tasks = sockets.into_iter().enumerate().map(|(worker, socket)| {
-                    let serve =
-                        relay::tcp::serve(socket, service, Arc::clone(&self.ctx), Arc::clone(&slots), stop.clone());
-                    self.workers.spawn(worker, serve)
-                });
-                Ok((local, tasks.collect()))
+                let slots = Limit::new("TCP connections of one service", ctx.max_connections_per_service);
+                let serve =
+                    |socket| relay::tcp::serve(socket, service, Arc::clone(ctx), Arc::clone(&slots), stop.clone());
+                Ok((local, workers.spawn_each(sockets, serve)))
             }),
-            Protocol::Udp => listener::bind_udp(addr, workers).and_then(|sockets| {
+            Protocol::Udp => listener::bind_udp(addr, count).and_then(|sockets| {
                 let local = local_of(sockets[0].local_addr())?;
-                let slots = Limit::new("UDP sessions of one frontend", self.ctx.udp_max_sessions);
-                let tasks = sockets.into_iter().enumerate().map(|(worker, socket)| {
-                    let serve =
-                        relay::udp::serve(socket, service, Arc::clone(&self.ctx), Arc::clone(&slots), stop.clone());
-                    self.workers.spawn(worker, serve)
-                });
-                Ok((local, tasks.collect()))
+                let slots = Limit::new("UDP sessions of one frontend", ctx.udp_max_sessions);
+                let serve =
+                    |socket| relay::udp::serve(socket, service, Arc::clone(ctx), Arc::clone(&slots), stop.clone());
+                Ok((local, workers.spawn_each(sockets, serve)))
             }),
         };
         match opened {
             Ok((local, tasks)) => {
-                info!(node = %self.config.node_id, %service, addr = %local, workers, "port opened");
+                info!(node = %self.config.node_id, %service, addr = %local, workers = count, "port opened");
                 self.failures.remove(&service);
                 self.frontends.insert(service, Frontend { local, stop, tasks });
                 Ok(local)

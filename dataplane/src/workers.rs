@@ -56,11 +56,12 @@ impl Workers {
         self.handles.is_empty()
     }
 
-    /// Runs `task` on worker `index` (modulo the number of workers).
-    pub fn spawn<F>(&self, index: usize, task: F) -> JoinHandle<()>
+    /// Runs `serve(socket)` for each of `sockets` (one per worker, in worker order) on its worker.
+    pub fn spawn_each<S, F>(&self, sockets: Vec<S>, serve: impl Fn(S) -> F) -> Vec<JoinHandle<()>>
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.handles[index % self.handles.len()].spawn(task)
+        let workers = self.handles.iter().cycle();
+        sockets.into_iter().zip(workers).map(|(socket, worker)| worker.spawn(serve(socket))).collect()
     }
 }
