@@ -236,15 +236,7 @@ impl Store {
                 connected.map(|(id, n)| (id.clone(), Arc::clone(&n.load))).collect();
             (generation, per_node)
         };
-        let mut sums: BTreeMap<(ServiceKey, SocketAddr), Contributed> = BTreeMap::new();
-        for row in per_node.values().flat_map(|rows| rows.iter()) {
-            let c = sums
-                .entry((row.service, row.backend))
-                .or_insert(Contributed { sum: BackendLoad { active: 0, total: 0, ..*row }, nodes: 0 });
-            c.sum.active += row.active;
-            c.sum.total += row.total;
-            c.nodes += 1;
-        }
+        let sums = sum_rows(per_node.values().map(|rows| rows.as_slice()));
         let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
         // Another caller may have summed a later generation meanwhile: keep the newer.
         if generation >= totals.generation {
@@ -256,13 +248,21 @@ impl Store {
 
 /// The rows of several nodes, summed per (service, backend), sorted.
 pub(super) fn sum_load<'a>(nodes: impl Iterator<Item = &'a [BackendLoad]>) -> Vec<BackendLoad> {
-    let mut sums: BTreeMap<(ServiceKey, SocketAddr), BackendLoad> = BTreeMap::new();
+    sum_rows(nodes).into_values().map(|c| c.sum).collect()
+}
+
+/// The rows of several nodes, summed per (service, backend), each with how many nodes reported it.
+fn sum_rows<'a>(nodes: impl Iterator<Item = &'a [BackendLoad]>) -> BTreeMap<(ServiceKey, SocketAddr), Contributed> {
+    let mut sums: BTreeMap<(ServiceKey, SocketAddr), Contributed> = BTreeMap::new();
     for row in nodes.flatten() {
-        let sum = sums.entry((row.service, row.backend)).or_insert(BackendLoad { active: 0, total: 0, ..*row });
-        sum.active += row.active;
-        sum.total += row.total;
+        let c = sums
+            .entry((row.service, row.backend))
+            .or_insert(Contributed { sum: BackendLoad { active: 0, total: 0, ..*row }, nodes: 0 });
+        c.sum.active += row.active;
+        c.sum.total += row.total;
+        c.nodes += 1;
     }
-    sums.into_values().collect()
+    sums
 }
 
 // === impl NodeTable ===
