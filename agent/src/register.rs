@@ -187,7 +187,11 @@ impl ServiceAgent {
         };
         let message = RegisterRequest { msg: Some(Out::Register((&registration).into())) };
         tx.send(message).await.map_err(|_| StreamError::Closed)?;
-        let mut inbound = self.client(channel.clone()).register(ReceiverStream::new(rx)).await?.into_inner();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        request
+            .metadata_mut()
+            .insert(client::CLIENT_KIND, tonic::metadata::AsciiMetadataValue::from_static(client::AGENT));
+        let mut inbound = self.client(channel.clone()).register(request).await?.into_inner();
         let Some(In::Ack(ack)) = inbound.message().await?.and_then(|m| m.msg) else { return Err(StreamError::Closed) };
         let reply = RegisterReply::try_from(&ack)?;
         let note = reply.message.unwrap_or_default();

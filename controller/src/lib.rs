@@ -8,7 +8,9 @@
 //! - [`store`]: the single source of truth, in rooms: registry and commit, nodes and cluster load, events,
 //!   read model.
 //! - [`probe`]: the hello health check shared by both registration channels.
-//! - [`api`]: JSON channel, gRPC, admin HTTP, and the doors' tokens and connection caps.
+//! - [`api`]: JSON channel, gRPC, admin HTTP (with `/metrics` and the dashboard), and the doors' tokens
+//!   and connection caps.
+//! - [`metrics`]: the controller's Prometheus series.
 //! - [`error`]: one error enum per boundary.
 //!
 //! The domain types and their wire conversions are the contract crate's; the `dataplane` crate is used only
@@ -20,6 +22,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod probe;
 pub mod store;
 
@@ -28,7 +31,7 @@ use std::{net::SocketAddr, sync::Arc};
 use api::listener::CappedListener;
 use contract::limit::Limit;
 use contract::process::{self, stopped};
-use dataplane::{Node, NodeConfig};
+use dataplane::Node;
 use tokio::{
     net::TcpListener,
     sync::{mpsc, watch},
@@ -164,11 +167,18 @@ impl Controller {
         };
         let grpc = CappedListener::new(grpc, "gRPC connections", shares.grpc);
         tasks.spawn(api::grpc::serve(grpc, Arc::clone(&store), settings, shutdown.clone()));
-        let admin = CappedListener::new(admin, "admin HTTP connections", shares.admin);
-        tasks.spawn(api::http::serve(admin, Arc::clone(&store), config.tokens.admin(), shutdown.clone()));
+        let mut registry = contract::metrics::registry("controller");
+        metrics::register(&mut registry, &store);
         if let (Some(node), Some(link)) = (config.embedded_node, embedded) {
-            tasks.spawn(run_embedded_node(node, link, Arc::clone(&store), config.cluster_counts, shutdown));
+            let data = dataplane::metrics::DataMetrics::default();
+            data.register(&mut registry);
+            let node = Node::new(node, &data)?;
+            dataplane::metrics::register_node(&mut registry, node.handle());
+            tasks.spawn(run_embedded_node(node, link, Arc::clone(&store), config.cluster_counts, shutdown.clone()));
         }
+        let admin = CappedListener::new(admin, "admin HTTP connections", shares.admin);
+        let admin_state = api::http::AdminState { store: Arc::clone(&store), registry: Arc::new(registry) };
+        tasks.spawn(api::http::serve(admin, admin_state, config.tokens.admin(), shutdown));
         process::supervise(tasks).await
     }
 }
@@ -177,14 +187,13 @@ impl Controller {
 /// store's snapshots directly and its reports go straight into the store, exactly as a remote node's would
 /// after crossing the network.
 async fn run_embedded_node(
-    config: NodeConfig,
+    node: Node,
     link: store::NodeLink,
     store: Arc<Store>,
     cluster_counts: bool,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ControllerError> {
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
-    let node = Node::new(config)?;
     // The other nodes' counts, as a remote node gets them on its sync stream.
     let cluster = cluster_counts.then(|| {
         let (handle, mut feed) = (node.handle(), link.cluster_load());

@@ -55,6 +55,8 @@ pub struct Probe {
     next_hello: Instant,
     /// Deadline of the oldest unanswered hello.
     answer_by: Option<Instant>,
+    /// When the latest unanswered hello went out.
+    sent_at: Option<Instant>,
     misses: u32,
 }
 
@@ -63,7 +65,7 @@ pub struct Probe {
 impl Probe {
     /// Starts probing: the first hello goes out one interval from `now`.
     pub fn new(settings: ProbeSettings, now: Instant) -> Self {
-        Probe { settings, seq: 0, next_hello: now + settings.interval, answer_by: None, misses: 0 }
+        Probe { settings, seq: 0, next_hello: now + settings.interval, answer_by: None, sent_at: None, misses: 0 }
     }
 
     /// When [`Probe::on_timer`] must next be called.
@@ -85,15 +87,18 @@ impl Probe {
             self.next_hello = now + self.settings.interval;
             // With a timeout longer than the interval, the oldest outstanding hello keeps its deadline.
             self.answer_by.get_or_insert(now + self.settings.timeout);
+            self.sent_at = Some(now);
             return ProbeAction::SendHello(self.seq);
         }
         ProbeAction::Wait
     }
 
-    /// The registration answered (or spoke up unasked): it is alive.
-    pub fn on_answer(&mut self) {
+    /// The registration answered (or spoke up unasked): it is alive. Returns the round trip when a hello
+    /// was waiting for this answer.
+    pub fn on_answer(&mut self, now: Instant) -> Option<Duration> {
         self.answer_by = None;
         self.misses = 0;
+        self.sent_at.take().map(|sent| now.saturating_duration_since(sent))
     }
 }
 
@@ -112,7 +117,9 @@ mod tests {
                 return None;
             }
             match probe.on_timer(now) {
-                ProbeAction::SendHello(seq) if answer(seq) => probe.on_answer(),
+                ProbeAction::SendHello(seq) if answer(seq) => {
+                    probe.on_answer(now);
+                }
                 ProbeAction::Expired { misses } => {
                     assert_eq!(misses, 3);
                     return Some(now - start);
@@ -146,8 +153,10 @@ mod tests {
         let mut probe = Probe::new(SETTINGS, start);
         assert_eq!(probe.on_timer(start), ProbeAction::Wait);
         assert_eq!(probe.deadline(), start + SETTINGS.interval);
-        assert_eq!(probe.on_timer(probe.deadline()), ProbeAction::SendHello(1));
-        probe.on_answer();
+        let sent = probe.deadline();
+        assert_eq!(probe.on_timer(sent), ProbeAction::SendHello(1));
+        assert_eq!(probe.on_answer(sent + Duration::from_millis(3)), Some(Duration::from_millis(3)));
+        assert_eq!(probe.on_answer(sent + Duration::from_millis(4)), None, "one round trip per hello");
         assert_eq!(probe.deadline(), start + 2 * SETTINGS.interval);
         assert_eq!(probe.on_timer(probe.deadline()), ProbeAction::SendHello(2));
     }

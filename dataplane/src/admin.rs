@@ -1,10 +1,22 @@
 //! The node's admin HTTP server: `GET /api/state` returns what the node serves, its frontends, its
-//! per-backend counts and whether it follows a controller.
+//! per-backend counts and whether it follows a controller; `GET /metrics` its Prometheus series. With
+//! `--admin-token`, both need `authorization: Bearer <token>`.
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
 
-use axum::{Json, Router, extract::State, routing::get};
-use contract::model::{FrontendView, ServiceKey, ServiceSpec};
+use axum::{
+    Json, Router,
+    extract::{Request, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use contract::{
+    auth::Token,
+    model::{FrontendView, ServiceKey, ServiceSpec},
+};
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::{net::TcpListener, sync::watch};
 
@@ -50,20 +62,57 @@ struct LoadView {
     remote_connections: u64,
 }
 
-/// Serves `/api/state` until `shutdown` turns true.
+/// What the admin server serves besides the node itself.
+pub struct AdminSettings {
+    /// The node's name.
+    pub node_id: String,
+    /// The controller it follows.
+    pub controller: String,
+    /// The process's metrics.
+    pub registry: Arc<Registry>,
+    /// Required of every request when set.
+    pub token: Option<Token>,
+}
+
+/// Serves `/api/state` and `/metrics` until `shutdown` turns true.
 pub async fn serve(
     listener: TcpListener,
-    node_id: String,
-    controller: String,
+    settings: AdminSettings,
     node: NodeHandle,
     sync: watch::Receiver<SyncStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    let AdminSettings { node_id, controller, registry, token } = settings;
     let state = AdminState { node_id, controller, node, sync };
-    let app = Router::new().route("/api/state", get(state_view)).with_state(state);
+    let app = Router::new()
+        .route("/api/state", get(state_view))
+        .with_state(state)
+        .route("/metrics", get(metrics).with_state(registry))
+        .layer(middleware::from_fn_with_state(token.map(Arc::new), require_token));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { contract::process::stopped(&mut shutdown).await })
         .await
+}
+
+/// `GET /metrics`: the Prometheus text format, or OpenMetrics when the scraper asks for it.
+pub async fn metrics(State(registry): State<Arc<Registry>>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = contract::metrics::exposition(&registry, accept);
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+/// With a token, every request must present it.
+async fn require_token(State(token): State<Option<Arc<Token>>>, request: Request, next: Next) -> Response {
+    let presented = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    match token {
+        Some(token) if !presented.is_some_and(|header| token.matches(header)) => {
+            let body = Json(serde_json::json!({
+                "error": "missing or wrong bearer token: this node needs `authorization: Bearer <--admin-token>`"
+            }));
+            (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
+        }
+        _ => next.run(request).await,
+    }
 }
 
 async fn state_view(State(admin): State<AdminState>) -> Json<NodeStateView> {

@@ -10,7 +10,7 @@ use std::{
 use clap::{Args, Parser};
 use contract::{auth::Token, client::ClientTls, process::FlagError};
 
-use crate::{node::NodeConfig, sync::SyncConfig};
+use crate::{access_log::AccessLogTarget, node::NodeConfig, sync::SyncConfig};
 
 /// Switchboard data-plane node: follows a controller and relays TCP and UDP to the backends it lists.
 #[derive(Debug, Clone, Parser)]
@@ -43,6 +43,15 @@ pub struct Cli {
     /// Longest wait between two attempts to reach the controller.
     #[arg(long, env = "SWITCHBOARD_BACKOFF_MAX", default_value = "5s", value_parser = humantime::parse_duration)]
     pub backoff_max: Duration,
+
+    /// Bearer token required by this node's admin listener (`/api/state`, `/metrics`); none: open, so keep
+    /// --admin-listen on loopback.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// File whose first line is the --admin-token.
+    #[arg(long, env = "SWITCHBOARD_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
 
     /// Bearer token presented to the controller (its --node-token).
     #[arg(long, env = "SWITCHBOARD_NODE_TOKEN", hide_env_values = true)]
@@ -116,6 +125,11 @@ pub struct NodeArgs {
     /// Capacity asked of each splice pipe, in bytes.
     #[arg(long, env = "SWITCHBOARD_PIPE_SIZE", default_value_t = 256 * 1024)]
     pub pipe_size: usize,
+
+    /// Write one JSON line per finished TCP connection and ended UDP session to this file (`-`: standard
+    /// output). Off by default.
+    #[arg(long, env = "SWITCHBOARD_ACCESS_LOG", value_name = "PATH|-")]
+    pub access_log: Option<AccessLogTarget>,
 }
 
 /// The validated configuration of a `dataplane` process.
@@ -127,6 +141,8 @@ pub struct DataplaneConfig {
     pub sync: SyncConfig,
     /// Admin HTTP listener.
     pub admin_listen: SocketAddr,
+    /// Required by the admin listener when set.
+    pub admin_token: Option<Token>,
 }
 
 // === impl NodeArgs ===
@@ -172,6 +188,7 @@ impl NodeArgs {
             },
             splice_pipes: self.splice_pipes,
             pipe_size: self.pipe_size,
+            access_log: self.access_log.clone(),
         })
     }
 }
@@ -201,6 +218,7 @@ impl TryFrom<Cli> for DataplaneConfig {
                 tls,
             },
             admin_listen: cli.admin_listen,
+            admin_token: Token::from_flags("admin-token", cli.admin_token, cli.admin_token_file.as_deref())?,
         })
     }
 }

@@ -32,6 +32,15 @@ pub enum DataplaneError {
     /// The data-path worker threads could not start.
     #[error("cannot start worker threads: {0}")]
     Workers(#[source] std::io::Error),
+    /// The access log could not be opened.
+    #[error("cannot open the access log {target}: {source}")]
+    AccessLog {
+        /// `--access-log`.
+        target: crate::access_log::AccessLogTarget,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
     /// The admin HTTP server failed.
     #[error("admin HTTP server: {0}")]
     Admin(#[source] std::io::Error),

@@ -14,17 +14,20 @@
 //! - [`balance`]: which backend takes the next connection.
 //! - [`relay`]: TCP and UDP relays.
 //! - [`listener`]: how frontend sockets are bound.
-//! - [`stats`]: per-backend connection counters and evictions.
+//! - [`stats`]: per-backend connection counters and evictions; [`metrics`]: their Prometheus series, and
+//!   the node's; [`access_log`]: one line per finished connection, written off the data path.
 //! - [`workers`]: the data path's threads, one runtime per core.
 //! - [`sync`]: the remote node's link to the controller; [`sys`]: the one module that calls libc.
 //! - [`cli`], [`admin`]: the `dataplane` binary's flags (and [`NodeArgs`], which the controller takes for
 //!   its embedded node) and admin HTTP server.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod cli;
 pub mod error;
 pub mod listener;
+pub mod metrics;
 pub mod node;
 pub mod relay;
 pub mod stats;
@@ -77,19 +80,23 @@ impl Dataplane {
     /// drain timeout to finish.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), DataplaneError> {
         let Dataplane { config, admin } = self;
-        let node = Node::new(config.node.clone())?;
+        let mut registry = contract::metrics::registry("dataplane");
+        let (data, link) = (metrics::DataMetrics::default(), metrics::SyncMetrics::default());
+        data.register(&mut registry);
+        link.register(&mut registry);
+        let node = Node::new(config.node.clone(), &data)?;
+        metrics::register_node(&mut registry, node.handle());
         let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(RoutingSnapshot::default()));
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let (status_tx, status_rx) = watch::channel(sync::SyncStatus::default());
-        let admin = tokio::spawn(admin::serve(
-            admin,
-            config.node.node_id.clone(),
-            config.sync.controller.clone(),
-            node.handle(),
-            status_rx,
-            shutdown.clone(),
-        ));
-        let sync = tokio::spawn(sync::run(config.sync, snapshots_tx, reports_rx, status_tx, node.handle()));
+        let settings = admin::AdminSettings {
+            node_id: config.node.node_id.clone(),
+            controller: config.sync.controller.clone(),
+            registry: Arc::new(registry),
+            token: config.admin_token.clone(),
+        };
+        let admin = tokio::spawn(admin::serve(admin, settings, node.handle(), status_rx, shutdown.clone()));
+        let sync = tokio::spawn(sync::run(config.sync, snapshots_tx, reports_rx, status_tx, node.handle(), link));
         node.run(snapshots_rx, reports_tx, shutdown).await;
         // The node is done: the controller sees the stream end and drops the node.
         sync.abort();

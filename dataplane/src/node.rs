@@ -26,7 +26,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{info, warn};
 
 use crate::{
-    DataplaneError, FrontendError, listener,
+    DataplaneError, FrontendError,
+    access_log::{AccessLog, AccessLogTarget},
+    listener,
+    metrics::{DataMetrics, FrontendStats},
     relay::{
         self, RelayContext,
         pump::{PipePool, PumpStats},
@@ -69,6 +72,8 @@ pub struct NodeConfig {
     pub splice_pipes: usize,
     /// Capacity asked of each splice pipe, in bytes.
     pub pipe_size: usize,
+    /// Where to write one line per finished connection or session (none: nowhere).
+    pub access_log: Option<AccessLogTarget>,
 }
 
 /// What the node serves now, for its admin API.
@@ -97,6 +102,7 @@ pub struct Node {
     workers: Workers,
     ctx: Arc<RelayContext>,
     stats: Arc<StatsRegistry>,
+    metrics: DataMetrics,
     frontends: HashMap<ServiceKey, Frontend>,
     /// Last bind error per service, so a failure repeated on every snapshot is logged once.
     failures: HashMap<ServiceKey, String>,
@@ -109,6 +115,7 @@ pub struct Node {
 /// fires.
 struct Frontend {
     local: SocketAddr,
+    stats: Arc<FrontendStats>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -116,8 +123,16 @@ struct Frontend {
 // === impl Node ===
 
 impl Node {
-    /// A node with no frontends yet, its worker threads started.
-    pub fn new(config: NodeConfig) -> Result<Self, DataplaneError> {
+    /// A node with no frontends yet, its worker threads started and its access log open. Its counters
+    /// are series of `metrics`.
+    pub fn new(config: NodeConfig, metrics: &DataMetrics) -> Result<Self, DataplaneError> {
+        let access_log = match &config.access_log {
+            Some(target) => Some(
+                AccessLog::open(target, metrics.access_log_dropped.clone())
+                    .map_err(|source| DataplaneError::AccessLog { target: target.clone(), source })?,
+            ),
+            None => None,
+        };
         let workers = Workers::start(config.workers).map_err(DataplaneError::Workers)?;
         let client_fds = Limit::new("client file descriptors", config.client_fds);
         let ctx = Arc::new(RelayContext {
@@ -131,12 +146,14 @@ impl Node {
             queue_timeout: config.queue_timeout,
             first_byte_timeout: config.first_byte_timeout,
             connections: TaskTracker::new(),
+            access_log,
         });
         Ok(Node {
             config,
             workers,
             ctx,
-            stats: Arc::default(),
+            stats: Arc::new(StatsRegistry::new(metrics.clone())),
+            metrics: metrics.clone(),
             frontends: HashMap::new(),
             failures: HashMap::new(),
             state: watch::Sender::new(ServedState::default()),
@@ -198,6 +215,7 @@ impl Node {
             self.frontends.keys().filter(|service| !snapshot.services.contains_key(service)).copied().collect();
         for service in gone {
             if let Some(frontend) = self.frontends.remove(&service) {
+                self.metrics.forget_frontend(&frontend.stats);
                 frontend.close(&self.config.node_id, service).await;
             }
         }
@@ -220,6 +238,7 @@ impl Node {
             );
         }
         let apply_time = started.elapsed();
+        self.metrics.apply_time.observe(apply_time.as_secs_f64());
         self.state.send_replace(ServedState { snapshot: Arc::new(snapshot), frontends: statuses.clone(), apply_time });
         statuses
     }
@@ -249,20 +268,25 @@ impl Node {
         let local_of =
             |local: std::io::Result<SocketAddr>| local.map_err(|source| FrontendError::Bind { addr, source });
         let (ctx, workers) = (&self.ctx, &self.workers);
+        let stats = self.metrics.frontend(service);
         let opened = match service.protocol {
             Protocol::Tcp => listener::bind_tcp(addr, count).and_then(|sockets| {
                 let local = local_of(sockets[0].local_addr())?;
                 // Lives as long as the frontend: the service's connections across workers and snapshots.
                 let slots = Limit::new("TCP connections of one service", ctx.max_connections_per_service);
-                let serve =
-                    |socket| relay::tcp::serve(socket, service, Arc::clone(ctx), Arc::clone(&slots), stop.clone());
+                let serve = |socket| {
+                    let (ctx, stats, slots) = (Arc::clone(ctx), Arc::clone(&stats), Arc::clone(&slots));
+                    relay::tcp::serve(socket, service, ctx, stats, slots, stop.clone())
+                };
                 Ok((local, workers.spawn_each(sockets, serve)))
             }),
             Protocol::Udp => listener::bind_udp(addr, count).and_then(|sockets| {
                 let local = local_of(sockets[0].local_addr())?;
                 let slots = Limit::new("UDP sessions of one frontend", ctx.udp_max_sessions);
-                let serve =
-                    |socket| relay::udp::serve(socket, service, Arc::clone(ctx), Arc::clone(&slots), stop.clone());
+                let serve = |socket| {
+                    let (ctx, stats, slots) = (Arc::clone(ctx), Arc::clone(&stats), Arc::clone(&slots));
+                    relay::udp::serve(socket, service, ctx, stats, slots, stop.clone())
+                };
                 Ok((local, workers.spawn_each(sockets, serve)))
             }),
         };
@@ -270,10 +294,11 @@ impl Node {
             Ok((local, tasks)) => {
                 info!(node = %self.config.node_id, %service, addr = %local, workers = count, "port opened");
                 self.failures.remove(&service);
-                self.frontends.insert(service, Frontend { local, stop, tasks });
+                self.frontends.insert(service, Frontend { local, stats, stop, tasks });
                 Ok(local)
             }
             Err(error) => {
+                self.metrics.forget_frontend(&stats);
                 let error = error.to_string();
                 if self.failures.get(&service) != Some(&error) {
                     warn!(node = %self.config.node_id, %service, %error, "port could not be opened");
@@ -336,6 +361,11 @@ impl NodeHandle {
     /// Data-path worker threads.
     pub fn workers(&self) -> usize {
         self.workers
+    }
+
+    /// Descriptors the node's clients hold now, and may hold at most.
+    pub fn client_fds(&self) -> (usize, usize) {
+        (self.ctx.client_fds.held(), self.ctx.client_fds.max())
     }
 
     /// What the TCP relay's pumps have moved, and how.

@@ -1,7 +1,10 @@
-//! Per-backend connection counters, shared by the data path (atomics only) and the load reporter.
+//! Per-backend connection counters, shared by the data path (atomics only), the load reporter and
+//! `/metrics`.
 //!
 //! Counters are keyed by (service, backend address) and outlive routing-table rebuilds, so a connection
-//! opened under snapshot N is still counted, and still decremented, after snapshot N+1 replaced it.
+//! opened under snapshot N is still counted, and still decremented, after snapshot N+1 replaced it. They
+//! are the Prometheus handles themselves, taken from the node's families when a snapshot first brings the
+//! backend: the data path adds to them and never looks a label up.
 
 use std::{
     collections::HashMap,
@@ -10,10 +13,17 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
-use contract::model::{BackendLoad, ServiceKey};
+use contract::{
+    metrics::BackendLabels,
+    model::{BackendLoad, Protocol, ServiceKey},
+};
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
 use tokio::sync::watch;
+
+use crate::metrics::{ConnectFailure, CountGauge, DataMetrics};
 
 /// Live counters of one backend of one service on this node.
 ///
@@ -21,8 +31,19 @@ use tokio::sync::watch;
 /// rotation the generation moves on, so a drain can close exactly the connections that predate it.
 #[derive(Debug)]
 pub struct BackendStats {
-    active: AtomicU64,
-    total: AtomicU64,
+    /// Connections (UDP: sessions) open now.
+    active: CountGauge,
+    /// Connections (UDP: sessions) ever made.
+    total: Counter,
+    /// Bytes from clients to the backend, and back.
+    bytes_in: Counter,
+    bytes_out: Counter,
+    /// UDP datagrams from clients to the backend, and back.
+    datagrams_in: Counter,
+    datagrams_out: Counter,
+    /// TCP only: failed connects, by [`ConnectFailure`], and connect times.
+    connect_failures: [Counter; 3],
+    connect_time: Histogram,
     /// Connections the other nodes last reported (cluster-wide view from the controller).
     remote: AtomicU64,
     generation: AtomicU64,
@@ -45,15 +66,24 @@ pub struct ConnectionGuard {
 #[derive(Debug, Default)]
 pub struct StatsRegistry {
     entries: Mutex<HashMap<(ServiceKey, SocketAddr), Arc<BackendStats>>>,
+    /// Where new backends' handles come from.
+    metrics: DataMetrics,
 }
 
 // === impl BackendStats ===
 
 impl Default for BackendStats {
+    /// Counters registered nowhere.
     fn default() -> Self {
         BackendStats {
-            active: AtomicU64::new(0),
-            total: AtomicU64::new(0),
+            active: CountGauge::default(),
+            total: Counter::default(),
+            bytes_in: Counter::default(),
+            bytes_out: Counter::default(),
+            datagrams_in: Counter::default(),
+            datagrams_out: Counter::default(),
+            connect_failures: Default::default(),
+            connect_time: Histogram::new([]),
             remote: AtomicU64::new(0),
             generation: AtomicU64::new(1),
             evicted_through: watch::Sender::new(0),
@@ -62,18 +92,44 @@ impl Default for BackendStats {
 }
 
 impl BackendStats {
+    /// The counters of `labels`' backend, from `metrics`' families: a TCP service's backends get the
+    /// connection series, a UDP service's the session and datagram series.
+    fn registered(metrics: &DataMetrics, protocol: Protocol, labels: &BackendLabels) -> Self {
+        let mut stats = BackendStats {
+            bytes_in: metrics.bytes_in.get_or_create_owned(labels),
+            bytes_out: metrics.bytes_out.get_or_create_owned(labels),
+            ..BackendStats::default()
+        };
+        match protocol {
+            Protocol::Tcp => {
+                stats.active = metrics.current_connections.get_or_create_owned(labels);
+                stats.total = metrics.connections.get_or_create_owned(labels);
+                stats.connect_failures = [ConnectFailure::Refused, ConnectFailure::Timeout, ConnectFailure::Error]
+                    .map(|failure| metrics.connect_failure(labels, failure));
+                stats.connect_time = metrics.connect_time.get_or_create_owned(labels);
+            }
+            Protocol::Udp => {
+                stats.active = metrics.current_udp_sessions.get_or_create_owned(labels);
+                stats.total = metrics.udp_sessions.get_or_create_owned(labels);
+                stats.datagrams_in = metrics.udp_datagrams_in.get_or_create_owned(labels);
+                stats.datagrams_out = metrics.udp_datagrams_out.get_or_create_owned(labels);
+            }
+        }
+        stats
+    }
+
     /// Counts a connection being attempted as active (not yet in the total), so picks made meanwhile see
     /// it; [`ConnectionGuard::established`] adds it to the total, dropping the guard takes it away.
     pub fn attempt(self: &Arc<Self>) -> ConnectionGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
+        self.active.inc();
         let generation = self.generation.load(Ordering::Acquire);
         ConnectionGuard { stats: Arc::clone(self), generation, evictions: self.evicted_through.subscribe() }
     }
 
     /// Counts a new connection; it stays active until the guard is dropped.
     pub fn open(self: &Arc<Self>) -> ConnectionGuard {
-        self.active.fetch_add(1, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Relaxed);
+        self.active.inc();
+        self.total.inc();
         let generation = self.generation.load(Ordering::Acquire);
         ConnectionGuard { stats: Arc::clone(self), generation, evictions: self.evicted_through.subscribe() }
     }
@@ -102,12 +158,44 @@ impl BackendStats {
 
     /// Connections open now.
     pub fn active(&self) -> u64 {
-        self.active.load(Ordering::Relaxed)
+        self.active.get()
     }
 
     /// Connections ever opened.
     pub fn total(&self) -> u64 {
-        self.total.load(Ordering::Relaxed)
+        self.total.get()
+    }
+
+    /// Bytes from clients to the backend (the relay adds to it as it moves them).
+    pub fn bytes_in(&self) -> &Counter {
+        &self.bytes_in
+    }
+
+    /// Bytes from the backend to clients.
+    pub fn bytes_out(&self) -> &Counter {
+        &self.bytes_out
+    }
+
+    /// One UDP datagram of `len` bytes passed to the backend.
+    pub fn datagram_in(&self, len: usize) {
+        self.datagrams_in.inc();
+        self.bytes_in.inc_by(len as u64);
+    }
+
+    /// `count` UDP datagrams of `len` bytes in all passed back to a client.
+    pub fn datagrams_out(&self, count: u64, len: u64) {
+        self.datagrams_out.inc_by(count);
+        self.bytes_out.inc_by(len);
+    }
+
+    /// A connect to the backend failed.
+    pub fn connect_failed(&self, why: ConnectFailure) {
+        self.connect_failures[why as usize].inc();
+    }
+
+    /// A connect to the backend took `took`.
+    pub fn connected_in(&self, took: Duration) {
+        self.connect_time.observe(took.as_secs_f64());
     }
 
     /// Connections the other nodes hold, as last reported.
@@ -126,7 +214,12 @@ impl BackendStats {
 impl ConnectionGuard {
     /// The attempted connection is made: it counts in the total too.
     pub fn established(&self) {
-        self.stats.total.fetch_add(1, Ordering::Relaxed);
+        self.stats.total.inc();
+    }
+
+    /// The backend's counters.
+    pub fn stats(&self) -> &Arc<BackendStats> {
+        &self.stats
     }
 
     /// Resolves when the connection must close (its backend was evicted after it opened).
@@ -139,17 +232,25 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+        self.stats.active.dec();
     }
 }
 
 // === impl StatsRegistry ===
 
 impl StatsRegistry {
-    /// The counters of `backend` in `service`, created on first use.
+    /// A registry whose counters are series of `metrics`.
+    pub fn new(metrics: DataMetrics) -> Self {
+        StatsRegistry { entries: Mutex::default(), metrics }
+    }
+
+    /// The counters of `backend` in `service`, created (and their series with them) on first use.
     pub fn get(&self, service: ServiceKey, backend: SocketAddr) -> Arc<BackendStats> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(entries.entry((service, backend)).or_default())
+        let stats = entries.entry((service, backend)).or_insert_with(|| {
+            Arc::new(BackendStats::registered(&self.metrics, service.protocol, &BackendLabels::new(service, backend)))
+        });
+        Arc::clone(stats)
     }
 
     /// Closes every open connection of every backend.
@@ -165,10 +266,10 @@ impl StatsRegistry {
     pub fn set_remote(&self, rows: &[BackendLoad]) {
         let remote: std::collections::HashMap<(ServiceKey, SocketAddr), u64> =
             rows.iter().map(|r| ((r.service, r.backend), r.active)).collect();
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         for row in rows {
-            entries.entry((row.service, row.backend)).or_default();
+            drop(self.get(row.service, row.backend));
         }
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         for (key, stats) in entries.iter() {
             stats.set_remote(remote.get(key).copied().unwrap_or(0));
         }
@@ -178,7 +279,13 @@ impl StatsRegistry {
     /// rotation keeps its counters while its service exists, so its total survives a health flap or a drain.
     pub fn retain_services(&self, served: impl Fn(&ServiceKey) -> bool) {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries.retain(|(service, _), stats| served(service) || Arc::strong_count(stats) > 1);
+        entries.retain(|&(service, backend), stats| {
+            let keep = served(&service) || Arc::strong_count(stats) > 1;
+            if !keep {
+                self.metrics.forget_backend(&BackendLabels::new(service, backend));
+            }
+            keep
+        });
     }
 
     /// Every counter, sorted, each with the other nodes' last reported connections to that backend.

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
-use crate::node::NodeHandle;
+use crate::{metrics::SyncMetrics, node::NodeHandle};
 
 /// How a node reaches its controller.
 #[derive(Debug, Clone)]
@@ -59,11 +59,16 @@ pub async fn run(
     mut reports: mpsc::UnboundedReceiver<NodeReport>,
     status: watch::Sender<SyncStatus>,
     node: NodeHandle,
+    metrics: SyncMetrics,
 ) {
     let mut backoff = Backoff::new(config.backoff_min, config.backoff_max);
     let mut last_load: Option<NodeReport> = None;
+    let link = Link { config: &config, snapshots: &snapshots, status: &status, node: &node, metrics: &metrics };
+    let mut streams = 0u64;
     loop {
-        let outcome = attempt(&config, &snapshots, &mut reports, &mut last_load, &status, &mut backoff, &node).await;
+        let outcome = attempt(&link, &mut reports, &mut last_load, &mut backoff, &mut streams).await;
+        metrics.connected.set(0);
+        let status = link.status;
         // Without a controller there is no fresh view of the other nodes: count on our own connections only.
         node.set_remote_load(&[]);
         let error = match outcome {
@@ -95,16 +100,26 @@ enum AttemptEnd {
     ByController,
 }
 
+/// What every attempt of a node's link uses.
+struct Link<'a> {
+    config: &'a SyncConfig,
+    snapshots: &'a watch::Sender<Arc<RoutingSnapshot>>,
+    status: &'a watch::Sender<SyncStatus>,
+    node: &'a NodeHandle,
+    metrics: &'a SyncMetrics,
+}
+
 /// One sync stream, from connecting to its end.
 async fn attempt(
-    config: &SyncConfig,
-    snapshots: &watch::Sender<Arc<RoutingSnapshot>>,
+    link: &Link<'_>,
     reports: &mut mpsc::UnboundedReceiver<NodeReport>,
     last_load: &mut Option<NodeReport>,
-    status: &watch::Sender<SyncStatus>,
     backoff: &mut Backoff,
-    node: &NodeHandle,
+    streams: &mut u64,
 ) -> Result<AttemptEnd, StreamError> {
+    let Link { config, snapshots, status, node, metrics } = *link;
+    let span = tracing::info_span!("sync", node = %config.node_id, controller = %config.controller);
+    let _entered = span.enter();
     let channel = client::connect(&config.controller, None, config.tls.as_ref()).await?;
     let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
     let known_version = snapshots.borrow().version;
@@ -117,6 +132,11 @@ async fn attempt(
     let mut inbound = response.into_inner();
     info!(controller = %config.controller, node = %config.node_id, known_version, "following the controller");
     status.send_replace(SyncStatus { connected: true, last_error: None });
+    metrics.connected.set(1);
+    if *streams > 0 {
+        metrics.reconnects.inc();
+    }
+    *streams += 1;
     backoff.reset();
     if let Some(load) = last_load.as_ref() {
         tx.send(load.into()).await.map_err(|_| StreamError::Closed)?;
@@ -125,27 +145,18 @@ async fn attempt(
         tokio::select! {
             message = inbound.message() => {
                 let Some(message) = message? else { return Ok(AttemptEnd::ByController) };
-                let snapshot = match message.msg {
-                    Some(controller_message::Msg::Snapshot(snapshot)) => RoutingSnapshot::try_from(snapshot)?,
-                    // Deltas start from the last snapshot of this stream, which is the one the node holds
-                    // (the stream's first message is always whole).
-                    Some(controller_message::Msg::Delta(delta)) => {
-                        let delta = RoutingDelta::try_from(delta)?;
-                        let base = delta.base_version;
-                        let rebuilt = snapshots.borrow().with_delta(delta);
-                        rebuilt.ok_or_else(|| StreamError::Protocol(format!(
-                            "a delta from version {base}, but this node holds version {}", snapshots.borrow().version
-                        )))?
+                let snapshot = match message.msg.map(|msg| received(msg, snapshots, node)).transpose() {
+                    Ok(Some(Some(snapshot))) => snapshot,
+                    Ok(_) => continue,
+                    Err(error) => {
+                        metrics.rejected.inc();
+                        return Err(error);
                     }
-                    Some(controller_message::Msg::ClusterLoad(load)) => {
-                        node.set_remote_load(&convert::cluster_load(&load));
-                        continue;
-                    }
-                    None => continue,
                 };
                 let current = snapshots.borrow().version;
                 if snapshot.version <= current && current != 0 {
                     // The controller promises increasing versions; an old one would undo newer state.
+                    metrics.rejected.inc();
                     warn!(version = snapshot.version, current, "ignoring a snapshot that is not newer");
                     continue;
                 }
@@ -154,6 +165,10 @@ async fn attempt(
             }
             report = reports.recv() => {
                 let Some(report) = report else { return Ok(AttemptEnd::NodeStopped) };
+                if let NodeReport::Applied { frontends, .. } = &report {
+                    let counter = if frontends.iter().all(|f| f.result.is_ok()) { &metrics.acks } else { &metrics.nacks };
+                    counter.inc();
+                }
                 if matches!(report, NodeReport::Load(_)) {
                     *last_load = Some(report.clone());
                 }
@@ -165,6 +180,33 @@ async fn attempt(
             }
         }
     }
+}
+
+/// A message of the controller: the snapshot it makes (a whole one, or a delta over the one held), or
+/// none (cluster counts are taken in on the way).
+fn received(
+    message: controller_message::Msg,
+    snapshots: &watch::Sender<Arc<RoutingSnapshot>>,
+    node: &NodeHandle,
+) -> Result<Option<RoutingSnapshot>, StreamError> {
+    Ok(Some(match message {
+        controller_message::Msg::Snapshot(snapshot) => RoutingSnapshot::try_from(snapshot)?,
+        // Deltas start from the last snapshot of this stream, which is the one the node holds (the
+        // stream's first message is always whole).
+        controller_message::Msg::Delta(delta) => {
+            let delta = RoutingDelta::try_from(delta)?;
+            let base = delta.base_version;
+            let rebuilt = snapshots.borrow().with_delta(delta);
+            rebuilt.ok_or_else(|| {
+                let held = snapshots.borrow().version;
+                StreamError::Protocol(format!("a delta from version {base}, but this node holds version {held}"))
+            })?
+        }
+        controller_message::Msg::ClusterLoad(load) => {
+            node.set_remote_load(&convert::cluster_load(&load));
+            return Ok(None);
+        }
+    }))
 }
 
 /// The response header of a controller that takes partial acks.

@@ -58,6 +58,13 @@ pub fn controller_url(url: String, tls: Option<&ClientTls>) -> Result<String, Fl
     }
 }
 
+/// The request metadata by which a client says what it is (`agent` for the Switchboard agent); only a
+/// label in the controller's metrics, never a credential.
+pub const CLIENT_KIND: &str = "x-switchboard-client";
+
+/// The [`CLIENT_KIND`] of the Switchboard agent.
+pub const AGENT: &str = "agent";
+
 /// The endpoint of the controller at `url` (`http://host:port`), or why the URL is not one.
 pub fn controller_endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
     Ok(Endpoint::from_shared(url.to_owned())?

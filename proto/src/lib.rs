@@ -12,6 +12,7 @@
 //! - [`process`]: logging, the READY line, the shutdown signal, task supervision, exit codes.
 //! - [`auth`]: bearer tokens, presented by clients and checked by the controller.
 //! - [`limit`]: bounds on what clients can make a process hold, and throttled refusal logs.
+//! - [`metrics`]: the Prometheus exposition every admin listener serves at `/metrics`.
 //! - [`backoff`], [`client`]: how the contract's clients reach the controller and retry.
 
 #![forbid(unsafe_code)]
@@ -21,6 +22,7 @@ pub mod backoff;
 pub mod client;
 pub mod convert;
 pub mod limit;
+pub mod metrics;
 pub mod model;
 pub mod process;
 

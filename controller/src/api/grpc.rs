@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use contract::{
+    client::{AGENT, CLIENT_KIND},
     model::{BackendSpec, BackendTarget, Deregistration, HelloAnswer, RegisterReply, RegistrationRequest},
     process::stopped,
     v1::{
@@ -35,7 +36,7 @@ use crate::{
     config::ServerTls,
     error::ControllerError,
     probe::{Probe, ProbeAction, ProbeSettings},
-    store::{Origin, Registration, Store},
+    store::{Origin, OriginKind, Registration, Store},
 };
 
 /// How the gRPC services behave.
@@ -141,6 +142,7 @@ impl Registry for RegistryApi {
     ) -> Result<Response<Self::RegisterStream>, Status> {
         let peer = request.remote_addr().ok_or_else(|| Status::internal("the peer address is unknown"))?;
         let caller = request.extensions().get::<Caller>().copied().unwrap_or(Caller::Anyone);
+        let client_kind = request.metadata().get(CLIENT_KIND).cloned();
         let mut inbound = request.into_inner();
         let first =
             inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream ended before `register`"))?;
@@ -151,7 +153,11 @@ impl Registry for RegistryApi {
         let rules = BackendRules { caller, peer, allow_foreign: self.allow_foreign_backends };
         rules.check(first.backend)?;
 
-        let registration = self.store.open_registration(Origin::grpc(peer))?;
+        let origin = match client_kind {
+            Some(kind) if kind == AGENT => Origin { kind: OriginKind::Agent, peer },
+            _ => Origin::grpc(peer),
+        };
+        let registration = self.store.open_registration(origin)?;
         registration.set_healthy(first.healthy.unwrap_or(true))?;
         let (tx, rx) = mpsc::channel(16);
         let ack = register_ack(&registration, &first, peer, self.bind_ack_timeout).await;
@@ -203,7 +209,9 @@ impl RegisterStream {
             tokio::select! {
                 message = self.inbound.message() => match message {
                     Ok(Some(RegisterRequest { msg: Some(register_request::Msg::HelloAck(ack)) })) => {
-                        probe.on_answer();
+                        if let Some(rtt) = probe.on_answer(Instant::now()) {
+                            self.registration.hello_answered(rtt);
+                        }
                         if let Err(error) = self.registration.set_healthy(HelloAnswer::from(&ack).healthy) {
                             let _ = self.tx.send(Err(error.into())).await;
                             break "the store refused a health change".to_owned();

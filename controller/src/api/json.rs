@@ -169,15 +169,15 @@ impl Connection {
         };
         let reply = match request {
             Request::HelloAck => {
-                if let Some(probe) = &mut self.probe {
-                    probe.on_answer();
+                if let Some(rtt) = self.probe.as_mut().and_then(|probe| probe.on_answer(Instant::now())) {
+                    self.registration.hello_answered(rtt);
                 }
                 return None;
             }
             Request::Hello => {
                 // A server checking on the controller is alive too.
                 if let Some(probe) = &mut self.probe {
-                    probe.on_answer();
+                    probe.on_answer(Instant::now());
                 }
                 request::hello_ack()
             }

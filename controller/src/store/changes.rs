@@ -47,6 +47,7 @@ impl Store {
         let id = RegistrationId(draft.next_registration);
         draft.registrations.insert(id, RegistrationRecord { origin, healthy: true, backends: BTreeSet::new() });
         Self::keep(&mut state, draft)?;
+        self.metrics.registration_opened(origin.kind);
         Ok(id)
     }
 

@@ -22,8 +22,10 @@ mod registry;
 mod view;
 
 use std::{
+    collections::VecDeque,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard},
+    time::Instant,
 };
 
 use contract::model::{Event, RoutingSnapshot};
@@ -37,6 +39,7 @@ use self::{nodes::NodeTable, registry::Registry};
 use crate::{
     config::{PortRanges, RegistryLimits},
     error::StoreError,
+    metrics::ControllerMetrics,
 };
 
 /// Which ports services may use, and which backends are the balancer itself.
@@ -65,6 +68,10 @@ pub struct Store {
     node_updates: watch::Sender<u64>,
     /// Every state change, for `Admin.WatchEvents`.
     events: broadcast::Sender<Event>,
+    /// The latest events, numbered, for the dashboard.
+    recent: Mutex<events::Recent>,
+    /// What the store counts for `/metrics`.
+    metrics: ControllerMetrics,
     /// Every connected node's counts summed, computed once per change of any of them and outside the
     /// state lock; each node's view is this less its own rows.
     totals: Mutex<nodes::ClusterTotals>,
@@ -79,7 +86,12 @@ struct State {
     registry: Registry,
     /// Who follows them.
     nodes: NodeTable,
+    /// When the latest versions were published, for the time nodes take to ack them.
+    published: VecDeque<(u64, Instant)>,
 }
+
+/// Versions whose publication time is kept.
+const PUBLISHED_KEPT: usize = 64;
 
 // === impl Store ===
 
@@ -93,6 +105,8 @@ impl Store {
             snapshots: watch::Sender::new(Arc::default()),
             node_updates: watch::Sender::new(0),
             events: broadcast::Sender::new(1024),
+            recent: Mutex::default(),
+            metrics: ControllerMetrics::default(),
             totals: Mutex::default(),
         })
     }
@@ -115,7 +129,24 @@ impl Store {
         state.version += 1;
         state.registry = draft;
         self.snapshots.send_replace(Arc::new(state.registry.snapshot(state.version)));
-        Ok(state.version)
+        if state.published.len() == PUBLISHED_KEPT {
+            state.published.pop_front();
+        }
+        let version = state.version;
+        state.published.push_back((version, Instant::now()));
+        Ok(version)
+    }
+
+    /// What the store counts for `/metrics`.
+    pub fn metrics(&self) -> &ControllerMetrics {
+        &self.metrics
+    }
+
+    /// Live registrations per origin.
+    pub fn registrations_by_origin(&self) -> [(OriginKind, usize); 3] {
+        let state = self.lock();
+        let count = |kind| state.registry.registrations.values().filter(|r| r.origin.kind == kind).count();
+        OriginKind::ALL.map(|kind| (kind, count(kind)))
     }
 
     /// The same gate for a change that no snapshot shows (a registration opened or closed with nothing

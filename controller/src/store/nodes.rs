@@ -14,7 +14,7 @@ use contract::model::{BackendLoad, Event, EventKind, FrontendStatus, NodeReport,
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tracing::info;
 
-use super::Store;
+use super::{State, Store};
 use crate::error::StoreError;
 
 /// How often a node's view of the other nodes' counts is refreshed (only changes are sent).
@@ -129,8 +129,15 @@ impl Store {
 
     fn node_report(&self, node: &str, link: u64, report: NodeReport) {
         let mut state = self.lock();
-        let Some(record) = state.nodes.nodes.get_mut(node).filter(|n| n.link == link) else { return };
+        let State { nodes, published, .. } = &mut *state;
+        let Some(record) = nodes.nodes.get_mut(node).filter(|n| n.link == link) else { return };
         record.last_seen = Instant::now();
+        if let NodeReport::Applied { version, .. } | NodeReport::AppliedChanges { version, .. } = &report
+            && record.acked_version != Some(*version)
+            && let Some((_, at)) = published.iter().find(|(v, _)| v == version)
+        {
+            self.metrics.snapshot_push.observe(at.elapsed().as_secs_f64());
+        }
         match report {
             NodeReport::Applied { version, frontends } => {
                 record.acked_version = Some(version);
@@ -148,7 +155,7 @@ impl Store {
             }
             NodeReport::Load(load) => {
                 record.load = Arc::new(load);
-                state.nodes.load_generation += 1;
+                nodes.load_generation += 1;
             }
         }
         drop(state);

@@ -24,6 +24,8 @@ pub enum OriginKind {
     Json,
     /// A gRPC `Register` stream.
     Grpc,
+    /// A gRPC `Register` stream of a Switchboard `agent`.
+    Agent,
 }
 
 /// A live registration. Dropping it removes every backend it registered.
@@ -86,6 +88,11 @@ impl Registration {
         self.store.set_healthy(self.id, healthy)
     }
 
+    /// The registration answered a hello after `rtt`.
+    pub fn hello_answered(&self, rtt: Duration) {
+        self.store.metrics().hello_rtt.observe(rtt.as_secs_f64());
+    }
+
     /// True while the registration holds at least one backend (then it is probed).
     pub fn has_backends(&self) -> bool {
         self.store.lock().registry.registrations.get(&self.id).is_some_and(|r| !r.backends.is_empty())
@@ -120,10 +127,22 @@ impl Origin {
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
+        write!(f, "{} {}", self.kind.as_str(), self.peer)
+    }
+}
+
+// === impl OriginKind ===
+
+impl OriginKind {
+    /// Every kind.
+    pub const ALL: [OriginKind; 3] = [OriginKind::Json, OriginKind::Grpc, OriginKind::Agent];
+
+    /// Its name in views and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
             OriginKind::Json => "json",
             OriginKind::Grpc => "grpc",
-        };
-        write!(f, "{kind} {}", self.peer)
+            OriginKind::Agent => "agent",
+        }
     }
 }

@@ -6,7 +6,7 @@ use arc_swap::ArcSwap;
 use contract::limit::Limit;
 use tokio_util::task::TaskTracker;
 
-use crate::table::RoutingTable;
+use crate::{access_log::AccessLog, table::RoutingTable};
 
 pub mod pump;
 pub mod tcp;
@@ -35,4 +35,6 @@ pub struct RelayContext {
     pub pipes: pump::PipePool,
     /// Every TCP connection task, so a shutdown can wait for them to finish.
     pub connections: TaskTracker,
+    /// Where finished connections and sessions are recorded (`--access-log`), when anywhere.
+    pub access_log: Option<AccessLog>,
 }

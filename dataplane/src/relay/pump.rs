@@ -28,6 +28,7 @@ use nix::{
     fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice},
     unistd::pipe2,
 };
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream};
@@ -181,15 +182,37 @@ impl Lease<'_> {
     }
 }
 
-/// Moves both directions between `client` and `upstream` until both are closed. Returns the bytes moved
-/// each way (client → upstream, upstream → client).
-pub async fn both_ways(client: &TcpStream, upstream: &TcpStream, pool: &PipePool) -> io::Result<(u64, u64)> {
-    tokio::try_join!(pump(client, upstream, pool), pump(upstream, client, pool))
+/// Moves both directions between `client` and `upstream` until both are closed. Each byte moved is added,
+/// as it is written, to `counters` and `moved` (client → upstream first), so they hold what went through
+/// even when the connection fails.
+pub async fn both_ways(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    pool: &PipePool,
+    counters: [&Counter; 2],
+    moved: [&mut u64; 2],
+) -> io::Result<()> {
+    let [up, down] = moved;
+    let up = Moved { total: up, counter: counters[0] };
+    let down = Moved { total: down, counter: counters[1] };
+    tokio::try_join!(pump(client, upstream, pool, up), pump(upstream, client, pool, down)).map(|_| ())
+}
+
+/// Where a pump counts the bytes it writes: the connection's own total and its backend's series.
+struct Moved<'a> {
+    total: &'a mut u64,
+    counter: &'a Counter,
+}
+
+impl Moved<'_> {
+    fn add(&mut self, n: usize) {
+        *self.total += n as u64;
+        self.counter.inc_by(n as u64);
+    }
 }
 
 /// Moves `from` → `to` until `from` closes its writing half, then closes `to`'s.
-async fn pump(from: &TcpStream, to: &TcpStream, pool: &PipePool) -> io::Result<u64> {
-    let mut moved = 0u64;
+async fn pump(from: &TcpStream, to: &TcpStream, pool: &PipePool, mut moved: Moved<'_>) -> io::Result<()> {
     let mut bulk = false;
     let mut splice_works = true;
     loop {
@@ -209,7 +232,7 @@ async fn pump(from: &TcpStream, to: &TcpStream, pool: &PipePool) -> io::Result<u
         if let Burst::Closed = burst {
             match SockRef::from(to).shutdown(Shutdown::Write) {
                 Err(error) if error.kind() != io::ErrorKind::NotConnected => return Err(error),
-                _ => return Ok(moved),
+                _ => return Ok(()),
             }
         }
     }
@@ -221,7 +244,7 @@ async fn splice_burst(
     to: &TcpStream,
     lease: &mut Lease<'_>,
     pool: &PipePool,
-    moved: &mut u64,
+    moved: &mut Moved<'_>,
 ) -> io::Result<Burst> {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     loop {
@@ -240,7 +263,7 @@ async fn splice_burst(
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => {
                     lease.pending -= n;
-                    *moved += n as u64;
+                    moved.add(n);
                     pool.counters.spliced.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
@@ -256,7 +279,7 @@ async fn copy_burst(
     from: &TcpStream,
     to: &TcpStream,
     pool: &PipePool,
-    moved: &mut u64,
+    moved: &mut Moved<'_>,
     bulk: &mut bool,
 ) -> io::Result<Burst> {
     loop {
@@ -282,7 +305,7 @@ async fn copy_burst(
         if let Some(rest) = rest {
             write_all(to, &rest).await?;
         }
-        *moved += n as u64;
+        moved.add(n);
         pool.counters.copied.fetch_add(n as u64, Ordering::Relaxed);
         if n == BUFFER {
             *bulk = true;

@@ -1,7 +1,12 @@
 //! TCP relay: accept, pick a backend, connect (falling over to the next backend on failure), then copy
 //! both directions until both sides are closed, passing half-closes through.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    io,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use contract::{
     limit::{AcceptErrors, Limit},
@@ -12,10 +17,15 @@ use tokio::{
     time::timeout,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, debug_span, field, warn};
 
 use super::{RelayContext, pump};
-use crate::{stats::ConnectionGuard, table::ServiceRoute};
+use crate::{
+    access_log::AccessRecord,
+    metrics::{ConnectFailure, FrontendStats, Refusal},
+    stats::ConnectionGuard,
+    table::ServiceRoute,
+};
 
 /// Accepts clients of `service` on one worker's listener until `stop` fires (the frontend closes).
 /// Connections already accepted go on, on this worker; they are tracked in the context so a shutdown can
@@ -24,6 +34,7 @@ pub async fn serve(
     listener: std::net::TcpListener,
     service: ServiceKey,
     ctx: Arc<RelayContext>,
+    frontend: Arc<FrontendStats>,
     slots: Arc<Limit>,
     stop: CancellationToken,
 ) {
@@ -48,38 +59,112 @@ pub async fn serve(
                 continue;
             }
         };
+        let started = Instant::now();
         // The client's descriptor, from the node's share, or no connection: clients never take the
         // descriptors the control plane needs.
         let Some(client_fd) = ctx.client_fds.try_take(1) else {
             ctx.client_fds.refused();
+            frontend.refused(Refusal::FdLimit);
             continue;
         };
         // One table read per connection; the connection keeps the route it started with.
         let route = ctx.table.load().route(&service);
-        let (slots, shared) = (Arc::clone(&slots), Arc::clone(&ctx));
-        ctx.connections.spawn(async move {
-            let ctx = shared;
-            let Some(route) = route else { return };
-            if let Some(wait) = ctx.first_byte_timeout
-                && !spoke_within(&client, wait).await
-            {
-                debug!(%service, client = %peer, ?wait, "client sent nothing in time; closed");
-                return;
+        let (slots, frontend, shared) = (Arc::clone(&slots), Arc::clone(&frontend), Arc::clone(&ctx));
+        let span = debug_span!("connection", %service, client = %peer, backend = field::Empty);
+        ctx.connections.spawn(
+            async move {
+                let ctx = shared;
+                let local = ctx.access_log.as_ref().and_then(|_| client.local_addr().ok());
+                let outcome = connection(client, peer, service, route, &ctx, &frontend, &slots).await;
+                drop(client_fd);
+                if let Some(log) = &ctx.access_log {
+                    log.record(AccessRecord {
+                        ended: SystemTime::now(),
+                        service,
+                        client: peer,
+                        frontend: local,
+                        backend: outcome.backend,
+                        bytes_in: outcome.bytes_in,
+                        bytes_out: outcome.bytes_out,
+                        datagrams: None,
+                        duration: started.elapsed(),
+                        end: outcome.end,
+                    });
+                }
             }
-            // Past the service's bound: wait in the queue up to --queue-timeout, else close.
-            let Some(slot) = slots.take_within(1, ctx.queue_timeout).await else {
-                slots.refused();
-                return;
-            };
-            // The backend's descriptor only once the service has room: a queued client holds one, not two.
-            let Some(backend_fd) = ctx.client_fds.try_take(1) else {
-                ctx.client_fds.refused();
-                return;
-            };
-            relay(client, peer, service, route, &ctx).await;
-            drop((slot, client_fd, backend_fd));
-        });
+            .instrument(span),
+        );
     }
+}
+
+/// What became of one client.
+#[derive(Debug, Default)]
+struct Outcome {
+    backend: Option<SocketAddr>,
+    bytes_in: u64,
+    bytes_out: u64,
+    end: &'static str,
+}
+
+impl Outcome {
+    fn refused(frontend: &FrontendStats, why: Refusal) -> Self {
+        frontend.refused(why);
+        Outcome { end: why.as_str(), ..Outcome::default() }
+    }
+}
+
+/// One client, from its first byte to the end of its relay (or its refusal).
+async fn connection(
+    client: TcpStream,
+    peer: SocketAddr,
+    service: ServiceKey,
+    route: Option<Arc<ServiceRoute>>,
+    ctx: &RelayContext,
+    frontend: &FrontendStats,
+    slots: &Arc<Limit>,
+) -> Outcome {
+    let Some(route) = route else { return Outcome::refused(frontend, Refusal::NoBackend) };
+    if let Some(wait) = ctx.first_byte_timeout
+        && !spoke_within(&client, wait).await
+    {
+        debug!(?wait, "client sent nothing in time; closed");
+        return Outcome::refused(frontend, Refusal::SilentClient);
+    }
+    // Past the service's bound: wait in the queue up to --queue-timeout, else close.
+    let Some(_slot) = slots.take_within(1, ctx.queue_timeout).await else {
+        slots.refused();
+        return Outcome::refused(frontend, Refusal::ServiceFull);
+    };
+    // The backend's descriptor only once the service has room: a queued client holds one, not two.
+    let Some(_backend_fd) = ctx.client_fds.try_take(1) else {
+        ctx.client_fds.refused();
+        return Outcome::refused(frontend, Refusal::FdLimit);
+    };
+    let Some((upstream, backend, mut guard)) = connect(&route, peer, ctx.connect_timeout).await else {
+        warn!(%service, client = %peer, backends = route.backends.len(), "no backend accepted the connection");
+        return Outcome::refused(frontend, Refusal::NoBackend);
+    };
+    // The connection keeps its backend's counters through the guard, not the whole route.
+    drop(route);
+    tracing::Span::current().record("backend", field::display(backend));
+    let _ = client.set_nodelay(true);
+    let stats = Arc::clone(guard.stats());
+    let (mut bytes_in, mut bytes_out) = (0, 0);
+    let end = tokio::select! {
+        moved = pump::both_ways(&client, &upstream, &ctx.pipes, [stats.bytes_in(), stats.bytes_out()], [&mut bytes_in, &mut bytes_out]) => match moved {
+            Ok(()) => "closed",
+            Err(error) => {
+                debug!(%error, "connection ended with an error");
+                "error"
+            }
+        },
+        () = guard.evicted() => {
+            debug!("connection closed: drain time is over");
+            "drained"
+        }
+    };
+    debug!(bytes_in, bytes_out, end, "connection ended");
+    Outcome { backend: Some(backend), bytes_in, bytes_out, end }
 }
 
 /// True when the client sent a byte within `wait` (it stays unread, for the backend).
@@ -88,27 +173,9 @@ async fn spoke_within(client: &TcpStream, wait: Duration) -> bool {
     matches!(timeout(wait, client.peek(&mut byte)).await, Ok(Ok(1..)))
 }
 
-async fn relay(client: TcpStream, peer: SocketAddr, service: ServiceKey, route: Arc<ServiceRoute>, ctx: &RelayContext) {
-    let Some((upstream, backend, mut guard)) = connect(&route, service, peer, ctx.connect_timeout).await else {
-        warn!(%service, client = %peer, backends = route.backends.len(), "no backend accepted the connection");
-        return;
-    };
-    // The connection keeps its backend's counters through the guard, not the whole route.
-    drop(route);
-    let _ = client.set_nodelay(true);
-    tokio::select! {
-        moved = pump::both_ways(&client, &upstream, &ctx.pipes) => match moved {
-            Ok((up, down)) => debug!(%service, client = %peer, %backend, up, down, "connection closed"),
-            Err(error) => debug!(%service, client = %peer, %backend, %error, "connection ended with an error"),
-        },
-        () = guard.evicted() => debug!(%service, client = %peer, %backend, "connection closed: drain time is over"),
-    }
-}
-
 /// Tries the balancer's pick, then every other backend once.
 async fn connect(
     route: &ServiceRoute,
-    service: ServiceKey,
     client: SocketAddr,
     connect_timeout: Duration,
 ) -> Option<(TcpStream, SocketAddr, ConnectionGuard)> {
@@ -116,15 +183,28 @@ async fn connect(
         // Counted from the pick on: a burst of accepts during one connect must not all see the same
         // least-loaded backend, and a drain that starts meanwhile must cover this connection.
         let guard = backend.stats.attempt();
-        match timeout(connect_timeout, TcpStream::connect(backend.address)).await {
+        let started = Instant::now();
+        let failure = match timeout(connect_timeout, TcpStream::connect(backend.address)).await {
             Ok(Ok(upstream)) => {
+                backend.stats.connected_in(started.elapsed());
                 let _ = upstream.set_nodelay(true);
                 guard.established();
                 return Some((upstream, backend.address, guard));
             }
-            Ok(Err(error)) => debug!(%service, backend = %backend.address, %error, "backend refused; trying the next"),
-            Err(_) => debug!(%service, backend = %backend.address, "connect timed out; trying the next"),
-        }
+            Ok(Err(error)) => {
+                debug!(backend = %backend.address, %error, "backend refused; trying the next");
+                match error.kind() {
+                    io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+                    io::ErrorKind::TimedOut => ConnectFailure::Timeout,
+                    _ => ConnectFailure::Error,
+                }
+            }
+            Err(_) => {
+                debug!(backend = %backend.address, "connect timed out; trying the next");
+                ConnectFailure::Timeout
+            }
+        };
+        backend.stats.connect_failed(failure);
     }
     None
 }

@@ -38,10 +38,15 @@ use tokio::{
     time::{Duration, Instant},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 use super::RelayContext;
-use crate::{stats::ConnectionGuard, table::RoutingTable};
+use crate::{
+    access_log::{AccessLog, AccessRecord},
+    metrics::{Dropped, FrontendStats},
+    stats::{BackendStats, ConnectionGuard},
+    table::RoutingTable,
+};
 
 /// Largest UDP payload (and a little more, so a datagram that fills a buffer is never cut short).
 const MAX_DATAGRAM: usize = 65_536;
@@ -61,8 +66,10 @@ struct Session {
     id: u64,
     backend: SocketAddr,
     upstream: Arc<UdpSocket>,
-    /// Milliseconds since the frontend started, of the last datagram either way.
-    last_active: Arc<AtomicU64>,
+    /// The backend's counters.
+    stats: Arc<BackendStats>,
+    /// What the frontend and the session's task both update.
+    shared: Arc<SessionShared>,
     /// Table version at which `backend` was last seen in rotation.
     checked_version: u64,
     task: AbortHandle,
@@ -70,19 +77,40 @@ struct Session {
     _slot: Permit,
 }
 
-/// Everything a session task needs besides its own upstream socket.
+/// What a session's two halves (the frontend's receive path and the session's task) share.
+#[derive(Debug, Default)]
+struct SessionShared {
+    /// Milliseconds since the frontend started, of the last datagram either way.
+    last_active: AtomicU64,
+    /// Datagrams and bytes from the client passed to the backend.
+    datagrams_in: AtomicU64,
+    bytes_in: AtomicU64,
+}
+
+/// Everything a session task needs besides its own upstream socket. Dropping it (the session ended, or
+/// was aborted) writes its access-log record.
 struct SessionTask {
     id: u64,
+    service: ServiceKey,
     peer: SocketAddr,
+    backend: SocketAddr,
     frontend: Arc<UdpSocket>,
     upstream: Arc<UdpSocket>,
-    last_active: Arc<AtomicU64>,
+    shared: Arc<SessionShared>,
     epoch: Instant,
     idle: Duration,
     guard: ConnectionGuard,
     /// The upstream socket's descriptor, from the node's client share.
     _fd: Permit,
     ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
+    /// Replies passed to the client: datagrams and bytes.
+    datagrams_out: u64,
+    bytes_out: u64,
+    opened: Instant,
+    /// How the session ended, for its access-log record: unless the task says otherwise, the node closed
+    /// it (its backend left rotation, a send failed, or the frontend closed).
+    end: &'static str,
+    access_log: Option<(AccessLog, Option<SocketAddr>)>,
 }
 
 /// Relays datagrams of `service` arriving on one worker's socket until `stop` fires (the frontend closes).
@@ -92,9 +120,11 @@ pub async fn serve(
     socket: std::net::UdpSocket,
     service: ServiceKey,
     ctx: Arc<RelayContext>,
+    stats: Arc<FrontendStats>,
     slots: Arc<Limit>,
     stop: CancellationToken,
 ) {
+    let local = socket.local_addr().ok();
     let frontend = match UdpSocket::from_std(socket) {
         Ok(socket) => Arc::new(socket),
         Err(error) => {
@@ -106,8 +136,10 @@ pub async fn serve(
     let mut relay = FrontendSocket {
         service,
         ctx,
+        stats,
         slots,
         frontend,
+        local,
         epoch: Instant::now(),
         sessions: HashMap::new(),
         tasks: JoinSet::new(),
@@ -135,8 +167,11 @@ pub async fn serve(
 struct FrontendSocket {
     service: ServiceKey,
     ctx: Arc<RelayContext>,
+    stats: Arc<FrontendStats>,
     slots: Arc<Limit>,
     frontend: Arc<UdpSocket>,
+    /// The frontend's address, for access-log records.
+    local: Option<SocketAddr>,
     epoch: Instant,
     sessions: HashMap<SocketAddr, Session>,
     tasks: JoinSet<()>,
@@ -151,7 +186,11 @@ impl FrontendSocket {
         BATCH.with_borrow_mut(|batch| {
             let fd = self.frontend.as_raw_fd();
             match self.frontend.try_io(Interest::READABLE, || batch.receive(fd)) {
-                Ok(()) => {}
+                Ok(truncated) => {
+                    for _ in 0..truncated {
+                        self.stats.dropped(Dropped::Truncated);
+                    }
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => return,
                 Err(error) => {
                     debug!(service = %self.service, %error, "receive failed");
@@ -184,16 +223,22 @@ impl FrontendSocket {
             self.sessions.insert(peer, session);
         }
         let Some(session) = self.sessions.get(&peer) else { return };
-        session.last_active.store(now, Ordering::Relaxed);
+        session.shared.last_active.store(now, Ordering::Relaxed);
         // Straight to the socket: a UDP send never waits, and the runtime's readiness of a socket this new
         // would refuse it before trying.
         match SockRef::from(&*session.upstream).send(datagram) {
-            Ok(_) => {}
+            Ok(sent) => {
+                session.stats.datagram_in(sent);
+                session.shared.datagrams_in.fetch_add(1, Ordering::Relaxed);
+                session.shared.bytes_in.fetch_add(sent as u64, Ordering::Relaxed);
+            }
             // The upstream socket's send buffer is full: like any full queue on the way, the datagram is lost.
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                self.stats.dropped(Dropped::UpstreamBusy);
                 debug!(%service, client = %peer, backend = %session.backend, "upstream busy; datagram dropped");
             }
             Err(error) => {
+                self.stats.dropped(Dropped::SendFailed);
                 debug!(%service, client = %peer, backend = %session.backend, %error, "send to backend failed; session ends");
                 if let Some(gone) = self.sessions.remove(&peer) {
                     gone.task.abort();
@@ -218,48 +263,65 @@ impl FrontendSocket {
     fn open_session(&mut self, peer: SocketAddr, table: &RoutingTable, now: u64) -> Option<Session> {
         let service = self.service;
         let Some(slot) = self.slots.try_take(1) else {
+            self.stats.dropped(Dropped::SessionLimit);
             if let Some(held_back) = self.full.admit(Instant::now()) {
                 warn!(%service, max = self.slots.max(), dropped_since_last_warning = held_back + 1, "session table full: datagrams of new clients are dropped");
             }
             return None;
         };
-        let route = table.route(&service)?;
-        let backend = route.candidates(peer.ip()).next()?;
-        let Some(fd) = self.ctx.client_fds.try_take(1) else {
-            self.ctx.client_fds.refused();
+        let picked = table
+            .route(&service)
+            .and_then(|route| route.candidates(peer.ip()).next().map(|b| (b.address, Arc::clone(&b.stats))));
+        let Some((address, stats)) = picked else {
+            self.stats.dropped(Dropped::NoBackend);
             return None;
         };
-        let upstream = match connect_upstream(backend.address) {
+        let Some(fd) = self.ctx.client_fds.try_take(1) else {
+            self.ctx.client_fds.refused();
+            self.stats.dropped(Dropped::FdLimit);
+            return None;
+        };
+        let upstream = match connect_upstream(address) {
             Ok(socket) => Arc::new(socket),
             Err(error) => {
-                debug!(%service, backend = %backend.address, %error, "cannot open an upstream socket");
+                self.stats.dropped(Dropped::UpstreamSocket);
+                debug!(%service, backend = %address, %error, "cannot open an upstream socket");
                 return None;
             }
         };
         self.next_id += 1;
         let id = self.next_id;
-        let last_active = Arc::new(AtomicU64::new(now));
+        let shared = Arc::new(SessionShared { last_active: AtomicU64::new(now), ..SessionShared::default() });
         let task = SessionTask {
             id,
+            service,
             peer,
+            backend: address,
             frontend: Arc::clone(&self.frontend),
             upstream: Arc::clone(&upstream),
-            last_active: Arc::clone(&last_active),
+            shared: Arc::clone(&shared),
             epoch: self.epoch,
             idle: self.ctx.udp_idle_timeout,
-            guard: backend.stats.open(),
+            guard: stats.open(),
             _fd: fd,
             ended: self.ended.clone(),
+            datagrams_out: 0,
+            bytes_out: 0,
+            opened: Instant::now(),
+            end: "closed",
+            access_log: self.ctx.access_log.clone().map(|log| (log, self.local)),
         };
-        debug!(%service, client = %peer, backend = %backend.address, "session opened");
+        debug!(%service, client = %peer, backend = %address, "session opened");
         // Sessions aborted since (backend out of rotation, send failure) are reaped here, not left to pile up.
         while self.tasks.try_join_next().is_some() {}
-        let task = self.tasks.spawn(task.run());
+        let span = debug_span!("session", %service, client = %peer, backend = %address);
+        let task = self.tasks.spawn(task.run().instrument(span));
         Some(Session {
             id,
-            backend: backend.address,
+            backend: address,
             upstream,
-            last_active,
+            stats,
+            shared,
             checked_version: table.version,
             task,
             _slot: slot,
@@ -296,21 +358,23 @@ impl Batch {
         }
     }
 
-    /// Receives what is waiting, without blocking; `WouldBlock` when nothing is.
-    fn receive(&mut self, fd: RawFd) -> io::Result<()> {
+    /// Receives what is waiting, without blocking; `WouldBlock` when nothing is. Returns how many
+    /// datagrams were too large and left out.
+    fn receive(&mut self, fd: RawFd) -> io::Result<usize> {
         self.received.clear();
+        let mut truncated = 0;
         let mut slices: Vec<[IoSliceMut<'_>; 1]> =
             self.buffers.iter_mut().map(|buffer| [IoSliceMut::new(buffer)]).collect();
         let messages = recvmmsg(fd, &mut self.headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
         for (index, message) in messages.enumerate() {
             // Buffers hold the largest datagram; a truncated one is never passed on cut short.
-            if let Some(sender) = message.address.as_ref().and_then(socket_addr)
-                && !message.flags.contains(MsgFlags::MSG_TRUNC)
-            {
+            if message.flags.contains(MsgFlags::MSG_TRUNC) {
+                truncated += 1;
+            } else if let Some(sender) = message.address.as_ref().and_then(socket_addr) {
                 self.received.push((index, message.bytes, sender));
             }
         }
-        Ok(())
+        Ok(truncated)
     }
 }
 
@@ -327,12 +391,13 @@ impl SessionTask {
     /// Carries replies back to the client until the session is idle or the backend is unreachable.
     async fn run(mut self) {
         loop {
-            let last = self.last_active.load(Ordering::Relaxed);
+            let last = self.shared.last_active.load(Ordering::Relaxed);
             let idle_at = self.epoch + Duration::from_millis(last) + self.idle;
             let readable = tokio::select! {
                 readable = tokio::time::timeout_at(idle_at, self.upstream.readable()) => readable,
                 () = self.guard.evicted() => {
                     debug!(client = %self.peer, "session closed: drain time is over");
+                    self.end = "drained";
                     break;
                 }
             };
@@ -340,14 +405,20 @@ impl SessionTask {
                 Ok(Ok(())) => self.pass_replies(),
                 Ok(Err(error)) => Err(error),
                 // Timed out: idle only if nothing arrived from the client meanwhile either.
-                Err(_) if self.last_active.load(Ordering::Relaxed) == last => break,
+                Err(_) if self.shared.last_active.load(Ordering::Relaxed) == last => {
+                    self.end = "idle";
+                    break;
+                }
                 Err(_) => continue,
             };
             match passed {
                 // Readiness without a datagram: wait again.
-                Ok((0, _)) => {}
-                Ok((_, pending)) => {
-                    self.last_active.store(elapsed_ms(self.epoch), Ordering::Relaxed);
+                Ok(Replies { count: 0, .. }) => {}
+                Ok(Replies { count, bytes, pending }) => {
+                    self.guard.stats().datagrams_out(count, bytes);
+                    self.datagrams_out += count;
+                    self.bytes_out += bytes;
+                    self.shared.last_active.store(elapsed_ms(self.epoch), Ordering::Relaxed);
                     // The client's socket buffer was full: this one reply waits its turn.
                     if let Some(datagram) = pending
                         && let Err(error) = self.frontend.send_to(&datagram, self.peer).await
@@ -358,45 +429,82 @@ impl SessionTask {
                 Err(error) => {
                     // ICMP port unreachable surfaces here as ECONNREFUSED: the next datagram re-balances.
                     debug!(client = %self.peer, %error, "backend unreachable; session ends");
+                    self.end = "backend_unreachable";
                     break;
                 }
             }
         }
-        debug!(client = %self.peer, "session ended");
+        debug!(client = %self.peer, end = self.end, "session ended");
         let _ = self.ended.send((self.peer, self.id));
     }
 
-    /// Passes the replies waiting, up to a batch: how many, and a copy of the last one when the client's
+    /// Passes the replies waiting, up to a batch; the last one is returned as a copy when the client's
     /// socket could not take it at once.
-    fn pass_replies(&self) -> io::Result<(usize, Option<Vec<u8>>)> {
-        let mut passed = 0;
-        while passed < BATCH_SIZE {
+    fn pass_replies(&self) -> io::Result<Replies> {
+        let mut replies = Replies { count: 0, bytes: 0, pending: None };
+        while replies.count < BATCH_SIZE as u64 {
             match self.pass_reply() {
-                Ok(None) => passed += 1,
-                Ok(Some(pending)) => return Ok((passed + 1, Some(pending))),
+                Ok((len, pending)) => {
+                    replies.count += 1;
+                    replies.bytes += len as u64;
+                    if pending.is_some() {
+                        replies.pending = pending;
+                        break;
+                    }
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) => return Err(error),
             }
         }
-        Ok((passed, None))
+        Ok(replies)
     }
 
     /// Receives one reply from the backend and sends it to the client, through the thread's buffer. `Ok`
-    /// carries a copy of the reply when the client's socket could not take it at once.
-    fn pass_reply(&self) -> io::Result<Option<Vec<u8>>> {
+    /// carries its length and a copy of the reply when the client's socket could not take it at once.
+    fn pass_reply(&self) -> io::Result<(usize, Option<Vec<u8>>)> {
         REPLY.with_borrow_mut(|buf| {
             let n = self.upstream.try_recv(buf)?;
             let reply = &buf[..n];
-            Ok(match self.frontend.try_send_to(reply, self.peer) {
-                Ok(_) => None,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => Some(reply.to_vec()),
-                Err(error) => {
-                    debug!(client = %self.peer, %error, "reply to client failed");
-                    None
-                }
-            })
+            Ok((
+                n,
+                match self.frontend.try_send_to(reply, self.peer) {
+                    Ok(_) => None,
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => Some(reply.to_vec()),
+                    Err(error) => {
+                        debug!(client = %self.peer, %error, "reply to client failed");
+                        None
+                    }
+                },
+            ))
         })
     }
+}
+
+impl Drop for SessionTask {
+    fn drop(&mut self) {
+        if let Some((log, frontend)) = &self.access_log {
+            log.record(AccessRecord {
+                ended: std::time::SystemTime::now(),
+                service: self.service,
+                client: self.peer,
+                frontend: *frontend,
+                backend: Some(self.backend),
+                bytes_in: self.shared.bytes_in.load(Ordering::Relaxed),
+                bytes_out: self.bytes_out,
+                datagrams: Some((self.shared.datagrams_in.load(Ordering::Relaxed), self.datagrams_out)),
+                duration: self.opened.elapsed(),
+                end: self.end,
+            });
+        }
+    }
+}
+
+/// Replies one wake-up passed to a client.
+struct Replies {
+    count: u64,
+    bytes: u64,
+    /// The last one, when the client's socket had no room for it.
+    pending: Option<Vec<u8>>,
 }
 
 fn elapsed_ms(epoch: Instant) -> u64 {
@@ -418,7 +526,7 @@ mod tests {
         for i in 0..3u8 {
             client.send_to(&[i; 10], socket.local_addr().unwrap()).unwrap();
         }
-        batch.receive(socket.as_raw_fd()).unwrap();
+        assert_eq!(batch.receive(socket.as_raw_fd()).unwrap(), 0);
         let got: Vec<_> =
             batch.received.iter().map(|&(i, len, from)| (batch.buffers[i][..len].to_vec(), from)).collect();
         let sender = client.local_addr().unwrap();

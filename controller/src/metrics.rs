@@ -1,0 +1,177 @@
+//! The controller's Prometheus series: what the store counts as it goes (registrations opened, hello
+//! round trips, snapshot push times), and what is read from the store when scraped (registrations and
+//! nodes now, each backend's health, weight, drain and cluster-wide connections). The embedded node's
+//! data-path series are registered in the same registry.
+
+use std::sync::Arc;
+
+use contract::{
+    metrics::BackendLabels,
+    model::{StateView, Weight},
+};
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::{Registry, Unit},
+};
+
+use crate::store::{OriginKind, Store};
+
+/// The labels of a per-origin series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabels {
+    /// `json`, `grpc` or `agent`.
+    pub origin: &'static str,
+}
+
+/// The labels of a per-node series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    node: String,
+}
+
+/// What the store counts as it goes. Cloning shares the series.
+#[derive(Clone, Debug)]
+pub struct ControllerMetrics {
+    /// Registrations opened, by origin.
+    pub registrations: Family<OriginLabels, Counter>,
+    /// Round trip of hellos answered by registrations.
+    pub hello_rtt: Histogram,
+    /// From a snapshot's publication to each node's ack of it.
+    pub snapshot_push: Histogram,
+}
+
+/// Reads the store when scraped.
+#[derive(Debug)]
+struct StoreCollector {
+    store: Arc<Store>,
+}
+
+// === impl ControllerMetrics ===
+
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        ControllerMetrics {
+            registrations: Family::default(),
+            // 100 µs to about 6.5 s.
+            hello_rtt: Histogram::new(exponential_buckets(0.000_1, 2.0, 17)),
+            snapshot_push: Histogram::new(exponential_buckets(0.000_1, 2.0, 17)),
+        }
+    }
+}
+
+impl ControllerMetrics {
+    /// A registration from `origin` opened.
+    pub fn registration_opened(&self, origin: OriginKind) {
+        self.registrations.get_or_create(&OriginLabels { origin: origin.as_str() }).inc();
+    }
+}
+
+/// Registers the controller's series, those counted in `store` and those read from it, in `registry`.
+pub fn register(registry: &mut Registry, store: &Arc<Store>) {
+    let metrics = store.metrics();
+    registry.register(
+        "registrations_opened",
+        "Registrations opened, by origin (json, grpc, agent)",
+        metrics.registrations.clone(),
+    );
+    registry.register_with_unit(
+        "hello_round_trip",
+        "Time from a hello to its registration's answer",
+        Unit::Seconds,
+        metrics.hello_rtt.clone(),
+    );
+    registry.register_with_unit(
+        "snapshot_push",
+        "Time from a snapshot's publication to a node's ack of it",
+        Unit::Seconds,
+        metrics.snapshot_push.clone(),
+    );
+    registry.register_collector(Box::new(StoreCollector { store: Arc::clone(store) }));
+}
+
+// === impl StoreCollector ===
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let view = self.store.view();
+        let registrations = self.store.registrations_by_origin();
+        gauge(&mut encoder, "snapshot_version", "Version of the routing snapshot in force", view.version)?;
+        gauge(&mut encoder, "warming_up", "1 during the controller's warm-up window", u64::from(view.warming_up))?;
+        let connected = view.nodes.iter().filter(|n| n.connected).count() as u64;
+        gauge(&mut encoder, "connected_nodes", "Nodes following this controller now", connected)?;
+
+        let family = Family::<OriginLabels, Gauge>::default();
+        for (origin, count) in registrations {
+            family.get_or_create(&OriginLabels { origin: origin.as_str() }).set(count as i64);
+        }
+        family.encode(encoder.encode_descriptor(
+            "registrations",
+            "Live registrations, by origin (json, grpc, agent)",
+            None,
+            family.metric_type(),
+        )?)?;
+
+        backend_series(&mut encoder, &view)?;
+
+        let acked = Family::<NodeLabels, Gauge>::default();
+        let node_connected = Family::<NodeLabels, Gauge>::default();
+        for node in &view.nodes {
+            let labels = NodeLabels { node: node.id.clone() };
+            if let Some(version) = node.acked_version {
+                acked.get_or_create(&labels).set(i64::try_from(version).unwrap_or(i64::MAX));
+            }
+            node_connected.get_or_create(&labels).set(i64::from(node.connected));
+        }
+        acked.encode(encoder.encode_descriptor(
+            "node_acked_version",
+            "Last snapshot version each node acknowledged",
+            None,
+            acked.metric_type(),
+        )?)?;
+        node_connected.encode(encoder.encode_descriptor(
+            "node_connected",
+            "1 while the node's sync stream is open",
+            None,
+            node_connected.metric_type(),
+        )?)
+    }
+}
+
+/// Per backend: up, weight, draining, and cluster-wide connections.
+fn backend_series(encoder: &mut DescriptorEncoder, view: &StateView) -> Result<(), std::fmt::Error> {
+    let up = Family::<BackendLabels, Gauge>::default();
+    let weight = Family::<BackendLabels, Gauge>::default();
+    let draining = Family::<BackendLabels, Gauge>::default();
+    let connections = Family::<BackendLabels, Gauge>::default();
+    for service in &view.services {
+        for backend in &service.backends {
+            let labels = BackendLabels::new(service.service, backend.address);
+            up.get_or_create(&labels).set(i64::from(backend.healthy));
+            weight.get_or_create(&labels).set(i64::from(Weight::get(backend.weight)));
+            draining.get_or_create(&labels).set(i64::from(backend.draining));
+            connections.get_or_create(&labels).set(i64::try_from(backend.active_connections).unwrap_or(i64::MAX));
+        }
+    }
+    let series = [
+        ("backend_up", "1 when the backend's health check passes, 0 when it fails", &up),
+        ("backend_weight", "The backend's weight", &weight),
+        ("backend_draining", "1 while an operator drains the backend", &draining),
+        ("backend_cluster_connections", "Connections open to the backend over every node", &connections),
+    ];
+    for (name, help, family) in series {
+        family.encode(encoder.encode_descriptor(name, help, None, family.metric_type())?)?;
+    }
+    Ok(())
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
+    let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
