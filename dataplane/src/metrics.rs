@@ -178,18 +178,8 @@ impl DataMetrics {
             self.current_udp_sessions.clone(),
         );
         r.register("backend_udp_sessions", "UDP sessions opened to the backend", self.udp_sessions.clone());
-        r.register_with_unit(
-            "backend_bytes_in",
-            "Bytes from clients passed to the backend",
-            Unit::Bytes,
-            self.bytes_in.clone(),
-        );
-        r.register_with_unit(
-            "backend_bytes_out",
-            "Bytes from the backend passed to clients",
-            Unit::Bytes,
-            self.bytes_out.clone(),
-        );
+        r.register("backend_bytes_in", "Bytes from clients passed to the backend", self.bytes_in.clone());
+        r.register("backend_bytes_out", "Bytes from the backend passed to clients", self.bytes_out.clone());
         r.register(
             "backend_udp_datagrams_in",
             "UDP datagrams from clients passed to the backend",

@@ -6,8 +6,12 @@
 //! - [`harness`]: processes (build, spawn, READY, stderr capture), per-test loopback networks, the
 //!   controller's state polled with a deadline, JSON control-channel clients and demo backends.
 //! - [`hosts`]: the machine, or network namespaces on a bridge, as hosts for processes and sockets.
+//! - [`tools`]: outside programs used as real peers (the Prometheus text parser), and what a missing one
+//!   does; [`browser`]: headless Chromium over WebDriver.
 
 #![forbid(unsafe_code)]
 
+pub mod browser;
 pub mod harness;
 pub mod hosts;
+pub mod tools;

@@ -13,6 +13,7 @@ mod loadgen;
 mod logs;
 mod multihost;
 mod nodes;
+mod observability;
 mod relay;
 mod security;
 mod soak;
