@@ -23,7 +23,7 @@ use tokio::{
     task::{JoinHandle, JoinSet},
 };
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 
 use crate::{
     DataplaneError, FrontendError,
@@ -184,7 +184,8 @@ impl Node {
             tokio::spawn(report_load(Arc::clone(&self.stats), reports.clone(), self.config.load_report_interval));
         loop {
             let snapshot = Arc::clone(&snapshots.borrow_and_update());
-            let frontends = self.apply(&snapshot).await;
+            let span = tracing::info_span!("apply", node = %self.config.node_id, version = snapshot.version);
+            let frontends = self.apply(&snapshot).instrument(span).await;
             if reports.send(NodeReport::Applied { version: snapshot.version, frontends }).is_err() {
                 break;
             }

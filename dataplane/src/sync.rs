@@ -22,7 +22,7 @@ use contract::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{metrics::SyncMetrics, node::NodeHandle};
 
@@ -66,7 +66,8 @@ pub async fn run(
     let link = Link { config: &config, snapshots: &snapshots, status: &status, node: &node, metrics: &metrics };
     let mut streams = 0u64;
     loop {
-        let outcome = attempt(&link, &mut reports, &mut last_load, &mut backoff, &mut streams).await;
+        let span = info_span!("sync", node = %config.node_id, controller = %config.controller);
+        let outcome = attempt(&link, &mut reports, &mut last_load, &mut backoff, &mut streams).instrument(span).await;
         metrics.connected.set(0);
         let status = link.status;
         // Without a controller there is no fresh view of the other nodes: count on our own connections only.
@@ -118,8 +119,6 @@ async fn attempt(
     streams: &mut u64,
 ) -> Result<AttemptEnd, StreamError> {
     let Link { config, snapshots, status, node, metrics } = *link;
-    let span = tracing::info_span!("sync", node = %config.node_id, controller = %config.controller);
-    let _entered = span.enter();
     let channel = client::connect(&config.controller, None, config.tls.as_ref()).await?;
     let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
     let known_version = snapshots.borrow().version;

@@ -23,7 +23,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{
     Request, Response, Status, Streaming, service::interceptor::InterceptedService, transport::ServerTlsConfig,
 };
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
     admin::AdminApi,
@@ -157,6 +157,7 @@ impl Registry for RegistryApi {
             Some(kind) if kind == AGENT => Origin { kind: OriginKind::Agent, peer },
             _ => Origin::grpc(peer),
         };
+        let origin_kind = origin.kind.as_str();
         let registration = self.store.open_registration(origin)?;
         registration.set_healthy(first.healthy.unwrap_or(true))?;
         let (tx, rx) = mpsc::channel(16);
@@ -173,7 +174,8 @@ impl Registry for RegistryApi {
                 bind_ack_timeout: self.bind_ack_timeout,
                 shutdown: self.shutdown.clone(),
             };
-            tokio::spawn(stream.run(self.probe.with(first.probe)));
+            let span = info_span!("registration", id = %stream.registration.id(), origin = origin_kind, %peer);
+            tokio::spawn(stream.run(self.probe.with(first.probe)).instrument(span));
         }
         Ok(Response::new(ReceiverStream::new(rx)))
     }

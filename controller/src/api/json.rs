@@ -18,7 +18,7 @@ use tokio::{
     sync::watch,
     time::Instant,
 };
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
     framing::{Frame, Framer},
@@ -58,7 +58,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<JsonContext>, mut shutdown: w
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => match admit(&ctx, peer) {
                     Ok((slot, registration)) => {
-                        tokio::spawn(Connection::new(stream, peer, Arc::clone(&ctx), registration).run(slot));
+                        let span = info_span!("registration", id = %registration.id(), origin = "json", %peer);
+                        let connection = Connection::new(stream, peer, Arc::clone(&ctx), registration);
+                        tokio::spawn(connection.run(slot).instrument(span));
                     }
                     Err(why) => {
                         tokio::spawn(refuse(stream, why));

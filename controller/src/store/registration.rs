@@ -83,6 +83,11 @@ impl Registration {
         })
     }
 
+    /// Its id, as spans and logs show it.
+    pub fn id(&self) -> impl fmt::Display + use<> {
+        self.id
+    }
+
     /// Records the registration's own health verdict.
     pub fn set_healthy(&self, healthy: bool) -> Result<(), StoreError> {
         self.store.set_healthy(self.id, healthy)

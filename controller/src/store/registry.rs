@@ -16,6 +16,12 @@ use crate::error::StoreError;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RegistrationId(pub(super) u64);
 
+impl std::fmt::Display for RegistrationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "r{}", self.0)
+    }
+}
+
 /// Services, backends and registrations. Cloned into a draft for every change, so a change that fails the
 /// invariants leaves it untouched.
 #[derive(Debug, Clone, Default)]
