@@ -17,7 +17,7 @@ use tokio::{
     time::timeout,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, debug_span, field, warn};
+use tracing::{Instrument, debug, debug_span, warn};
 
 use super::{RelayContext, pump};
 use crate::{
@@ -59,7 +59,8 @@ pub async fn serve(
                 continue;
             }
         };
-        let started = Instant::now();
+        // Only the access log needs the time of accept.
+        let started = ctx.access_log.is_some().then(Instant::now);
         // The client's descriptor, from the node's share, or no connection: clients never take the
         // descriptors the control plane needs.
         let Some(client_fd) = ctx.client_fds.try_take(1) else {
@@ -70,14 +71,14 @@ pub async fn serve(
         // One table read per connection; the connection keeps the route it started with.
         let route = ctx.table.load().route(&service);
         let (slots, frontend, shared) = (Arc::clone(&slots), Arc::clone(&frontend), Arc::clone(&ctx));
-        let span = debug_span!("connection", %service, client = %peer, backend = field::Empty);
+        let span = debug_span!("connection", %service, client = %peer);
         ctx.connections.spawn(
             async move {
                 let ctx = shared;
                 let local = ctx.access_log.as_ref().and_then(|_| client.local_addr().ok());
                 let outcome = connection(client, peer, service, route, &ctx, &frontend, &slots).await;
                 drop(client_fd);
-                if let Some(log) = &ctx.access_log {
+                if let (Some(log), Some(started)) = (&ctx.access_log, started) {
                     log.record(AccessRecord {
                         ended: SystemTime::now(),
                         service,
@@ -146,7 +147,6 @@ async fn connection(
     };
     // The connection keeps its backend's counters through the guard, not the whole route.
     drop(route);
-    tracing::Span::current().record("backend", field::display(backend));
     let _ = client.set_nodelay(true);
     let stats = Arc::clone(guard.stats());
     let (mut bytes_in, mut bytes_out) = (0, 0);
@@ -154,16 +154,16 @@ async fn connection(
         moved = pump::both_ways(&client, &upstream, &ctx.pipes, [stats.bytes_in(), stats.bytes_out()], [&mut bytes_in, &mut bytes_out]) => match moved {
             Ok(()) => "closed",
             Err(error) => {
-                debug!(%error, "connection ended with an error");
+                debug!(%backend, %error, "connection ended with an error");
                 "error"
             }
         },
         () = guard.evicted() => {
-            debug!("connection closed: drain time is over");
+            debug!(%backend, "connection closed: drain time is over");
             "drained"
         }
     };
-    debug!(bytes_in, bytes_out, end, "connection ended");
+    debug!(%backend, bytes_in, bytes_out, end, "connection ended");
     Outcome { backend: Some(backend), bytes_in, bytes_out, end }
 }
 
