@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use contract::{
-    metrics::BackendLabels,
+    metrics::{BackendLabels, const_gauge},
     model::{StateView, Weight},
 };
 use prometheus_client::{
@@ -15,7 +15,7 @@ use prometheus_client::{
     metrics::{
         counter::Counter,
         family::Family,
-        gauge::{ConstGauge, Gauge},
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::{Registry, Unit},
@@ -102,10 +102,11 @@ impl Collector for StoreCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let view = self.store.view();
         let registrations = self.store.registrations_by_origin();
-        gauge(&mut encoder, "snapshot_version", "Version of the routing snapshot in force", view.version)?;
-        gauge(&mut encoder, "warming_up", "1 during the controller's warm-up window", u64::from(view.warming_up))?;
+        const_gauge(&mut encoder, "snapshot_version", "Version of the routing snapshot in force.", view.version)?;
+        let warming_up = u64::from(view.warming_up);
+        const_gauge(&mut encoder, "warming_up", "1 during the controller's warm-up window.", warming_up)?;
         let connected = view.nodes.iter().filter(|n| n.connected).count() as u64;
-        gauge(&mut encoder, "connected_nodes", "Nodes following this controller now", connected)?;
+        const_gauge(&mut encoder, "connected_nodes", "Nodes following this controller now.", connected)?;
 
         let family = Family::<OriginLabels, Gauge>::default();
         for (origin, count) in registrations {
@@ -113,7 +114,7 @@ impl Collector for StoreCollector {
         }
         family.encode(encoder.encode_descriptor(
             "registrations",
-            "Live registrations, by origin (json, grpc, agent)",
+            "Live registrations, by origin (json, grpc, agent).",
             None,
             family.metric_type(),
         )?)?;
@@ -131,13 +132,13 @@ impl Collector for StoreCollector {
         }
         acked.encode(encoder.encode_descriptor(
             "node_acked_version",
-            "Last snapshot version each node acknowledged",
+            "Last snapshot version each node acknowledged.",
             None,
             acked.metric_type(),
         )?)?;
         node_connected.encode(encoder.encode_descriptor(
             "node_connected",
-            "1 while the node's sync stream is open",
+            "1 while the node's sync stream is open.",
             None,
             node_connected.metric_type(),
         )?)
@@ -160,18 +161,13 @@ fn backend_series(encoder: &mut DescriptorEncoder, view: &StateView) -> Result<(
         }
     }
     let series = [
-        ("backend_up", "1 when the backend's health check passes, 0 when it fails", &up),
-        ("backend_weight", "The backend's weight", &weight),
-        ("backend_draining", "1 while an operator drains the backend", &draining),
-        ("backend_cluster_connections", "Connections open to the backend over every node", &connections),
+        ("backend_up", "1 when the backend's health check passes, 0 when it fails.", &up),
+        ("backend_weight", "The backend's weight.", &weight),
+        ("backend_draining", "1 while an operator drains the backend.", &draining),
+        ("backend_cluster_connections", "Connections open to the backend over every node.", &connections),
     ];
     for (name, help, family) in series {
         family.encode(encoder.encode_descriptor(name, help, None, family.metric_type())?)?;
     }
     Ok(())
-}
-
-fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> Result<(), std::fmt::Error> {
-    let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
-    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
 }

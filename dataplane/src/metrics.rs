@@ -7,16 +7,16 @@
 use std::sync::{Arc, atomic::AtomicU64};
 
 use contract::{
-    metrics::{BackendLabels, BackendReasonLabels, ServiceLabels, ServiceReasonLabels},
+    metrics::{BackendLabels, BackendReasonLabels, ServiceLabels, ServiceReasonLabels, const_counter, const_gauge},
     model::ServiceKey,
 };
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
+    encoding::DescriptorEncoder,
     metrics::{
-        counter::{ConstCounter, Counter},
+        counter::Counter,
         family::Family,
-        gauge::{ConstGauge, Gauge},
+        gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::{Registry, Unit},
@@ -358,31 +358,26 @@ impl Collector for NodeCollector {
         let state = self.node.state();
         let relay = self.node.pump_stats();
         let (fds_held, fds_max) = self.node.client_fds();
+        let open = state.frontends.iter().filter(|f| f.result.is_ok()).count();
         let gauges = [
-            ("node_snapshot_version", "Version of the routing snapshot the node serves", state.snapshot.version),
-            (
-                "node_frontends",
-                "Frontends the node has open",
-                state.frontends.iter().filter(|f| f.result.is_ok()).count() as u64,
-            ),
-            ("node_workers", "Data-path worker threads", self.node.workers() as u64),
-            ("relay_pipes_in_use", "Splice pipes holding bytes in flight", relay.pipes_in_use as u64),
-            ("relay_pipes", "Splice pipes in existence", relay.pipes as u64),
-            ("node_client_fds", "File descriptors the node's clients hold", fds_held as u64),
-            ("node_client_fds_max", "File descriptors the node's clients may hold", fds_max as u64),
+            ("node_snapshot_version", "Version of the routing snapshot the node serves.", state.snapshot.version),
+            ("node_frontends", "Frontends the node has open.", open as u64),
+            ("node_workers", "Data-path worker threads.", self.node.workers() as u64),
+            ("relay_pipes_in_use", "Splice pipes holding bytes in flight.", relay.pipes_in_use as u64),
+            ("relay_pipes", "Splice pipes in existence.", relay.pipes as u64),
+            ("node_client_fds", "File descriptors the node's clients hold.", fds_held as u64),
+            ("node_client_fds_max", "File descriptors the node's clients may hold.", fds_max as u64),
         ];
         for (name, help, value) in gauges {
-            let gauge = ConstGauge::new(value as i64);
-            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+            const_gauge(&mut encoder, name, help, value)?;
         }
         let counters = [
-            ("relay_spliced_bytes", "Bytes the TCP relay moved by splice(2)", relay.spliced_bytes),
-            ("relay_copied_bytes", "Bytes the TCP relay copied through a buffer", relay.copied_bytes),
-            ("relay_pipe_pool_empty", "Bulk bursts that found no pipe and were copied", relay.pipe_pool_empty),
+            ("relay_spliced_bytes", "Bytes the TCP relay moved by splice(2).", relay.spliced_bytes),
+            ("relay_copied_bytes", "Bytes the TCP relay copied through a buffer.", relay.copied_bytes),
+            ("relay_pipe_pool_empty", "Bulk bursts that found no pipe and were copied.", relay.pipe_pool_empty),
         ];
         for (name, help, value) in counters {
-            let counter = ConstCounter::new(value);
-            counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)?;
+            const_counter(&mut encoder, name, help, value)?;
         }
         Ok(())
     }

@@ -7,8 +7,12 @@
 //! series without bound.
 
 use prometheus_client::{
-    encoding::{EncodeLabelSet, prometheus_text, text},
-    metrics::{family::Family, gauge::Gauge},
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, prometheus_text, text},
+    metrics::{
+        counter::ConstCounter,
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+    },
     registry::Registry,
 };
 
@@ -100,6 +104,18 @@ pub fn registry(binary: &'static str) -> Registry {
     build.get_or_create(&BuildLabels { binary, version: env!("CARGO_PKG_VERSION") }).set(1);
     registry.register("build_info", "The running binary and its version (always 1)", build);
     registry
+}
+
+/// Encodes, from a collector, the gauge `name` (under the registry's prefix) with `value`.
+pub fn const_gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> std::fmt::Result {
+    let gauge = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+}
+
+/// Encodes, from a collector, the counter `name` (`_total` is added) with `value`.
+pub fn const_counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: u64) -> std::fmt::Result {
+    let counter = ConstCounter::new(value);
+    counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
 }
 
 /// `registry` encoded for a scraper whose `Accept` header is `accept`: OpenMetrics text when it lists
