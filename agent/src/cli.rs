@@ -18,8 +18,9 @@ pub struct Cli {
     #[command(flatten)]
     pub log: contract::process::LogArgs,
 
-    /// gRPC URL of the controller.
-    #[arg(long, env = "SWITCHBOARD_CONTROLLER", default_value = "http://127.0.0.1:50051")]
+    /// gRPC URL of the controller, or several separated by commas: the server is registered through one
+    /// at a time, and through the next when that one is lost.
+    #[arg(long, env = "SWITCHBOARD_CONTROLLER", default_value = "http://127.0.0.1:50051", value_name = "URL[,URL...]")]
     pub controller: String,
 
     /// Protocol of the service: tcp or udp.
@@ -111,8 +112,8 @@ pub struct AgentService {
 /// The validated configuration of an agent.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
-    /// gRPC URL of the controller.
-    pub controller: String,
+    /// gRPC URLs of the controllers, in order (at least one).
+    pub controllers: Vec<String>,
     /// At least one.
     pub services: Vec<AgentService>,
     /// The server's address, if not the one the controller sees.
@@ -150,7 +151,7 @@ impl TryFrom<Cli> for AgentConfig {
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
         let tls = ClientTls::from_flags(cli.ca.as_deref(), None, None)?;
-        let controller = contract::client::controller_url(cli.controller, tls.as_ref())?;
+        let controllers = contract::client::controller_urls(&cli.controller, tls.as_ref())?;
         let services = match (&cli.protocol, cli.port, cli.services.is_empty()) {
             (Some(protocol), Some(port), true) => {
                 let protocol: Protocol = protocol.parse().map_err(|e| FlagError::new("protocol", format!("{e}")))?;
@@ -190,7 +191,7 @@ impl TryFrom<Cli> for AgentConfig {
             ("deregister-timeout", cli.deregister_timeout),
         ])?;
         Ok(AgentConfig {
-            controller,
+            controllers,
             services,
             backend_address: cli.backend_address,
             weight,

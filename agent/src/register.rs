@@ -15,7 +15,7 @@ use std::{
 use contract::{
     auth::Bearer,
     backoff::Backoff,
-    client::{self, StreamError},
+    client::{self, Rotation, StreamError},
     model::{BackendTarget, Deregistration, HelloAnswer, ProbeOverrides, RegisterReply, RegistrationRequest},
     process::stopped,
     v1::{
@@ -106,9 +106,11 @@ impl ServiceAgent {
         // Until the first registration the controller may be unreachable only for --startup-timeout.
         let deadline = Instant::now() + self.config.startup_timeout;
         let mut registered = Some(registered);
+        let mut rotation = Rotation::new(self.config.controllers.clone());
         loop {
             let starting = registered.is_some();
-            let attempt = self.register(*verdict.borrow());
+            let controller = rotation.current().to_owned();
+            let attempt = self.register(&controller, *verdict.borrow());
             let attempt = async {
                 if starting {
                     tokio::time::timeout_at(deadline, attempt).await.unwrap_or(Err(StreamError::Closed))
@@ -134,6 +136,7 @@ impl ServiceAgent {
                         let _ = registered.send(format!("{}={}", self.service, live.backend));
                     }
                     backoff.reset();
+                    rotation.held();
                     match self.serve(live, verdict, shutdown).await {
                         StreamEnd::Shutdown => return Ok(()),
                         StreamEnd::Lost(why) => why,
@@ -155,16 +158,18 @@ impl ServiceAgent {
             let now = Instant::now();
             if starting && now >= deadline {
                 return Err(AgentError::Unreachable {
-                    controller: self.config.controller.clone(),
+                    controller: rotation.all().join(","),
                     waited: self.config.startup_timeout,
                     last: lost,
                 });
             }
-            let mut delay = backoff.next_delay();
+            // The next controller at once; a pause only after every one failed in a row.
+            let mut delay = if rotation.failed() { backoff.next_delay() } else { Duration::ZERO };
             if starting {
                 delay = delay.min(deadline - now);
             }
-            warn!(service = %self.service, controller = %self.config.controller, why = %lost, retry_in = ?delay, "not registered");
+            let next = rotation.current();
+            warn!(service = %self.service, %controller, why = %lost, %next, retry_in = ?delay, "not registered");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 () = stopped(shutdown) => return Ok(()),
@@ -173,9 +178,8 @@ impl ServiceAgent {
     }
 
     /// Connects, registers with `healthy` as the initial verdict, and waits for the ack.
-    async fn register(&self, healthy: bool) -> Result<Live, StreamError> {
-        let channel =
-            client::connect(&self.config.controller, self.config.backend_address, self.config.tls.as_ref()).await?;
+    async fn register(&self, controller: &str, healthy: bool) -> Result<Live, StreamError> {
+        let channel = client::connect(controller, self.config.backend_address, self.config.tls.as_ref()).await?;
         let (tx, rx) = mpsc::channel(16);
         let registration = RegistrationRequest {
             service: self.service.key,

@@ -26,7 +26,7 @@ use crate::{node::NodeHandle, relay::pump::PumpStats, sync::SyncStatus};
 #[derive(Clone)]
 struct AdminState {
     node_id: String,
-    controller: String,
+    controllers: Vec<String>,
     node: NodeHandle,
     sync: watch::Receiver<SyncStatus>,
 }
@@ -35,7 +35,10 @@ struct AdminState {
 #[derive(Serialize)]
 struct NodeStateView {
     node_id: String,
+    /// The controller it follows now (or tries next).
     controller: String,
+    /// Every controller it may follow, in order.
+    controllers: Vec<String>,
     connected: bool,
     last_error: Option<String>,
     version: u64,
@@ -66,8 +69,8 @@ struct LoadView {
 pub struct AdminSettings {
     /// The node's name.
     pub node_id: String,
-    /// The controller it follows.
-    pub controller: String,
+    /// The controllers it may follow, in order.
+    pub controllers: Vec<String>,
     /// The process's metrics.
     pub registry: Arc<Registry>,
     /// Required of every request when set.
@@ -82,8 +85,8 @@ pub async fn serve(
     sync: watch::Receiver<SyncStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    let AdminSettings { node_id, controller, registry, token } = settings;
-    let state = AdminState { node_id, controller, node, sync };
+    let AdminSettings { node_id, controllers, registry, token } = settings;
+    let state = AdminState { node_id, controllers, node, sync };
     let app = Router::new()
         .route("/api/state", get(state_view))
         .with_state(state)
@@ -120,7 +123,12 @@ async fn state_view(State(admin): State<AdminState>) -> Json<NodeStateView> {
     let sync = admin.sync.borrow().clone();
     Json(NodeStateView {
         node_id: admin.node_id,
-        controller: admin.controller,
+        controller: if sync.controller.is_empty() {
+            admin.controllers.first().cloned().unwrap_or_default()
+        } else {
+            sync.controller.clone()
+        },
+        controllers: admin.controllers,
         connected: sync.connected,
         last_error: sync.last_error,
         version: node.snapshot.version,

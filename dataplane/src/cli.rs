@@ -20,8 +20,9 @@ pub struct Cli {
     #[command(flatten)]
     pub log: contract::process::LogArgs,
 
-    /// gRPC URL of the controller.
-    #[arg(long, env = "SWITCHBOARD_CONTROLLER", default_value = "http://127.0.0.1:50051")]
+    /// gRPC URL of the controller, or several separated by commas: the node follows one at a time and
+    /// moves to the next when it is lost.
+    #[arg(long, env = "SWITCHBOARD_CONTROLLER", default_value = "http://127.0.0.1:50051", value_name = "URL[,URL...]")]
     pub controller: String,
 
     /// Name of this node (default: hostname-pid).
@@ -200,7 +201,7 @@ impl TryFrom<Cli> for DataplaneConfig {
 
     fn try_from(cli: Cli) -> Result<Self, Self::Error> {
         let tls = ClientTls::from_flags(cli.ca.as_deref(), cli.tls_cert.as_deref(), cli.tls_key.as_deref())?;
-        let controller = contract::client::controller_url(cli.controller, tls.as_ref())?;
+        let controllers = contract::client::controller_urls(&cli.controller, tls.as_ref())?;
         FlagError::require_positive(&[("backoff-max", cli.backoff_max)])?;
         let node_id = match cli.node_id {
             Some(id) if id.trim().is_empty() => return Err(FlagError::new("node-id", "must not be empty")),
@@ -210,7 +211,7 @@ impl TryFrom<Cli> for DataplaneConfig {
         Ok(DataplaneConfig {
             node: cli.node.node_config(node_id.clone(), cli.load_report_interval, client_fds())?,
             sync: SyncConfig {
-                controller,
+                controllers,
                 node_id,
                 backoff_min: Duration::from_millis(100).min(cli.backoff_max),
                 backoff_max: cli.backoff_max,
@@ -243,7 +244,9 @@ mod tests {
     #[test]
     fn defaults_and_bad_values() {
         let config = DataplaneConfig::try_from(Cli::parse_from(["dataplane"])).unwrap();
-        assert_eq!(config.sync.controller, "http://127.0.0.1:50051");
+        assert_eq!(config.sync.controllers, ["http://127.0.0.1:50051"]);
+        let two = Cli::parse_from(["dataplane", "--controller", "http://127.0.0.1:1,http://127.0.0.2:1"]);
+        assert_eq!(DataplaneConfig::try_from(two).unwrap().sync.controllers.len(), 2);
         assert!(config.node.node_id.ends_with(&format!("-{}", std::process::id())));
         assert_eq!(config.node.drain_timeout, Duration::from_secs(30));
         let bad = Cli::parse_from(["dataplane", "--controller", "127.0.0.1:50051"]);

@@ -91,7 +91,7 @@ impl Dataplane {
         let (status_tx, status_rx) = watch::channel(sync::SyncStatus::default());
         let settings = admin::AdminSettings {
             node_id: config.node.node_id.clone(),
-            controller: config.sync.controller.clone(),
+            controllers: config.sync.controllers.clone(),
             registry: Arc::new(registry),
             token: config.admin_token.clone(),
         };

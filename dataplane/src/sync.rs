@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 use contract::{
     auth::{Bearer, Token},
     backoff::Backoff,
-    client::{self, ClientTls, StreamError},
+    client::{self, ClientTls, Rotation, StreamError},
     convert,
     model::{FrontendStatus, NodeHello, NodeReport, RoutingDelta, RoutingSnapshot, ServiceKey},
     v1::{self, controller_message, dataplane_client::DataplaneClient},
@@ -29,8 +29,8 @@ use crate::{metrics::SyncMetrics, node::NodeHandle};
 /// How a node reaches its controller.
 #[derive(Debug, Clone)]
 pub struct SyncConfig {
-    /// gRPC URL of the controller, e.g. `http://127.0.0.1:50051`.
-    pub controller: String,
+    /// gRPC URLs of the controllers, e.g. `http://127.0.0.1:50051`; followed one at a time, in order.
+    pub controllers: Vec<String>,
     /// This node's name.
     pub node_id: String,
     /// First retry delay.
@@ -48,11 +48,15 @@ pub struct SyncConfig {
 pub struct SyncStatus {
     /// A sync stream is open.
     pub connected: bool,
+    /// The controller it follows now, or tries next.
+    pub controller: String,
     /// Why the last attempt or stream ended.
     pub last_error: Option<String>,
 }
 
-/// Follows the controller until `reports` closes (the node stopped). Never gives up on the controller.
+/// Follows a controller until `reports` closes (the node stopped). Never gives up: a lost controller is
+/// followed by the next one of the list at once, and the node waits (capped, jittered backoff) only when
+/// every controller failed in a row.
 pub async fn run(
     config: SyncConfig,
     snapshots: watch::Sender<Arc<RoutingSnapshot>>,
@@ -65,11 +69,18 @@ pub async fn run(
     let mut last_load: Option<NodeReport> = None;
     let link = Link { config: &config, snapshots: &snapshots, status: &status, node: &node, metrics: &metrics };
     let mut streams = 0u64;
+    let mut rotation = Rotation::new(config.controllers.clone());
     loop {
-        let span = info_span!("sync", node = %config.node_id, controller = %config.controller);
-        let outcome = attempt(&link, &mut reports, &mut last_load, &mut backoff, &mut streams).instrument(span).await;
+        let controller = rotation.current().to_owned();
+        let span = info_span!("sync", node = %config.node_id, %controller);
+        let held = streams;
+        let outcome = attempt(&link, &controller, &mut reports, &mut last_load, &mut backoff, &mut streams)
+            .instrument(span)
+            .await;
         metrics.connected.set(0);
-        let status = link.status;
+        if streams > held {
+            rotation.held();
+        }
         // Without a controller there is no fresh view of the other nodes: count on our own connections only.
         node.set_remote_load(&[]);
         let error = match outcome {
@@ -77,9 +88,11 @@ pub async fn run(
             Ok(AttemptEnd::ByController) => "the controller ended the stream".to_owned(),
             Err(error) => error.to_string(),
         };
-        status.send_replace(SyncStatus { connected: false, last_error: Some(error.clone()) });
-        let delay = backoff.next_delay();
-        warn!(controller = %config.controller, %error, retry_in = ?delay, "controller unreachable; serving the last snapshot");
+        let whole_round = rotation.failed();
+        let next = rotation.current().to_owned();
+        status.send_replace(SyncStatus { connected: false, controller: next.clone(), last_error: Some(error.clone()) });
+        let delay = if whole_round { backoff.next_delay() } else { Duration::ZERO };
+        warn!(%controller, %error, %next, retry_in = ?delay, "controller lost or unreachable; serving the last snapshot");
         // Reports keep coming while disconnected: remember the latest load, resent on reconnect.
         let sleep = tokio::time::sleep(delay);
         tokio::pin!(sleep);
@@ -113,13 +126,14 @@ struct Link<'a> {
 /// One sync stream, from connecting to its end.
 async fn attempt(
     link: &Link<'_>,
+    controller: &str,
     reports: &mut mpsc::UnboundedReceiver<NodeReport>,
     last_load: &mut Option<NodeReport>,
     backoff: &mut Backoff,
     streams: &mut u64,
 ) -> Result<AttemptEnd, StreamError> {
     let Link { config, snapshots, status, node, metrics } = *link;
-    let channel = client::connect(&config.controller, None, config.tls.as_ref()).await?;
+    let channel = client::connect(controller, None, config.tls.as_ref()).await?;
     let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
     let known_version = snapshots.borrow().version;
     let hello = NodeHello { node_id: config.node_id.clone(), known_version, accepts_deltas: true };
@@ -129,8 +143,8 @@ async fn attempt(
     // A controller that says so takes acks that list only what changed since the last one.
     let mut acked = response.metadata().get(PARTIAL_ACKS).is_some_and(|v| v == "1").then(BTreeMap::new);
     let mut inbound = response.into_inner();
-    info!(controller = %config.controller, node = %config.node_id, known_version, "following the controller");
-    status.send_replace(SyncStatus { connected: true, last_error: None });
+    info!(%controller, node = %config.node_id, known_version, "following the controller");
+    status.send_replace(SyncStatus { connected: true, controller: controller.to_owned(), last_error: None });
     metrics.connected.set(1);
     if *streams > 0 {
         metrics.reconnects.inc();

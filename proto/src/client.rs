@@ -58,6 +58,68 @@ pub fn controller_url(url: String, tls: Option<&ClientTls>) -> Result<String, Fl
     }
 }
 
+/// The controllers of `--controller URL[,URL...]`, each checked as [`controller_url`]; at least one, no
+/// repeats.
+pub fn controller_urls(list: &str, tls: Option<&ClientTls>) -> Result<Vec<String>, FlagError> {
+    let mut urls: Vec<String> = Vec::new();
+    for url in list.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let url = controller_url(url.to_owned(), tls)?;
+        if urls.contains(&url) {
+            return Err(FlagError::new("controller", format!("{url:?} is listed twice")));
+        }
+        urls.push(url);
+    }
+    if urls.is_empty() {
+        return Err(FlagError::new("controller", "needs at least one http:// or https:// URL"));
+    }
+    Ok(urls)
+}
+
+/// Which of several controllers to try next. A client holds one stream at a time: when it ends or cannot
+/// be opened, the client moves on to the next controller at once, and waits (its backoff) only once every
+/// controller failed in a row.
+#[derive(Debug, Clone)]
+pub struct Rotation {
+    urls: Vec<String>,
+    current: usize,
+    failed_in_row: usize,
+}
+
+impl Rotation {
+    /// Starts with the first of `urls` (at least one).
+    pub fn new(urls: Vec<String>) -> Self {
+        assert!(!urls.is_empty(), "a rotation needs at least one controller");
+        Rotation { urls, current: 0, failed_in_row: 0 }
+    }
+
+    /// The controller to try now.
+    pub fn current(&self) -> &str {
+        &self.urls[self.current]
+    }
+
+    /// Every controller, in order.
+    pub fn all(&self) -> &[String] {
+        &self.urls
+    }
+
+    /// A stream with the current controller was held (so the next failure starts a new round).
+    pub fn held(&mut self) {
+        self.failed_in_row = 0;
+    }
+
+    /// The current controller failed or its stream ended: moves to the next. True when every controller
+    /// has now failed in a row, so the caller should back off before trying again.
+    pub fn failed(&mut self) -> bool {
+        self.current = (self.current + 1) % self.urls.len();
+        self.failed_in_row += 1;
+        if self.failed_in_row >= self.urls.len() {
+            self.failed_in_row = 0;
+            return true;
+        }
+        false
+    }
+}
+
 /// The request metadata by which a client says what it is (`agent` for the Switchboard agent); only a
 /// label in the controller's metrics, never a credential.
 pub const CLIENT_KIND: &str = "x-switchboard-client";
@@ -129,4 +191,32 @@ pub fn read_pem(flag: &'static str, path: &Path) -> Result<Vec<u8>, FlagError> {
 /// True when `ip` is one of this host's addresses (this host can send from it).
 pub fn is_local(ip: IpAddr) -> bool {
     ip.is_loopback() || ip.is_unspecified() || UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_of_controllers_is_checked_url_by_url() {
+        let urls = controller_urls("http://127.0.0.1:1, http://127.0.0.2:1", None).unwrap();
+        assert_eq!(urls, ["http://127.0.0.1:1", "http://127.0.0.2:1"]);
+        assert_eq!(controller_urls("", None).unwrap_err().flag, "controller");
+        assert_eq!(controller_urls("http://a:1,127.0.0.1:1", None).unwrap_err().flag, "controller");
+        assert_eq!(controller_urls("http://a:1,http://a:1", None).unwrap_err().flag, "controller");
+    }
+
+    #[test]
+    fn a_rotation_moves_on_at_once_and_backs_off_after_a_whole_round() {
+        let mut rotation = Rotation::new(vec!["a".into(), "b".into(), "c".into()]);
+        assert_eq!(rotation.current(), "a");
+        rotation.held();
+        assert!(!rotation.failed(), "a lost stream moves to the next at once");
+        assert_eq!(rotation.current(), "b");
+        assert!(!rotation.failed());
+        assert!(rotation.failed(), "every controller failed in a row");
+        assert_eq!(rotation.current(), "a");
+        let mut single = Rotation::new(vec!["a".into()]);
+        assert!(single.failed(), "one controller: always back off");
+    }
 }

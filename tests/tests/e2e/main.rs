@@ -6,6 +6,7 @@
 mod admin;
 mod agent;
 mod balancing;
+mod failover;
 mod grpc;
 mod json_channel;
 mod limits;
