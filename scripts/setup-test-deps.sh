@@ -7,6 +7,11 @@ need_apt=()
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # prlimit runs the controller under a 1,024 descriptor limit in the flood test.
 command -v prlimit >/dev/null 2>&1 || need_apt+=(util-linux)
+# Controllers as replicas: the tests start their own etcd members; etcd-client's build needs protoc and
+# the well-known .proto files.
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 # The dashboard test drives Debian's headless Chromium through chromedriver.
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need_apt+=(chromium-driver)

@@ -11,6 +11,8 @@
 //! - [`api`]: JSON channel, gRPC, admin HTTP (with `/metrics` and the dashboard), and the doors' tokens
 //!   and connection caps.
 //! - [`metrics`]: the controller's Prometheus series.
+//! - `etcd` (feature `etcd`): the link to etcd of controllers run as replicas: a mirror of the prefix,
+//!   followed through compactions and outages, and the keys a controller owns under its lease.
 //! - [`error`]: one error enum per boundary.
 //!
 //! The domain types and their wire conversions are the contract crate's; the `dataplane` crate is used only
@@ -22,6 +24,8 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 pub mod metrics;
 pub mod probe;
 pub mod store;

@@ -7,11 +7,12 @@
 //!   controller's state polled with a deadline, JSON control-channel clients and demo backends.
 //! - [`hosts`]: the machine, or network namespaces on a bridge, as hosts for processes and sockets.
 //! - [`tools`]: outside programs used as real peers (the Prometheus text parser), and what a missing one
-//!   does; [`browser`]: headless Chromium over WebDriver.
+//!   does; [`browser`]: headless Chromium over WebDriver; [`etcd`]: real etcd members.
 
 #![forbid(unsafe_code)]
 
 pub mod browser;
+pub mod etcd;
 pub mod harness;
 pub mod hosts;
 pub mod tools;

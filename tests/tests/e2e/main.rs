@@ -16,6 +16,7 @@ mod multihost;
 mod nodes;
 mod observability;
 mod relay;
+mod replicas;
 mod security;
 mod soak;
 mod splice;
