@@ -59,6 +59,24 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_RESYNC_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub resync_grace: Duration,
 
+    /// Where the registry lives: `memory` (this process alone), or `etcd://HOST:PORT[,HOST:PORT...]` to run
+    /// as one of several controllers sharing their backends through etcd.
+    #[arg(long, env = "SWITCHBOARD_STORE", default_value = "memory", value_name = "memory|etcd://HOST:PORT[,...]")]
+    pub store: String,
+
+    /// With an etcd store: every key of this cluster of controllers starts with this.
+    #[arg(long, env = "SWITCHBOARD_ETCD_PREFIX", default_value = "/switchboard/v1")]
+    pub etcd_prefix: String,
+
+    /// With an etcd store: time-to-live of this controller's lease. Its keys (the backends its registrations
+    /// hold) vanish this long after it dies; keep-alives go every third of it.
+    #[arg(long, env = "SWITCHBOARD_ETCD_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub etcd_lease_ttl: Duration,
+
+    /// With an etcd store: this controller's name among the others (default: hostname-pid).
+    #[arg(long, env = "SWITCHBOARD_CONTROLLER_ID")]
+    pub controller_id: Option<String>,
+
     /// The embedded node's flags.
     #[command(flatten)]
     pub node: NodeArgs,

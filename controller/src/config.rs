@@ -57,6 +57,69 @@ pub struct Config {
     pub json_idle_timeout: Duration,
     /// Only validate.
     pub check: bool,
+    /// Where the registry lives.
+    pub store: StoreSettings,
+}
+
+/// Where the registry lives (`--store`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreSettings {
+    /// In this process only.
+    Memory,
+    /// Shared with other controllers through etcd.
+    Etcd {
+        /// `HOST:PORT` of each member.
+        endpoints: Vec<String>,
+        /// `--etcd-prefix`, without a trailing `/`.
+        prefix: String,
+        /// `--etcd-lease-ttl`.
+        lease_ttl: Duration,
+        /// `--controller-id`.
+        id: String,
+    },
+}
+
+impl StoreSettings {
+    fn from_flags(store: &str, prefix: &str, lease_ttl: Duration, id: Option<String>) -> Result<Self, FlagError> {
+        if store == "memory" {
+            return Ok(StoreSettings::Memory);
+        }
+        let Some(members) = store.strip_prefix("etcd://") else {
+            return Err(FlagError::new("store", format!("{store:?} is neither `memory` nor `etcd://HOST:PORT[,...]`")));
+        };
+        let endpoints: Vec<String> =
+            members.split(',').map(str::trim).filter(|m| !m.is_empty()).map(str::to_owned).collect();
+        if endpoints.is_empty() || endpoints.iter().any(|m| m.contains('/') || !m.contains(':')) {
+            return Err(FlagError::new(
+                "store",
+                format!("{store:?}: give etcd members as etcd://HOST:PORT[,HOST:PORT...]"),
+            ));
+        }
+        if !cfg!(feature = "etcd") {
+            return Err(FlagError::new(
+                "store",
+                "this controller was built without etcd support: build it with `cargo build --features controller/etcd` (needs protoc)",
+            ));
+        }
+        let prefix = prefix.trim_end_matches('/');
+        if !prefix.starts_with('/') || prefix.len() < 2 {
+            return Err(FlagError::new("etcd-prefix", "must start with / and name something, e.g. /switchboard/v1"));
+        }
+        if lease_ttl < Duration::from_secs(3) {
+            return Err(FlagError::new("etcd-lease-ttl", "must be at least 3s (keep-alives go every third of it)"));
+        }
+        let id = match id {
+            Some(id) if id.is_empty() || id.contains('/') || id.len() > 128 => {
+                return Err(FlagError::new("controller-id", "must be 1 to 128 characters without /"));
+            }
+            Some(id) => id,
+            None => {
+                let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+                format!("{}-{}", host.trim(), std::process::id())
+            }
+        };
+        Ok(StoreSettings::Etcd { endpoints, prefix: prefix.to_owned(), lease_ttl, id })
+    }
 }
 
 /// The name of the node that runs inside the controller.
@@ -192,6 +255,7 @@ impl TryFrom<Cli> for Config {
             },
             json_idle_timeout: cli.json_idle_timeout,
             check: cli.check,
+            store: StoreSettings::from_flags(&cli.store, &cli.etcd_prefix, cli.etcd_lease_ttl, cli.controller_id)?,
         })
     }
 }

@@ -12,7 +12,8 @@
 //!   and connection caps.
 //! - [`metrics`]: the controller's Prometheus series.
 //! - `etcd` (feature `etcd`): the link to etcd of controllers run as replicas: a mirror of the prefix,
-//!   followed through compactions and outages, and the keys a controller owns under its lease.
+//!   followed through compactions and outages, and the keys a controller owns under its lease; `replica`:
+//!   what a controller publishes there and imports from the others.
 //! - [`error`]: one error enum per boundary.
 //!
 //! The domain types and their wire conversions are the contract crate's; the `dataplane` crate is used only
@@ -28,6 +29,8 @@ pub mod error;
 pub mod etcd;
 pub mod metrics;
 pub mod probe;
+#[cfg(feature = "etcd")]
+pub mod replica;
 pub mod store;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -171,6 +174,16 @@ impl Controller {
         };
         let grpc = CappedListener::new(grpc, "gRPC connections", shares.grpc);
         tasks.spawn(api::grpc::serve(grpc, Arc::clone(&store), settings, shutdown.clone()));
+        #[cfg(feature = "etcd")]
+        if let config::StoreSettings::Etcd { endpoints, prefix, lease_ttl, id } = config.store.clone() {
+            let etcd = etcd::EtcdConfig { endpoints, prefix, lease_ttl };
+            let replica = replica::ReplicaConfig { etcd, id };
+            let (store, shutdown) = (Arc::clone(&store), shutdown.clone());
+            tasks.spawn(async move {
+                replica::run(replica, store, shutdown).await;
+                Ok(())
+            });
+        }
         let mut registry = contract::metrics::registry("controller");
         metrics::register(&mut registry, &store);
         if let (Some(node), Some(link)) = (config.embedded_node, embedded) {

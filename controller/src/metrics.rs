@@ -114,7 +114,7 @@ impl Collector for StoreCollector {
         }
         family.encode(encoder.encode_descriptor(
             "registrations",
-            "Live registrations, by origin (json, grpc, agent).",
+            "Live registrations, by origin (json, grpc, agent, replica: imported from another controller).",
             None,
             family.metric_type(),
         )?)?;

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::{
     State, Store,
-    registration::Origin,
+    registration::{Origin, OriginKind},
     registry::{Backend, RegistrationId, RegistrationRecord},
 };
 use crate::error::StoreError;
@@ -39,7 +39,9 @@ impl Store {
         let mut state = self.lock();
         let max = self.policy.limits.registrations_per_source;
         let address = origin.peer.ip();
-        if state.registry.registrations.values().filter(|r| r.origin.peer.ip() == address).count() >= max {
+        let from_there =
+            |r: &&RegistrationRecord| r.origin.peer.ip() == address && r.origin.kind != OriginKind::Replica;
+        if state.registry.registrations.values().filter(from_there).count() >= max {
             return Err(StoreError::TooManyRegistrations { address, max });
         }
         let mut draft = state.registry.clone();

@@ -5,6 +5,7 @@
 //! - [`registration`]: the handle a live registration holds; dropping it removes what it registered.
 //! - [`nodes`]: connected nodes, their bind results (the verdict a registration waits for) and their load.
 //! - [`events`]: the broadcast of state changes.
+//! - [`shared`]: with replicas, the backends this controller publishes and the ones it imports.
 //! - [`view`]: the read model operators see, and `--print-state`.
 //!
 //! The commit path, top to bottom: a change takes the lock, returns early when it changes nothing (no
@@ -19,6 +20,7 @@ pub mod events;
 pub mod nodes;
 pub mod registration;
 mod registry;
+pub mod shared;
 mod view;
 
 use std::{
@@ -143,7 +145,7 @@ impl Store {
     }
 
     /// Live registrations per origin.
-    pub fn registrations_by_origin(&self) -> [(OriginKind, usize); 3] {
+    pub fn registrations_by_origin(&self) -> [(OriginKind, usize); 4] {
         let state = self.lock();
         let count = |kind| state.registry.registrations.values().filter(|r| r.origin.kind == kind).count();
         OriginKind::ALL.map(|kind| (kind, count(kind)))

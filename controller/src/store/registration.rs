@@ -26,6 +26,8 @@ pub enum OriginKind {
     Grpc,
     /// A gRPC `Register` stream of a Switchboard `agent`.
     Agent,
+    /// A backend another controller holds, imported from the shared store (`--store etcd://`).
+    Replica,
 }
 
 /// A live registration. Dropping it removes every backend it registered.
@@ -140,7 +142,7 @@ impl fmt::Display for Origin {
 
 impl OriginKind {
     /// Every kind.
-    pub const ALL: [OriginKind; 3] = [OriginKind::Json, OriginKind::Grpc, OriginKind::Agent];
+    pub const ALL: [OriginKind; 4] = [OriginKind::Json, OriginKind::Grpc, OriginKind::Agent, OriginKind::Replica];
 
     /// Its name in views and metrics.
     pub fn as_str(self) -> &'static str {
@@ -148,6 +150,7 @@ impl OriginKind {
             OriginKind::Json => "json",
             OriginKind::Grpc => "grpc",
             OriginKind::Agent => "agent",
+            OriginKind::Replica => "replica",
         }
     }
 }

@@ -35,7 +35,7 @@ pub(super) struct Registry {
     pub next_registration: u64,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct Service {
     pub algorithm: Algorithm,
     /// Set by an operator (`SetAlgorithm`): registrations asking for another are accepted and overruled,
@@ -44,7 +44,7 @@ pub(super) struct Service {
     pub backends: BTreeMap<SocketAddr, Backend>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Backend {
     pub weight: Weight,
     pub owner: RegistrationId,

@@ -1,11 +1,20 @@
 //! Controllers as replicas on etcd: the link to real etcd members (a mirror of the prefix followed
 //! through compactions and outages; owned keys kept under a lease).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use controller::etcd::{EtcdConfig, Mirror, OwnedKeys, follow};
 use etcd_client::{Client, CompactionOptions, GetOptions};
-use switchboard_tests::{etcd::EtcdCluster, harness::DEADLINE};
+use switchboard_tests::{
+    etcd::EtcdCluster,
+    harness::{Controller, DEADLINE, DataplaneNode, Host, Net, TcpEcho, spawn_agent, tcp_roundtrip},
+};
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 fn config(cluster: &EtcdCluster, ttl: Duration) -> EtcdConfig {
@@ -178,5 +187,145 @@ async fn the_mirror_survives_a_lost_member_and_a_whole_outage_without_losing_sta
     assert!(states.iter().skip(1).all(|s| s.entries.contains_key("kept")), "a kept key was removed on the way");
     for pair in states.windows(2) {
         assert!(pair[1].revision >= pair[0].revision, "the revision went back");
+    }
+}
+
+/// Three controllers on `cluster`, without embedded nodes, named a, b and c.
+async fn three_controllers(net: Net, cluster: &EtcdCluster, ttl: &str) -> Vec<Controller> {
+    let store = cluster.store_flag();
+    let mut controllers = Vec::new();
+    for id in ["a", "b", "c"] {
+        let args = ["--store", &store, "--controller-id", id, "--etcd-lease-ttl", ttl, "--no-embedded-dataplane"];
+        controllers.push(Controller::spawn(net, &args).await);
+    }
+    controllers
+}
+
+/// Waits until `node` has a frontend open for each of `ports`.
+async fn wait_serving(node: &DataplaneNode, ports: &[u16]) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let state = node.state().await;
+        let open = |port: u16| {
+            state["frontends"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|f| f["port"] == port && !f["listening"].is_null()))
+        };
+        if ports.iter().all(|&p| open(p)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "node {} never served {ports:?}: {state:#}", node.id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn agent_args<'a>(controllers: &'a str, port: &'a str, ip: &'a str) -> Vec<&'a str> {
+    vec!["--controller", controllers, "--protocol", "tcp", "--port", port, "--backend-address", ip, "--check", "none"]
+}
+
+#[tokio::test]
+async fn three_controllers_on_etcd_every_node_serves_every_service_and_a_dead_controller_is_replaced() {
+    if !EtcdCluster::available() {
+        return;
+    }
+    let cluster = EtcdCluster::start(3).await;
+    let net = Net::new();
+    let mut controllers = three_controllers(net, &cluster, "3s").await;
+    let urls: Vec<String> = controllers.iter().map(Controller::grpc_url).collect();
+    let forward = urls.join(",");
+    let backward = urls.iter().rev().cloned().collect::<Vec<_>>().join(",");
+    let n1 =
+        DataplaneNode::spawn(Host::Root, &controllers[0], "n1", net.host(9), net.host(9), &["--controller", &forward])
+            .await;
+    let n2 = DataplaneNode::spawn(
+        Host::Root,
+        &controllers[2],
+        "n2",
+        net.host(10),
+        net.host(10),
+        &["--controller", &backward],
+    )
+    .await;
+
+    // Two servers, each registered through a different controller by its agent (a first, then b).
+    let echo1 = TcpEcho::start(net.host(2), 0).await;
+    let echo2 = TcpEcho::start(net.host(3), 0).await;
+    let (p1, p2) = (echo1.addr.port().to_string(), echo2.addr.port().to_string());
+    let (ip1, ip2) = (net.host(2).to_string(), net.host(3).to_string());
+    let _agent1 = spawn_agent(&controllers[0], &agent_args(&forward, &p1, &ip1)).await;
+    let order_b = format!("{},{},{}", urls[1], urls[2], urls[0]);
+    let _agent2 = spawn_agent(&controllers[1], &agent_args(&order_b, &p2, &ip2)).await;
+
+    let ports = [echo1.addr.port(), echo2.addr.port()];
+    for node in [&n1, &n2] {
+        wait_serving(node, &ports).await;
+        for port in ports {
+            assert_eq!(tcp_roundtrip(node.frontend(port), b"x").await.unwrap(), b"x", "{} port {port}", node.id);
+        }
+    }
+    for ctl in &controllers {
+        ctl.wait_state("both backends", |s| ports.iter().all(|&p| Controller::backends(s, "tcp", p).len() == 1)).await;
+    }
+
+    // SIGKILL controller a, which n1 follows and agent1 registered through, while a client drives n1.
+    let frontend = n1.frontend(echo1.addr.port());
+    let (done, sent, failed) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = tokio::spawn({
+        let (done, sent, failed) = (Arc::clone(&done), Arc::clone(&sent), Arc::clone(&failed));
+        async move {
+            let until = Instant::now() + Duration::from_secs(30);
+            while !done.load(Ordering::Relaxed) && Instant::now() < until && sent.load(Ordering::Relaxed) < 6_000 {
+                if tcp_roundtrip(frontend, b"during").await.ok().as_deref() != Some(b"during".as_slice()) {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let mut etcd = etcd_client::Client::connect(cluster.endpoints(), None).await.unwrap();
+    let a_key = format!("/switchboard/v1/backends/tcp:{}/{}/a", echo1.addr.port(), echo1.addr);
+    assert_eq!(etcd.get(a_key.as_str(), None).await.unwrap().kvs().len(), 1, "a published its backend");
+    let version_before = n1.state().await["version"].as_u64().unwrap();
+    controllers[0].process.kill().await;
+    let killed = Instant::now();
+    let mut last = version_before;
+    let moved = loop {
+        let state = n1.state().await;
+        let version = state["version"].as_u64().unwrap();
+        assert!(version >= last, "n1's version went back from {last} to {version}");
+        last = version;
+        if state["connected"] == true && state["controller"] != urls[0] {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < DEADLINE, "n1 never followed another controller: {state:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(moved < Duration::from_secs(2), "n1 took {moved:?} to follow another controller");
+    // a's key goes with its lease (TTL 3 s), and agent1 re-registers through b.
+    while !etcd.get(a_key.as_str(), None).await.unwrap().kvs().is_empty() {
+        assert!(killed.elapsed() < Duration::from_secs(3 + 1), "a's registration outlived its lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b_key = format!("/switchboard/v1/backends/tcp:{}/{}/b", echo1.addr.port(), echo1.addr);
+    while etcd.get(b_key.as_str(), None).await.unwrap().kvs().is_empty() {
+        assert!(killed.elapsed() < DEADLINE, "agent1 never re-registered through b");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at_least = sent.load(Ordering::Relaxed) + 50;
+    while sent.load(Ordering::Relaxed) < at_least {
+        assert!(killed.elapsed() < DEADLINE * 2, "the client load stalled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let failures = failed.load(Ordering::Relaxed);
+    assert_eq!(failures, 0, "{failures} of {} client round trips failed", sent.load(Ordering::Relaxed));
+    assert!(n1.state().await["version"].as_u64().unwrap() >= last, "n1's version went back");
+    for node in [&n1, &n2] {
+        for port in ports {
+            assert_eq!(tcp_roundtrip(node.frontend(port), b"y").await.unwrap(), b"y", "{} port {port}", node.id);
+        }
     }
 }

@@ -1,0 +1,195 @@
+//! A controller as one of several replicas on etcd (`--store etcd://`): it publishes the backends its own
+//! registrations hold, one key each under its lease, and imports every other controller's, so every node,
+//! whichever controller it follows, serves every service.
+//!
+//! Keys, under `--etcd-prefix`: `backends/SERVICE/ADDRESS/CONTROLLER` with the backend's weight, health,
+//! drain and its service's algorithm. A controller that dies takes its keys with it when its lease
+//! expires, and the others drop those backends. Versions stay increasing across controllers: every
+//! change seen in etcd raises this controller's version above the etcd revision, so a node that moves
+//! to another controller never gets an older version (a node's hello raises it above its own too).
+
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use contract::{convert, model::ServiceKey, process::stopped};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::{
+    etcd::{EtcdConfig, EtcdError, Mirror, OwnedKeys, follow},
+    store::{Store, shared::SharedBackend},
+};
+
+/// Where this controller's backends go, and under which name.
+#[derive(Debug, Clone)]
+pub struct ReplicaConfig {
+    /// The etcd cluster and prefix.
+    pub etcd: EtcdConfig,
+    /// This controller's name among the others.
+    pub id: String,
+}
+
+const BACKENDS: &str = "backends/";
+
+/// The value of a backend's key.
+#[derive(Debug, Serialize, Deserialize)]
+struct BackendValue {
+    protocol: String,
+    port: u16,
+    address: SocketAddr,
+    weight: u32,
+    healthy: bool,
+    draining: bool,
+    algorithm: String,
+    controller: String,
+}
+
+/// Publishes and imports until `shutdown` turns true, then deletes this controller's keys (a graceful
+/// stop need not wait for the lease to expire).
+pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::Receiver<bool>) {
+    let owned = OwnedKeys::new(config.etcd.clone());
+    let keeper = tokio::spawn(Arc::clone(&owned).keep());
+    let (mirror_tx, mut mirror) = watch::channel(Arc::new(Mirror::default()));
+    let follower = tokio::spawn(follow(config.etcd.clone(), mirror_tx));
+    let mut snapshots = store.subscribe();
+    let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut retry = tokio::time::interval(Duration::from_secs(1));
+    info!(controller = %config.id, endpoints = ?config.etcd.endpoints, prefix = %config.etcd.prefix, "sharing the registry through etcd");
+    loop {
+        let own: BTreeMap<String, Vec<u8>> =
+            store.own_backends().iter().map(|b| (key(b, &config.id), value(b, &config.id))).collect();
+        if own != written {
+            match publish(&config.etcd, &owned, &written, &own).await {
+                Ok(()) => written = own,
+                Err(error) => warn!(%error, "cannot publish this controller's backends to etcd; retrying"),
+            }
+        }
+        let seen = Arc::clone(&mirror.borrow_and_update());
+        store.import_shared(&imported(&seen, &config.id));
+        if seen.revision > 0 {
+            let _ = store.observe_version(u64::try_from(seen.revision).unwrap_or(0));
+        }
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { break },
+            changed = mirror.changed() => if changed.is_err() { break },
+            _ = retry.tick() => {}
+            () = stopped(&mut shutdown) => break,
+        }
+    }
+    follower.abort();
+    if let Ok(mut client) = config.etcd.connect().await {
+        for key in written.keys() {
+            let _ = owned.delete(&mut client, key).await;
+        }
+    }
+    keeper.abort();
+}
+
+/// Writes what changed between `written` and `own`.
+async fn publish(
+    etcd: &EtcdConfig,
+    owned: &OwnedKeys,
+    written: &BTreeMap<String, Vec<u8>>,
+    own: &BTreeMap<String, Vec<u8>>,
+) -> Result<(), EtcdError> {
+    let mut client = etcd.connect().await?;
+    for (key, value) in own {
+        if written.get(key) != Some(value) {
+            owned.put(&mut client, key, value.clone()).await?;
+        }
+    }
+    for key in written.keys().filter(|key| !own.contains_key(*key)) {
+        owned.delete(&mut client, key).await?;
+    }
+    Ok(())
+}
+
+fn key(backend: &SharedBackend, controller: &str) -> String {
+    format!("{BACKENDS}{}/{}/{controller}", backend.service, backend.address)
+}
+
+fn value(backend: &SharedBackend, controller: &str) -> Vec<u8> {
+    let value = BackendValue {
+        protocol: backend.service.protocol.as_str().to_owned(),
+        port: backend.service.port,
+        address: backend.address,
+        weight: backend.weight.get(),
+        healthy: backend.healthy,
+        draining: backend.draining,
+        algorithm: backend.algorithm.as_str().to_owned(),
+        controller: controller.to_owned(),
+    };
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+/// The other controllers' backends in `mirror`, newest first (so of two holding one backend, the one that
+/// registered it last wins). A value that does not parse is skipped with a warning: a key in the shared
+/// store is input like any other.
+fn imported(mirror: &Mirror, me: &str) -> Vec<SharedBackend> {
+    let mut found: Vec<(i64, SharedBackend)> = mirror
+        .entries
+        .iter()
+        .filter(|(key, _)| key.starts_with(BACKENDS))
+        .filter_map(|(key, entry)| {
+            let parsed = parse(&entry.value);
+            match parsed {
+                Ok((controller, _)) if controller == me => None,
+                Ok((_, backend)) => Some((entry.mod_revision, backend)),
+                Err(why) => {
+                    debug!(%key, %why, "skipping a backend key that does not parse");
+                    None
+                }
+            }
+        })
+        .collect();
+    found.sort_by_key(|(revision, _)| std::cmp::Reverse(*revision));
+    found.into_iter().map(|(_, backend)| backend).collect()
+}
+
+fn parse(value: &[u8]) -> Result<(String, SharedBackend), String> {
+    let value: BackendValue = serde_json::from_slice(value).map_err(|e| e.to_string())?;
+    let protocol = value.protocol.parse().map_err(|e| format!("{e}"))?;
+    if value.port == 0 {
+        return Err("port 0".into());
+    }
+    let backend = SharedBackend {
+        service: ServiceKey { protocol, port: value.port },
+        address: value.address,
+        weight: convert::weight(value.weight).map_err(|e| e.to_string())?,
+        healthy: value.healthy,
+        draining: value.draining,
+        algorithm: convert::algorithm(&value.algorithm).map_err(|e| e.to_string())?,
+    };
+    Ok((value.controller, backend))
+}
+
+#[cfg(test)]
+mod tests {
+    use contract::model::{Algorithm, Weight};
+
+    use super::*;
+    use crate::etcd::Entry;
+
+    #[test]
+    fn a_backend_key_round_trips_and_bad_values_are_skipped() {
+        let backend = SharedBackend {
+            service: ServiceKey::tcp(8080),
+            address: "127.0.0.2:9000".parse().unwrap(),
+            weight: Weight::new(3).unwrap(),
+            healthy: true,
+            draining: false,
+            algorithm: Algorithm::LeastConnections,
+        };
+        assert_eq!(key(&backend, "c1"), "backends/tcp:8080/127.0.0.2:9000/c1");
+        let entry = |value: Vec<u8>, mod_revision| Entry { value, mod_revision, lease: 1 };
+        let mut mirror = Mirror::default();
+        mirror.entries.insert(key(&backend, "c1"), entry(value(&backend, "c1"), 5));
+        mirror.entries.insert(key(&backend, "c2"), entry(value(&backend, "c2"), 7));
+        mirror.entries.insert("backends/garbage".into(), entry(b"{not json".to_vec(), 8));
+        let bad_weight = String::from_utf8(value(&backend, "c3")).unwrap().replace("\"weight\":3", "\"weight\":0");
+        mirror.entries.insert("backends/x/y/c3".into(), entry(bad_weight.into_bytes(), 9));
+        let seen_by_c1 = imported(&mirror, "c1");
+        assert_eq!(seen_by_c1, vec![backend.clone()], "only the other controller's, and no bad one");
+        assert_eq!(imported(&mirror, "c9").len(), 2);
+    }
+}

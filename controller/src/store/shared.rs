@@ -1,0 +1,135 @@
+//! Backends shared between controllers run as replicas: the ones this controller's own registrations
+//! hold (which it publishes), and the ones other controllers hold (which it imports, each under a
+//! registration of origin [`OriginKind::Replica`] that lives exactly as long as the other controller's
+//! key). A backend a local registration holds is never overwritten by an imported one.
+
+use std::{collections::BTreeMap, net::SocketAddr};
+
+use contract::model::{Algorithm, Event, EventKind, ServiceKey, Weight};
+use tracing::info;
+
+use super::{
+    Store,
+    registration::{Origin, OriginKind},
+    registry::{Backend, RegistrationId, RegistrationRecord},
+};
+
+/// One backend as controllers share it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedBackend {
+    /// Its service.
+    pub service: ServiceKey,
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Its weight.
+    pub weight: Weight,
+    /// Its registration's verdict.
+    pub healthy: bool,
+    /// Drained by an operator.
+    pub draining: bool,
+    /// The service's algorithm where it was registered.
+    pub algorithm: Algorithm,
+}
+
+// === impl Store ===
+
+impl Store {
+    /// Every backend this controller's own registrations hold (none of the imported ones), sorted.
+    pub fn own_backends(&self) -> Vec<SharedBackend> {
+        let state = self.lock();
+        let registry = &state.registry;
+        let mut own = Vec::new();
+        for (&service, s) in &registry.services {
+            for (&address, b) in &s.backends {
+                let Some(owner) = registry.registrations.get(&b.owner) else { continue };
+                if owner.origin.kind == OriginKind::Replica {
+                    continue;
+                }
+                own.push(SharedBackend {
+                    service,
+                    address,
+                    weight: b.weight,
+                    healthy: owner.healthy,
+                    draining: b.draining,
+                    algorithm: s.algorithm,
+                });
+            }
+        }
+        own
+    }
+
+    /// Makes the imported backends exactly `shared` (the other controllers' backends), in one version when
+    /// anything changes. Of two controllers holding the same backend, the first listed wins.
+    pub fn import_shared(&self, shared: &[SharedBackend]) {
+        let mut state = self.lock();
+        let mut draft = state.registry.clone();
+        let imported: BTreeMap<(ServiceKey, SocketAddr), RegistrationId> = draft
+            .registrations
+            .iter()
+            .filter(|(_, r)| r.origin.kind == OriginKind::Replica)
+            .flat_map(|(&id, r)| r.backends.iter().map(move |&key| (key, id)))
+            .collect();
+        let mut wanted: BTreeMap<(ServiceKey, SocketAddr), &SharedBackend> = BTreeMap::new();
+        for backend in shared {
+            wanted.entry((backend.service, backend.address)).or_insert(backend);
+        }
+        let mut added = Vec::new();
+        let mut removed = Vec::new();
+        for (&(service, address), &id) in &imported {
+            if !wanted.contains_key(&(service, address)) {
+                draft.registrations.remove(&id);
+                draft.remove_backend(service, address, id);
+                removed.push((service, address));
+            }
+        }
+        for (&(service, address), &backend) in &wanted {
+            let held = draft.services.get(&service).and_then(|s| s.backends.get(&address)).map(|b| b.owner);
+            let local = held.is_some_and(|owner| {
+                draft.registrations.get(&owner).is_some_and(|r| r.origin.kind != OriginKind::Replica)
+            });
+            if local {
+                continue;
+            }
+            let id = match imported.get(&(service, address)) {
+                Some(&id) => id,
+                None => {
+                    draft.next_registration += 1;
+                    let id = RegistrationId(draft.next_registration);
+                    let origin = Origin { kind: OriginKind::Replica, peer: address };
+                    let record = RegistrationRecord { origin, healthy: backend.healthy, backends: Default::default() };
+                    draft.registrations.insert(id, record);
+                    added.push((service, address));
+                    id
+                }
+            };
+            if let Some(record) = draft.registrations.get_mut(&id) {
+                record.healthy = backend.healthy;
+                record.backends.insert((service, address));
+            }
+            draft.retired.remove(&service);
+            let entry = draft.services.entry(service).or_default();
+            if entry.backends.is_empty() || !entry.algorithm_set_by_operator {
+                entry.algorithm = backend.algorithm;
+            }
+            entry.backends.insert(address, Backend { weight: backend.weight, owner: id, draining: backend.draining });
+        }
+        if draft.services == state.registry.services
+            && draft.registrations.len() == state.registry.registrations.len()
+            && draft
+                .registrations
+                .iter()
+                .all(|(id, r)| state.registry.registrations.get(id).is_some_and(|old| old.healthy == r.healthy))
+        {
+            return;
+        }
+        let Ok(version) = self.commit(&mut state, draft) else { return };
+        for (service, address) in added {
+            info!(%service, backend = %address, version, "backend of another controller imported");
+            self.emit(Event::backend(EventKind::BackendRegistered, version, service, address, "another controller"));
+        }
+        for (service, address) in removed {
+            self.removed(&state, service, address, "gone from the shared store", version);
+        }
+        self.print(&state);
+    }
+}
