@@ -401,6 +401,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_store_flag_takes_memory_or_etcd_members() {
+        let ttl = Duration::from_secs(10);
+        assert_eq!(StoreSettings::from_flags("memory", "/switchboard/v1", ttl, None).unwrap(), StoreSettings::Memory);
+        for bad in ["etcd", "etcd://", "http://127.0.0.1:2379", "etcd://127.0.0.1", "etcd://h:1/path"] {
+            assert_eq!(
+                StoreSettings::from_flags(bad, "/switchboard/v1", ttl, None).unwrap_err().flag,
+                "store",
+                "{bad}"
+            );
+        }
+        let etcd = StoreSettings::from_flags("etcd://127.0.0.1:2379, 127.0.0.2:2379", "/sb/", ttl, Some("c1".into()));
+        if cfg!(feature = "etcd") {
+            let StoreSettings::Etcd { endpoints, prefix, id, .. } = etcd.unwrap() else { panic!("not etcd") };
+            assert_eq!((endpoints.len(), prefix.as_str(), id.as_str()), (2, "/sb", "c1"));
+            let short = StoreSettings::from_flags("etcd://h:1", "/sb", Duration::from_secs(1), None);
+            assert_eq!(short.unwrap_err().flag, "etcd-lease-ttl");
+            assert_eq!(StoreSettings::from_flags("etcd://h:1", "sb", ttl, None).unwrap_err().flag, "etcd-prefix");
+            assert_eq!(
+                StoreSettings::from_flags("etcd://h:1", "/sb", ttl, Some("a/b".into())).unwrap_err().flag,
+                "controller-id"
+            );
+        } else {
+            assert!(etcd.unwrap_err().why.contains("without etcd support"));
+        }
+    }
+
+    #[test]
     fn port_ranges_parse_and_match() {
         let r: PortRanges = "80, 8000-8999".parse().unwrap();
         assert!(r.contains(80) && r.contains(8000) && r.contains(8999));
