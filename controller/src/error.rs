@@ -99,6 +99,9 @@ pub enum StoreError {
         /// The id.
         node: String,
     },
+    /// The shared store (etcd) cannot be reached: the controller serves what it has and takes no change.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// The change would leave the store inconsistent (a bug, not bad input): refused, nothing published.
     #[error("internal error: the change would break a store invariant ({0}); nothing changed")]
     Invariant(String),

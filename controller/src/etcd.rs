@@ -133,16 +133,22 @@ pub async fn list(client: &mut Client, config: &EtcdConfig) -> Result<Mirror, Et
 /// (a fresh one lists first; one kept from before resumes its watch after its revision, and lists again if
 /// etcd compacted that history meanwhile). Never returns on etcd errors: it retries with backoff, keeping
 /// the last state published.
-pub async fn follow(config: EtcdConfig, mirror: watch::Sender<Arc<Mirror>>) {
+///
+/// `down` says whether etcd can be reached now (`None`) or why not: it turns `Some` when a connection,
+/// list or watch fails, and `None` again once a list or watch succeeds.
+pub async fn follow(config: EtcdConfig, mirror: watch::Sender<Arc<Mirror>>, down: watch::Sender<Option<String>>) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut listed = mirror.borrow().revision > 0;
     loop {
         if mirror.is_closed() {
             return;
         }
-        match follow_once(&config, &mirror, &mut listed).await {
+        match follow_once(&config, &mirror, &mut listed, &down).await {
             Ok(()) => return,
             Err(error) => {
+                if !matches!(error, EtcdError::WatchEnded(_)) {
+                    down.send_replace(Some(error.to_string()));
+                }
                 let delay = backoff.next_delay();
                 warn!(%error, retry_in = ?delay, "following etcd: listing again after a pause");
                 tokio::time::sleep(delay).await;
@@ -160,6 +166,7 @@ async fn follow_once(
     config: &EtcdConfig,
     mirror: &watch::Sender<Arc<Mirror>>,
     listed: &mut bool,
+    down: &watch::Sender<Option<String>>,
 ) -> Result<(), EtcdError> {
     let mut client = config.connect().await?;
     if !*listed {
@@ -167,6 +174,7 @@ async fn follow_once(
         publish(mirror, fresh);
         *listed = true;
     }
+    let reachable = |down: &watch::Sender<Option<String>>| down.send_if_modified(|d| d.take().is_some());
     let start = mirror.borrow().revision + 1;
     let options = WatchOptions::new().with_prefix().with_start_revision(start).with_progress_notify();
     let mut stream: WatchStream = client.watch(config.key(""), Some(options)).await?;
@@ -188,6 +196,7 @@ async fn follow_once(
             *listed = false;
             return Err(EtcdError::WatchEnded(format!("cancelled: {}", response.cancel_reason())));
         }
+        reachable(down);
         if response.created() && response.events().is_empty() {
             continue;
         }

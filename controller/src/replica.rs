@@ -50,7 +50,9 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
     let owned = OwnedKeys::new(config.etcd.clone());
     let keeper = tokio::spawn(Arc::clone(&owned).keep());
     let (mirror_tx, mut mirror) = watch::channel(Arc::new(Mirror::default()));
-    let follower = tokio::spawn(follow(config.etcd.clone(), mirror_tx));
+    // Down until the first list: a controller that never reached etcd takes no registration.
+    let (down_tx, mut down) = watch::channel(Some("not reached yet".to_owned()));
+    let follower = tokio::spawn(follow(config.etcd.clone(), mirror_tx, down_tx));
     let mut snapshots = store.subscribe();
     let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut retry = tokio::time::interval(Duration::from_secs(1));
@@ -64,6 +66,7 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
                 Err(error) => warn!(%error, "cannot publish this controller's backends to etcd; retrying"),
             }
         }
+        store.set_shared_down(down.borrow_and_update().clone());
         let seen = Arc::clone(&mirror.borrow_and_update());
         store.import_shared(&imported(&seen, &config.id));
         if seen.revision > 0 {
@@ -72,6 +75,7 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { break },
             changed = mirror.changed() => if changed.is_err() { break },
+            changed = down.changed() => if changed.is_err() { break },
             _ = retry.tick() => {}
             () = stopped(&mut shutdown) => break,
         }

@@ -33,6 +33,7 @@ impl From<StoreError> for Status {
             | StoreError::TooManyBackends { .. }
             | StoreError::TooManyServices { .. } => Status::resource_exhausted(error.to_string()),
             StoreError::Invariant(_) => Status::internal(error.to_string()),
+            StoreError::Unavailable(_) => Status::unavailable(error.to_string()),
         }
     }
 }

@@ -63,6 +63,7 @@ impl Store {
         backend: BackendSpec,
         algorithm: Option<Algorithm>,
     ) -> Result<Registered, StoreError> {
+        self.check_shared()?;
         self.check_port(service.port)?;
         // A socket call, so outside the lock: whether the backend's address is this host's.
         let here = client::is_local(backend.address.ip().to_canonical());
@@ -130,6 +131,7 @@ impl Store {
     /// Removes `backend` from `service`, whichever registration announced it (HW1 `unregister` may come
     /// from a new connection).
     pub fn unregister(&self, service: ServiceKey, backend: SocketAddr, reason: &str) -> Result<u64, StoreError> {
+        self.check_shared()?;
         let mut state = self.lock();
         let mut draft = state.registry.clone();
         let owner = draft.backend_mut(service, backend)?.owner;
@@ -256,6 +258,7 @@ impl Store {
     /// Takes a backend out of rotation for good (until its registration ends): no new connections, open
     /// ones drain.
     pub fn drain_backend(&self, service: ServiceKey, backend: SocketAddr) -> Result<u64, StoreError> {
+        self.check_shared()?;
         let mut state = self.lock();
         if state.registry.backend_mut(service, backend)?.draining {
             return Ok(state.version);
@@ -271,6 +274,7 @@ impl Store {
 
     /// Changes a backend's weight.
     pub fn set_weight(&self, service: ServiceKey, backend: SocketAddr, weight: Weight) -> Result<u64, StoreError> {
+        self.check_shared()?;
         let mut state = self.lock();
         if state.registry.backend_mut(service, backend)?.weight == weight {
             return Ok(state.version);
@@ -286,6 +290,7 @@ impl Store {
 
     /// Changes a service's balancing algorithm; from then on the operator's choice overrules registrations.
     pub fn set_algorithm(&self, service: ServiceKey, algorithm: Algorithm) -> Result<u64, StoreError> {
+        self.check_shared()?;
         let mut state = self.lock();
         let mut draft = state.registry.clone();
         let entry = draft.services.get_mut(&service).ok_or(StoreError::NoService { service })?;

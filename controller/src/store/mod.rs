@@ -32,7 +32,7 @@ use std::{
 
 use contract::model::{Event, RoutingSnapshot};
 use tokio::sync::{broadcast, watch};
-use tracing::error;
+use tracing::{error, info, warn};
 
 pub use nodes::{ClusterLoadFeed, FrontendVerdict, NodeLink};
 pub use registration::{Origin, OriginKind, Registration};
@@ -74,6 +74,8 @@ pub struct Store {
     recent: Mutex<events::Recent>,
     /// What the store counts for `/metrics`.
     metrics: ControllerMetrics,
+    /// With a shared store: why it cannot be reached now (then changes are refused).
+    shared_down: Mutex<Option<String>>,
     /// Every connected node's counts summed, computed once per change of any of them and outside the
     /// state lock; each node's view is this less its own rows.
     totals: Mutex<nodes::ClusterTotals>,
@@ -109,6 +111,7 @@ impl Store {
             events: broadcast::Sender::new(1024),
             recent: Mutex::default(),
             metrics: ControllerMetrics::default(),
+            shared_down: Mutex::default(),
             totals: Mutex::default(),
         })
     }
@@ -137,6 +140,27 @@ impl Store {
         let version = state.version;
         state.published.push_back((version, Instant::now()));
         Ok(version)
+    }
+
+    /// With a shared store: records whether it can be reached (`None`) or why not. While it cannot,
+    /// registrations and operator changes are refused with [`StoreError::Unavailable`]; what is
+    /// registered stays served, and a registration that ends is still removed.
+    pub fn set_shared_down(&self, why: Option<String>) {
+        let mut down = self.shared_down.lock().unwrap_or_else(|e| e.into_inner());
+        match (&*down, &why) {
+            (None, Some(why)) => warn!(%why, "shared store unavailable: refusing changes, serving what is registered"),
+            (Some(_), None) => info!("shared store reachable again: taking changes"),
+            _ => {}
+        }
+        *down = why;
+    }
+
+    /// Refuses a change while the shared store cannot be reached.
+    fn check_shared(&self) -> Result<(), StoreError> {
+        match &*self.shared_down.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(why) => Err(StoreError::Unavailable(why.clone())),
+            None => Ok(()),
+        }
     }
 
     /// What the store counts for `/metrics`.

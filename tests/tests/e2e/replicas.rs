@@ -13,7 +13,7 @@ use controller::etcd::{EtcdConfig, Mirror, OwnedKeys, follow};
 use etcd_client::{Client, CompactionOptions, GetOptions};
 use switchboard_tests::{
     etcd::EtcdCluster,
-    harness::{Controller, DEADLINE, DataplaneNode, Host, Net, TcpEcho, spawn_agent, tcp_roundtrip},
+    harness::{Controller, DEADLINE, DataplaneNode, Host, JsonClient, Net, TcpEcho, spawn_agent, tcp_roundtrip},
 };
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
@@ -39,7 +39,7 @@ impl Follower {
 
 fn spawn_follower(config: &EtcdConfig, start: Mirror) -> Follower {
     let (tx, rx) = watch::channel(Arc::new(start));
-    let task = tokio::spawn(follow(config.clone(), tx));
+    let task = tokio::spawn(follow(config.clone(), tx, watch::Sender::new(None)));
     let mut seen = rx.clone();
     let recorder = tokio::spawn(async move {
         let mut states = vec![Arc::clone(&seen.borrow_and_update())];
@@ -328,4 +328,69 @@ async fn three_controllers_on_etcd_every_node_serves_every_service_and_a_dead_co
             assert_eq!(tcp_roundtrip(node.frontend(port), b"y").await.unwrap(), b"y", "{} port {port}", node.id);
         }
     }
+}
+
+#[tokio::test]
+async fn with_etcd_down_nodes_serve_on_and_changes_are_refused_until_it_returns() {
+    if !EtcdCluster::available() {
+        return;
+    }
+    let mut cluster = EtcdCluster::start(1).await;
+    let net = Net::new();
+    let controllers = three_controllers(net, &cluster, "3s").await;
+    let urls: Vec<String> = controllers.iter().map(Controller::grpc_url).collect();
+    let node = DataplaneNode::spawn(
+        Host::Root,
+        &controllers[0],
+        "n1",
+        net.host(9),
+        net.host(9),
+        &["--controller", &urls.join(",")],
+    )
+    .await;
+    let echo = TcpEcho::start(net.host(2), 0).await;
+    let mut server = JsonClient::connect(&controllers[1], net.host(2)).await;
+    // Through b, which no node follows: taken, and served by the node that follows a.
+    assert_eq!(server.register("tcp", echo.addr.port()).await["ack"], "successful");
+    wait_serving(&node, &[echo.addr.port()]).await;
+
+    cluster.kill(0).await;
+    // Registrations are refused, saying why; what is registered stays served.
+    let other = TcpEcho::start(net.host(3), 0).await;
+    let mut late = JsonClient::connect(&controllers[2], net.host(3)).await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let reply = late.register("tcp", other.addr.port()).await;
+        if reply["ack"] == "failed" {
+            let msg = reply["msg"].as_str().unwrap_or_default();
+            assert!(msg.contains("store unavailable"), "{reply}");
+            break;
+        }
+        // Accepted before the controller noticed the outage: take it back and try again.
+        assert!(Instant::now() < deadline, "registrations were still taken with etcd down: {reply}");
+        late = JsonClient::connect(&controllers[2], net.host(3)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(tcp_roundtrip(node.frontend(echo.addr.port()), b"x").await.unwrap(), b"x");
+    }
+
+    // etcd returns: registrations are taken again, and every controller has what was registered before.
+    cluster.restart_all().await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut retry = JsonClient::connect(&controllers[2], net.host(3)).await;
+        if retry.register("tcp", other.addr.port()).await["ack"] == "successful" {
+            late = retry;
+            break;
+        }
+        assert!(Instant::now() < deadline, "registrations were still refused after etcd returned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ports = [echo.addr.port(), other.addr.port()];
+    for ctl in &controllers {
+        ctl.wait_state("both backends", |s| ports.iter().all(|&p| Controller::backends(s, "tcp", p).len() == 1)).await;
+    }
+    wait_serving(&node, &ports).await;
+    drop((server, late));
 }
