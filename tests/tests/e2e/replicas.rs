@@ -219,6 +219,21 @@ async fn wait_serving(node: &DataplaneNode, ports: &[u16]) {
     }
 }
 
+/// Registers a TCP backend at `ip`:`port` over the JSON channel of `ctl`, again until the controller takes
+/// it (a controller refuses registrations until it reaches etcd); the connection holds the registration.
+async fn register_when_taken(ctl: &Controller, ip: std::net::IpAddr, port: u16) -> JsonClient {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut server = JsonClient::connect(ctl, ip).await;
+        let reply = server.register("tcp", port).await;
+        if reply["ack"] == "successful" {
+            return server;
+        }
+        assert!(Instant::now() < deadline, "the registration was never taken: {reply}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn agent_args<'a>(controllers: &'a str, port: &'a str, ip: &'a str) -> Vec<&'a str> {
     vec!["--controller", controllers, "--protocol", "tcp", "--port", port, "--backend-address", ip, "--check", "none"]
 }
@@ -349,9 +364,9 @@ async fn with_etcd_down_nodes_serve_on_and_changes_are_refused_until_it_returns(
     )
     .await;
     let echo = TcpEcho::start(net.host(2), 0).await;
-    let mut server = JsonClient::connect(&controllers[1], net.host(2)).await;
-    // Through b, which no node follows: taken, and served by the node that follows a.
-    assert_eq!(server.register("tcp", echo.addr.port()).await["ack"], "successful");
+    // Through b, which no node follows: taken (once b has reached etcd), and served by the node that
+    // follows a.
+    let server = register_when_taken(&controllers[1], net.host(2), echo.addr.port()).await;
     wait_serving(&node, &[echo.addr.port()]).await;
 
     cluster.kill(0).await;
@@ -377,16 +392,7 @@ async fn with_etcd_down_nodes_serve_on_and_changes_are_refused_until_it_returns(
 
     // etcd returns: registrations are taken again, and every controller has what was registered before.
     cluster.restart_all().await;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let mut retry = JsonClient::connect(&controllers[2], net.host(3)).await;
-        if retry.register("tcp", other.addr.port()).await["ack"] == "successful" {
-            late = retry;
-            break;
-        }
-        assert!(Instant::now() < deadline, "registrations were still refused after etcd returned");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    late = register_when_taken(&controllers[2], net.host(3), other.addr.port()).await;
     let ports = [echo.addr.port(), other.addr.port()];
     for ctl in &controllers {
         ctl.wait_state("both backends", |s| ports.iter().all(|&p| Controller::backends(s, "tcp", p).len() == 1)).await;
