@@ -2,22 +2,41 @@
 //! registrations hold, one key each under its lease, and imports every other controller's, so every node,
 //! whichever controller it follows, serves every service.
 //!
-//! Keys, under `--etcd-prefix`: `backends/SERVICE/ADDRESS/CONTROLLER` with the backend's weight, health,
-//! drain and its service's algorithm. A controller that dies takes its keys with it when its lease
-//! expires, and the others drop those backends. Versions stay increasing across controllers: every
-//! change seen in etcd raises this controller's version above the etcd revision, so a node that moves
-//! to another controller never gets an older version (a node's hello raises it above its own too).
+//! Keys, under `--etcd-prefix`:
+//! - `backends/SERVICE/ADDRESS/CONTROLLER`: the backend's weight, health, drain and its service's
+//!   algorithm, under the holding controller's lease. A controller that dies takes its keys with it when
+//!   its lease expires, and the others drop those backends.
+//! - `operator/SERVICE` (an algorithm) and `operator/SERVICE/ADDRESS` (a weight, a drain): what an
+//!   operator chose on any controller, durable, applied by every controller. A backend's choices are
+//!   deleted once no controller has held it for a lease's time (a drain lasts until its registration
+//!   ends, as with one controller).
+//!
+//! Versions stay increasing across controllers: every change seen in etcd raises this controller's
+//! version above the etcd revision, so a node that moves to another controller never gets an older
+//! version (a node's hello raises it above its own too).
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use contract::{convert, model::ServiceKey, process::stopped};
+use contract::{
+    convert,
+    model::{ServiceKey, Weight},
+    process::stopped,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use crate::{
     etcd::{EtcdConfig, EtcdError, Mirror, OwnedKeys, follow},
-    store::{Store, shared::SharedBackend},
+    store::{
+        Store,
+        shared::{OperatorChange, OperatorChoices, SharedBackend},
+    },
 };
 
 /// Where this controller's backends go, and under which name.
@@ -30,6 +49,18 @@ pub struct ReplicaConfig {
 }
 
 const BACKENDS: &str = "backends/";
+const OPERATOR: &str = "operator/";
+
+/// The value of an operator's key: an algorithm (service) or a weight and a drain (backend).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct OperatorValue {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    algorithm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weight: Option<u32>,
+    #[serde(default)]
+    draining: bool,
+}
 
 /// The value of a backend's key.
 #[derive(Debug, Serialize, Deserialize)]
@@ -54,6 +85,8 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
     let (down_tx, mut down) = watch::channel(Some("not reached yet".to_owned()));
     let follower = tokio::spawn(follow(config.etcd.clone(), mirror_tx, down_tx));
     let mut snapshots = store.subscribe();
+    let mut operator = store.operator_changes();
+    let mut unheld: HashMap<String, Instant> = HashMap::new();
     let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     info!(controller = %config.id, endpoints = ?config.etcd.endpoints, prefix = %config.etcd.prefix, "sharing the registry through etcd");
@@ -69,6 +102,8 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
         store.set_shared_down(down.borrow_and_update().clone());
         let seen = Arc::clone(&mirror.borrow_and_update());
         store.import_shared(&imported(&seen, &config.id));
+        store.apply_operator(&choices(&seen));
+        forget_unheld(&config.etcd, &seen, &mut unheld).await;
         if seen.revision > 0 {
             let _ = store.observe_version(u64::try_from(seen.revision).unwrap_or(0));
         }
@@ -76,6 +111,12 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
             changed = snapshots.changed() => if changed.is_err() { break },
             changed = mirror.changed() => if changed.is_err() { break },
             changed = down.changed() => if changed.is_err() { break },
+            Some(change) = operator.recv() => {
+                let held = Arc::clone(&mirror.borrow());
+                if let Err(error) = share_operator(&config.etcd, &held, change).await {
+                    warn!(%error, "cannot share an operator's change through etcd");
+                }
+            }
             _ = retry.tick() => {}
             () = stopped(&mut shutdown) => break,
         }
@@ -106,6 +147,95 @@ async fn publish(
         owned.delete(&mut client, key).await?;
     }
     Ok(())
+}
+
+/// Writes an operator's change into its durable key, over what the key held.
+async fn share_operator(etcd: &EtcdConfig, mirror: &Mirror, change: OperatorChange) -> Result<(), EtcdError> {
+    let key = match change {
+        OperatorChange::Algorithm { service, .. } => format!("{OPERATOR}{service}"),
+        OperatorChange::Drain { service, backend } | OperatorChange::Weight { service, backend, .. } => {
+            format!("{OPERATOR}{service}/{backend}")
+        }
+    };
+    let held = mirror.entries.get(&key).and_then(|e| serde_json::from_slice::<OperatorValue>(&e.value).ok());
+    let mut value = held.unwrap_or_default();
+    match change {
+        OperatorChange::Algorithm { algorithm, .. } => value.algorithm = Some(algorithm.as_str().to_owned()),
+        OperatorChange::Drain { .. } => value.draining = true,
+        OperatorChange::Weight { weight, .. } => value.weight = Some(weight.get()),
+    }
+    let mut client = etcd.connect().await?;
+    let bytes = serde_json::to_vec(&value).unwrap_or_default();
+    client.put(format!("{}/{key}", etcd.prefix), bytes, None).await?;
+    Ok(())
+}
+
+/// Every operator's choice in `mirror`; keys that do not parse are skipped.
+fn choices(mirror: &Mirror) -> OperatorChoices {
+    let mut choices = OperatorChoices::default();
+    for (key, entry) in mirror.entries.range(OPERATOR.to_owned()..) {
+        let Some(rest) = key.strip_prefix(OPERATOR) else { break };
+        let Ok(value) = serde_json::from_slice::<OperatorValue>(&entry.value) else { continue };
+        let mut parts = rest.splitn(2, '/');
+        let Some(service) = parts.next().and_then(service_key) else { continue };
+        match parts.next() {
+            None => {
+                if let Some(algorithm) = value.algorithm.as_deref().and_then(|a| convert::algorithm(a).ok()) {
+                    choices.algorithms.insert(service, algorithm);
+                }
+            }
+            Some(backend) => {
+                let Ok(backend) = backend.parse::<SocketAddr>() else { continue };
+                let weight = value.weight.and_then(|w| Weight::new(u64::from(w)).ok());
+                choices.backends.insert((service, backend), (weight, value.draining));
+            }
+        }
+    }
+    choices
+}
+
+/// `tcp:80` as a service.
+fn service_key(text: &str) -> Option<ServiceKey> {
+    let (protocol, port) = text.split_once(':')?;
+    let port: u16 = port.parse().ok().filter(|&p| p != 0)?;
+    Some(ServiceKey { protocol: protocol.parse().ok()?, port })
+}
+
+/// Deletes the operator's choices for backends no controller has held for a lease's time.
+async fn forget_unheld(etcd: &EtcdConfig, mirror: &Mirror, unheld: &mut HashMap<String, Instant>) {
+    let held: std::collections::HashSet<&str> = mirror
+        .entries
+        .keys()
+        .filter_map(|k| k.strip_prefix(BACKENDS))
+        .filter_map(|rest| rest.rsplit_once('/').map(|(service_and_backend, _)| service_and_backend))
+        .collect();
+    let backend_keys: Vec<&String> =
+        mirror.entries.keys().filter(|k| k.strip_prefix(OPERATOR).is_some_and(|rest| rest.contains('/'))).collect();
+    unheld.retain(|key, _| backend_keys.contains(&key));
+    let now = Instant::now();
+    let mut stale = Vec::new();
+    for key in backend_keys {
+        let Some(rest) = key.strip_prefix(OPERATOR) else { continue };
+        if held.contains(rest) {
+            unheld.remove(key);
+            continue;
+        }
+        let since = *unheld.entry(key.clone()).or_insert(now);
+        if now.duration_since(since) >= etcd.lease_ttl {
+            stale.push(key.clone());
+        }
+    }
+    if stale.is_empty() {
+        return;
+    }
+    if let Ok(mut client) = etcd.connect().await {
+        for key in stale {
+            if client.delete(format!("{}/{key}", etcd.prefix), None).await.is_ok() {
+                unheld.remove(&key);
+                debug!(%key, "operator's choice for a backend no controller holds any more: forgotten");
+            }
+        }
+    }
 }
 
 fn key(backend: &SharedBackend, controller: &str) -> String {

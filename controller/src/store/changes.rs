@@ -17,6 +17,7 @@ use super::{
     State, Store,
     registration::{Origin, OriginKind},
     registry::{Backend, RegistrationId, RegistrationRecord},
+    shared::OperatorChange,
 };
 use crate::error::StoreError;
 
@@ -267,6 +268,7 @@ impl Store {
         draft.backend_mut(service, backend)?.draining = true;
         let version = self.commit(&mut state, draft)?;
         info!(%service, %backend, version, "backend draining: no new connections");
+        self.operator_changed(OperatorChange::Drain { service, backend });
         self.emit(Event::backend(EventKind::BackendDraining, version, service, backend, "drained by an operator"));
         self.print(&state);
         Ok(version)
@@ -283,6 +285,7 @@ impl Store {
         let old = std::mem::replace(&mut draft.backend_mut(service, backend)?.weight, weight);
         let version = self.commit(&mut state, draft)?;
         info!(%service, %backend, %old, %weight, version, "weight changed");
+        self.operator_changed(OperatorChange::Weight { service, backend, weight });
         self.emit(Event::backend(EventKind::WeightChanged, version, service, backend, &format!("{old} -> {weight}")));
         self.print(&state);
         Ok(version)
@@ -295,6 +298,7 @@ impl Store {
         let mut draft = state.registry.clone();
         let entry = draft.services.get_mut(&service).ok_or(StoreError::NoService { service })?;
         entry.algorithm_set_by_operator = true;
+        self.operator_changed(OperatorChange::Algorithm { service, algorithm });
         if entry.algorithm == algorithm {
             // Not routed, so no version: the operator's choice only decides future conflicts.
             Self::keep(&mut state, draft)?;

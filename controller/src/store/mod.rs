@@ -76,6 +76,8 @@ pub struct Store {
     metrics: ControllerMetrics,
     /// With a shared store: why it cannot be reached now (then changes are refused).
     shared_down: Mutex<Option<String>>,
+    /// With a shared store: where this controller's operator changes go to be shared.
+    operator: Mutex<Option<tokio::sync::mpsc::UnboundedSender<shared::OperatorChange>>>,
     /// Every connected node's counts summed, computed once per change of any of them and outside the
     /// state lock; each node's view is this less its own rows.
     totals: Mutex<nodes::ClusterTotals>,
@@ -112,6 +114,7 @@ impl Store {
             recent: Mutex::default(),
             metrics: ControllerMetrics::default(),
             shared_down: Mutex::default(),
+            operator: Mutex::default(),
             totals: Mutex::default(),
         })
     }

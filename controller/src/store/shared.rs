@@ -6,6 +6,7 @@
 use std::{collections::BTreeMap, net::SocketAddr};
 
 use contract::model::{Algorithm, Event, EventKind, ServiceKey, Weight};
+use tokio::sync::mpsc;
 use tracing::info;
 
 use super::{
@@ -129,6 +130,114 @@ impl Store {
         }
         for (service, address) in removed {
             self.removed(&state, service, address, "gone from the shared store", version);
+        }
+        self.print(&state);
+    }
+}
+
+/// An operator's change made on this controller, to be shared with the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OperatorChange {
+    /// `DrainBackend`.
+    Drain {
+        /// Its service.
+        service: ServiceKey,
+        /// The backend.
+        backend: SocketAddr,
+    },
+    /// `SetWeight`.
+    Weight {
+        /// Its service.
+        service: ServiceKey,
+        /// The backend.
+        backend: SocketAddr,
+        /// The new weight.
+        weight: Weight,
+    },
+    /// `SetAlgorithm`.
+    Algorithm {
+        /// The service.
+        service: ServiceKey,
+        /// The new algorithm.
+        algorithm: Algorithm,
+    },
+}
+
+/// What operators chose on any controller, as the shared store holds it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OperatorChoices {
+    /// Algorithms set by an operator.
+    pub algorithms: BTreeMap<ServiceKey, Algorithm>,
+    /// Per backend: a weight set by an operator, and whether one drained it.
+    pub backends: BTreeMap<(ServiceKey, SocketAddr), (Option<Weight>, bool)>,
+}
+
+impl Store {
+    /// The operator changes made on this controller from now on (one reader: the replica task).
+    pub fn operator_changes(&self) -> mpsc::UnboundedReceiver<OperatorChange> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        *self.operator.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
+    }
+
+    pub(super) fn operator_changed(&self, change: OperatorChange) {
+        if let Some(tx) = &*self.operator.lock().unwrap_or_else(|e| e.into_inner()) {
+            let _ = tx.send(change);
+        }
+    }
+
+    /// Applies what operators chose on any controller, in one version when anything changes here.
+    /// Unknown services and backends are left for when they come.
+    pub fn apply_operator(&self, choices: &OperatorChoices) {
+        let mut state = self.lock();
+        let mut draft = state.registry.clone();
+        let mut events = Vec::new();
+        for (&service, &algorithm) in &choices.algorithms {
+            if let Some(entry) = draft.services.get_mut(&service)
+                && (entry.algorithm != algorithm || !entry.algorithm_set_by_operator)
+            {
+                let old = std::mem::replace(&mut entry.algorithm, algorithm);
+                entry.algorithm_set_by_operator = true;
+                if old != algorithm {
+                    events.push(Event::service(
+                        EventKind::AlgorithmChanged,
+                        0,
+                        service,
+                        &format!("{old} -> {algorithm}"),
+                    ));
+                }
+            }
+        }
+        for (&(service, address), &(weight, draining)) in &choices.backends {
+            let Some(backend) = draft.services.get_mut(&service).and_then(|s| s.backends.get_mut(&address)) else {
+                continue;
+            };
+            if let Some(weight) = weight
+                && backend.weight != weight
+            {
+                let old = std::mem::replace(&mut backend.weight, weight);
+                events.push(Event::backend(
+                    EventKind::WeightChanged,
+                    0,
+                    service,
+                    address,
+                    &format!("{old} -> {weight}"),
+                ));
+            }
+            if draining && !backend.draining {
+                backend.draining = true;
+                events.push(Event::backend(EventKind::BackendDraining, 0, service, address, "drained by an operator"));
+            }
+        }
+        if events.is_empty() {
+            let _ = Self::keep(&mut state, draft);
+            return;
+        }
+        let Ok(version) = self.commit(&mut state, draft) else { return };
+        for mut event in events {
+            event.version = version;
+            info!(kind = ?event.kind, service = ?event.service, backend = ?event.backend, version, "operator's change made on another controller");
+            self.emit(event);
         }
         self.print(&state);
     }

@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use contract::v1::{self, BackendRef, DrainBackendRequest, SetAlgorithmRequest, admin_client::AdminClient};
 use controller::etcd::{EtcdConfig, Mirror, OwnedKeys, follow};
 use etcd_client::{Client, CompactionOptions, GetOptions};
 use switchboard_tests::{
@@ -399,4 +400,78 @@ async fn with_etcd_down_nodes_serve_on_and_changes_are_refused_until_it_returns(
     }
     wait_serving(&node, &ports).await;
     drop((server, late));
+}
+
+/// The addresses in rotation for `port` on `node`, and its algorithm.
+async fn node_rotation(node: &DataplaneNode, port: u16) -> (Vec<String>, String) {
+    let state = node.state().await;
+    let service = state["services"].as_array().and_then(|s| s.iter().find(|s| s["key"]["port"] == port).cloned());
+    let Some(service) = service else { return (Vec::new(), String::new()) };
+    let mut backends: Vec<String> =
+        service["backends"].as_array().unwrap().iter().map(|b| b["addr"].as_str().unwrap().to_owned()).collect();
+    backends.sort();
+    (backends, service["algorithm"].as_str().unwrap_or_default().to_owned())
+}
+
+#[tokio::test]
+async fn an_operator_change_made_on_one_controller_reaches_every_node() {
+    if !EtcdCluster::available() {
+        return;
+    }
+    let cluster = EtcdCluster::start(1).await;
+    let net = Net::new();
+    let controllers = three_controllers(net, &cluster, "3s").await;
+    let (a, b) = (&controllers[0], &controllers[1]);
+    let n1 = DataplaneNode::spawn(Host::Root, a, "n1", net.host(9), net.host(9), &[]).await;
+    let n2 = DataplaneNode::spawn(Host::Root, b, "n2", net.host(10), net.host(10), &[]).await;
+    let echo1 = TcpEcho::start(net.host(2), 0).await;
+    let port = echo1.addr.port();
+    let echo2 = TcpEcho::start(net.host(3), port).await;
+    let _s1 = register_when_taken(a, net.host(2), port).await;
+    let _s2 = register_when_taken(b, net.host(3), port).await;
+    let both = {
+        let mut both = vec![echo1.addr.to_string(), echo2.addr.to_string()];
+        both.sort();
+        both
+    };
+    let deadline = Instant::now() + DEADLINE;
+    for node in [&n1, &n2] {
+        while node_rotation(node, port).await.0 != both {
+            assert!(
+                Instant::now() < deadline,
+                "{} never had both backends: {:?}",
+                node.id,
+                node_rotation(node, port).await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    // On b: drain the backend a holds, and change the algorithm.
+    let mut admin = AdminClient::connect(b.grpc_url()).await.unwrap();
+    let service = Some(v1::ServiceKey { protocol: v1::Protocol::Tcp.into(), port: port.into() });
+    let target = BackendRef { service, backend: echo1.addr.to_string() };
+    admin.drain_backend(DrainBackendRequest { backend: Some(target) }).await.unwrap();
+    admin.set_algorithm(SetAlgorithmRequest { service, algorithm: "least_connections".into() }).await.unwrap();
+    let wanted = (vec![echo2.addr.to_string()], "least_connections".to_owned());
+    for node in [&n1, &n2] {
+        while node_rotation(node, port).await != wanted {
+            assert!(
+                Instant::now() < deadline + DEADLINE,
+                "{} never saw the drain: {:?}",
+                node.id,
+                node_rotation(node, port).await
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for ctl in &controllers {
+        let state = ctl
+            .wait_state("the drain", |s| Controller::backends(s, "tcp", port).iter().any(|b| b["draining"] == true))
+            .await;
+        let drained: Vec<_> =
+            Controller::backends(&state, "tcp", port).into_iter().filter(|b| b["draining"] == true).collect();
+        assert_eq!(drained.len(), 1);
+        assert_eq!(drained[0]["address"], echo1.addr.to_string());
+    }
 }
