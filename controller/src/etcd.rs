@@ -179,8 +179,10 @@ async fn follow_once(
     let options = WatchOptions::new().with_prefix().with_start_revision(start).with_progress_notify();
     let mut stream: WatchStream = client.watch(config.key(""), Some(options)).await?;
     loop {
+        // A watch that breaks after a good list is no outage yet: the next list (from another member,
+        // maybe) says whether etcd can be reached.
         let response = tokio::select! {
-            response = stream.message() => response?,
+            response = stream.message() => response.map_err(|e| EtcdError::WatchEnded(e.to_string()))?,
             () = mirror.closed() => return Ok(()),
         };
         let Some(response) = response else { return Err(EtcdError::WatchEnded("the stream ended".into())) };
