@@ -263,24 +263,36 @@ impl OwnedKeys {
     pub async fn keep(self: Arc<Self>) {
         let ttl = i64::try_from(self.config.lease_ttl.as_secs()).unwrap_or(i64::MAX).max(1);
         let every = self.config.lease_ttl / 3;
-        let mut backoff = Backoff::new(Duration::from_millis(100), every.max(Duration::from_millis(100)));
+        let mut backoff = Backoff::new(Duration::from_millis(50), every.max(Duration::from_millis(100)));
+        // The lease held, while etcd has not said it is gone: a broken keep-alive stream (a member died)
+        // keeps it, and the next connection (to another member) goes on keeping it alive.
+        let mut held: Option<i64> = None;
         loop {
             if Arc::strong_count(&self) == 1 {
                 return;
             }
-            let held = async {
+            let attempt = async {
                 let mut client = self.config.connect().await?;
-                let lease = client.lease_grant(ttl, None).await?.id();
-                self.rewrite(&mut client, lease).await?;
-                self.lease.send_replace(lease);
-                info!(lease, ?every, "etcd lease granted");
+                let lease = match held {
+                    Some(lease) => lease,
+                    None => {
+                        let lease = client.lease_grant(ttl, None).await?.id();
+                        self.rewrite(&mut client, lease).await?;
+                        self.lease.send_replace(lease);
+                        held = Some(lease);
+                        info!(lease, ?every, "etcd lease granted");
+                        lease
+                    }
+                };
                 let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
-                backoff.reset();
                 loop {
                     keeper.keep_alive().await?;
                     match answers.message().await? {
-                        Some(answer) if answer.ttl() > 0 => {}
-                        _ => return Err::<(), EtcdError>(EtcdError::WatchEnded(format!("lease {lease} expired"))),
+                        Some(answer) if answer.ttl() > 0 => backoff.reset(),
+                        _ => {
+                            held = None;
+                            return Err::<(), EtcdError>(EtcdError::WatchEnded(format!("lease {lease} expired")));
+                        }
                     }
                     tokio::time::sleep(every).await;
                     if Arc::strong_count(&self) == 1 {
@@ -288,9 +300,16 @@ impl OwnedKeys {
                     }
                 }
             };
-            if let Err(error) = held.await {
+            if let Err(error) = attempt.await {
                 let delay = backoff.next_delay();
-                warn!(%error, retry_in = ?delay, "etcd lease lost: granting a new one and writing the owned keys again");
+                match held {
+                    Some(lease) => {
+                        warn!(%error, lease, retry_in = ?delay, "etcd lease keep-alive broke: keeping it alive through another connection")
+                    }
+                    None => {
+                        warn!(%error, retry_in = ?delay, "etcd lease lost: granting a new one and writing the owned keys again")
+                    }
+                }
                 tokio::time::sleep(delay).await;
             }
         }

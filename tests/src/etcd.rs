@@ -13,7 +13,7 @@ use std::{
 use tokio::{process::Child, time::Instant};
 
 use crate::{
-    harness::{DEADLINE, Host, free_port, http_get},
+    harness::{DEADLINE, Host, Net, free_port, http_get},
     tools,
 };
 
@@ -37,9 +37,10 @@ impl EtcdCluster {
         tools::require("etcd", &["etcd", "--version"], "apt-get install etcd-server")
     }
 
-    /// Starts a cluster of `size` members and waits until each is healthy.
+    /// Starts a cluster of `size` members and waits until each is healthy. The members listen on an
+    /// address of a loopback block of their own, so no other test takes their ports while one is down.
     pub async fn start(size: usize) -> EtcdCluster {
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let ip: IpAddr = Net::new().host(200);
         let members: Vec<Member> = (0..size)
             .map(|i| Member {
                 name: format!("m{i}"),

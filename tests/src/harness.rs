@@ -865,3 +865,52 @@ impl EchoPair {
         EchoPair { a, b, port, server_a, server_b }
     }
 }
+
+/// A client making TCP round trips to one frontend, one after the other every 5 ms, bounded in count
+/// and time, counting the ones that failed.
+pub struct RoundTrips {
+    done: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl RoundTrips {
+    /// Starts round trips to `addr`: at most `max`, for at most `limit`.
+    pub fn start(addr: SocketAddr, max: usize, limit: Duration) -> RoundTrips {
+        let (done, sent, failed) = (Arc::new(AtomicBool::new(false)), Arc::default(), Arc::default());
+        let task = tokio::spawn({
+            let (done, sent, failed): (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsize>) =
+                (Arc::clone(&done), Arc::clone(&sent), Arc::clone(&failed));
+            async move {
+                let until = Instant::now() + limit;
+                while !done.load(Ordering::Relaxed) && Instant::now() < until && sent.load(Ordering::Relaxed) < max {
+                    if tcp_roundtrip(addr, b"round trip").await.ok().as_deref() != Some(b"round trip".as_slice()) {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        });
+        RoundTrips { done, sent, failed, task }
+    }
+
+    /// Waits until `more` round trips past the ones made so far are done (so some happen after whatever
+    /// the test just did).
+    pub async fn wait_more(&self, more: usize) {
+        let target = self.sent.load(Ordering::Relaxed) + more;
+        let deadline = Instant::now() + DEADLINE;
+        while self.sent.load(Ordering::Relaxed) < target {
+            assert!(Instant::now() < deadline, "the round trips stalled");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops; returns how many round trips were made and how many failed.
+    pub async fn stop(self) -> (usize, usize) {
+        self.done.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        (self.sent.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+}

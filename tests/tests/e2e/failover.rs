@@ -1,15 +1,11 @@
 //! Several controllers: a node and an agent given `--controller A,B` move to B when A is lost, and
 //! clients of the node never notice.
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::time::Duration;
 
-use switchboard_tests::harness::{Controller, DataplaneNode, Host, Net, TcpEcho, spawn_agent, tcp_roundtrip};
+use switchboard_tests::harness::{
+    Controller, DataplaneNode, Host, Net, RoundTrips, TcpEcho, spawn_agent, tcp_roundtrip,
+};
 use tokio::time::Instant;
 
 #[tokio::test]
@@ -32,21 +28,7 @@ async fn a_node_and_an_agent_move_to_the_next_controller_and_clients_see_nothing
     assert_eq!(tcp_roundtrip(frontend, b"before").await.unwrap(), b"before");
 
     // Clients keep connecting through the node the whole time (bounded: 20 s or 4,000 round trips).
-    let (done, sent, failed) =
-        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = tokio::spawn({
-        let (done, sent, failed) = (Arc::clone(&done), Arc::clone(&sent), Arc::clone(&failed));
-        async move {
-            let until = Instant::now() + Duration::from_secs(20);
-            while !done.load(Ordering::Relaxed) && Instant::now() < until && sent.load(Ordering::Relaxed) < 4_000 {
-                if tcp_roundtrip(frontend, b"during").await.ok().as_deref() != Some(b"during".as_slice()) {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-                sent.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    });
+    let load = RoundTrips::start(frontend, 4_000, Duration::from_secs(20));
 
     let version_before = node.state().await["version"].as_u64().unwrap();
     a.process.kill().await;
@@ -71,22 +53,10 @@ async fn a_node_and_an_agent_move_to_the_next_controller_and_clients_see_nothing
         Controller::backends(s, "tcp", echo.addr.port()).len() == 1
     })
     .await;
-    let at_least = sent.load(Ordering::Relaxed) + 50;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while sent.load(Ordering::Relaxed) < at_least {
-        assert!(Instant::now() < deadline, "the client load stalled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    done.store(true, Ordering::Relaxed);
-    load.await.unwrap();
+    load.wait_more(50).await;
+    let (sent, failed) = load.stop().await;
     let version = node.state().await["version"].as_u64().unwrap();
     assert!(version >= last_version, "the node's version went back");
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "{} of {} client round trips failed",
-        failed.load(Ordering::Relaxed),
-        sent.load(Ordering::Relaxed)
-    );
+    assert_eq!(failed, 0, "{failed} of {sent} client round trips failed");
     assert_eq!(tcp_roundtrip(frontend, b"after").await.unwrap(), b"after");
 }

@@ -1,20 +1,16 @@
 //! Controllers as replicas on etcd: the link to real etcd members (a mirror of the prefix followed
 //! through compactions and outages; owned keys kept under a lease).
 
-use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use contract::v1::{self, BackendRef, DrainBackendRequest, SetAlgorithmRequest, admin_client::AdminClient};
 use controller::etcd::{EtcdConfig, Mirror, OwnedKeys, follow};
 use etcd_client::{Client, CompactionOptions, GetOptions};
 use switchboard_tests::{
     etcd::EtcdCluster,
-    harness::{Controller, DEADLINE, DataplaneNode, Host, JsonClient, Net, TcpEcho, spawn_agent, tcp_roundtrip},
+    harness::{
+        Controller, DEADLINE, DataplaneNode, Host, JsonClient, Net, RoundTrips, TcpEcho, spawn_agent, tcp_roundtrip,
+    },
 };
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
@@ -285,21 +281,7 @@ async fn three_controllers_on_etcd_every_node_serves_every_service_and_a_dead_co
 
     // SIGKILL controller a, which n1 follows and agent1 registered through, while a client drives n1.
     let frontend = n1.frontend(echo1.addr.port());
-    let (done, sent, failed) =
-        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let load = tokio::spawn({
-        let (done, sent, failed) = (Arc::clone(&done), Arc::clone(&sent), Arc::clone(&failed));
-        async move {
-            let until = Instant::now() + Duration::from_secs(30);
-            while !done.load(Ordering::Relaxed) && Instant::now() < until && sent.load(Ordering::Relaxed) < 6_000 {
-                if tcp_roundtrip(frontend, b"during").await.ok().as_deref() != Some(b"during".as_slice()) {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                }
-                sent.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        }
-    });
+    let load = RoundTrips::start(frontend, 6_000, Duration::from_secs(30));
     let mut etcd = etcd_client::Client::connect(cluster.endpoints(), None).await.unwrap();
     let a_key = format!("/switchboard/v1/backends/tcp:{}/{}/a", echo1.addr.port(), echo1.addr);
     assert_eq!(etcd.get(a_key.as_str(), None).await.unwrap().kvs().len(), 1, "a published its backend");
@@ -329,15 +311,9 @@ async fn three_controllers_on_etcd_every_node_serves_every_service_and_a_dead_co
         assert!(killed.elapsed() < DEADLINE, "agent1 never re-registered through b");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let at_least = sent.load(Ordering::Relaxed) + 50;
-    while sent.load(Ordering::Relaxed) < at_least {
-        assert!(killed.elapsed() < DEADLINE * 2, "the client load stalled");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    done.store(true, Ordering::Relaxed);
-    load.await.unwrap();
-    let failures = failed.load(Ordering::Relaxed);
-    assert_eq!(failures, 0, "{failures} of {} client round trips failed", sent.load(Ordering::Relaxed));
+    load.wait_more(50).await;
+    let (sent, failed) = load.stop().await;
+    assert_eq!(failed, 0, "{failed} of {sent} client round trips failed");
     assert!(n1.state().await["version"].as_u64().unwrap() >= last, "n1's version went back");
     for node in [&n1, &n2] {
         for port in ports {
