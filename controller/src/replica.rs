@@ -27,6 +27,7 @@ use contract::{
     model::{ServiceKey, Weight},
     process::stopped,
 };
+use etcd_client::Client;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -88,15 +89,20 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
     let mut operator = store.operator_changes();
     let mut unheld: HashMap<String, Instant> = HashMap::new();
     let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    // One connection for the writes, made again only after an error.
+    let mut client: Option<Client> = None;
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     info!(controller = %config.id, endpoints = ?config.etcd.endpoints, prefix = %config.etcd.prefix, "sharing the registry through etcd");
     loop {
         let own: BTreeMap<String, Vec<u8>> =
             store.own_backends().iter().map(|b| (key(b, &config.id), value(b, &config.id))).collect();
         if own != written {
-            match publish(&config.etcd, &owned, &written, &own).await {
+            match publish(&config.etcd, &mut client, &owned, &written, &own).await {
                 Ok(()) => written = own,
-                Err(error) => warn!(%error, "cannot publish this controller's backends to etcd; retrying"),
+                Err(error) => {
+                    client = None;
+                    warn!(%error, "cannot publish this controller's backends to etcd; retrying");
+                }
             }
         }
         store.set_shared_down(down.borrow_and_update().clone());
@@ -133,18 +139,22 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
 /// Writes what changed between `written` and `own`.
 async fn publish(
     etcd: &EtcdConfig,
+    client: &mut Option<Client>,
     owned: &OwnedKeys,
     written: &BTreeMap<String, Vec<u8>>,
     own: &BTreeMap<String, Vec<u8>>,
 ) -> Result<(), EtcdError> {
-    let mut client = etcd.connect().await?;
+    let client = match client {
+        Some(client) => client,
+        None => client.insert(etcd.connect().await?),
+    };
     for (key, value) in own {
         if written.get(key) != Some(value) {
-            owned.put(&mut client, key, value.clone()).await?;
+            owned.put(client, key, value.clone()).await?;
         }
     }
     for key in written.keys().filter(|key| !own.contains_key(*key)) {
-        owned.delete(&mut client, key).await?;
+        owned.delete(client, key).await?;
     }
     Ok(())
 }
