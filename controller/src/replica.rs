@@ -6,6 +6,9 @@
 //! - `backends/SERVICE/ADDRESS/CONTROLLER`: the backend's weight, health, drain and its service's
 //!   algorithm, under the holding controller's lease. A controller that dies takes its keys with it when
 //!   its lease expires, and the others drop those backends.
+//! - `load/CONTROLLER`: the connections of the nodes following that controller, summed per backend, under
+//!   its lease, written at most once a second and only when they changed; every controller adds the
+//!   others' to its nodes' cluster-wide counts (least connections, power of two) and to its views.
 //! - `operator/SERVICE` (an algorithm) and `operator/SERVICE/ADDRESS` (a weight, a drain): what an
 //!   operator chose on any controller, durable, applied by every controller. A backend's choices are
 //!   deleted once no controller has held it for a lease's time (a drain lasts until its registration
@@ -51,6 +54,16 @@ pub struct ReplicaConfig {
 
 const BACKENDS: &str = "backends/";
 const OPERATOR: &str = "operator/";
+const LOAD: &str = "load/";
+
+/// One row of a controller's summed counts.
+#[derive(Debug, Serialize, Deserialize)]
+struct LoadRow {
+    service: String,
+    backend: SocketAddr,
+    active: u64,
+    total: u64,
+}
 
 /// The value of an operator's key: an algorithm (service) or a weight and a drain (backend).
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -91,6 +104,7 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
     let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     // One connection for the writes, made again only after an error.
     let mut client: Option<Client> = None;
+    let (mut load_written, mut load_at) = (Vec::new(), Instant::now());
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     info!(controller = %config.id, endpoints = ?config.etcd.endpoints, prefix = %config.etcd.prefix, "sharing the registry through etcd");
     loop {
@@ -106,8 +120,41 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
             }
         }
         store.set_shared_down(down.borrow_and_update().clone());
+        if load_at.elapsed() >= Duration::from_secs(1) {
+            load_at = Instant::now();
+            let rows: Vec<LoadRow> = store
+                .own_load()
+                .into_iter()
+                .map(|r| LoadRow {
+                    service: r.service.to_string(),
+                    backend: r.backend,
+                    active: r.active,
+                    total: r.total,
+                })
+                .collect();
+            let bytes = serde_json::to_vec(&rows).unwrap_or_default();
+            if bytes != load_written {
+                let key = format!("{LOAD}{}", config.id);
+                if client.is_none() {
+                    client = config.etcd.connect().await.ok();
+                }
+                let put = match client.as_mut() {
+                    Some(c) => Some(owned.put(c, &key, bytes.clone()).await),
+                    None => None,
+                };
+                match put {
+                    Some(Ok(_)) => load_written = bytes,
+                    Some(Err(error)) => {
+                        client = None;
+                        debug!(%error, "cannot share this controller's counts; retrying");
+                    }
+                    None => debug!("cannot reach etcd to share this controller's counts; retrying"),
+                }
+            }
+        }
         let seen = Arc::clone(&mirror.borrow_and_update());
         store.import_shared(&imported(&seen, &config.id));
+        store.set_remote_load(loads(&seen, &config.id));
         store.apply_operator(&choices(&seen));
         forget_unheld(&config.etcd, &seen, &mut unheld).await;
         if seen.revision > 0 {
@@ -202,6 +249,27 @@ fn choices(mirror: &Mirror) -> OperatorChoices {
         }
     }
     choices
+}
+
+/// The other controllers' summed counts in `mirror`.
+fn loads(mirror: &Mirror, me: &str) -> BTreeMap<String, Vec<contract::model::BackendLoad>> {
+    let mut loads = BTreeMap::new();
+    for (key, entry) in mirror.entries.range(LOAD.to_owned()..) {
+        let Some(controller) = key.strip_prefix(LOAD) else { break };
+        if controller == me {
+            continue;
+        }
+        let Ok(rows) = serde_json::from_slice::<Vec<LoadRow>>(&entry.value) else { continue };
+        let rows = rows
+            .into_iter()
+            .filter_map(|r| {
+                let service = service_key(&r.service)?;
+                Some(contract::model::BackendLoad { service, backend: r.backend, active: r.active, total: r.total })
+            })
+            .collect();
+        loads.insert(controller.to_owned(), rows);
+    }
+    loads
 }
 
 /// `tcp:80` as a service.

@@ -25,8 +25,11 @@ pub const CLUSTER_LOAD_INTERVAL: Duration = Duration::from_millis(100);
 pub(super) struct NodeTable {
     pub nodes: BTreeMap<String, NodeRecord>,
     next_link: u64,
-    /// Moves whenever a connected node's counts change (a load report, a node leaving).
+    /// Moves whenever a connected node's counts change (a load report, a node leaving), or another
+    /// controller's.
     load_generation: u64,
+    /// With replicas: the counts of the nodes following each other controller, summed per controller.
+    pub remote_load: BTreeMap<String, Arc<Vec<BackendLoad>>>,
 }
 
 /// The connected nodes' counts at one load generation, summed per (service, backend), with each node's
@@ -224,6 +227,26 @@ impl Store {
             .collect()
     }
 
+    /// The counts of this controller's connected nodes, summed per backend (what it shares with the other
+    /// controllers).
+    pub fn own_load(&self) -> Vec<BackendLoad> {
+        let state = self.lock();
+        sum_load(state.nodes.nodes.values().filter(|n| n.connected).map(|n| n.load.as_slice()))
+    }
+
+    /// Takes in the other controllers' counts (each controller's nodes summed); they count in every
+    /// node's cluster view and in the operators' view.
+    pub fn set_remote_load(&self, remote: BTreeMap<String, Vec<BackendLoad>>) {
+        let mut state = self.lock();
+        let same = state.nodes.remote_load.len() == remote.len()
+            && remote.iter().all(|(id, rows)| state.nodes.remote_load.get(id).is_some_and(|held| **held == *rows));
+        if same {
+            return;
+        }
+        state.nodes.remote_load = remote.into_iter().map(|(id, rows)| (id, Arc::new(rows))).collect();
+        state.nodes.load_generation += 1;
+    }
+
     /// The load generation now: the cluster view of any node can only have changed when it moved.
     pub fn load_generation(&self) -> u64 {
         self.lock().nodes.load_generation
@@ -232,7 +255,7 @@ impl Store {
     /// The totals, brought up to date when a report came in since they were summed. Under the state lock
     /// only the nodes' rows are collected (shared, not copied); the sums are made outside it.
     fn cluster_totals(&self) -> &Mutex<ClusterTotals> {
-        let (generation, per_node) = {
+        let (generation, per_node, remote) = {
             let state = self.lock();
             let generation = state.nodes.load_generation;
             if self.totals.lock().unwrap_or_else(|e| e.into_inner()).generation == generation {
@@ -241,9 +264,10 @@ impl Store {
             let connected = state.nodes.nodes.iter().filter(|(_, n)| n.connected);
             let per_node: BTreeMap<String, Arc<Vec<BackendLoad>>> =
                 connected.map(|(id, n)| (id.clone(), Arc::clone(&n.load))).collect();
-            (generation, per_node)
+            let remote: Vec<Arc<Vec<BackendLoad>>> = state.nodes.remote_load.values().cloned().collect();
+            (generation, per_node, remote)
         };
-        let sums = sum_rows(per_node.values().map(|rows| rows.as_slice()));
+        let sums = sum_rows(per_node.values().chain(&remote).map(|rows| rows.as_slice()));
         let mut totals = self.totals.lock().unwrap_or_else(|e| e.into_inner());
         // Another caller may have summed a later generation meanwhile: keep the newer.
         if generation >= totals.generation {

@@ -21,7 +21,8 @@ impl Store {
 impl State {
     pub(super) fn view(&self) -> StateView {
         let registry = &self.registry;
-        let nodes = self.nodes.nodes.values().map(|n| n.load.as_slice());
+        let remote = self.nodes.remote_load.values().map(|rows| rows.as_slice());
+        let nodes = self.nodes.nodes.values().map(|n| n.load.as_slice()).chain(remote);
         let counts: HashMap<_, _> = sum_load(nodes).into_iter().map(|row| ((row.service, row.backend), row)).collect();
         let services = registry
             .services

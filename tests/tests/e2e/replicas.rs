@@ -463,3 +463,47 @@ async fn an_operator_change_made_on_one_controller_reaches_every_node() {
         assert_eq!(drained[0]["address"], echo1.addr.to_string());
     }
 }
+
+#[tokio::test]
+async fn connection_counts_are_cluster_wide_across_controllers() {
+    if !EtcdCluster::available() {
+        return;
+    }
+    let cluster = EtcdCluster::start(1).await;
+    let net = Net::new();
+    let controllers = three_controllers(net, &cluster, "3s").await;
+    let (a, b) = (&controllers[0], &controllers[1]);
+    let n1 = DataplaneNode::spawn(Host::Root, a, "n1", net.host(9), net.host(9), &[]).await;
+    let n2 = DataplaneNode::spawn(Host::Root, b, "n2", net.host(10), net.host(10), &[]).await;
+    let echo = TcpEcho::start(net.host(2), 0).await;
+    let port = echo.addr.port();
+    let _server = register_when_taken(a, net.host(2), port).await;
+    wait_serving(&n1, &[port]).await;
+    wait_serving(&n2, &[port]).await;
+
+    // Three connections held open through n1, which follows a.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(tokio::net::TcpStream::connect(n1.frontend(port)).await.unwrap());
+    }
+    let active = |state: &serde_json::Value| {
+        Controller::backends(state, "tcp", port).first().and_then(|b| b["active_connections"].as_u64())
+    };
+    // b, which n1 does not follow, counts them (a's sum, through etcd) ...
+    b.wait_state("a's three connections", |s| active(s) == Some(3)).await;
+    // ... and so does n2's cluster view, for least connections.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let state = n2.state().await;
+        let remote = state["backends"].as_array().and_then(|rows| {
+            rows.iter().find(|r| r["backend"] == echo.addr.to_string()).and_then(|r| r["remote_connections"].as_u64())
+        });
+        if remote == Some(3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n2 never counted n1's connections: {state:#}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(held);
+    b.wait_state("the connections closed", |s| active(s) == Some(0)).await;
+}
