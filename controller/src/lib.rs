@@ -100,8 +100,12 @@ impl Controller {
             frontend_ip: config.embedded_node.as_ref().map(|node| node.frontend_address),
             limits: config.registry_limits,
         };
-        let store = Store::new(policy, config.print_state);
-        if !config.resync_grace.is_zero() {
+        let store = match config.store {
+            config::StoreSettings::Memory => Store::new(policy, config.print_state),
+            config::StoreSettings::Etcd { .. } => Store::replicated(policy, config.print_state),
+        };
+        // Replicated, the state is etcd's from the first list on: nothing to relearn.
+        if !config.resync_grace.is_zero() && !store.is_replicated() {
             store.begin_warm_up()?;
         }
         // The embedded node counts as connected from the start: a registration that arrives right after
@@ -126,7 +130,7 @@ impl Controller {
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), ControllerError> {
         let Controller { config, json, grpc, admin, store, embedded } = self;
         let mut tasks = JoinSet::new();
-        if !config.resync_grace.is_zero() {
+        if !config.resync_grace.is_zero() && !store.is_replicated() {
             let store = Arc::clone(&store);
             let (grace, mut shutdown) = (config.resync_grace, shutdown.clone());
             tasks.spawn(async move {

@@ -14,9 +14,11 @@
 //!   deleted once no controller has held it for a lease's time (a drain lasts until its registration
 //!   ends, as with one controller).
 //!
-//! Versions stay increasing across controllers: every change seen in etcd raises this controller's
-//! version above the etcd revision, so a node that moves to another controller never gets an older
-//! version (a node's hello raises it above its own too).
+//! The snapshot nodes get is a function of the mirror alone, at its revision: every backend any
+//! controller holds (in rotation when healthy and not drained), the operators' choices applied, and the
+//! etcd revision as its version. So every controller sends the same version for the same state, and a
+//! node that moves to another controller never gets an older one. A registration's reply waits until its
+//! key is in etcd, then for the nodes' bind results at that revision.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -27,7 +29,7 @@ use std::{
 
 use contract::{
     convert,
-    model::{ServiceKey, Weight},
+    model::{BackendSpec, RoutingSnapshot, ServiceKey, ServiceSpec, Weight},
     process::stopped,
 };
 use etcd_client::Client;
@@ -98,7 +100,7 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
     // Down until the first list: a controller that never reached etcd takes no registration.
     let (down_tx, mut down) = watch::channel(Some("not reached yet".to_owned()));
     let follower = tokio::spawn(follow(config.etcd.clone(), mirror_tx, down_tx));
-    let mut snapshots = store.subscribe();
+    let mut commits = store.watch_commits();
     let mut operator = store.operator_changes();
     let mut unheld: HashMap<String, Instant> = HashMap::new();
     let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -155,13 +157,25 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
         let seen = Arc::clone(&mirror.borrow_and_update());
         store.import_shared(&imported(&seen, &config.id));
         store.set_remote_load(loads(&seen, &config.id));
-        store.apply_operator(&choices(&seen));
-        forget_unheld(&config.etcd, &seen, &mut unheld).await;
+        let operator_choices = choices(&seen);
+        store.apply_operator(&operator_choices);
         if seen.revision > 0 {
-            let _ = store.observe_version(u64::try_from(seen.revision).unwrap_or(0));
+            let own_revisions = written
+                .iter()
+                .filter_map(|(key, value)| {
+                    let (_, backend) = parse(value).ok()?;
+                    let entry = seen.entries.get(key).filter(|e| e.value == *value);
+                    Some((
+                        (backend.service, backend.address),
+                        entry.map_or(0, |e| u64::try_from(e.mod_revision).unwrap_or(0)),
+                    ))
+                })
+                .collect();
+            store.publish_shared(snapshot(&seen, &operator_choices), own_revisions);
         }
+        forget_unheld(&config.etcd, &seen, &mut unheld).await;
         tokio::select! {
-            changed = snapshots.changed() => if changed.is_err() { break },
+            changed = commits.changed() => if changed.is_err() { break },
             changed = mirror.changed() => if changed.is_err() { break },
             changed = down.changed() => if changed.is_err() { break },
             Some(change) = operator.recv() => {
@@ -204,6 +218,48 @@ async fn publish(
         owned.delete(client, key).await?;
     }
     Ok(())
+}
+
+/// The routing state at the mirror's revision, the same on every controller: every backend any controller
+/// holds (of two holding one, the newer key), in rotation when healthy and not drained, with the
+/// operators' choices applied; a service's algorithm is an operator's if one chose, else that of its
+/// oldest key.
+fn snapshot(mirror: &Mirror, operator: &OperatorChoices) -> RoutingSnapshot {
+    let mut held: BTreeMap<ServiceKey, BTreeMap<SocketAddr, (i64, SharedBackend)>> = BTreeMap::new();
+    for (key, entry) in mirror.entries.range(BACKENDS.to_owned()..) {
+        if !key.starts_with(BACKENDS) {
+            break;
+        }
+        let Ok((_, backend)) = parse(&entry.value) else { continue };
+        let slot = held.entry(backend.service).or_default().entry(backend.address);
+        match slot {
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert((entry.mod_revision, backend));
+            }
+            std::collections::btree_map::Entry::Occupied(mut o) if o.get().0 < entry.mod_revision => {
+                o.insert((entry.mod_revision, backend));
+            }
+            std::collections::btree_map::Entry::Occupied(_) => {}
+        }
+    }
+    let services = held
+        .into_iter()
+        .map(|(key, backends)| {
+            let oldest = backends.values().min_by_key(|(revision, _)| *revision).map(|(_, b)| b.algorithm);
+            let algorithm = operator.algorithms.get(&key).copied().or(oldest).unwrap_or_default();
+            let backends = backends
+                .into_values()
+                .filter_map(|(_, b)| {
+                    let (weight, drained) = operator.backends.get(&(key, b.address)).copied().unwrap_or((None, false));
+                    (b.healthy && !b.draining && !drained)
+                        .then(|| BackendSpec { address: b.address, weight: weight.unwrap_or(b.weight) })
+                })
+                .collect();
+            (key, ServiceSpec { key, algorithm, backends })
+        })
+        .collect();
+    let version = u64::try_from(mirror.revision).unwrap_or(0);
+    RoutingSnapshot { version, services, warming_up: false, retired: Default::default() }
 }
 
 /// Writes an operator's change into its durable key, over what the key held.

@@ -246,7 +246,8 @@ impl Store {
     pub fn observe_version(&self, version: u64) -> Result<u64, StoreError> {
         let mut state = self.lock();
         let current = state.version;
-        if version < current {
+        // Replicated, versions are etcd's revisions: they only go up, whatever a node knew.
+        if version < current || self.is_replicated() {
             return Ok(current);
         }
         state.version = version;

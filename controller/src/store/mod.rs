@@ -76,6 +76,12 @@ pub struct Store {
     metrics: ControllerMetrics,
     /// With a shared store: why it cannot be reached now (then changes are refused).
     shared_down: Mutex<Option<String>>,
+    /// With a shared store, the snapshots nodes get are made from etcd by the replica, not by commits:
+    /// then this holds, per backend of this controller's own registrations, the etcd revision at which
+    /// its key holds what was last committed (0: not there yet).
+    shared_revisions: Option<watch::Sender<std::collections::HashMap<(contract::model::ServiceKey, SocketAddr), u64>>>,
+    /// Bumped on every commit (a replica publishes what its registrations hold when it moves).
+    commits: watch::Sender<u64>,
     /// With a shared store: where this controller's operator changes go to be shared.
     operator: Mutex<Option<tokio::sync::mpsc::UnboundedSender<shared::OperatorChange>>>,
     /// Every connected node's counts summed, computed once per change of any of them and outside the
@@ -104,6 +110,17 @@ const PUBLISHED_KEPT: usize = 64;
 impl Store {
     /// An empty store at version 0.
     pub fn new(policy: Policy, print_state: bool) -> Arc<Self> {
+        Self::build(policy, print_state, false)
+    }
+
+    /// A store whose snapshots come from the shared store (`--store etcd://`): commits change the
+    /// registry (this controller's registrations and what it imported) but publish nothing; the replica
+    /// publishes the snapshot of every etcd revision, the same on every controller.
+    pub fn replicated(policy: Policy, print_state: bool) -> Arc<Self> {
+        Self::build(policy, print_state, true)
+    }
+
+    fn build(policy: Policy, print_state: bool, replicated: bool) -> Arc<Self> {
         Arc::new(Store {
             state: Mutex::default(),
             policy,
@@ -114,6 +131,8 @@ impl Store {
             recent: Mutex::default(),
             metrics: ControllerMetrics::default(),
             shared_down: Mutex::default(),
+            commits: watch::Sender::new(0),
+            shared_revisions: replicated.then(|| watch::Sender::new(Default::default())),
             operator: Mutex::default(),
             totals: Mutex::default(),
         })
@@ -136,7 +155,10 @@ impl Store {
         Self::check(state, &draft)?;
         state.version += 1;
         state.registry = draft;
-        self.snapshots.send_replace(Arc::new(state.registry.snapshot(state.version)));
+        self.commits.send_modify(|n| *n += 1);
+        if self.shared_revisions.is_none() {
+            self.snapshots.send_replace(Arc::new(state.registry.snapshot(state.version)));
+        }
         if state.published.len() == PUBLISHED_KEPT {
             state.published.pop_front();
         }
@@ -164,6 +186,11 @@ impl Store {
             Some(why) => Err(StoreError::Unavailable(why.clone())),
             None => Ok(()),
         }
+    }
+
+    /// Moves on every commit.
+    pub fn watch_commits(&self) -> watch::Receiver<u64> {
+        self.commits.subscribe()
     }
 
     /// What the store counts for `/metrics`.

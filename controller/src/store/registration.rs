@@ -59,7 +59,21 @@ impl Registration {
         algorithm: Option<Algorithm>,
         ack_timeout: Duration,
     ) -> Result<RegisterReply, StoreError> {
-        let registered = self.store.register(self.id, service, backend, algorithm)?;
+        let mut registered = self.store.register(self.id, service, backend, algorithm)?;
+        if self.store.is_replicated() {
+            // Nodes see it once the shared store holds it: wait for its revision.
+            match self.store.shared_revision(service, backend.address, ack_timeout).await {
+                Some(revision) => registered.version = revision,
+                None => {
+                    let why = "registered; the shared store has not confirmed it yet, nodes get it when it does";
+                    return Ok(RegisterReply {
+                        success: true,
+                        message: Some(why.into()),
+                        backend: Some(backend.address),
+                    });
+                }
+            }
+        }
         let reply =
             |success: bool, message: Option<String>| RegisterReply { success, message, backend: Some(backend.address) };
         let overruled = registered.overruled.map(|(asked, kept)| {

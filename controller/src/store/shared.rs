@@ -3,9 +3,14 @@
 //! registration of origin [`OriginKind::Replica`] that lives exactly as long as the other controller's
 //! key). A backend a local registration holds is never overwritten by an imported one.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+    sync::Arc,
+    time::Duration,
+};
 
-use contract::model::{Algorithm, Event, EventKind, ServiceKey, Weight};
+use contract::model::{Algorithm, Event, EventKind, RoutingSnapshot, ServiceKey, Weight};
 use tokio::sync::mpsc;
 use tracing::info;
 
@@ -240,5 +245,54 @@ impl Store {
             self.emit(event);
         }
         self.print(&state);
+    }
+}
+
+impl Store {
+    /// True when snapshots come from the shared store (see [`Store::replicated`]).
+    pub fn is_replicated(&self) -> bool {
+        self.shared_revisions.is_some()
+    }
+
+    /// Publishes `snapshot`, made from the shared store at its revision, to every node following this
+    /// controller (unless it is not newer than the one published); `own` says, per backend of this
+    /// controller's registrations, the revision at which its key holds what was last committed.
+    pub fn publish_shared(&self, snapshot: RoutingSnapshot, own: HashMap<(ServiceKey, SocketAddr), u64>) {
+        let version = snapshot.version;
+        let newer = self.snapshots.send_if_modified(|current| {
+            if version <= current.version {
+                return false;
+            }
+            *current = Arc::new(snapshot);
+            true
+        });
+        if newer {
+            let mut state = self.lock();
+            if state.published.len() == super::PUBLISHED_KEPT {
+                state.published.pop_front();
+            }
+            state.published.push_back((version, std::time::Instant::now()));
+        }
+        if let Some(revisions) = &self.shared_revisions {
+            revisions.send_if_modified(|held| {
+                let changed = *held != own;
+                *held = own;
+                changed
+            });
+        }
+        if newer {
+            self.node_updates.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// The revision at which the shared store holds what this controller last committed for `backend`
+    /// of `service`, waiting for it at most `timeout`.
+    pub async fn shared_revision(&self, service: ServiceKey, backend: SocketAddr, timeout: Duration) -> Option<u64> {
+        let revisions = self.shared_revisions.as_ref()?;
+        let mut seen = revisions.subscribe();
+        let found =
+            tokio::time::timeout(timeout, seen.wait_for(|r| r.get(&(service, backend)).is_some_and(|&v| v > 0)));
+        let revisions = found.await.ok()?.ok()?;
+        revisions.get(&(service, backend)).copied()
     }
 }

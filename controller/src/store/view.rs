@@ -12,7 +12,12 @@ use super::{State, Store, nodes::sum_load};
 impl Store {
     /// The whole state.
     pub fn view(&self) -> StateView {
-        self.lock().view()
+        let mut view = self.lock().view();
+        if self.is_replicated() {
+            // The version nodes get is the shared store's revision, not this controller's commit count.
+            view.version = self.snapshot().version;
+        }
+        view
     }
 }
 

@@ -387,6 +387,20 @@ async fn with_etcd_down_nodes_serve_on_and_changes_are_refused_until_it_returns(
         ctl.wait_state("both backends", |s| ports.iter().all(|&p| Controller::backends(s, "tcp", p).len() == 1)).await;
     }
     wait_serving(&node, &ports).await;
+    // Versions are etcd's revisions: every controller, and the node, end on the same one.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut versions = Vec::new();
+        for ctl in &controllers {
+            versions.push(ctl.state().await["version"].as_u64().unwrap());
+        }
+        versions.push(node.state().await["version"].as_u64().unwrap());
+        if versions.iter().all(|&v| v == versions[0] && v > 0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the versions never converged: {versions:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     drop((server, late));
 }
 
