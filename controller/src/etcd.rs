@@ -64,6 +64,8 @@ pub struct Mirror {
     pub revision: i64,
     /// Key (after the prefix and its `/`) to entry.
     pub entries: BTreeMap<String, Entry>,
+    /// Revision of the latest removal of any key (a removal leaves no entry to carry its revision).
+    pub last_removal: i64,
 }
 
 // === impl EtcdConfig ===
@@ -105,6 +107,7 @@ impl Mirror {
                 }
                 EventType::Delete => {
                     self.entries.remove(key);
+                    self.last_removal = self.last_removal.max(kv.mod_revision());
                 }
             }
         }
@@ -126,7 +129,7 @@ pub async fn list(client: &mut Client, config: &EtcdConfig) -> Result<Mirror, Et
             Some((key, Entry { value: kv.value().to_vec(), mod_revision: kv.mod_revision(), lease: kv.lease() }))
         })
         .collect();
-    Ok(Mirror { revision, entries })
+    Ok(Mirror { revision, entries, last_removal: 0 })
 }
 
 /// Follows the prefix into `mirror` until every receiver is gone, starting from the state `mirror` holds
@@ -170,7 +173,15 @@ async fn follow_once(
 ) -> Result<(), EtcdError> {
     let mut client = config.connect().await?;
     if !*listed {
-        let fresh = list(&mut client, config).await?;
+        let mut fresh = list(&mut client, config).await?;
+        // Keys gone since the state held were removed at some revision up to the list's.
+        let held = mirror.borrow();
+        fresh.last_removal = if held.entries.keys().any(|k| !fresh.entries.contains_key(k)) {
+            fresh.revision
+        } else {
+            held.last_removal
+        };
+        drop(held);
         publish(mirror, fresh);
         *listed = true;
     }

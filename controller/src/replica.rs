@@ -258,8 +258,15 @@ fn snapshot(mirror: &Mirror, operator: &OperatorChoices) -> RoutingSnapshot {
             (key, ServiceSpec { key, algorithm, backends })
         })
         .collect();
-    let version = u64::try_from(mirror.revision).unwrap_or(0);
+    let version = u64::try_from(routing_revision(mirror)).unwrap_or(0);
     RoutingSnapshot { version, services, warming_up: false, retired: Default::default() }
+}
+
+/// The revision of the latest change that can change routing: a backend's or an operator's key written,
+/// or any key removed. Counts (`load/`) are written every second and do not make new versions.
+fn routing_revision(mirror: &Mirror) -> i64 {
+    let routing = mirror.entries.iter().filter(|(key, _)| key.starts_with(BACKENDS) || key.starts_with(OPERATOR));
+    routing.map(|(_, entry)| entry.mod_revision).max().unwrap_or(0).max(mirror.last_removal)
 }
 
 /// Writes an operator's change into its durable key, over what the key held.
@@ -456,6 +463,13 @@ mod tests {
         mirror.entries.insert("backends/garbage".into(), entry(b"{not json".to_vec(), 8));
         let bad_weight = String::from_utf8(value(&backend, "c3")).unwrap().replace("\"weight\":3", "\"weight\":0");
         mirror.entries.insert("backends/x/y/c3".into(), entry(bad_weight.into_bytes(), 9));
+        // Counts written later make no new version; a removal does.
+        let routing = routing_revision(&mirror);
+        mirror.entries.insert("load/c2".into(), entry(b"[]".to_vec(), 20));
+        mirror.revision = 20;
+        assert_eq!(snapshot(&mirror, &OperatorChoices::default()).version, u64::try_from(routing).unwrap());
+        mirror.last_removal = 21;
+        assert_eq!(routing_revision(&mirror), 21);
         let seen_by_c1 = imported(&mirror, "c1");
         assert_eq!(seen_by_c1, vec![backend.clone()], "only the other controller's, and no bad one");
         assert_eq!(imported(&mirror, "c9").len(), 2);
