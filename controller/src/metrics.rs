@@ -105,7 +105,7 @@ impl Collector for StoreCollector {
         const_gauge(&mut encoder, "snapshot_version", "Version of the routing snapshot in force.", view.version)?;
         let warming_up = u64::from(view.warming_up);
         const_gauge(&mut encoder, "warming_up", "1 during the controller's warm-up window.", warming_up)?;
-        let connected = view.nodes.iter().filter(|n| n.connected).count() as u64;
+        let connected = view.nodes.iter().filter(|n| n.connected && n.controller.is_none()).count() as u64;
         const_gauge(&mut encoder, "connected_nodes", "Nodes following this controller now.", connected)?;
 
         let family = Family::<OriginLabels, Gauge>::default();

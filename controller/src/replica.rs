@@ -6,6 +6,8 @@
 //! - `backends/SERVICE/ADDRESS/CONTROLLER`: the backend's weight, health, drain and its service's
 //!   algorithm, under the holding controller's lease. A controller that dies takes its keys with it when
 //!   its lease expires, and the others drop those backends.
+//! - `nodes/NODE/CONTROLLER`: the version a node following that controller applied and its bind results,
+//!   under the controller's lease; a registration through any controller waits for every node's.
 //! - `load/CONTROLLER`: the connections of the nodes following that controller, summed per backend, under
 //!   its lease, written at most once a second and only when they changed; every controller adds the
 //!   others' to its nodes' cluster-wide counts (least connections, power of two) and to its views.
@@ -18,7 +20,7 @@
 //! controller holds (in rotation when healthy and not drained), the operators' choices applied, and the
 //! etcd revision as its version. So every controller sends the same version for the same state, and a
 //! node that moves to another controller never gets an older one. A registration's reply waits until its
-//! key is in etcd, then for the nodes' bind results at that revision.
+//! key is in etcd, then for every node's bind results at that revision, whichever controller it follows.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -41,6 +43,7 @@ use crate::{
     etcd::{EtcdConfig, EtcdError, Mirror, OwnedKeys, follow},
     store::{
         Store,
+        nodes::RemoteNode,
         shared::{OperatorChange, OperatorChoices, SharedBackend},
     },
 };
@@ -57,6 +60,16 @@ pub struct ReplicaConfig {
 const BACKENDS: &str = "backends/";
 const OPERATOR: &str = "operator/";
 const LOAD: &str = "load/";
+const NODES: &str = "nodes/";
+
+/// The value of a node's key.
+#[derive(Debug, Serialize, Deserialize)]
+struct NodeValue {
+    controller: String,
+    acked_version: Option<u64>,
+    /// Service (`tcp:80`) to its bound address or the bind error.
+    frontends: BTreeMap<String, Result<SocketAddr, String>>,
+}
 
 /// One row of a controller's summed counts.
 #[derive(Debug, Serialize, Deserialize)]
@@ -110,8 +123,20 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     info!(controller = %config.id, endpoints = ?config.etcd.endpoints, prefix = %config.etcd.prefix, "sharing the registry through etcd");
     loop {
-        let own: BTreeMap<String, Vec<u8>> =
+        let mut own: BTreeMap<String, Vec<u8>> =
             store.own_backends().iter().map(|b| (key(b, &config.id), value(b, &config.id))).collect();
+        for (node, state) in store.own_nodes() {
+            let value = NodeValue {
+                controller: config.id.clone(),
+                acked_version: state.acked_version,
+                frontends: state
+                    .frontends
+                    .iter()
+                    .map(|(service, result)| (service.to_string(), result.clone()))
+                    .collect(),
+            };
+            own.insert(format!("{NODES}{node}/{}", config.id), serde_json::to_vec(&value).unwrap_or_default());
+        }
         if own != written {
             match publish(&config.etcd, &mut client, &owned, &written, &own).await {
                 Ok(()) => written = own,
@@ -157,6 +182,7 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
         let seen = Arc::clone(&mirror.borrow_and_update());
         store.import_shared(&imported(&seen, &config.id));
         store.set_remote_load(loads(&seen, &config.id));
+        store.set_remote_nodes(nodes(&seen, &config.id));
         let operator_choices = choices(&seen);
         store.apply_operator(&operator_choices);
         if seen.revision > 0 {
@@ -312,6 +338,30 @@ fn choices(mirror: &Mirror) -> OperatorChoices {
         }
     }
     choices
+}
+
+/// The nodes following other controllers in `mirror` (of two keys for one node, moving between
+/// controllers, the newer).
+fn nodes(mirror: &Mirror, me: &str) -> BTreeMap<String, RemoteNode> {
+    let mut found: BTreeMap<String, (i64, RemoteNode)> = BTreeMap::new();
+    for (key, entry) in mirror.entries.range(NODES.to_owned()..) {
+        let Some(rest) = key.strip_prefix(NODES) else { break };
+        let Some((node, controller)) = rest.rsplit_once('/') else { continue };
+        if controller == me {
+            continue;
+        }
+        let Ok(value) = serde_json::from_slice::<NodeValue>(&entry.value) else { continue };
+        let frontends = value
+            .frontends
+            .into_iter()
+            .filter_map(|(service, result)| Some((service_key(&service)?, result)))
+            .collect();
+        let remote = RemoteNode { controller: value.controller, acked_version: value.acked_version, frontends };
+        if found.get(node).is_none_or(|(revision, _)| *revision < entry.mod_revision) {
+            found.insert(node.to_owned(), (entry.mod_revision, remote));
+        }
+    }
+    found.into_iter().map(|(node, (_, remote))| (node, remote)).collect()
 }
 
 /// The other controllers' summed counts in `mirror`.

@@ -30,6 +30,19 @@ pub(super) struct NodeTable {
     load_generation: u64,
     /// With replicas: the counts of the nodes following each other controller, summed per controller.
     pub remote_load: BTreeMap<String, Arc<Vec<BackendLoad>>>,
+    /// With replicas: the nodes following other controllers, as their keys say.
+    pub remote_nodes: BTreeMap<String, RemoteNode>,
+}
+
+/// A node that follows another controller (replicas), as its key in etcd says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteNode {
+    /// The controller it follows.
+    pub controller: String,
+    /// Last version it applied.
+    pub acked_version: Option<u64>,
+    /// Its bind results at that version.
+    pub frontends: BTreeMap<ServiceKey, Result<SocketAddr, String>>,
 }
 
 /// The connected nodes' counts at one load generation, summed per (service, backend), with each node's
@@ -247,6 +260,33 @@ impl Store {
         state.nodes.load_generation += 1;
     }
 
+    /// The nodes following this controller, connected now: id, acked version, bind results.
+    pub fn own_nodes(&self) -> Vec<(String, RemoteNode)> {
+        let state = self.lock();
+        let connected = state.nodes.nodes.iter().filter(|(_, n)| n.connected);
+        connected
+            .map(|(id, n)| {
+                let node = RemoteNode {
+                    controller: String::new(),
+                    acked_version: n.acked_version,
+                    frontends: n.frontends.clone(),
+                };
+                (id.clone(), node)
+            })
+            .collect()
+    }
+
+    /// Takes in the nodes following other controllers: registrations wait for their bind results too.
+    pub fn set_remote_nodes(&self, nodes: BTreeMap<String, RemoteNode>) {
+        let mut state = self.lock();
+        if state.nodes.remote_nodes == nodes {
+            return;
+        }
+        state.nodes.remote_nodes = nodes;
+        drop(state);
+        self.node_updates.send_modify(|n| *n += 1);
+    }
+
     /// The load generation now: the cluster view of any node can only have changed when it moved.
     pub fn load_generation(&self) -> u64 {
         self.lock().nodes.load_generation
@@ -300,17 +340,19 @@ fn sum_rows<'a>(nodes: impl Iterator<Item = &'a [BackendLoad]>) -> BTreeMap<(Ser
 
 impl NodeTable {
     fn frontend_verdict(&self, service: ServiceKey, version: u64, last_call: bool) -> Option<FrontendVerdict> {
-        let connected = || self.nodes.iter().filter(|(_, n)| n.connected);
-        if connected().next().is_none() {
+        let local = self.nodes.iter().filter(|(_, n)| n.connected).map(|(id, n)| (id, n.acked_version, &n.frontends));
+        let remote = self.remote_nodes.iter().map(|(id, n)| (id, n.acked_version, &n.frontends));
+        let connected: Vec<_> = local.chain(remote).collect();
+        if connected.is_empty() {
             return Some(FrontendVerdict::NoNodes);
         }
         // Every connected node is heard (or the time is up), so a success can still name the nodes that failed.
         let mut serving = false;
         let mut errors = Vec::new();
         let mut pending = Vec::new();
-        for (id, node) in connected() {
-            match node.acked_version {
-                Some(acked) if acked >= version => match node.frontends.get(&service) {
+        for (id, acked_version, frontends) in connected {
+            match acked_version {
+                Some(acked) if acked >= version => match frontends.get(&service) {
                     Some(Ok(_)) => serving = true,
                     Some(Err(error)) => errors.push(format!("node {id}: {error}")),
                     None => errors.push(format!("node {id}: service no longer in its snapshot")),

@@ -73,7 +73,25 @@ impl State {
                     .iter()
                     .map(|(&service, result)| FrontendView::from(&FrontendStatus { service, result: result.clone() }))
                     .collect(),
+                controller: None,
             })
+            .chain(self.nodes.remote_nodes.iter().map(|(id, node)| {
+                NodeView {
+                    id: id.clone(),
+                    connected: true,
+                    address: None,
+                    acked_version: node.acked_version,
+                    last_seen_ms_ago: 0,
+                    frontends: node
+                        .frontends
+                        .iter()
+                        .map(|(&service, result)| {
+                            FrontendView::from(&FrontendStatus { service, result: result.clone() })
+                        })
+                        .collect(),
+                    controller: Some(node.controller.clone()),
+                }
+            }))
             .collect();
         StateView { version: self.version, warming_up: registry.warming_up, services, nodes }
     }

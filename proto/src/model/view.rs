@@ -68,6 +68,9 @@ pub struct NodeView {
     pub last_seen_ms_ago: u64,
     /// Its frontends at that version.
     pub frontends: Vec<FrontendView>,
+    /// With replicas: the other controller it follows (none: this one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub controller: Option<String>,
 }
 
 /// One frontend of one node, as the controller's and a node's `/api/state` show it.

@@ -521,3 +521,37 @@ async fn connection_counts_are_cluster_wide_across_controllers() {
     drop(held);
     b.wait_state("the connections closed", |s| active(s) == Some(0)).await;
 }
+
+#[tokio::test]
+async fn a_registration_waits_for_the_bind_results_of_nodes_following_other_controllers() {
+    if !EtcdCluster::available() {
+        return;
+    }
+    let cluster = EtcdCluster::start(1).await;
+    let net = Net::new();
+    let controllers = three_controllers(net, &cluster, "3s").await;
+    let (a, b) = (&controllers[0], &controllers[1]);
+    let _n1 = DataplaneNode::spawn(Host::Root, a, "n1", net.host(9), net.host(9), &[]).await;
+    b.wait_state("n1 through etcd", |s| Controller::node(s, "n1").is_some_and(|n| n["controller"] == "a")).await;
+
+    // Through b, which no node follows: the reply waits for n1 (following a), which opens the port.
+    let echo = TcpEcho::start(net.host(2), 0).await;
+    let mut server = JsonClient::connect(b, net.host(2)).await;
+    assert_eq!(server.register("tcp", echo.addr.port()).await, serde_json::json!({"ack": "successful"}));
+
+    // A port n1 cannot bind: the registration through b fails with n1's reason.
+    let taken = std::net::TcpListener::bind((net.host(9), 0)).unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let mut server = JsonClient::connect(b, net.host(3)).await;
+        let reply = server.register("tcp", port).await;
+        if reply["msg"].as_str().is_some_and(|m| m.contains("store unavailable")) {
+            assert!(Instant::now() < deadline, "b never reached etcd");
+            continue;
+        }
+        assert_eq!(reply["ack"], "failed", "{reply}");
+        assert!(reply["msg"].as_str().unwrap().contains("node n1"), "{reply}");
+        break;
+    }
+}
