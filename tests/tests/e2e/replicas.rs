@@ -555,3 +555,48 @@ async fn a_registration_waits_for_the_bind_results_of_nodes_following_other_cont
         break;
     }
 }
+
+#[tokio::test]
+async fn a_compaction_past_a_controllers_watch_makes_it_list_again_and_nodes_lose_nothing() {
+    if !EtcdCluster::available() {
+        return;
+    }
+    let cluster = EtcdCluster::start(1).await;
+    let net = Net::new();
+    let controllers = three_controllers(net, &cluster, "30s").await;
+    let (a, b) = (&controllers[0], &controllers[1]);
+    let n2 = DataplaneNode::spawn(Host::Root, b, "n2", net.host(10), net.host(10), &[]).await;
+    let echo = TcpEcho::start(net.host(2), 0).await;
+    let port = echo.addr.port();
+    let _server = register_when_taken(a, net.host(2), port).await;
+    wait_serving(&n2, &[port]).await;
+
+    // b stops reading (SIGSTOP): its watch falls behind while etcd takes many writes, then compacts them.
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(b.process.pid().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let mut etcd = Client::connect(cluster.endpoints(), None).await.unwrap();
+    let noise = vec![b'x'; 8 * 1024];
+    let mut last = 0;
+    for i in 0..3_000 {
+        let put = etcd.put(format!("/switchboard/v1/noise/{}", i % 10), noise.clone(), None).await.unwrap();
+        last = put.header().unwrap().revision();
+    }
+    etcd.compact(last, Some(CompactionOptions::new().with_physical())).await.unwrap();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+
+    // b lists again; its node never lost the backend meanwhile.
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let (backends, _) = node_rotation(&n2, port).await;
+        assert_eq!(backends, vec![echo.addr.to_string()], "n2 lost the backend");
+        if b.process.stderr_text().contains("etcd compacted the history this watch needed") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "b never listed again:\n{}", b.process.stderr_text());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(node_rotation(&n2, port).await.0, vec![echo.addr.to_string()], "n2 lost the backend");
+        assert_eq!(tcp_roundtrip(n2.frontend(port), b"x").await.unwrap(), b"x");
+    }
+}
