@@ -11,10 +11,12 @@
 //! - `load/CONTROLLER`: the connections of the nodes following that controller, summed per backend, under
 //!   its lease, written at most once a second and only when they changed; every controller adds the
 //!   others' to its nodes' cluster-wide counts (least connections, power of two) and to its views.
-//! - `operator/SERVICE` (an algorithm) and `operator/SERVICE/ADDRESS` (a weight, a drain): what an
-//!   operator chose on any controller, durable, applied by every controller. A backend's choices are
-//!   deleted once no controller has held it for a lease's time (a drain lasts until its registration
-//!   ends, as with one controller).
+//! - `services/SERVICE` (protocol, port, algorithm, whether an operator chose it) and
+//!   `services/SERVICE/ADDRESS` (an operator's weight, a drain): durable, applied by every controller. The
+//!   first registration of a service writes its key (if absent); an operator's change on any controller
+//!   writes over it. A backend's key, and a service key no operator wrote, are deleted once no controller
+//!   has held a backend of theirs for a lease's time (a drain lasts until its registration ends, as with
+//!   one controller; an operator's algorithm stays).
 //!
 //! The snapshot nodes get is a function of the mirror alone, at its revision: every backend any
 //! controller holds (in rotation when healthy and not drained), the operators' choices applied, and the
@@ -34,7 +36,7 @@ use contract::{
     model::{BackendSpec, RoutingSnapshot, ServiceKey, ServiceSpec, Weight},
     process::stopped,
 };
-use etcd_client::Client;
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -58,7 +60,7 @@ pub struct ReplicaConfig {
 }
 
 const BACKENDS: &str = "backends/";
-const OPERATOR: &str = "operator/";
+const SERVICES: &str = "services/";
 const LOAD: &str = "load/";
 const NODES: &str = "nodes/";
 
@@ -80,11 +82,19 @@ struct LoadRow {
     total: u64,
 }
 
-/// The value of an operator's key: an algorithm (service) or a weight and a drain (backend).
+/// The value of a service's key (protocol, port, algorithm) or of one of its backends' (an operator's
+/// weight and drain).
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct OperatorValue {
+struct ServiceValue {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     algorithm: Option<String>,
+    /// The algorithm is an operator's choice (not the first registration's).
+    #[serde(default)]
+    operator: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     weight: Option<u32>,
     #[serde(default)]
@@ -180,6 +190,14 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
             }
         }
         let seen = Arc::clone(&mirror.borrow_and_update());
+        if let Some(client) = client.as_mut() {
+            for backend in store.own_backends() {
+                let key = format!("{SERVICES}{}", backend.service);
+                if !seen.entries.contains_key(&key) {
+                    let _ = create_service(client, &config.etcd, &key, &backend).await;
+                }
+            }
+        }
         store.import_shared(&imported(&seen, &config.id));
         store.set_remote_load(loads(&seen, &config.id));
         store.set_remote_nodes(nodes(&seen, &config.id));
@@ -248,8 +266,8 @@ async fn publish(
 
 /// The routing state at the mirror's revision, the same on every controller: every backend any controller
 /// holds (of two holding one, the newer key), in rotation when healthy and not drained, with the
-/// operators' choices applied; a service's algorithm is an operator's if one chose, else that of its
-/// oldest key.
+/// operators' choices applied; a service's algorithm is an operator's if one chose, else the one its
+/// service key holds (its first registration's), else that of its oldest backend key.
 fn snapshot(mirror: &Mirror, operator: &OperatorChoices) -> RoutingSnapshot {
     let mut held: BTreeMap<ServiceKey, BTreeMap<SocketAddr, (i64, SharedBackend)>> = BTreeMap::new();
     for (key, entry) in mirror.entries.range(BACKENDS.to_owned()..) {
@@ -272,7 +290,8 @@ fn snapshot(mirror: &Mirror, operator: &OperatorChoices) -> RoutingSnapshot {
         .into_iter()
         .map(|(key, backends)| {
             let oldest = backends.values().min_by_key(|(revision, _)| *revision).map(|(_, b)| b.algorithm);
-            let algorithm = operator.algorithms.get(&key).copied().or(oldest).unwrap_or_default();
+            let chosen = operator.algorithms.get(&key).or(operator.first.get(&key)).copied();
+            let algorithm = chosen.or(oldest).unwrap_or_default();
             let backends = backends
                 .into_values()
                 .filter_map(|(_, b)| {
@@ -291,22 +310,48 @@ fn snapshot(mirror: &Mirror, operator: &OperatorChoices) -> RoutingSnapshot {
 /// The revision of the latest change that can change routing: a backend's or an operator's key written,
 /// or any key removed. Counts (`load/`) are written every second and do not make new versions.
 fn routing_revision(mirror: &Mirror) -> i64 {
-    let routing = mirror.entries.iter().filter(|(key, _)| key.starts_with(BACKENDS) || key.starts_with(OPERATOR));
+    let routing = mirror.entries.iter().filter(|(key, _)| key.starts_with(BACKENDS) || key.starts_with(SERVICES));
     routing.map(|(_, entry)| entry.mod_revision).max().unwrap_or(0).max(mirror.last_removal)
+}
+
+/// Writes a service's key unless one exists: its first registration, on whichever controller, chooses its
+/// algorithm.
+async fn create_service(
+    client: &mut Client,
+    etcd: &EtcdConfig,
+    key: &str,
+    backend: &SharedBackend,
+) -> Result<(), EtcdError> {
+    let value = ServiceValue {
+        protocol: Some(backend.service.protocol.as_str().to_owned()),
+        port: Some(backend.service.port),
+        algorithm: Some(backend.algorithm.as_str().to_owned()),
+        ..ServiceValue::default()
+    };
+    let key = format!("{}/{key}", etcd.prefix);
+    let absent = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
+    let put = TxnOp::put(key, serde_json::to_vec(&value).unwrap_or_default(), None);
+    client.txn(Txn::new().when([absent]).and_then([put])).await?;
+    Ok(())
 }
 
 /// Writes an operator's change into its durable key, over what the key held.
 async fn share_operator(etcd: &EtcdConfig, mirror: &Mirror, change: OperatorChange) -> Result<(), EtcdError> {
     let key = match change {
-        OperatorChange::Algorithm { service, .. } => format!("{OPERATOR}{service}"),
+        OperatorChange::Algorithm { service, .. } => format!("{SERVICES}{service}"),
         OperatorChange::Drain { service, backend } | OperatorChange::Weight { service, backend, .. } => {
-            format!("{OPERATOR}{service}/{backend}")
+            format!("{SERVICES}{service}/{backend}")
         }
     };
-    let held = mirror.entries.get(&key).and_then(|e| serde_json::from_slice::<OperatorValue>(&e.value).ok());
+    let held = mirror.entries.get(&key).and_then(|e| serde_json::from_slice::<ServiceValue>(&e.value).ok());
     let mut value = held.unwrap_or_default();
     match change {
-        OperatorChange::Algorithm { algorithm, .. } => value.algorithm = Some(algorithm.as_str().to_owned()),
+        OperatorChange::Algorithm { service, algorithm } => {
+            value.protocol = Some(service.protocol.as_str().to_owned());
+            value.port = Some(service.port);
+            value.algorithm = Some(algorithm.as_str().to_owned());
+            value.operator = true;
+        }
         OperatorChange::Drain { .. } => value.draining = true,
         OperatorChange::Weight { weight, .. } => value.weight = Some(weight.get()),
     }
@@ -319,15 +364,20 @@ async fn share_operator(etcd: &EtcdConfig, mirror: &Mirror, change: OperatorChan
 /// Every operator's choice in `mirror`; keys that do not parse are skipped.
 fn choices(mirror: &Mirror) -> OperatorChoices {
     let mut choices = OperatorChoices::default();
-    for (key, entry) in mirror.entries.range(OPERATOR.to_owned()..) {
-        let Some(rest) = key.strip_prefix(OPERATOR) else { break };
-        let Ok(value) = serde_json::from_slice::<OperatorValue>(&entry.value) else { continue };
+    for (key, entry) in mirror.entries.range(SERVICES.to_owned()..) {
+        let Some(rest) = key.strip_prefix(SERVICES) else { break };
+        let Ok(value) = serde_json::from_slice::<ServiceValue>(&entry.value) else { continue };
         let mut parts = rest.splitn(2, '/');
         let Some(service) = parts.next().and_then(service_key) else { continue };
         match parts.next() {
             None => {
-                if let Some(algorithm) = value.algorithm.as_deref().and_then(|a| convert::algorithm(a).ok()) {
-                    choices.algorithms.insert(service, algorithm);
+                let algorithm = value.algorithm.as_deref().and_then(|a| convert::algorithm(a).ok());
+                if let Some(algorithm) = algorithm {
+                    if value.operator {
+                        choices.algorithms.insert(service, algorithm);
+                    } else {
+                        choices.first.insert(service, algorithm);
+                    }
                 }
             }
             Some(backend) => {
@@ -394,19 +444,33 @@ fn service_key(text: &str) -> Option<ServiceKey> {
 
 /// Deletes the operator's choices for backends no controller has held for a lease's time.
 async fn forget_unheld(etcd: &EtcdConfig, mirror: &Mirror, unheld: &mut HashMap<String, Instant>) {
-    let held: std::collections::HashSet<&str> = mirror
+    // Held: every SERVICE/ADDRESS and every SERVICE some controller's backend key names.
+    let mut held: std::collections::HashSet<&str> = std::collections::HashSet::new();
+    for rest in mirror.entries.keys().filter_map(|k| k.strip_prefix(BACKENDS)) {
+        if let Some((service_and_backend, _)) = rest.rsplit_once('/') {
+            held.insert(service_and_backend);
+            if let Some((service, _)) = service_and_backend.split_once('/') {
+                held.insert(service);
+            }
+        }
+    }
+    // Forgettable: the backends' choices, and the service keys no operator wrote.
+    let forgettable: Vec<&String> = mirror
         .entries
-        .keys()
-        .filter_map(|k| k.strip_prefix(BACKENDS))
-        .filter_map(|rest| rest.rsplit_once('/').map(|(service_and_backend, _)| service_and_backend))
+        .iter()
+        .filter(|(k, entry)| {
+            k.strip_prefix(SERVICES).is_some_and(|rest| {
+                rest.contains('/')
+                    || serde_json::from_slice::<ServiceValue>(&entry.value).is_ok_and(|value| !value.operator)
+            })
+        })
+        .map(|(k, _)| k)
         .collect();
-    let backend_keys: Vec<&String> =
-        mirror.entries.keys().filter(|k| k.strip_prefix(OPERATOR).is_some_and(|rest| rest.contains('/'))).collect();
-    unheld.retain(|key, _| backend_keys.contains(&key));
+    unheld.retain(|key, _| forgettable.contains(&key));
     let now = Instant::now();
     let mut stale = Vec::new();
-    for key in backend_keys {
-        let Some(rest) = key.strip_prefix(OPERATOR) else { continue };
+    for key in forgettable {
+        let Some(rest) = key.strip_prefix(SERVICES) else { continue };
         if held.contains(rest) {
             unheld.remove(key);
             continue;
@@ -423,7 +487,7 @@ async fn forget_unheld(etcd: &EtcdConfig, mirror: &Mirror, unheld: &mut HashMap<
         for key in stale {
             if client.delete(format!("{}/{key}", etcd.prefix), None).await.is_ok() {
                 unheld.remove(&key);
-                debug!(%key, "operator's choice for a backend no controller holds any more: forgotten");
+                debug!(%key, "a service's or backend's key no controller holds any more: forgotten");
             }
         }
     }

@@ -175,6 +175,9 @@ pub struct OperatorChoices {
     pub algorithms: BTreeMap<ServiceKey, Algorithm>,
     /// Per backend: a weight set by an operator, and whether one drained it.
     pub backends: BTreeMap<(ServiceKey, SocketAddr), (Option<Weight>, bool)>,
+    /// Algorithms chosen by the first registration of a service (on whichever controller): what the
+    /// service's snapshot uses when no operator chose.
+    pub first: BTreeMap<ServiceKey, Algorithm>,
 }
 
 impl Store {

@@ -467,6 +467,14 @@ async fn an_operator_change_made_on_one_controller_reaches_every_node() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+    // The service is a durable key, holding the operator's algorithm.
+    let mut etcd = Client::connect(cluster.endpoints(), None).await.unwrap();
+    let key = format!("/switchboard/v1/services/tcp:{port}");
+    let got = etcd.get(key.as_str(), None).await.unwrap();
+    let value: serde_json::Value = serde_json::from_slice(got.kvs()[0].value()).unwrap();
+    assert_eq!((value["protocol"].as_str(), value["port"].as_u64()), (Some("tcp"), Some(u64::from(port))));
+    assert_eq!((value["algorithm"].as_str(), value["operator"].as_bool()), (Some("least_connections"), Some(true)));
+    assert_eq!(got.kvs()[0].lease(), 0, "a service's key is durable");
     for ctl in &controllers {
         let state = ctl
             .wait_state("the drain", |s| Controller::backends(s, "tcp", port).iter().any(|b| b["draining"] == true))
