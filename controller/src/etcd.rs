@@ -5,7 +5,8 @@
 //! - **Following**: list the prefix, then watch from the next revision. A watch that ends, is cancelled or
 //!   compacted, or a connection that drops, is followed by a new list, diffed against the mirror held; a
 //!   list that fails publishes nothing, so consumers never see an empty or older state because etcd was
-//!   unreachable. A revision never goes backwards.
+//!   unreachable; a list that comes back empty over a mirror that held keys is taken only when a second
+//!   list agrees. A revision never goes backwards.
 //! - **Owning**: keys written with the controller's lease vanish when it dies (after the TTL). Keep-alives
 //!   run on their own task every third of the TTL; a lease that is lost anyway (expired during an etcd
 //!   outage, revoked) is granted again and every owned key written again under the new one.
@@ -174,6 +175,16 @@ async fn follow_once(
     let mut client = config.connect().await?;
     if !*listed {
         let mut fresh = list(&mut client, config).await?;
+        // A list that comes back empty when the mirror held keys is taken only when a second list, a
+        // moment later, agrees: a member restored from nothing, or a prefix wiped by mistake, must not
+        // empty every node at once.
+        if fresh.entries.is_empty() && !mirror.borrow().entries.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            fresh = list(&mut client, config).await?;
+            if fresh.entries.is_empty() {
+                warn!(revision = fresh.revision, "etcd lists nothing under the prefix twice: taking the empty state");
+            }
+        }
         // Keys gone since the state held were removed at some revision up to the list's.
         let held = mirror.borrow();
         fresh.last_removal = if held.entries.keys().any(|k| !fresh.entries.contains_key(k)) {
