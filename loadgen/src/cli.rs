@@ -52,6 +52,11 @@ pub struct RunArgs {
     #[arg(long = "target", required = true)]
     pub targets: Vec<SocketAddr>,
 
+    /// Exit with status 1 when more than this percentage of requests failed (the summary says so); 100
+    /// never fails the run for its errors.
+    #[arg(long, default_value_t = 0.0, value_name = "PERCENT")]
+    pub max_errors: f64,
+
     /// Share of each target, e.g. `80,20`.
     #[arg(long)]
     pub split: Option<String>,

@@ -18,6 +18,18 @@ pub enum LoadError {
     /// A server could not start.
     #[error("{0}")]
     Serve(String),
+    /// More requests failed than `--max-errors` allows.
+    #[error("{failed} of {requests} requests failed ({rate:.1} %), more than --max-errors {max} %")]
+    TooManyErrors {
+        /// Requests that failed.
+        failed: u64,
+        /// Requests made.
+        requests: u64,
+        /// The share that failed, in percent.
+        rate: f64,
+        /// `--max-errors`.
+        max: f64,
+    },
     /// A control-plane run failed.
     #[error(transparent)]
     ControlPlane(#[from] crate::control_plane::ControlPlaneError),

@@ -62,6 +62,9 @@ pub async fn run(kind: Kind, args: RunArgs) -> Result<Report, LoadError> {
     if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         return Err(LoadError::Config("--rate must be a positive number".into()));
     }
+    if !(0.0..=100.0).contains(&args.max_errors) {
+        return Err(LoadError::Config("--max-errors is a percentage, 0 to 100".into()));
+    }
     if args.connections == 0 {
         return Err(LoadError::Config("--connections must be at least 1".into()));
     }

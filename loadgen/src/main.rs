@@ -35,10 +35,10 @@ fn main() -> ExitCode {
                 })
                 .await
             }
-            Command::Tcp(args) => summary(loadgen::run(Kind::Tcp, args).await),
-            Command::Http(args) => summary(loadgen::run(Kind::Http, args).await),
-            Command::Udp(args) => summary(loadgen::run(Kind::Udp, args).await),
-            Command::Bulk(args) => summary(loadgen::run(Kind::Bulk, args).await),
+            Command::Tcp(args) => summary(args.max_errors, loadgen::run(Kind::Tcp, args).await),
+            Command::Http(args) => summary(args.max_errors, loadgen::run(Kind::Http, args).await),
+            Command::Udp(args) => summary(args.max_errors, loadgen::run(Kind::Udp, args).await),
+            Command::Bulk(args) => summary(args.max_errors, loadgen::run(Kind::Bulk, args).await),
             // It prints its own summary, before holding the cluster with --hold.
             Command::ControlPlane(args) => loadgen::control_plane::run(args).await.map(|_| ()),
         }
@@ -54,10 +54,13 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints the summary; the run fails when more requests failed than `max_errors` percent (every output
+/// is written first).
 fn summary(
+    max_errors: f64,
     report: Result<loadgen::report::Report, loadgen::error::LoadError>,
 ) -> Result<(), loadgen::error::LoadError> {
     let report = report?;
     eprint!("{}", report.summary());
-    Ok(())
+    report.check_errors(max_errors)
 }

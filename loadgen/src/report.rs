@@ -154,6 +154,17 @@ impl Report {
         }
     }
 
+    /// Fails when more than `max` percent of the requests failed.
+    pub fn check_errors(&self, max: f64) -> Result<(), crate::error::LoadError> {
+        let failed: u64 = self.errors.values().sum();
+        let requests = self.ok + failed;
+        let rate = if requests == 0 { 0.0 } else { failed as f64 * 100.0 / requests as f64 };
+        if rate > max {
+            return Err(crate::error::LoadError::TooManyErrors { failed, requests, rate, max });
+        }
+        Ok(())
+    }
+
     /// The human summary.
     pub fn summary(&self) -> String {
         let mut out = String::new();

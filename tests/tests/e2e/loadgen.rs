@@ -86,16 +86,33 @@ async fn errors_are_counted_by_kind_and_shares_follow_the_split() {
         "1s",
         "--timeout",
         "300ms",
+        "--max-errors",
+        "50",
         "--quiet",
         "--json",
         "-",
     ])
     .await;
-    assert_eq!(code, Some(0));
+    assert_eq!(code, Some(0), "half the requests failed, which --max-errors 50 allows");
     assert_eq!(out["targets"][0]["ok"], 100, "half of 200 to the good target: {out:#}");
     assert_eq!(out["errors"]["connect"], 50, "{out:#}");
     assert_eq!(out["errors"]["timeout"], 50, "{out:#}");
     drop(silent);
+}
+
+#[tokio::test]
+async fn against_a_closed_port_loadgen_fails_and_says_why() {
+    let net = Net::new();
+    let closed = format!("{}:9", net.host(3));
+    let args = ["http", "--target", &closed, "--rate", "50", "--duration", "500ms", "--quiet", "--json", "-"];
+    let output =
+        tokio::process::Command::new(switchboard_tests::harness::bin("loadgen")).args(args).output().await.unwrap();
+    assert_eq!(output.status.code(), Some(1), "every request failed");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("more than --max-errors 0 %"), "{stderr}");
+    assert!(!stderr.contains('\x1b'), "colour codes in redirected output: {stderr:?}");
+    let report: Value = serde_json::from_str(String::from_utf8_lossy(&output.stdout).trim()).unwrap();
+    assert_eq!(report["ok"], 0, "the report is still written");
 }
 
 /// Runs loadgen with `--json -` and parses the JSON it prints.
