@@ -99,6 +99,8 @@ pub struct FrontendStats {
     labels: ServiceLabels,
     refused: [Counter; 4],
     drops: [Counter; 7],
+    /// Backend failures are logged at warn level at most once per 10 s per frontend.
+    backend_warnings: std::sync::Mutex<contract::limit::Throttle>,
 }
 
 /// What a node's link to its controller counts (remote nodes only).
@@ -252,6 +254,7 @@ impl DataMetrics {
             refused: REFUSALS.map(|r| self.refused.get_or_create_owned(&labels.with_reason(r.as_str()))),
             drops: DROPS.map(|d| self.udp_drops.get_or_create_owned(&labels.with_reason(d.as_str()))),
             labels,
+            backend_warnings: std::sync::Mutex::new(contract::limit::Throttle::new(contract::limit::WARN_EVERY)),
         })
     }
 
@@ -277,6 +280,12 @@ impl FrontendStats {
     /// A TCP client was closed for `why`.
     pub fn refused(&self, why: Refusal) {
         self.refused[why as usize].inc();
+    }
+
+    /// `Some(failures held back since the last warning)` when a backend failure may be logged at warn
+    /// level now.
+    pub fn may_warn(&self) -> Option<u64> {
+        self.backend_warnings.lock().unwrap_or_else(|e| e.into_inner()).admit(tokio::time::Instant::now())
     }
 
     /// A UDP datagram was dropped for `why`.

@@ -141,8 +141,20 @@ async fn connection(
         ctx.client_fds.refused();
         return Outcome::refused(frontend, Refusal::FdLimit);
     };
-    let Some((upstream, backend, mut guard)) = connect(&route, peer, ctx.connect_timeout).await else {
-        warn!(%service, client = %peer, backends = route.backends.len(), "no backend accepted the connection");
+    let mut failures = Vec::new();
+    let connected = connect(&route, peer, ctx.connect_timeout, &mut failures).await;
+    if !failures.is_empty()
+        && let Some(held_back) = frontend.may_warn()
+    {
+        let why = failures.join("; ");
+        match &connected {
+            Some((_, backend, _)) => {
+                warn!(%service, %why, used = %backend, held_back, "a backend failed; the next one took the connection")
+            }
+            None => warn!(%service, %why, held_back, "no backend accepted the connection"),
+        }
+    }
+    let Some((upstream, backend, mut guard)) = connected else {
         return Outcome::refused(frontend, Refusal::NoBackend);
     };
     // The connection keeps its backend's counters through the guard, not the whole route.
@@ -173,11 +185,12 @@ async fn spoke_within(client: &TcpStream, wait: Duration) -> bool {
     matches!(timeout(wait, client.peek(&mut byte)).await, Ok(Ok(1..)))
 }
 
-/// Tries the balancer's pick, then every other backend once.
+/// Tries the balancer's pick, then every other backend once; each failure's reason goes to `failures`.
 async fn connect(
     route: &ServiceRoute,
     client: SocketAddr,
     connect_timeout: Duration,
+    failures: &mut Vec<String>,
 ) -> Option<(TcpStream, SocketAddr, ConnectionGuard)> {
     for backend in route.candidates(client.ip()) {
         // Counted from the pick on: a burst of accepts during one connect must not all see the same
@@ -193,6 +206,7 @@ async fn connect(
             }
             Ok(Err(error)) => {
                 debug!(backend = %backend.address, %error, "backend refused; trying the next");
+                failures.push(format!("{}: {error}", backend.address));
                 match error.kind() {
                     io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
                     io::ErrorKind::TimedOut => ConnectFailure::Timeout,
@@ -201,6 +215,7 @@ async fn connect(
             }
             Err(_) => {
                 debug!(backend = %backend.address, "connect timed out; trying the next");
+                failures.push(format!("{}: no answer within {connect_timeout:?}", backend.address));
                 ConnectFailure::Timeout
             }
         };

@@ -188,3 +188,29 @@ async fn a_removed_backend_gets_no_new_connections_but_keeps_its_open_ones() {
     open.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"still", "the open connection keeps working");
 }
+
+#[tokio::test]
+async fn a_refusing_backend_is_logged_at_warn_with_its_reason() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &[]).await;
+    // Registered, but nothing listens on its port.
+    let port = free_port(net.host(2));
+    let mut server = JsonClient::connect(&ctl, net.host(2)).await;
+    assert_eq!(server.register("tcp", port).await, json!({"ack": "successful"}));
+    ctl.wait_state("the backend", |s| Controller::backends(s, "tcp", port).len() == 1).await;
+    for _ in 0..3 {
+        assert!(tcp_roundtrip(ctl.frontend(port), b"x").await.unwrap_or_default().is_empty());
+    }
+    let deadline = tokio::time::Instant::now() + switchboard_tests::harness::DEADLINE;
+    loop {
+        let log = ctl.process.stderr_text();
+        if let Some(line) = log.lines().find(|l| l.contains("no backend accepted the connection")) {
+            assert!(line.contains("WARN") && line.contains("refused"), "{line}");
+            // Three failures, one line: the rest are held back for 10 s.
+            assert_eq!(log.matches("no backend accepted the connection").count(), 1, "{log}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no warning:\n{log}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
