@@ -69,6 +69,7 @@ impl Framer {
         self.scan = Scan::default();
         Some(match serde_json::from_slice::<Value>(&frame) {
             Ok(value) => Frame::Value(value),
+            Err(_) if is_http_request(&frame) => Frame::Invalid(HTTP_HINT.to_owned()),
             Err(error) => Frame::Invalid(error.to_string()),
         })
     }
@@ -116,6 +117,17 @@ impl Framer {
         // `end` may be 0 only for '{', which never gets here; a newline is consumed with the frame.
         Some(if self.buf[end] == b'\n' { end + 1 } else { end })
     }
+}
+
+/// What an HTTP request on this port is told.
+pub const HTTP_HINT: &str = "this port speaks JSON, one object per line (the HW1 control channel), not HTTP: \
+send {\"cmd\":\"register\",\"protocol\":\"tcp\",\"port\":80}; the admin HTTP server is on --admin-listen";
+
+/// True when `frame` is an HTTP request line (`GET / HTTP/1.1` and the like).
+fn is_http_request(frame: &[u8]) -> bool {
+    const METHODS: [&[u8]; 9] =
+        [b"GET ", b"POST ", b"HEAD ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE "];
+    METHODS.iter().any(|m| frame.starts_with(m)) && frame.windows(5).any(|w| w == b"HTTP/")
 }
 
 #[cfg(test)]
@@ -201,6 +213,14 @@ mod tests {
         f.push(deep.as_bytes());
         // serde_json's recursion limit turns this into an error, not a stack overflow.
         assert!(matches!(f.next_frame(), Some(Frame::Invalid(_))));
+    }
+
+    #[test]
+    fn an_http_request_line_is_told_this_port_speaks_json() {
+        let mut f = Framer::new(1024);
+        f.push(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(f.next_frame(), Some(Frame::Invalid(HTTP_HINT.to_owned())));
+        assert!(matches!(f.next_frame(), Some(Frame::Invalid(why)) if why != HTTP_HINT));
     }
 
     #[test]
