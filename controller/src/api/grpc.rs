@@ -158,6 +158,9 @@ impl Registry for RegistryApi {
             _ => Origin::grpc(peer),
         };
         let origin_kind = origin.kind.as_str();
+        // Not taken while the shared store is out of reach: the stream fails with UNAVAILABLE, which
+        // clients retry (an ack refusing it would read as a final no).
+        self.store.check_shared()?;
         let registration = self.store.open_registration(origin)?;
         registration.set_healthy(first.healthy.unwrap_or(true))?;
         let (tx, rx) = mpsc::channel(16);

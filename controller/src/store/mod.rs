@@ -181,7 +181,7 @@ impl Store {
     }
 
     /// Refuses a change while the shared store cannot be reached.
-    fn check_shared(&self) -> Result<(), StoreError> {
+    pub fn check_shared(&self) -> Result<(), StoreError> {
         match &*self.shared_down.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(why) => Err(StoreError::Unavailable(why.clone())),
             None => Ok(()),
