@@ -220,6 +220,9 @@ impl TryFrom<Cli> for Config {
         let probe =
             ProbeSettings { interval: cli.hello_interval, timeout: cli.hello_timeout, failures: cli.hello_failures };
         // Checked even when no node is embedded: a flag given is a flag that must make sense.
+        let listeners =
+            [("json-listen", cli.json_listen), ("grpc-listen", cli.grpc_listen), ("admin-listen", cli.admin_listen)];
+        check_listeners_apart(&listeners)?;
         let fd_shares = FdShares::current();
         let node = cli.node.node_config(EMBEDDED_NODE.to_owned(), EMBEDDED_LOAD_REPORT_INTERVAL, fd_shares.clients)?;
         Ok(Config {
@@ -258,6 +261,24 @@ impl TryFrom<Cli> for Config {
             store: StoreSettings::from_flags(&cli.store, &cli.etcd_prefix, cli.etcd_lease_ttl, cli.controller_id)?,
         })
     }
+}
+
+/// Two of the controller's listeners on one port of overlapping addresses (the same one, or one of them
+/// unspecified) cannot both bind: refused before anything is bound, `--check` included.
+fn check_listeners_apart(listeners: &[(&'static str, SocketAddr)]) -> Result<(), FlagError> {
+    for (i, &(flag, addr)) in listeners.iter().enumerate() {
+        for &(other, other_addr) in &listeners[..i] {
+            let overlap =
+                addr.ip() == other_addr.ip() || addr.ip().is_unspecified() || other_addr.ip().is_unspecified();
+            if addr.port() != 0 && addr.port() == other_addr.port() && overlap {
+                return Err(FlagError::new(
+                    flag,
+                    format!("{addr} clashes with --{other} {other_addr}: give each listener its own port"),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn at_least_one(flag: &'static str, value: usize) -> Result<usize, FlagError> {
@@ -455,6 +476,22 @@ mod tests {
         for bad in ["", "127.0.0.1", "127.0.0.1/33", "::1/129", "nowhere/8", "10.0.0.0/x"] {
             assert!(bad.parse::<CidrList>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn listeners_that_would_clash_are_refused() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let clash =
+            check_listeners_apart(&[("json-listen", addr("0.0.0.0:8080")), ("admin-listen", addr("127.0.0.1:8080"))]);
+        assert_eq!(clash.unwrap_err().flag, "admin-listen");
+        assert!(check_listeners_apart(&[("a", addr("127.0.0.1:8080")), ("b", addr("127.0.0.2:8080"))]).is_ok());
+        assert!(check_listeners_apart(&[("a", addr("127.0.0.1:0")), ("b", addr("127.0.0.1:0"))]).is_ok());
+        let cli = <Cli as clap::Parser>::parse_from(["controller", "--json-listen", "127.0.0.1:9901"]);
+        let refused = Config::try_from(cli).unwrap_err().to_string();
+        assert!(
+            refused.contains("--admin-listen") && refused.contains("clashes with --json-listen 127.0.0.1:9901"),
+            "{refused}"
+        );
     }
 
     #[test]
