@@ -33,7 +33,7 @@ use std::{
 
 use contract::{
     convert,
-    model::{BackendSpec, RoutingSnapshot, ServiceKey, ServiceSpec, Weight},
+    model::{Algorithm, BackendSpec, RoutingSnapshot, ServiceKey, ServiceSpec, Weight},
     process::stopped,
 };
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
@@ -129,73 +129,43 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
     let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     // One connection for the writes, made again only after an error.
     let mut client: Option<Client> = None;
-    let (mut load_written, mut load_at) = (Vec::new(), Instant::now());
+    // This controller's counts, refreshed at most once a second (then written only when they changed).
+    let mut load: Option<(Instant, Vec<u8>)> = None;
     let mut retry = tokio::time::interval(Duration::from_secs(1));
     info!(controller = %config.id, endpoints = ?config.etcd.endpoints, prefix = %config.etcd.prefix, "sharing the registry through etcd");
     loop {
+        let backends = store.own_backends();
         let mut own: BTreeMap<String, Vec<u8>> =
-            store.own_backends().iter().map(|b| (key(b, &config.id), value(b, &config.id))).collect();
+            backends.iter().map(|b| (key(b, &config.id), value(b, &config.id))).collect();
         for (node, state) in store.own_nodes() {
-            let value = NodeValue {
-                controller: config.id.clone(),
-                acked_version: state.acked_version,
-                frontends: state
-                    .frontends
-                    .iter()
-                    .map(|(service, result)| (service.to_string(), result.clone()))
-                    .collect(),
-            };
-            own.insert(format!("{NODES}{node}/{}", config.id), serde_json::to_vec(&value).unwrap_or_default());
+            own.insert(format!("{NODES}{node}/{}", config.id), node_value(&config.id, &state));
+        }
+        if load.as_ref().is_none_or(|(at, _)| at.elapsed() >= Duration::from_secs(1)) {
+            load = Some((Instant::now(), load_value(&store)));
+        }
+        if let Some((_, rows)) = &load {
+            own.insert(format!("{LOAD}{}", config.id), rows.clone());
         }
         if own != written {
             match publish(&config.etcd, &mut client, &owned, &written, &own).await {
                 Ok(()) => written = own,
                 Err(error) => {
                     client = None;
-                    warn!(%error, "cannot publish this controller's backends to etcd; retrying");
+                    warn!(%error, "cannot publish this controller's keys to etcd; retrying");
                 }
             }
         }
         store.set_shared_down(down.borrow_and_update().clone());
-        if load_at.elapsed() >= Duration::from_secs(1) {
-            load_at = Instant::now();
-            let rows: Vec<LoadRow> = store
-                .own_load()
-                .into_iter()
-                .map(|r| LoadRow {
-                    service: r.service.to_string(),
-                    backend: r.backend,
-                    active: r.active,
-                    total: r.total,
-                })
-                .collect();
-            let bytes = serde_json::to_vec(&rows).unwrap_or_default();
-            if bytes != load_written {
-                let key = format!("{LOAD}{}", config.id);
-                if client.is_none() {
-                    client = config.etcd.connect().await.ok();
-                }
-                let put = match client.as_mut() {
-                    Some(c) => Some(owned.put(c, &key, bytes.clone()).await),
-                    None => None,
-                };
-                match put {
-                    Some(Ok(_)) => load_written = bytes,
-                    Some(Err(error)) => {
-                        client = None;
-                        debug!(%error, "cannot share this controller's counts; retrying");
-                    }
-                    None => debug!("cannot reach etcd to share this controller's counts; retrying"),
-                }
-            }
-        }
         let seen = Arc::clone(&mirror.borrow_and_update());
-        if let Some(client) = client.as_mut() {
-            for backend in store.own_backends() {
-                let key = format!("{SERVICES}{}", backend.service);
-                if !seen.entries.contains_key(&key) {
-                    let _ = create_service(client, &config.etcd, &key, &backend).await;
-                }
+        // A service etcd has no key for yet: its first backend here writes it (once per service).
+        let mut new_services: BTreeMap<ServiceKey, &SharedBackend> = BTreeMap::new();
+        for b in backends.iter().filter(|b| !seen.entries.contains_key(&format!("{SERVICES}{}", b.service))) {
+            new_services.entry(b.service).or_insert(b);
+        }
+        for backend in new_services.into_values() {
+            if let Err(error) = create_service(&config.etcd, &mut client, backend).await {
+                client = None;
+                debug!(%error, "cannot write a new service's key; retrying");
             }
         }
         store.import_shared(&imported(&seen, &config.id));
@@ -204,27 +174,30 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
         let operator_choices = choices(&seen);
         store.apply_operator(&operator_choices);
         if seen.revision > 0 {
-            let own_revisions = written
+            // Per own backend written: the revision at which etcd holds that write (0: not yet).
+            let own_revisions = backends
                 .iter()
-                .filter_map(|(key, value)| {
-                    let (_, backend) = parse(value).ok()?;
-                    let entry = seen.entries.get(key).filter(|e| e.value == *value);
-                    Some((
-                        (backend.service, backend.address),
-                        entry.map_or(0, |e| u64::try_from(e.mod_revision).unwrap_or(0)),
-                    ))
+                .filter_map(|b| {
+                    let key = key(b, &config.id);
+                    let value = written.get(&key)?;
+                    let entry = seen.entries.get(&key).filter(|e| e.value == *value);
+                    Some(((b.service, b.address), entry.map_or(0, |e| u64::try_from(e.mod_revision).unwrap_or(0))))
                 })
                 .collect();
             store.publish_shared(snapshot(&seen, &operator_choices), own_revisions);
         }
-        forget_unheld(&config.etcd, &seen, &mut unheld).await;
+        if let Err(error) = forget_unheld(&config.etcd, &mut client, &seen, &mut unheld).await {
+            client = None;
+            debug!(%error, "cannot forget keys no controller holds; retrying");
+        }
         tokio::select! {
             changed = commits.changed() => if changed.is_err() { break },
             changed = mirror.changed() => if changed.is_err() { break },
             changed = down.changed() => if changed.is_err() { break },
             Some(change) = operator.recv() => {
                 let held = Arc::clone(&mirror.borrow());
-                if let Err(error) = share_operator(&config.etcd, &held, change).await {
+                if let Err(error) = share_operator(&config.etcd, &mut client, &held, change).await {
+                    client = None;
                     warn!(%error, "cannot share an operator's change through etcd");
                 }
             }
@@ -233,12 +206,40 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
         }
     }
     follower.abort();
-    if let Ok(mut client) = config.etcd.connect().await {
+    if let Ok(client) = connected(&config.etcd, &mut client).await {
         for key in written.keys() {
-            let _ = owned.delete(&mut client, key).await;
+            let _ = owned.delete(client, key).await;
         }
     }
     keeper.abort();
+}
+
+/// The connection for writes, made now if there is none.
+async fn connected<'a>(etcd: &EtcdConfig, client: &'a mut Option<Client>) -> Result<&'a mut Client, EtcdError> {
+    Ok(match client {
+        Some(client) => client,
+        None => client.insert(etcd.connect().await?),
+    })
+}
+
+/// The value of a node's key.
+fn node_value(controller: &str, node: &RemoteNode) -> Vec<u8> {
+    let value = NodeValue {
+        controller: controller.to_owned(),
+        acked_version: node.acked_version,
+        frontends: node.frontends.iter().map(|(service, result)| (service.to_string(), result.clone())).collect(),
+    };
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+/// The value of this controller's counts' key.
+fn load_value(store: &Store) -> Vec<u8> {
+    let rows: Vec<LoadRow> = store
+        .own_load()
+        .into_iter()
+        .map(|r| LoadRow { service: r.service.to_string(), backend: r.backend, active: r.active, total: r.total })
+        .collect();
+    serde_json::to_vec(&rows).unwrap_or_default()
 }
 
 /// Writes what changed between `written` and `own`.
@@ -249,10 +250,7 @@ async fn publish(
     written: &BTreeMap<String, Vec<u8>>,
     own: &BTreeMap<String, Vec<u8>>,
 ) -> Result<(), EtcdError> {
-    let client = match client {
-        Some(client) => client,
-        None => client.insert(etcd.connect().await?),
-    };
+    let client = connected(etcd, client).await?;
     for (key, value) in own {
         if written.get(key) != Some(value) {
             owned.put(client, key, value.clone()).await?;
@@ -317,26 +315,36 @@ fn routing_revision(mirror: &Mirror) -> i64 {
 /// Writes a service's key unless one exists: its first registration, on whichever controller, chooses its
 /// algorithm.
 async fn create_service(
-    client: &mut Client,
     etcd: &EtcdConfig,
-    key: &str,
+    client: &mut Option<Client>,
     backend: &SharedBackend,
 ) -> Result<(), EtcdError> {
-    let value = ServiceValue {
-        protocol: Some(backend.service.protocol.as_str().to_owned()),
-        port: Some(backend.service.port),
-        algorithm: Some(backend.algorithm.as_str().to_owned()),
-        ..ServiceValue::default()
-    };
-    let key = format!("{}/{key}", etcd.prefix);
+    let key = format!("{}/{SERVICES}{}", etcd.prefix, backend.service);
+    let value = service_value(ServiceValue::default(), backend.service, backend.algorithm, false);
     let absent = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
     let put = TxnOp::put(key, serde_json::to_vec(&value).unwrap_or_default(), None);
-    client.txn(Txn::new().when([absent]).and_then([put])).await?;
+    connected(etcd, client).await?.txn(Txn::new().when([absent]).and_then([put])).await?;
     Ok(())
 }
 
+/// `value` naming `service` and its `algorithm`, chosen by an operator or not.
+fn service_value(value: ServiceValue, service: ServiceKey, algorithm: Algorithm, operator: bool) -> ServiceValue {
+    ServiceValue {
+        protocol: Some(service.protocol.as_str().to_owned()),
+        port: Some(service.port),
+        algorithm: Some(algorithm.as_str().to_owned()),
+        operator,
+        ..value
+    }
+}
+
 /// Writes an operator's change into its durable key, over what the key held.
-async fn share_operator(etcd: &EtcdConfig, mirror: &Mirror, change: OperatorChange) -> Result<(), EtcdError> {
+async fn share_operator(
+    etcd: &EtcdConfig,
+    client: &mut Option<Client>,
+    mirror: &Mirror,
+    change: OperatorChange,
+) -> Result<(), EtcdError> {
     let key = match change {
         OperatorChange::Algorithm { service, .. } => format!("{SERVICES}{service}"),
         OperatorChange::Drain { service, backend } | OperatorChange::Weight { service, backend, .. } => {
@@ -346,18 +354,12 @@ async fn share_operator(etcd: &EtcdConfig, mirror: &Mirror, change: OperatorChan
     let held = mirror.entries.get(&key).and_then(|e| serde_json::from_slice::<ServiceValue>(&e.value).ok());
     let mut value = held.unwrap_or_default();
     match change {
-        OperatorChange::Algorithm { service, algorithm } => {
-            value.protocol = Some(service.protocol.as_str().to_owned());
-            value.port = Some(service.port);
-            value.algorithm = Some(algorithm.as_str().to_owned());
-            value.operator = true;
-        }
+        OperatorChange::Algorithm { service, algorithm } => value = service_value(value, service, algorithm, true),
         OperatorChange::Drain { .. } => value.draining = true,
         OperatorChange::Weight { weight, .. } => value.weight = Some(weight.get()),
     }
-    let mut client = etcd.connect().await?;
     let bytes = serde_json::to_vec(&value).unwrap_or_default();
-    client.put(format!("{}/{key}", etcd.prefix), bytes, None).await?;
+    connected(etcd, client).await?.put(format!("{}/{key}", etcd.prefix), bytes, None).await?;
     Ok(())
 }
 
@@ -443,7 +445,12 @@ fn service_key(text: &str) -> Option<ServiceKey> {
 }
 
 /// Deletes the operator's choices for backends no controller has held for a lease's time.
-async fn forget_unheld(etcd: &EtcdConfig, mirror: &Mirror, unheld: &mut HashMap<String, Instant>) {
+async fn forget_unheld(
+    etcd: &EtcdConfig,
+    client: &mut Option<Client>,
+    mirror: &Mirror,
+    unheld: &mut HashMap<String, Instant>,
+) -> Result<(), EtcdError> {
     // Held: every SERVICE/ADDRESS and every SERVICE some controller's backend key names.
     let mut held: std::collections::HashSet<&str> = std::collections::HashSet::new();
     for rest in mirror.entries.keys().filter_map(|k| k.strip_prefix(BACKENDS)) {
@@ -480,17 +487,12 @@ async fn forget_unheld(etcd: &EtcdConfig, mirror: &Mirror, unheld: &mut HashMap<
             stale.push(key.clone());
         }
     }
-    if stale.is_empty() {
-        return;
+    for key in stale {
+        connected(etcd, client).await?.delete(format!("{}/{key}", etcd.prefix), None).await?;
+        unheld.remove(&key);
+        debug!(%key, "a service's or backend's key no controller holds any more: forgotten");
     }
-    if let Ok(mut client) = etcd.connect().await {
-        for key in stale {
-            if client.delete(format!("{}/{key}", etcd.prefix), None).await.is_ok() {
-                unheld.remove(&key);
-                debug!(%key, "a service's or backend's key no controller holds any more: forgotten");
-            }
-        }
-    }
+    Ok(())
 }
 
 fn key(backend: &SharedBackend, controller: &str) -> String {
