@@ -229,8 +229,11 @@ impl FrontendSocket {
         match SockRef::from(&*session.upstream).send(datagram) {
             Ok(sent) => {
                 session.stats.datagram_in(sent);
-                session.shared.datagrams_in.fetch_add(1, Ordering::Relaxed);
-                session.shared.bytes_in.fetch_add(sent as u64, Ordering::Relaxed);
+                // The session's own counts are for its access-log record only.
+                if self.ctx.access_log.is_some() {
+                    session.shared.datagrams_in.fetch_add(1, Ordering::Relaxed);
+                    session.shared.bytes_in.fetch_add(sent as u64, Ordering::Relaxed);
+                }
             }
             // The upstream socket's send buffer is full: like any full queue on the way, the datagram is lost.
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
