@@ -1324,31 +1324,17 @@ def main():
     raise_nofile()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    if args.scenario == "skew":
-        result = skew(args)
-        (RESULTS / f"skew-{stamp}.json").write_text(json.dumps(result, indent=2))
-        svg_skew(result, RESULTS / "skew.svg")
-        print(json.dumps(result, indent=2))
-        return
-    if args.scenario == "control-plane":
-        result = control_plane(args)
-        (RESULTS / f"control-plane-{stamp}.json").write_text(json.dumps(result, indent=2))
-        print(cp_markdown(result))
-        return
-    if args.scenario == "replicas":
-        result = replicas(args)
-        (RESULTS / f"replicas-{stamp}.json").write_text(json.dumps(result, indent=2))
-        print(replicas_markdown(result))
-        return
-    if args.scenario == "paired":
-        result = paired(args)
-        (RESULTS / f"paired-{stamp}.json").write_text(json.dumps(result, indent=2))
-        print(paired_markdown(result))
-        return
-    if args.scenario == "pydirector":
-        result = pydirector(args)
-        (RESULTS / f"pydirector-{stamp}.json").write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
+    as_json = lambda result: json.dumps(result, indent=2)
+    scenarios = {"skew": (skew, as_json), "control-plane": (control_plane, cp_markdown),
+                 "replicas": (replicas, replicas_markdown), "paired": (paired, paired_markdown),
+                 "pydirector": (pydirector, as_json)}
+    if args.scenario in scenarios:
+        run_scenario, render = scenarios[args.scenario]
+        result = run_scenario(args)
+        (RESULTS / f"{args.scenario}-{stamp}.json").write_text(json.dumps(result, indent=2))
+        if args.scenario == "skew":
+            svg_skew(result, RESULTS / "skew.svg")
+        print(render(result))
         return
     results = suite(args)
     (RESULTS / f"suite-{stamp}.json").write_text(json.dumps(results, indent=2))
