@@ -123,7 +123,7 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
     // Down until the first list: a controller that never reached etcd takes no registration.
     let (down_tx, mut down) = watch::channel(Some("not reached yet".to_owned()));
     let follower = tokio::spawn(follow(config.etcd.clone(), mirror_tx, down_tx));
-    let mut commits = store.watch_commits();
+    let mut local_changes = store.watch_local_changes();
     let mut operator = store.operator_changes();
     let mut unheld: HashMap<String, Instant> = HashMap::new();
     let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
@@ -191,7 +191,7 @@ pub async fn run(config: ReplicaConfig, store: Arc<Store>, mut shutdown: watch::
             debug!(%error, "cannot forget keys no controller holds; retrying");
         }
         tokio::select! {
-            changed = commits.changed() => if changed.is_err() { break },
+            changed = local_changes.changed() => if changed.is_err() { break },
             changed = mirror.changed() => if changed.is_err() { break },
             changed = down.changed() => if changed.is_err() { break },
             Some(change) = operator.recv() => {

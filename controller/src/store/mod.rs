@@ -80,8 +80,9 @@ pub struct Store {
     /// then this holds, per backend of this controller's own registrations, the etcd revision at which
     /// its key holds what was last committed (0: not there yet).
     shared_revisions: Option<watch::Sender<std::collections::HashMap<(contract::model::ServiceKey, SocketAddr), u64>>>,
-    /// Bumped on every commit (a replica publishes what its registrations hold when it moves).
-    commits: watch::Sender<u64>,
+    /// Bumped on every commit and every change of this controller's nodes (a node joining, leaving or
+    /// acking): what a replica publishes moves with it.
+    local_changes: watch::Sender<u64>,
     /// With a shared store: where this controller's operator changes go to be shared.
     operator: Mutex<Option<tokio::sync::mpsc::UnboundedSender<shared::OperatorChange>>>,
     /// Every connected node's counts summed, computed once per change of any of them and outside the
@@ -131,7 +132,7 @@ impl Store {
             recent: Mutex::default(),
             metrics: ControllerMetrics::default(),
             shared_down: Mutex::default(),
-            commits: watch::Sender::new(0),
+            local_changes: watch::Sender::new(0),
             shared_revisions: replicated.then(|| watch::Sender::new(Default::default())),
             operator: Mutex::default(),
             totals: Mutex::default(),
@@ -155,7 +156,7 @@ impl Store {
         Self::check(state, &draft)?;
         state.version += 1;
         state.registry = draft;
-        self.commits.send_modify(|n| *n += 1);
+        self.local_changes.send_modify(|n| *n += 1);
         if self.shared_revisions.is_none() {
             self.snapshots.send_replace(Arc::new(state.registry.snapshot(state.version)));
         }
@@ -188,9 +189,14 @@ impl Store {
         }
     }
 
-    /// Moves on every commit.
-    pub fn watch_commits(&self) -> watch::Receiver<u64> {
-        self.commits.subscribe()
+    /// Moves on every commit and every change of this controller's nodes.
+    pub fn watch_local_changes(&self) -> watch::Receiver<u64> {
+        self.local_changes.subscribe()
+    }
+
+    /// A node of this controller joined, left or acked.
+    fn node_changed(&self) {
+        self.local_changes.send_modify(|n| *n += 1);
     }
 
     /// What the store counts for `/metrics`.

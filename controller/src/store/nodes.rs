@@ -140,6 +140,7 @@ impl Store {
             None => info!(node, "node joined"),
         }
         self.node_updates.send_modify(|n| *n += 1);
+        self.node_changed();
         Ok(NodeLink { store: Arc::clone(self), node: node.to_owned(), link })
     }
 
@@ -154,6 +155,7 @@ impl Store {
         {
             self.metrics.snapshot_push.observe(at.elapsed().as_secs_f64());
         }
+        let acked = !matches!(report, NodeReport::Load(_));
         match report {
             NodeReport::Applied { version, frontends } => {
                 record.acked_version = Some(version);
@@ -176,6 +178,9 @@ impl Store {
         }
         drop(state);
         self.node_updates.send_modify(|n| *n += 1);
+        if acked {
+            self.node_changed();
+        }
     }
 
     /// A node left: it stays listed as disconnected, its counts leave the cluster view and its frontends no
@@ -193,6 +198,7 @@ impl Store {
         drop(state);
         info!(node, "node left");
         self.node_updates.send_modify(|n| *n += 1);
+        self.node_changed();
     }
 
     /// Waits until the nodes' reports tell whether `service` is served at `version` or later, at most
