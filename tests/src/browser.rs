@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
-use std::{net::SocketAddr, path::Path, process::Stdio, time::Duration};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use base64::Engine;
 use serde_json::{Value, json};
@@ -14,7 +14,7 @@ use tokio::{
     time::{Instant, timeout},
 };
 
-use crate::harness::{DEADLINE, free_port};
+use crate::harness::{DEADLINE, free_port, spawn_quiet};
 
 /// Where Debian installs the browser.
 pub const CHROMIUM: &str = "/usr/bin/chromium";
@@ -41,14 +41,7 @@ impl Browser {
     pub async fn start(width: u32, height: u32) -> Browser {
         let ip = "127.0.0.1".parse().unwrap();
         let addr = SocketAddr::new(ip, free_port(ip));
-        let driver = tokio::process::Command::new("chromedriver")
-            .arg(format!("--port={}", addr.port()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("chromedriver");
+        let driver = spawn_quiet("chromedriver", [format!("--port={}", addr.port())]);
         let deadline = Instant::now() + DEADLINE;
         loop {
             if let Ok((200, status)) = request(addr, "GET", "/status", None).await

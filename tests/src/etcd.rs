@@ -6,14 +6,13 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    process::Stdio,
     time::Duration,
 };
 
 use tokio::{process::Child, time::Instant};
 
 use crate::{
-    harness::{DEADLINE, Host, Net, free_port, http_get},
+    harness::{DEADLINE, Host, Net, free_port, http_get, spawn_quiet},
     tools,
 };
 
@@ -66,8 +65,9 @@ impl EtcdCluster {
     fn launch(&mut self, i: usize, state: &str) {
         let initial: Vec<String> = self.members.iter().map(|m| format!("{}=http://{}", m.name, m.peer)).collect();
         let member = &self.members[i];
-        let child = tokio::process::Command::new("etcd")
-            .args([
+        let child = spawn_quiet(
+            "etcd",
+            [
                 "--name",
                 &member.name,
                 "--data-dir",
@@ -94,13 +94,8 @@ impl EtcdCluster {
                 "zap",
                 "--log-level",
                 "error",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("etcd");
+            ],
+        );
         self.members[i].child = Some(child);
     }
 

@@ -804,16 +804,22 @@ fn is_controller_port(port: u16) -> bool {
     CONTROLLER_PORTS.lock().unwrap().contains(&port)
 }
 
-/// `python3 -m http.server` on `addr`, killed when dropped; returns once it accepts connections.
-pub async fn http_server(addr: SocketAddr) -> Child {
-    let child = tokio::process::Command::new("python3")
-        .args(["-m", "http.server", &addr.port().to_string(), "--bind", &addr.ip().to_string()])
+/// Starts an outside program with `args`, its input and output discarded, killed when dropped.
+pub fn spawn_quiet<S: AsRef<std::ffi::OsStr>>(program: &str, args: impl IntoIterator<Item = S>) -> Child {
+    tokio::process::Command::new(program)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("python3 -m http.server");
+        .unwrap_or_else(|e| panic!("cannot start {program}: {e}"))
+}
+
+/// `python3 -m http.server` on `addr`, killed when dropped; returns once it accepts connections.
+pub async fn http_server(addr: SocketAddr) -> Child {
+    let port = addr.port().to_string();
+    let child = spawn_quiet("python3", ["-m", "http.server", &port, "--bind", &addr.ip().to_string()]);
     let deadline = Instant::now() + DEADLINE;
     while tokio::net::TcpStream::connect(addr).await.is_err() {
         assert!(Instant::now() < deadline, "http.server on {addr} did not start");

@@ -405,6 +405,26 @@ async fn with_etcd_down_nodes_serve_on_and_changes_are_refused_until_it_returns(
     drop((server, late));
 }
 
+/// A one-member etcd, controllers a, b and c on it (3 s leases), n1 following a and n2 following b.
+struct TwoNodes {
+    cluster: EtcdCluster,
+    net: Net,
+    controllers: Vec<Controller>,
+    n1: DataplaneNode,
+    n2: DataplaneNode,
+}
+
+impl TwoNodes {
+    async fn start() -> TwoNodes {
+        let cluster = EtcdCluster::start(1).await;
+        let net = Net::new();
+        let controllers = three_controllers(net, &cluster, "3s").await;
+        let n1 = DataplaneNode::spawn(Host::Root, &controllers[0], "n1", net.host(9), net.host(9), &[]).await;
+        let n2 = DataplaneNode::spawn(Host::Root, &controllers[1], "n2", net.host(10), net.host(10), &[]).await;
+        TwoNodes { cluster, net, controllers, n1, n2 }
+    }
+}
+
 /// The addresses in rotation for `port` on `node`, and its algorithm.
 async fn node_rotation(node: &DataplaneNode, port: u16) -> (Vec<String>, String) {
     let state = node.state().await;
@@ -421,12 +441,8 @@ async fn an_operator_change_made_on_one_controller_reaches_every_node() {
     if !EtcdCluster::available() {
         return;
     }
-    let cluster = EtcdCluster::start(1).await;
-    let net = Net::new();
-    let controllers = three_controllers(net, &cluster, "3s").await;
+    let TwoNodes { cluster, net, controllers, n1, n2 } = TwoNodes::start().await;
     let (a, b) = (&controllers[0], &controllers[1]);
-    let n1 = DataplaneNode::spawn(Host::Root, a, "n1", net.host(9), net.host(9), &[]).await;
-    let n2 = DataplaneNode::spawn(Host::Root, b, "n2", net.host(10), net.host(10), &[]).await;
     let echo1 = TcpEcho::start(net.host(2), 0).await;
     let port = echo1.addr.port();
     let echo2 = TcpEcho::start(net.host(3), port).await;
@@ -492,12 +508,8 @@ async fn connection_counts_are_cluster_wide_across_controllers() {
     if !EtcdCluster::available() {
         return;
     }
-    let cluster = EtcdCluster::start(1).await;
-    let net = Net::new();
-    let controllers = three_controllers(net, &cluster, "3s").await;
+    let TwoNodes { cluster: _cluster, net, controllers, n1, n2 } = TwoNodes::start().await;
     let (a, b) = (&controllers[0], &controllers[1]);
-    let n1 = DataplaneNode::spawn(Host::Root, a, "n1", net.host(9), net.host(9), &[]).await;
-    let n2 = DataplaneNode::spawn(Host::Root, b, "n2", net.host(10), net.host(10), &[]).await;
     let echo = TcpEcho::start(net.host(2), 0).await;
     let port = echo.addr.port();
     let _server = register_when_taken(a, net.host(2), port).await;
