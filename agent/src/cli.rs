@@ -7,12 +7,12 @@ use contract::model::{Algorithm, Protocol, ServiceKey, Weight};
 
 use contract::{auth::Token, client::ClientTls, process::FlagError};
 
-use crate::check::Check;
+use crate::check::{self, Check};
 
 /// Switchboard agent: registers the server beside it with the controller and reports its local health
 /// checks, so a dead server leaves rotation while the agent lives.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "agent", version, about, args_override_self = true)]
+#[command(name = "agent", version = contract::build::VERSION, about, args_override_self = true)]
 pub struct Cli {
     /// Log format and filter.
     #[command(flatten)]
@@ -54,7 +54,8 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_ALGORITHM")]
     pub algorithm: Option<String>,
 
-    /// Local check: tcp (default for TCP), udp:PAYLOAD, http:/PATH, exec:COMMAND, none (default for UDP).
+    /// Local check: tcp (default for TCP), udp:PAYLOAD, http:/PATH (on the backend), http://IP:PORT/PATH (elsewhere),
+    /// exec:COMMAND, none (default for UDP).
     #[arg(long, env = "SWITCHBOARD_CHECK")]
     pub check: Option<String>,
 
@@ -213,10 +214,12 @@ impl TryFrom<Cli> for AgentConfig {
 impl AgentConfig {
     /// The check of `service`: the configured one, or tcp for TCP and none for UDP.
     pub fn check_for(&self, service: &AgentService) -> Check {
-        self.check.clone().unwrap_or(match service.key.protocol {
-            Protocol::Tcp => Check::Tcp,
-            Protocol::Udp => Check::None,
-        })
+        self.check.clone().unwrap_or_else(|| Check::default_for(service.key.protocol))
+    }
+
+    /// When checks run and how many results in a row change the verdict.
+    pub fn schedule(&self) -> check::Schedule {
+        check::Schedule { interval: self.check_interval, timeout: self.check_timeout, rise: self.rise, fall: self.fall }
     }
 }
 
@@ -294,7 +297,12 @@ mod tests {
         }
         assert_eq!(
             config(&["--protocol", "tcp", "--port", "80", "--check", "http:"]).unwrap_err().to_string(),
-            "invalid --check: an HTTP check needs a path, e.g. http:/health"
+            "invalid --check: an HTTP check needs a path, e.g. http:/health, or a whole URL, e.g. http://127.0.0.1:8080/health"
         );
+        // A URL is where the check goes (not a path on the agent's own address); a name is refused.
+        let c = config(&["--protocol", "tcp", "--port", "80", "--check", "http://127.0.0.2:8080/up"]).unwrap();
+        assert_eq!(c.check.map(|c| c.to_string()).as_deref(), Some("http://127.0.0.2:8080/up"));
+        let refused = config(&["--protocol", "tcp", "--port", "80", "--check", "http://db.internal/up"]).unwrap_err();
+        assert!(refused.to_string().contains("must be an IP address"), "{refused}");
     }
 }

@@ -11,7 +11,8 @@
 
 #![forbid(unsafe_code)]
 
-pub mod check;
+/// The local checks and the rise/fall rule, shared with the controller's static backends.
+pub use contract::check;
 pub mod cli;
 pub mod error;
 pub mod register;

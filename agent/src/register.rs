@@ -25,14 +25,14 @@ use contract::{
 };
 use tokio::{
     sync::{mpsc, oneshot, watch},
-    time::{Instant, MissedTickBehavior},
+    time::Instant,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming, service::interceptor::InterceptedService, transport::Channel};
 use tracing::{info, warn};
 
 use crate::{
-    check::{Check, Health},
+    check::{self, Check, Health},
     cli::{AgentConfig, AgentService},
     error::AgentError,
 };
@@ -82,13 +82,13 @@ impl ServiceAgent {
             warn!(service = %self.service, check = %self.check, %why, "server failing its check: registering it out of rotation");
         }
         let (verdict_tx, mut verdict) = watch::channel(first.is_ok());
-        let checker = tokio::spawn(checks(
+        let checker = tokio::spawn(check::follow(
             self.check.clone(),
             self.target,
-            Arc::clone(&self.config),
-            self.service,
+            self.config.schedule(),
             Health::new(first.is_ok(), self.config.rise, self.config.fall),
             verdict_tx,
+            self.service,
         ));
         let result = self.keep_registered(registered, &mut verdict, &mut shutdown).await;
         checker.abort();
@@ -256,30 +256,6 @@ impl ServiceAgent {
                 warn!(service = %self.service, %backend, status = %status.message(), "deregistration refused")
             }
             Err(_) => warn!(service = %self.service, %backend, "no deregistration confirmation in time"),
-        }
-    }
-}
-
-/// Runs the check every `--check-interval` and publishes the rise/fall verdict when it changes.
-async fn checks(
-    check: Check,
-    target: SocketAddr,
-    config: Arc<AgentConfig>,
-    service: AgentService,
-    mut health: Health,
-    verdict: watch::Sender<bool>,
-) {
-    let mut ticks = tokio::time::interval_at(Instant::now() + config.check_interval, config.check_interval);
-    ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        ticks.tick().await;
-        let result = check.run(target, config.check_timeout).await;
-        if let Some(healthy) = health.observe(result.is_ok()) {
-            match &result {
-                Ok(()) => info!(service = %service, check = %check, "server healthy again: back in rotation"),
-                Err(why) => warn!(service = %service, check = %check, %why, "server failing: out of rotation"),
-            }
-            verdict.send_replace(healthy);
         }
     }
 }

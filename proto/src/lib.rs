@@ -13,12 +13,16 @@
 //! - [`auth`]: bearer tokens, presented by clients and checked by the controller.
 //! - [`limit`]: bounds on what clients can make a process hold, and throttled refusal logs.
 //! - [`metrics`]: the Prometheus exposition every admin listener serves at `/metrics`.
+//! - [`check`]: health checks of a server and the rise/fall rule (agents and static backends).
 //! - [`backoff`], [`client`]: how the contract's clients reach the controller and retry.
+//! - [`build`]: the version, commit and profile a binary was built from.
 
 #![forbid(unsafe_code)]
 
 pub mod auth;
 pub mod backoff;
+pub mod build;
+pub mod check;
 pub mod client;
 pub mod convert;
 pub mod limit;
