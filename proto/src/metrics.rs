@@ -67,6 +67,7 @@ pub struct ServiceReasonLabels {
 struct BuildLabels {
     binary: &'static str,
     version: &'static str,
+    commit: &'static str,
 }
 
 // === impl labels ===
@@ -97,12 +98,14 @@ impl ServiceLabels {
     }
 }
 
-/// A process's registry, `switchboard_build_info{binary, version}` already in it.
+/// A process's registry, `switchboard_build_info{binary, version, commit}` already in it.
 pub fn registry(binary: &'static str) -> Registry {
     let mut registry = Registry::with_prefix(PREFIX);
     let build = Family::<BuildLabels, Gauge>::default();
-    build.get_or_create(&BuildLabels { binary, version: env!("CARGO_PKG_VERSION") }).set(1);
-    registry.register("build_info", "The running binary and its version (always 1)", build);
+    build
+        .get_or_create(&BuildLabels { binary, version: crate::build::PKG_VERSION, commit: crate::build::COMMIT })
+        .set(1);
+    registry.register("build_info", "The running binary, its version and commit (always 1)", build);
     registry
 }
 
@@ -155,7 +158,12 @@ mod tests {
             text.contains(r#"switchboard_backend_connections_total{service="tcp:80",backend="127.0.0.2:8080"} 3"#),
             "{text}"
         );
-        assert!(text.contains(r#"switchboard_build_info{binary="test",version=""#), "{text}");
+        let build = format!(
+            r#"switchboard_build_info{{binary="test",version="{}",commit="{}"}} 1"#,
+            crate::build::PKG_VERSION,
+            crate::build::COMMIT
+        );
+        assert!(text.contains(&build), "{text}");
         let (kind, open) = exposition(&registry, Some("application/openmetrics-text;version=1.0.0"));
         assert_eq!(kind, OPENMETRICS_TEXT);
         assert!(open.ends_with("# EOF\n"), "{open}");
