@@ -8,7 +8,7 @@ use dataplane::NodeArgs;
 
 /// Switchboard controller: the registry of services and backends, with an embedded data-plane node.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "controller", version, about, args_override_self = true)]
+#[command(name = "controller", version = contract::build::VERSION, about, args_override_self = true)]
 pub struct Cli {
     /// Log format and filter.
     #[command(flatten)]

@@ -14,7 +14,7 @@ use crate::{access_log::AccessLogTarget, node::NodeConfig, sync::SyncConfig};
 
 /// Switchboard data-plane node: follows a controller and relays TCP and UDP to the backends it lists.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "dataplane", version, about, args_override_self = true)]
+#[command(name = "dataplane", version = contract::build::VERSION, about, args_override_self = true)]
 pub struct Cli {
     /// Log format and filter.
     #[command(flatten)]

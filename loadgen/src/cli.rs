@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand};
 /// Switchboard load driver and demo backends. Every run is bounded by --duration, and aims only at
 /// loopback or private test addresses unless --allow-any-target.
 #[derive(Debug, Parser)]
-#[command(name = "loadgen", version, about, args_override_self = true)]
+#[command(name = "loadgen", version = contract::build::VERSION, about, args_override_self = true)]
 pub struct Cli {
     /// Log format and filter.
     #[command(flatten)]
