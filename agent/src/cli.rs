@@ -38,7 +38,7 @@ pub struct Cli {
 
     /// Address of the server (default: the address the controller sees the agent connect from). Local
     /// checks go to this address, or to 127.0.0.1 when it is not given.
-    #[arg(long, env = "SWITCHBOARD_BACKEND_ADDRESS")]
+    #[arg(long, env = "SWITCHBOARD_BACKEND_ADDRESS", value_parser = contract::addr::ip_addr)]
     pub backend_address: Option<IpAddr>,
 
     /// Port the server listens on (default: --port).

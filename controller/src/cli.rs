@@ -15,15 +15,15 @@ pub struct Cli {
     pub log: contract::process::LogArgs,
 
     /// Address of the HW1 JSON control channel.
-    #[arg(long, env = "SWITCHBOARD_JSON_LISTEN", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = "SWITCHBOARD_JSON_LISTEN", default_value = "0.0.0.0:8080", value_parser = contract::addr::socket_addr)]
     pub json_listen: SocketAddr,
 
     /// Address of the gRPC API (Registry, Admin, health, reflection).
-    #[arg(long, env = "SWITCHBOARD_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
+    #[arg(long, env = "SWITCHBOARD_GRPC_LISTEN", default_value = "0.0.0.0:50051", value_parser = contract::addr::socket_addr)]
     pub grpc_listen: SocketAddr,
 
     /// Address of the admin HTTP server (`GET /api/state`).
-    #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN", default_value = "127.0.0.1:9901")]
+    #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN", default_value = "127.0.0.1:9901", value_parser = contract::addr::socket_addr)]
     pub admin_listen: SocketAddr,
 
     /// Time between two hello probes to a registered server.
@@ -149,6 +149,12 @@ pub struct Cli {
     /// A JSON control connection that has registered nothing is closed after this long without a request.
     #[arg(long, env = "SWITCHBOARD_JSON_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub json_idle_timeout: Duration,
+
+    /// TOML file of these settings (the long flags without dashes, e.g. `json-listen = "0.0.0.0:8080"`)
+    /// and of static services (`[[service]]`). Flags and environment variables win over the file. SIGHUP
+    /// reloads its static services.
+    #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
 
     /// Validate the configuration and exit.
     #[arg(long)]

@@ -1,6 +1,7 @@
 //! The validated configuration of a controller, built from [`crate::Cli`]: parse first, bind later.
 
 use std::{
+    ffi::OsString,
     fmt,
     net::{IpAddr, SocketAddr},
     path::Path,
@@ -11,12 +12,19 @@ use std::{
 use contract::{
     auth::Token,
     client::{read_identity, read_pem},
+    config_file::{self, ConfigFile, ParseError},
     process::FlagError,
 };
 use dataplane::NodeConfig;
 use tonic::transport::{Certificate, Identity};
 
-use crate::{api::auth::Tokens, cli::Cli, error::ConfigError, probe::ProbeSettings};
+use crate::{
+    api::auth::Tokens,
+    cli::Cli,
+    error::ConfigError,
+    probe::ProbeSettings,
+    statics::{self, StaticService},
+};
 
 /// Everything a controller needs to start.
 #[derive(Debug, Clone)]
@@ -59,6 +67,19 @@ pub struct Config {
     pub check: bool,
     /// Where the registry lives.
     pub store: StoreSettings,
+    /// The static services of the `--config` file.
+    pub static_services: Vec<StaticService>,
+    /// The command line and the `--config` file it was read with, read again on SIGHUP.
+    pub source: Option<ConfigSource>,
+}
+
+/// Where a configuration came from, so a reload reads it the same way.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    /// The command line, program name first.
+    pub args: Vec<OsString>,
+    /// The `--config` file as read.
+    pub file: ConfigFile,
 }
 
 /// Where the registry lives (`--store`).
@@ -259,7 +280,35 @@ impl TryFrom<Cli> for Config {
             json_idle_timeout: cli.json_idle_timeout,
             check: cli.check,
             store: StoreSettings::from_flags(&cli.store, &cli.etcd_prefix, cli.etcd_lease_ttl, cli.controller_id)?,
+            static_services: Vec::new(),
+            source: None,
         })
+    }
+}
+
+impl Config {
+    /// Parses `args` (program name first) with the `--config` file beneath them, as the binary starts.
+    pub fn load(args: Vec<OsString>) -> Result<(Cli, Option<ConfigFile>), ParseError> {
+        config_file::parse::<Cli>(&args, statics::SECTIONS)
+    }
+
+    /// The configuration of `cli`, with the static services of `file` (read from `args`).
+    pub fn with_file(cli: Cli, file: Option<ConfigFile>, args: Vec<OsString>) -> Result<Self, ConfigError> {
+        let mut config = Config::try_from(cli)?;
+        if let Some(file) = file {
+            config.static_services = statics::from_file(&file)?;
+            config.source = Some(ConfigSource { args, file });
+        }
+        Ok(config)
+    }
+
+    /// Reads the command line and the file of `source` again (SIGHUP).
+    pub fn reload(source: &ConfigSource) -> Result<Self, ConfigError> {
+        let (cli, file) = Config::load(source.args.clone()).map_err(|e| match e {
+            ParseError::File(e) => ConfigError::File(e),
+            ParseError::Flags(e) => ConfigError::File(source.file.invalid(e.to_string().trim_end())),
+        })?;
+        Config::with_file(cli, file, source.args.clone())
     }
 }
 
@@ -322,6 +371,11 @@ impl CidrList {
     }
 }
 
+/// The longest prefix of `ip`'s family.
+fn max_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() { 32 } else { 128 }
+}
+
 /// True when `a` and `b` agree on their first `len` bits.
 fn prefix(a: u128, b: u128, len: u8) -> bool {
     len == 0 || (a ^ b) >> (128 - u32::from(len)) == 0
@@ -333,9 +387,15 @@ impl FromStr for CidrList {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut blocks = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (ip, len) = part.split_once('/').ok_or_else(|| format!("{part:?} is not ADDRESS/LENGTH"))?;
-            let ip: IpAddr = ip.parse().map_err(|_| format!("{ip:?} in {part:?} is not an IP address"))?;
-            let max = if ip.is_ipv4() { 32 } else { 128 };
+            let (ip, len) = part.split_once('/').ok_or_else(|| match part.parse::<IpAddr>() {
+                // One address: the block of that address alone.
+                Ok(ip) => format!("{part:?} is not ADDRESS/LENGTH, e.g. {ip}/{} for that address alone", max_len(ip)),
+                Err(_) => format!("{part:?} is not ADDRESS/LENGTH, e.g. 10.0.0.0/8 or ::1/128"),
+            })?;
+            let ip: IpAddr = ip
+                .parse()
+                .map_err(|_| format!("{ip:?} in {part:?} is not an IP address, e.g. 10.0.0.0/8 or ::1/128"))?;
+            let max = max_len(ip);
             let len = len.parse::<u8>().ok().filter(|&l| l <= max);
             let len = len.ok_or_else(|| format!("the prefix length of {part:?} is not in 0..={max}"))?;
             // Clients are matched in canonical form, so an IPv4-mapped block is matched as IPv4.
@@ -345,7 +405,9 @@ impl FromStr for CidrList {
             }
         }
         if blocks.is_empty() {
-            return Err("no address block given".to_owned());
+            return Err(
+                "no address block given, e.g. 127.0.0.0/8,::1/128 (or 0.0.0.0/0,::/0 for any source)".to_owned()
+            );
         }
         Ok(CidrList(blocks))
     }

@@ -110,11 +110,13 @@ pub enum StoreError {
 /// Why the controller cannot start or keep running.
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
-    /// A listener could not be bound.
-    #[error("cannot listen for {what} on {addr}: {source}")]
+    /// A listener could not be bound: the OS error once, and what to do about it.
+    #[error("cannot listen on {addr} ({what}): {source}{}", contract::addr::bind_hint(.source, .addr, "controller", .flag))]
     Bind {
         /// Which listener.
         what: &'static str,
+        /// The flag that sets its address, without dashes.
+        flag: &'static str,
         /// The configured address.
         addr: SocketAddr,
         /// What the OS said.
@@ -136,13 +138,24 @@ pub enum ControllerError {
     /// The embedded node could not start.
     #[error("embedded node: {0}")]
     Node(#[from] dataplane::DataplaneError),
+    /// SIGHUP cannot be watched.
+    #[error("cannot watch SIGHUP: {0}")]
+    Signal(#[source] io::Error),
+    /// The static services of the configuration file are refused.
+    #[error("static services of {path}: {source}")]
+    Static {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why the store refused them.
+        source: StoreError,
+    },
 }
 
 /// A configuration value that makes no sense.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {
     /// `--allowed-ports` could not be parsed.
-    #[error("invalid --allowed-ports {value:?}: {why}")]
+    #[error("invalid --allowed-ports {value:?}: {why}; expected ports and FIRST-LAST ranges, e.g. 80,8000-8999")]
     AllowedPorts {
         /// The value given.
         value: String,
@@ -152,4 +165,7 @@ pub enum ConfigError {
     /// A value out of its range.
     #[error(transparent)]
     Flag(#[from] FlagError),
+    /// The `--config` file is wrong.
+    #[error("invalid --config {0}")]
+    File(#[from] contract::config_file::ConfigFileError),
 }

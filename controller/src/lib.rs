@@ -8,6 +8,7 @@
 //! - [`store`]: the single source of truth, in rooms: registry and commit, nodes and cluster load, events,
 //!   read model.
 //! - [`probe`]: the hello health check shared by both registration channels.
+//! - [`statics`]: the static services of the `--config` file and the controller's checks of their backends.
 //! - [`api`]: JSON channel, gRPC, admin HTTP (with `/metrics` and the dashboard), and the doors' tokens
 //!   and connection caps.
 //! - [`metrics`]: the controller's Prometheus series.
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod probe;
 #[cfg(feature = "etcd")]
 pub mod replica;
+pub mod statics;
 pub mod store;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -41,10 +43,11 @@ use contract::process::{self, stopped};
 use dataplane::Node;
 use tokio::{
     net::TcpListener,
+    signal::unix::{Signal, SignalKind, signal},
     sync::{mpsc, watch},
     task::JoinSet,
 };
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use cli::Cli;
 pub use config::Config;
@@ -60,6 +63,8 @@ pub struct Controller {
     admin: TcpListener,
     store: Arc<Store>,
     embedded: Option<store::NodeLink>,
+    statics: statics::Statics,
+    hangups: Signal,
 }
 
 /// The addresses a controller listens on.
@@ -79,21 +84,16 @@ impl Controller {
     /// Binds every listener (any may use port 0) and creates the store, whose policy refuses the ports
     /// actually bound.
     pub async fn bind(config: Config) -> Result<Self, ControllerError> {
-        let bind = |what: &'static str, addr: SocketAddr| async move {
-            TcpListener::bind(addr).await.map_err(|source| ControllerError::Bind { what, addr, source })
+        let bind = |what: &'static str, flag: &'static str, addr: SocketAddr| async move {
+            let listener =
+                TcpListener::bind(addr).await.map_err(|source| ControllerError::Bind { what, flag, addr, source })?;
+            let bound = listener.local_addr().map_err(|source| ControllerError::Bind { what, flag, addr, source })?;
+            Ok::<_, ControllerError>((listener, bound))
         };
-        let json = bind("the JSON control channel", config.json_listen).await?;
-        let grpc = bind("gRPC", config.grpc_listen).await?;
-        let admin = bind("admin HTTP", config.admin_listen).await?;
-        let mut own_listeners = Vec::new();
-        for listener in [&json, &grpc, &admin] {
-            let addr = listener.local_addr().map_err(|source| ControllerError::Bind {
-                what: "a listener",
-                addr: config.json_listen,
-                source,
-            })?;
-            own_listeners.push(addr);
-        }
+        let (json, json_addr) = bind("JSON control channel", "json-listen", config.json_listen).await?;
+        let (grpc, grpc_addr) = bind("gRPC", "grpc-listen", config.grpc_listen).await?;
+        let (admin, admin_addr) = bind("admin HTTP", "admin-listen", config.admin_listen).await?;
+        let own_listeners = vec![json_addr, grpc_addr, admin_addr];
         let policy = store::Policy {
             allowed_ports: config.allowed_ports.clone(),
             own_listeners,
@@ -111,7 +111,17 @@ impl Controller {
         // The embedded node counts as connected from the start: a registration that arrives right after
         // READY waits for its bind result instead of being told that no node is there.
         let embedded = config.embedded_node.as_ref().map(|node| store.connect_node(&node.node_id, None)).transpose()?;
-        Ok(Controller { config, json, grpc, admin, store, embedded })
+        // Static services are in the store before READY; replicated, once etcd is reached (in `run`).
+        let mut statics = statics::Statics::new(Arc::clone(&store));
+        if !store.is_replicated() {
+            statics.apply(&config.static_services).await.map_err(|source| ControllerError::Static {
+                path: config.source.as_ref().map(|s| s.file.path.clone()).unwrap_or_default(),
+                source,
+            })?;
+        }
+        // Taken before READY, so a SIGHUP from then on reloads and never kills.
+        let hangups = signal(SignalKind::hangup()).map_err(ControllerError::Signal)?;
+        Ok(Controller { config, json, grpc, admin, store, embedded, statics, hangups })
     }
 
     /// Where the listeners are bound.
@@ -128,8 +138,15 @@ impl Controller {
 
     /// Serves until `shutdown` turns true or a server fails.
     pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), ControllerError> {
-        let Controller { config, json, grpc, admin, store, embedded } = self;
+        let Controller { config, json, grpc, admin, store, embedded, statics, hangups } = self;
         let mut tasks = JoinSet::new();
+        let reload = Reload {
+            statics,
+            pending: store.is_replicated().then(|| config.static_services.clone()),
+            source: config.source.clone(),
+            hangups,
+        };
+        tasks.spawn(reload.run(shutdown.clone()));
         if !config.resync_grace.is_zero() && !store.is_replicated() {
             let store = Arc::clone(&store);
             let (grace, mut shutdown) = (config.resync_grace, shutdown.clone());
@@ -201,6 +218,82 @@ impl Controller {
         let admin_state = api::http::AdminState { store: Arc::clone(&store), registry: Arc::new(registry) };
         tasks.spawn(api::http::serve(admin, admin_state, config.tokens.admin(), shutdown));
         process::supervise(tasks).await
+    }
+}
+
+/// What SIGHUP reloads: the static services of the `--config` file.
+struct Reload {
+    statics: statics::Statics,
+    /// Static services not applied yet (replicated: until etcd is reached).
+    pending: Option<Vec<statics::StaticService>>,
+    source: Option<config::ConfigSource>,
+    hangups: Signal,
+}
+
+/// Time between two tries of static services the shared store cannot take yet.
+const STATIC_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Reload {
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) -> Result<(), ControllerError> {
+        while let Some(services) = self.pending.take() {
+            match self.statics.apply(&services).await {
+                Ok(diff) => info!(version = diff.version, backends = diff.added.len(), "static services applied"),
+                Err(StoreError::Unavailable(_)) => {
+                    self.pending = Some(services);
+                    tokio::select! {
+                        () = tokio::time::sleep(STATIC_RETRY) => {}
+                        () = stopped(&mut shutdown) => return Ok(()),
+                    }
+                }
+                Err(source) => {
+                    let path = self.source.as_ref().map(|s| s.file.path.clone()).unwrap_or_default();
+                    return Err(ControllerError::Static { path, source });
+                }
+            }
+        }
+        loop {
+            tokio::select! {
+                _ = self.hangups.recv() => {}
+                () = stopped(&mut shutdown) => return Ok(()),
+            }
+            self.reload().await;
+        }
+    }
+
+    /// Reads the file again and applies its static services as one version; refused as a whole (logged
+    /// with the reason) when the file or its services are wrong, and the running state is kept.
+    async fn reload(&mut self) {
+        let Some(source) = &self.source else {
+            warn!("SIGHUP: there is no --config file to reload");
+            return;
+        };
+        let path = source.file.path.display().to_string();
+        let config = match Config::reload(source) {
+            Ok(config) => config,
+            Err(error) => {
+                error!(%path, %error, "configuration reload refused: keeping the running configuration");
+                return;
+            }
+        };
+        let Some(new) = config.source else { return };
+        // The settings in force stay those of the file read at start; each reload is compared with it.
+        match self.statics.apply(&config.static_services).await {
+            Ok(diff) => {
+                let changed = source.file.changed_settings(&new.file, statics::SECTIONS);
+                if !changed.is_empty() {
+                    warn!(%path, settings = %changed.join(", "), "changed settings apply at the next restart; static services are reloaded");
+                }
+                info!(
+                    %path,
+                    version = diff.version,
+                    added = diff.added.len(),
+                    removed = diff.removed.len(),
+                    changed = diff.changed.len(),
+                    "configuration reloaded"
+                );
+            }
+            Err(error) => error!(%path, %error, "configuration reload refused: keeping the running configuration"),
+        }
     }
 }
 

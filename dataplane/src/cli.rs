@@ -30,12 +30,18 @@ pub struct Cli {
     pub node_id: Option<String>,
 
     /// Address of the node's admin HTTP server (`GET /api/state`).
-    #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN", default_value = "127.0.0.1:9902")]
+    #[arg(long, env = "SWITCHBOARD_ADMIN_LISTEN", default_value = "127.0.0.1:9902", value_parser = contract::addr::socket_addr)]
     pub admin_listen: SocketAddr,
 
     /// The node's own flags.
     #[command(flatten)]
     pub node: NodeArgs,
+
+    /// TOML file of these settings (the long flags without dashes, e.g. `controller = "http://10.0.0.1:50051"`).
+    /// Flags and environment variables win over the file. SIGHUP checks it again and names the settings
+    /// that changed (they apply at the next restart).
+    #[arg(long, env = "SWITCHBOARD_CONFIG", value_name = "PATH")]
+    pub config: Option<std::path::PathBuf>,
 
     /// Shortest time between two load reports to the controller.
     #[arg(long, env = "SWITCHBOARD_LOAD_REPORT_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
@@ -80,7 +86,7 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct NodeArgs {
     /// IP address the node binds its frontends on.
-    #[arg(long, env = "SWITCHBOARD_FRONTEND_ADDRESS", default_value = "0.0.0.0")]
+    #[arg(long, env = "SWITCHBOARD_FRONTEND_ADDRESS", default_value = "0.0.0.0", value_parser = contract::addr::ip_addr)]
     pub frontend_address: IpAddr,
 
     /// How long connections to a removed backend go on before they are closed; also how long a stopping

@@ -20,8 +20,8 @@ pub enum FrontendError {
 /// Why a `dataplane` process cannot start or keep running.
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
-    /// The admin listener could not be bound.
-    #[error("cannot listen for admin HTTP on {addr}: {source}")]
+    /// The admin listener could not be bound: the OS error once, and what to do about it.
+    #[error("cannot listen on {addr} (admin HTTP): {source}{}", contract::addr::bind_hint(.source, .addr, "dataplane", "admin-listen"))]
     Bind {
         /// The configured address.
         addr: std::net::SocketAddr,

@@ -54,7 +54,15 @@ pub fn controller_url(url: String, tls: Option<&ClientTls>) -> Result<String, Fl
         (_, true, None) => {
             Err(FlagError::new("ca", format!("{url:?} is https://: --ca must name the authority to trust")))
         }
-        _ => Err(FlagError::new("controller", format!("{url:?} is not an http:// or https:// URL"))),
+        _ => {
+            // The same place, with the scheme a gRPC client speaks.
+            let example = match url.split_once("://") {
+                Some((_, rest)) if !rest.is_empty() => format!("http://{rest}"),
+                None if !url.is_empty() && !url.contains(char::is_whitespace) => format!("http://{url}"),
+                _ => "http://127.0.0.1:50051".to_owned(),
+            };
+            Err(FlagError::new("controller", format!("{url:?} is not an http:// or https:// URL, e.g. {example}")))
+        }
     }
 }
 
@@ -70,7 +78,10 @@ pub fn controller_urls(list: &str, tls: Option<&ClientTls>) -> Result<Vec<String
         urls.push(url);
     }
     if urls.is_empty() {
-        return Err(FlagError::new("controller", "needs at least one http:// or https:// URL"));
+        return Err(FlagError::new(
+            "controller",
+            "needs at least one http:// or https:// URL, e.g. http://127.0.0.1:50051",
+        ));
     }
     Ok(urls)
 }

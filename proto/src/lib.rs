@@ -10,20 +10,24 @@
 //! - [`v1`]: generated messages, clients (`*_client`) and servers (`*_server`); [`FILE_DESCRIPTOR_SET`]
 //!   for server reflection.
 //! - [`process`]: logging, the READY line, the shutdown signal, task supervision, exit codes.
+//! - [`addr`]: the parsers of address flags, whose errors show an example.
 //! - [`auth`]: bearer tokens, presented by clients and checked by the controller.
 //! - [`limit`]: bounds on what clients can make a process hold, and throttled refusal logs.
 //! - [`metrics`]: the Prometheus exposition every admin listener serves at `/metrics`.
+//! - [`config_file`]: `--config PATH`, a TOML file of flags and sections beneath the command line.
 //! - [`check`]: health checks of a server and the rise/fall rule (agents and static backends).
 //! - [`backoff`], [`client`]: how the contract's clients reach the controller and retry.
 //! - [`build`]: the version, commit and profile a binary was built from.
 
 #![forbid(unsafe_code)]
 
+pub mod addr;
 pub mod auth;
 pub mod backoff;
 pub mod build;
 pub mod check;
 pub mod client;
+pub mod config_file;
 pub mod convert;
 pub mod limit;
 pub mod metrics;

@@ -182,7 +182,7 @@ pub async fn main<C, F, E, G>(
 ) -> ExitCode
 where
     F: Future<Output = Result<(), E>>,
-    E: Display,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
     G: Display,
 {
     let limits = raise_fd_limit();
@@ -207,14 +207,30 @@ pub fn config_error(binary: &str, error: &dyn Display) -> ExitCode {
 }
 
 /// The exit of a run: 0, or one line on stderr and 1.
-pub fn exit<E: Display>(binary: &str, result: Result<(), E>) -> ExitCode {
+pub fn exit<E: Into<Box<dyn std::error::Error + Send + Sync>>>(binary: &str, result: Result<(), E>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("{binary}: {error:#}");
+            eprintln!("{binary}: {}", one_line(&*error.into()));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: most errors here already print their cause
+/// (`cannot listen on ...: Address already in use`), so a cause is added only when the line does not
+/// say it yet (a bare context such as `writing the READY line`).
+pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = error.to_string();
+    let mut cause = error.source();
+    while let Some(error) = cause {
+        let text = error.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+        cause = error.source();
+    }
+    line
 }
 
 #[cfg(test)]
@@ -228,6 +244,20 @@ mod tests {
         assert_eq!(ok, Ok(()));
         let err = FlagError::require_positive(&[("a", Duration::from_secs(1)), ("b", Duration::ZERO)]).unwrap_err();
         assert_eq!(err.to_string(), "invalid --b: must be more than zero");
+    }
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot listen on 127.0.0.1:8080: {0}; is another controller running?")]
+        struct Bind(#[source] std::io::Error);
+        #[derive(Debug, thiserror::Error)]
+        #[error("writing the READY line")]
+        struct Context(#[source] std::io::Error);
+        let in_use = || std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let line = one_line(&Bind(in_use()));
+        assert_eq!(line.matches(&in_use().to_string()).count(), 1, "{line}");
+        assert_eq!(one_line(&Context(in_use())), format!("writing the READY line: {}", in_use()));
     }
 
     #[tokio::test]

@@ -173,6 +173,23 @@ impl Process {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
     }
 
+    /// Sends SIGHUP (reload).
+    pub fn hangup(&self) {
+        let pid = self.child.id().expect("process still running");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    }
+
+    /// Polls stderr until a line contains `text` (at least `count` such lines), or fails the test after
+    /// [`DEADLINE`].
+    pub async fn wait_stderr(&self, text: &str, count: usize) {
+        let deadline = Instant::now() + DEADLINE;
+        while self.stderr_text().lines().filter(|l| l.contains(text)).count() < count {
+            assert!(Instant::now() < deadline, "{} never logged {text:?}:\n{}", self.name, self.stderr_text());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits (up to `limit`) for the process to exit and returns its exit code.
     pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let status = timeout(limit, self.child.wait()).await.expect("process did not exit in time").unwrap();

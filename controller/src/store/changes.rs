@@ -318,7 +318,7 @@ impl Store {
     /// same protocol (a loop, direct or through the other service, that eats descriptors until none are
     /// left). Addresses are compared in their canonical form (`::ffff:a.b.c.d` is `a.b.c.d`); `here` says
     /// whether the backend's address is this host's.
-    fn check_not_itself(
+    pub(super) fn check_not_itself(
         &self,
         state: &State,
         service: ServiceKey,
@@ -348,7 +348,7 @@ impl Store {
         Ok(())
     }
 
-    fn check_port(&self, port: u16) -> Result<(), StoreError> {
+    pub(super) fn check_port(&self, port: u16) -> Result<(), StoreError> {
         if self.policy.own_listeners.iter().any(|l| l.port() == port) {
             return Err(StoreError::ReservedPort { port });
         }

@@ -6,6 +6,7 @@
 //! - [`nodes`]: connected nodes, their bind results (the verdict a registration waits for) and their load.
 //! - [`events`]: the broadcast of state changes.
 //! - [`shared`]: with replicas, the backends this controller publishes and the ones it imports.
+//! - [`statics`]: the static backends of the configuration file, each (re)load one version.
 //! - [`view`]: the read model operators see, and `--print-state`.
 //!
 //! The commit path, top to bottom: a change takes the lock, returns early when it changes nothing (no
@@ -21,6 +22,7 @@ pub mod nodes;
 pub mod registration;
 mod registry;
 pub mod shared;
+pub mod statics;
 mod view;
 
 use std::{
@@ -205,7 +207,7 @@ impl Store {
     }
 
     /// Live registrations per origin.
-    pub fn registrations_by_origin(&self) -> [(OriginKind, usize); 4] {
+    pub fn registrations_by_origin(&self) -> [(OriginKind, usize); 5] {
         let state = self.lock();
         let count = |kind| state.registry.registrations.values().filter(|r| r.origin.kind == kind).count();
         OriginKind::ALL.map(|kind| (kind, count(kind)))

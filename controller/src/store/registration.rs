@@ -28,6 +28,8 @@ pub enum OriginKind {
     Agent,
     /// A backend another controller holds, imported from the shared store (`--store etcd://`).
     Replica,
+    /// A static backend of the configuration file (`--config`); the peer is the backend itself.
+    Config,
 }
 
 /// A live registration. Dropping it removes every backend it registered.
@@ -156,7 +158,8 @@ impl fmt::Display for Origin {
 
 impl OriginKind {
     /// Every kind.
-    pub const ALL: [OriginKind; 4] = [OriginKind::Json, OriginKind::Grpc, OriginKind::Agent, OriginKind::Replica];
+    pub const ALL: [OriginKind; 5] =
+        [OriginKind::Json, OriginKind::Grpc, OriginKind::Agent, OriginKind::Replica, OriginKind::Config];
 
     /// Its name in views and metrics.
     pub fn as_str(self) -> &'static str {
@@ -165,6 +168,7 @@ impl OriginKind {
             OriginKind::Grpc => "grpc",
             OriginKind::Agent => "agent",
             OriginKind::Replica => "replica",
+            OriginKind::Config => "config",
         }
     }
 }

@@ -356,3 +356,66 @@ fn each_node_sees_the_others_counts_summed_and_a_node_that_leaves_drops_out() {
     assert_eq!(store.cluster_load_excluding("a"), vec![row("127.0.0.2:80", 3)]);
     assert_eq!(store.cluster_load_excluding("b"), vec![row("127.0.0.2:80", 1), row("127.0.0.9:80", 5)]);
 }
+
+#[test]
+fn a_load_of_static_backends_is_one_version_and_a_reload_is_the_diff() {
+    use std::collections::BTreeMap;
+
+    use statics::{StaticBackend, StaticSpec};
+
+    let spec = |algorithm, backends: &[(&str, u64, Option<bool>)]| StaticSpec {
+        algorithm,
+        backends: backends
+            .iter()
+            .map(|&(a, w, health)| (a.parse().unwrap(), StaticBackend { weight: Weight::new(w).unwrap(), health }))
+            .collect(),
+    };
+    let store = store();
+    let web = ServiceKey::tcp(443);
+    let dns = ServiceKey::udp(53);
+    let first = BTreeMap::from([
+        (
+            web,
+            spec(Algorithm::LeastConnections, &[("127.0.0.2:8443", 1, Some(true)), ("127.0.0.3:8443", 2, Some(false))]),
+        ),
+        (dns, spec(Algorithm::SourceHash, &[("127.0.0.2:5353", 1, Some(true))])),
+    ]);
+    let diff = store.apply_static(&first).unwrap();
+    assert_eq!((diff.version, diff.added.len(), diff.removed.len()), (1, 3, 0));
+    let snapshot = store.snapshot();
+    assert_eq!(snapshot.version, 1, "three backends in two services, one version");
+    assert_eq!(snapshot.services[&web].algorithm, Algorithm::LeastConnections);
+    assert_eq!(snapshot.services[&web].backends, vec![backend("127.0.0.2:8443")], "a failing first check is out");
+    assert_eq!(store.apply_static(&first).unwrap(), statics::StaticDiff { version: 1, ..Default::default() });
+
+    // A server registers to the static service beside them; the controller's check brings one back.
+    let a = store.open_registration(origin("127.0.0.4")).unwrap();
+    store.register(a.id, web, backend("127.0.0.4:8443"), None).unwrap();
+    store.set_static_healthy(web, "127.0.0.3:8443".parse().unwrap(), true).unwrap();
+    assert_eq!(store.snapshot().services[&web].backends.len(), 3);
+    let version = store.snapshot().version;
+
+    // Reload: one backend goes, one comes, one changes weight; the UDP service goes; the registered one stays.
+    let second = BTreeMap::from([(
+        web,
+        spec(Algorithm::LeastConnections, &[("127.0.0.3:8443", 5, None), ("127.0.0.5:8443", 1, Some(true))]),
+    )]);
+    let diff = store.apply_static(&second).unwrap();
+    assert_eq!(diff.version, version + 1, "the whole diff is one version");
+    assert_eq!(diff.added, vec![(web, "127.0.0.5:8443".parse().unwrap())]);
+    assert_eq!(diff.changed, vec![(web, "127.0.0.3:8443".parse().unwrap())]);
+    assert_eq!(diff.removed.len(), 2);
+    let snapshot = store.snapshot();
+    assert!(!snapshot.services.contains_key(&dns));
+    let addresses: Vec<String> = snapshot.services[&web].backends.iter().map(|b| b.address.to_string()).collect();
+    assert_eq!(addresses, ["127.0.0.3:8443", "127.0.0.4:8443", "127.0.0.5:8443"]);
+    assert_eq!(snapshot.services[&web].backends[0].weight.get(), 5, "kept its verdict, took its new weight");
+
+    // A load the policy refuses changes nothing.
+    let refused = BTreeMap::from([(ServiceKey::tcp(9999), spec(Algorithm::RoundRobin, &[("127.0.0.2:1", 1, None)]))]);
+    assert!(store.apply_static(&refused).is_err());
+    assert_eq!(store.snapshot().version, version + 1);
+    // The registration's backend is untouched by loads, and the file's are not the registration's.
+    drop(a);
+    assert_eq!(store.snapshot().services[&web].backends.len(), 2);
+}

@@ -6,6 +6,7 @@
 mod admin;
 mod agent;
 mod balancing;
+mod config_file;
 mod failover;
 mod grpc;
 mod json_channel;
@@ -15,6 +16,7 @@ mod logs;
 mod multihost;
 mod nodes;
 mod observability;
+mod operator;
 mod relay;
 mod replicas;
 mod security;
