@@ -12,11 +12,13 @@
 //! - [`workload`]: what one request is; lanes (one connection each).
 //! - [`driver`]: open loop, closed loop, bulk; recording.
 //! - [`report`]: summary, JSON, CSV, SVG.
+//! - [`chart`]: the SVG chart, laid out and drawn.
 //! - [`serve`]: demo backends.
 //! - [`control_plane`]: the controller at scale: simulated nodes, registrations, changes, timed.
 
 #![forbid(unsafe_code)]
 
+pub mod chart;
 pub mod cli;
 pub mod control_plane;
 pub mod driver;

@@ -1,6 +1,5 @@
-//! What a run reports: a human summary, JSON, CSV (one row per second) and an SVG chart (latency by
-//! percentile; rate and p99 over time). The SVG is written by hand: lines and text need no plotting
-//! library, and no font files.
+//! What a run reports: a human summary, JSON, CSV (one row per second) and an SVG chart ([`crate::chart`]:
+//! latency by percentile; rate, latency and failures over time).
 
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
@@ -21,6 +20,8 @@ pub struct Report {
     pub connections: usize,
     /// Wall time of the run, in seconds.
     pub elapsed_s: f64,
+    /// The run's `--duration`, in seconds: requests start within it (their answers may come later).
+    pub duration_s: f64,
     /// Requests answered correctly.
     pub ok: u64,
     /// Failed requests by kind.
@@ -127,6 +128,7 @@ impl Report {
             target_rate,
             connections,
             elapsed_s: elapsed,
+            duration_s: outcome.duration.as_secs_f64(),
             ok: total.ok,
             errors: total.errors.clone(),
             achieved_rps: ok_in_run as f64 / per_second,
@@ -208,129 +210,10 @@ impl Report {
         out
     }
 
-    /// Two panels: latency by percentile, and rate with p99 over time.
+    /// The chart: latency by percentile, then rate, latency and failures per second on one time axis
+    /// (see [`crate::chart`] for which seconds it shows).
     pub fn svg(&self) -> String {
-        let mut svg = Svg::new(900.0, 700.0);
-        let title = format!(
-            "{} {} loop: {:.0} req/s, {} errors",
-            self.workload,
-            self.mode,
-            self.achieved_rps,
-            self.errors.values().sum::<u64>()
-        );
-        svg.text(450.0, 24.0, &title, "middle", 16.0);
-        if let Some(l) = &self.latency_us {
-            // x: percentile on a "nines" scale, so the tail gets room.
-            let points: Vec<(f64, f64)> = l.curve.iter().map(|&(p, us)| (nines(p), us as f64 / 1000.0)).collect();
-            let labels: Vec<(f64, String)> =
-                [0.0, 90.0, 99.0, 99.9, 99.99].iter().map(|&p| (nines(p), format!("{p}"))).collect();
-            svg.panel(
-                60.0,
-                50.0,
-                800.0,
-                260.0,
-                "percentile",
-                "latency (ms)",
-                &[("latency", "#1f77b4", points)],
-                Some(&labels),
-            );
-        }
-        let rate: Vec<(f64, f64)> = self.timeline.iter().map(|s| (s.second as f64 + 0.5, s.ok as f64)).collect();
-        let p99: Vec<(f64, f64)> = self
-            .timeline
-            .iter()
-            .filter_map(|s| s.p99_us.map(|us| (s.second as f64 + 0.5, us as f64 / 1000.0)))
-            .collect();
-        svg.panel(60.0, 380.0, 800.0, 120.0, "second", "req/s", &[("rate", "#2ca02c", rate)], None);
-        svg.panel(60.0, 560.0, 800.0, 100.0, "second", "p99 (ms)", &[("p99", "#d62728", p99)], None);
-        svg.finish()
-    }
-}
-
-/// Percentile to a position on a log scale of nines: 0 → 0, 90 → 1, 99 → 2, 99.9 → 3, ...
-fn nines(percentile: f64) -> f64 {
-    let rest = (100.0 - percentile).max(0.001) / 100.0;
-    -rest.log10()
-}
-
-/// (name, colour, points) of one line.
-type Series<'a> = (&'a str, &'a str, Vec<(f64, f64)>);
-
-struct Svg {
-    body: String,
-    width: f64,
-    height: f64,
-}
-
-impl Svg {
-    fn new(width: f64, height: f64) -> Self {
-        Svg { body: String::new(), width, height }
-    }
-
-    fn text(&mut self, x: f64, y: f64, text: &str, anchor: &str, size: f64) {
-        let text = text.replace('&', "&amp;").replace('<', "&lt;");
-        let _ = writeln!(
-            self.body,
-            r#"<text x="{x:.1}" y="{y:.1}" text-anchor="{anchor}" font-family="sans-serif" font-size="{size}">{text}</text>"#
-        );
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn panel(
-        &mut self,
-        x: f64,
-        y: f64,
-        w: f64,
-        h: f64,
-        x_label: &str,
-        y_label: &str,
-        series: &[Series<'_>],
-        x_ticks: Option<&[(f64, String)]>,
-    ) {
-        let all = series.iter().flat_map(|(_, _, p)| p.iter());
-        let (mut x_max, mut y_max) = (0.0_f64, 0.0_f64);
-        for &(px, py) in all {
-            x_max = x_max.max(px);
-            y_max = y_max.max(py);
-        }
-        let x_max = if x_max > 0.0 { x_max } else { 1.0 };
-        let y_max = if y_max > 0.0 { y_max * 1.1 } else { 1.0 };
-        let _ = writeln!(self.body, r##"<rect x="{x}" y="{y}" width="{w}" height="{h}" fill="none" stroke="#888"/>"##);
-        for (name, color, points) in series {
-            let path: Vec<String> = points
-                .iter()
-                .map(|&(px, py)| format!("{:.1},{:.1}", x + px / x_max * w, y + h - py / y_max * h))
-                .collect();
-            let _ = writeln!(
-                self.body,
-                r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"><title>{name}</title></polyline>"#,
-                path.join(" ")
-            );
-        }
-        match x_ticks {
-            Some(ticks) => {
-                for (tx, label) in ticks {
-                    self.text(x + tx / x_max * w, y + h + 16.0, label, "middle", 11.0);
-                }
-            }
-            None => {
-                self.text(x, y + h + 16.0, "0", "middle", 11.0);
-                self.text(x + w, y + h + 16.0, &format!("{x_max:.0}"), "middle", 11.0);
-            }
-        }
-        self.text(x - 6.0, y + 10.0, &format!("{y_max:.1}"), "end", 11.0);
-        self.text(x - 6.0, y + h, "0", "end", 11.0);
-        self.text(x + w / 2.0, y + h + 32.0, x_label, "middle", 12.0);
-        self.text(x, y - 8.0, y_label, "start", 12.0);
-    }
-
-    fn finish(self) -> String {
-        format!(
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n{}</svg>\n",
-            self.body,
-            w = self.width,
-            h = self.height
-        )
+        crate::chart::Chart::of(self).svg()
     }
 }
 
