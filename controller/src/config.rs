@@ -519,6 +519,8 @@ mod tests {
         for bad in ["", "0", "70000", "9-1", "a-b", "1-"] {
             assert!(bad.parse::<PortRanges>().is_err(), "{bad}");
         }
+        let refused = "8000-80".parse::<PortRanges>().unwrap_err().to_string();
+        assert!(refused.ends_with("e.g. 80,8000-8999"), "{refused}");
     }
 
     #[test]
@@ -538,6 +540,12 @@ mod tests {
         for bad in ["", "127.0.0.1", "127.0.0.1/33", "::1/129", "nowhere/8", "10.0.0.0/x"] {
             assert!(bad.parse::<CidrList>().is_err(), "{bad}");
         }
+        // A refusal shows how to write a block.
+        let why = |list: &str| list.parse::<CidrList>().unwrap_err();
+        assert_eq!(why("10.0.0.1"), r#""10.0.0.1" is not ADDRESS/LENGTH, e.g. 10.0.0.1/32 for that address alone"#);
+        assert!(why("::1").ends_with("e.g. ::1/128 for that address alone"), "{}", why("::1"));
+        assert!(why("nowhere/8").ends_with("e.g. 10.0.0.0/8 or ::1/128"), "{}", why("nowhere/8"));
+        assert!(why("").contains("e.g. 127.0.0.0/8,::1/128"), "{}", why(""));
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Where to send load; repeat for several nodes.
-    #[arg(long = "target", required = true)]
+    #[arg(long = "target", required = true, value_parser = contract::addr::socket_addr)]
     pub targets: Vec<SocketAddr>,
 
     /// Exit with status 1 when more than this percentage of requests failed (the summary says so); 100
@@ -130,11 +130,11 @@ pub enum ServeCommand {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Where to listen (port 0 for any).
-    #[arg(long, default_value = "127.0.0.1:0")]
+    #[arg(long, default_value = "127.0.0.1:0", value_parser = contract::addr::socket_addr)]
     pub listen: SocketAddr,
 
     /// Register with a controller's JSON channel (`HOST:8080`) and answer its hellos.
-    #[arg(long)]
+    #[arg(long, value_parser = contract::addr::socket_addr)]
     pub register: Option<SocketAddr>,
 
     /// Public port to register (default: the listen port).
@@ -142,7 +142,7 @@ pub struct ServeArgs {
     pub public_port: Option<u16>,
 
     /// Serve `{"active":N,"total":N}` over HTTP on this address.
-    #[arg(long)]
+    #[arg(long, value_parser = contract::addr::socket_addr)]
     pub stats_listen: Option<SocketAddr>,
 
     /// HTTP: CPU spin per request, in microseconds.
@@ -182,7 +182,7 @@ pub struct ControlPlaneArgs {
     pub base_port: u16,
 
     /// Address of the first backend (and source address of its registrations).
-    #[arg(long, default_value = "127.0.0.101")]
+    #[arg(long, default_value = "127.0.0.101", value_parser = contract::addr::ipv4_addr)]
     pub backend_address: Ipv4Addr,
 
     /// Backends one `Register` stream holds at most (keep it within the controller's

@@ -52,6 +52,14 @@ pub fn bind_hint(error: &io::Error, addr: &SocketAddr, binary: &str, flag: &str)
 
 /// How to write `value` as `IP:PORT`: the example, after any note on what went wrong.
 fn socket_hint(value: &str) -> String {
+    // A URL: its address, if it has one.
+    if let Some((_, rest)) = value.split_once("://") {
+        let authority = rest.split('/').next().unwrap_or_default();
+        return match authority.parse::<SocketAddr>() {
+            Ok(addr) => format!("not a URL, e.g. {addr}"),
+            Err(_) => format!("not a URL, {}", socket_hint(authority)),
+        };
+    }
     // A bare port, or `:PORT`: the address that port on every interface would be.
     if let Ok(port) = value.strip_prefix(':').unwrap_or(value).parse::<u16>() {
         return format!("e.g. 0.0.0.0:{port} or [::1]:{port}");
@@ -118,8 +126,12 @@ mod tests {
             ),
             ("", r#"invalid address "": expected IP:PORT, e.g. 0.0.0.0:8080 or [::1]:8080"#),
             (
-                "http://127.0.0.1:8080",
-                r#"invalid address "http://127.0.0.1:8080": expected IP:PORT, e.g. 0.0.0.0:8080 or [::1]:8080"#,
+                "http://127.0.0.1:8080/",
+                r#"invalid address "http://127.0.0.1:8080/": expected IP:PORT, not a URL, e.g. 127.0.0.1:8080"#,
+            ),
+            (
+                "http://localhost:80",
+                r#"invalid address "http://localhost:80": expected IP:PORT, not a URL, host names are not looked up, e.g. 127.0.0.1:80 or [::1]:80"#,
             ),
         ];
         for (value, message) in cases {
