@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use contract::model::{BackendView, FrontendStatus, FrontendView, NodeView, ServiceView, StateView};
 
 use super::{State, Store, nodes::sum_load};
+use crate::config::EMBEDDED_NODE;
 
 // === impl Store ===
 
@@ -66,8 +67,16 @@ impl State {
                 id: id.clone(),
                 connected: node.connected,
                 address: node.address,
+                embedded: id == EMBEDDED_NODE,
                 acked_version: node.acked_version,
-                last_seen_ms_ago: u64::try_from(node.last_seen.elapsed().as_millis()).unwrap_or(u64::MAX),
+                // The embedded node has no link to go quiet: while it is connected, its task runs in this
+                // process. It reports only when something changes, so the age of its last report would make
+                // an idle balancer look like a stalled node.
+                last_seen_ms_ago: if id == EMBEDDED_NODE && node.connected {
+                    0
+                } else {
+                    u64::try_from(node.last_seen.elapsed().as_millis()).unwrap_or(u64::MAX)
+                },
                 frontends: node
                     .frontends
                     .iter()
@@ -80,6 +89,7 @@ impl State {
                     id: id.clone(),
                     connected: true,
                     address: None,
+                    embedded: false,
                     acked_version: node.acked_version,
                     last_seen_ms_ago: 0,
                     frontends: node

@@ -62,9 +62,13 @@ pub struct NodeView {
     pub connected: bool,
     /// Where its sync stream comes from (none for the embedded node).
     pub address: Option<SocketAddr>,
+    /// True for the node that runs inside the controller's own process.
+    pub embedded: bool,
     /// Last snapshot version it applied.
     pub acked_version: Option<u64>,
-    /// Time since its last report.
+    /// Time since the controller last heard from it: a remote node's last report (an ack, or a change of
+    /// its counts, so it grows while nothing changes); 0 for the embedded node while it runs, which is in
+    /// the process that answers.
     pub last_seen_ms_ago: u64,
     /// Its frontends at that version.
     pub frontends: Vec<FrontendView>,
