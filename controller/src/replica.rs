@@ -80,6 +80,9 @@ struct LoadRow {
     backend: SocketAddr,
     active: u64,
     total: u64,
+    /// Some node of that controller holds the backend out of rotation (passive health).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    failing: bool,
 }
 
 /// The value of a service's key (protocol, port, algorithm) or of one of its backends' (an operator's
@@ -237,7 +240,13 @@ fn load_value(store: &Store) -> Vec<u8> {
     let rows: Vec<LoadRow> = store
         .own_load()
         .into_iter()
-        .map(|r| LoadRow { service: r.service.to_string(), backend: r.backend, active: r.active, total: r.total })
+        .map(|r| LoadRow {
+            service: r.service.to_string(),
+            backend: r.backend,
+            active: r.active,
+            total: r.total,
+            failing: r.failing,
+        })
         .collect();
     serde_json::to_vec(&rows).unwrap_or_default()
 }
@@ -429,7 +438,13 @@ fn loads(mirror: &Mirror, me: &str) -> BTreeMap<String, Vec<contract::model::Bac
             .into_iter()
             .filter_map(|r| {
                 let service = service_key(&r.service)?;
-                Some(contract::model::BackendLoad { service, backend: r.backend, active: r.active, total: r.total })
+                Some(contract::model::BackendLoad {
+                    service,
+                    backend: r.backend,
+                    active: r.active,
+                    total: r.total,
+                    failing: r.failing,
+                })
             })
             .collect();
         loads.insert(controller.to_owned(), rows);

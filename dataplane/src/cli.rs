@@ -10,7 +10,7 @@ use std::{
 use clap::{Args, Parser};
 use contract::{auth::Token, client::ClientTls, process::FlagError};
 
-use crate::{access_log::AccessLogTarget, node::NodeConfig, sync::SyncConfig};
+use crate::{access_log::AccessLogTarget, node::NodeConfig, stats::Passive, sync::SyncConfig};
 
 /// Switchboard data-plane node: follows a controller and relays TCP and UDP to the backends it lists.
 #[derive(Debug, Clone, Parser)]
@@ -98,6 +98,16 @@ pub struct NodeArgs {
     #[arg(long, env = "SWITCHBOARD_CONNECT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
+    /// Passive health: TCP connects to a backend that fail in a row before this node takes it out of
+    /// rotation (it shows as failing in the controller's /api/state); 0 never does.
+    #[arg(long, env = "SWITCHBOARD_PASSIVE_FAILURES", default_value_t = 3)]
+    pub passive_failures: u32,
+
+    /// Passive health: while a backend is out, one new connection tries it this often; the first that
+    /// gets through puts it back.
+    #[arg(long, env = "SWITCHBOARD_PASSIVE_RETRY", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub passive_retry: Duration,
+
     /// A UDP session with no datagram either way for this long ends.
     #[arg(long, env = "SWITCHBOARD_UDP_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub udp_idle_timeout: Duration,
@@ -174,6 +184,7 @@ impl NodeArgs {
         }
         FlagError::require_positive(&[
             ("connect-timeout", self.connect_timeout),
+            ("passive-retry", self.passive_retry),
             ("udp-idle-timeout", self.udp_idle_timeout),
             ("load-report-interval", load_report_interval),
         ])?;
@@ -181,6 +192,7 @@ impl NodeArgs {
             node_id,
             frontend_address: self.frontend_address,
             connect_timeout: self.connect_timeout,
+            passive: Passive { failures: self.passive_failures, retry: self.passive_retry },
             udp_idle_timeout: self.udp_idle_timeout,
             udp_max_sessions: self.udp_max_sessions,
             load_report_interval,

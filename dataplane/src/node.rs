@@ -34,7 +34,7 @@ use crate::{
         self, RelayContext,
         pump::{PipePool, PumpStats},
     },
-    stats::{BackendStats, StatsRegistry},
+    stats::{BackendStats, Passive, StatsRegistry},
     table::RoutingTable,
     workers::Workers,
 };
@@ -48,6 +48,8 @@ pub struct NodeConfig {
     pub frontend_address: IpAddr,
     /// Time allowed to connect to one backend before the next is tried.
     pub connect_timeout: Duration,
+    /// Passive health of backends.
+    pub passive: Passive,
     /// A UDP session with no traffic for this long ends.
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions per frontend.
@@ -138,6 +140,7 @@ impl Node {
         let ctx = Arc::new(RelayContext {
             table: ArcSwap::from_pointee(RoutingTable::default()),
             connect_timeout: config.connect_timeout,
+            passive: config.passive,
             udp_idle_timeout: config.udp_idle_timeout,
             udp_max_sessions: config.udp_max_sessions,
             pipes: PipePool::new(config.splice_pipes, config.pipe_size, Arc::clone(&client_fds)),
@@ -148,11 +151,12 @@ impl Node {
             connections: TaskTracker::new(),
             access_log,
         });
+        let passive = config.passive;
         Ok(Node {
             config,
             workers,
             ctx,
-            stats: Arc::new(StatsRegistry::new(metrics.clone())),
+            stats: Arc::new(StatsRegistry::new(metrics.clone(), passive)),
             metrics: metrics.clone(),
             frontends: HashMap::new(),
             failures: HashMap::new(),

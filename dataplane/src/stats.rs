@@ -10,10 +10,10 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex, OnceLock,
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use contract::{
@@ -46,6 +46,11 @@ pub struct BackendStats {
     connect_time: Histogram,
     /// Connections the other nodes last reported (cluster-wide view from the controller).
     remote: AtomicU64,
+    /// Passive health: TCP connects that failed in a row (reset by one that succeeds).
+    failures_in_row: AtomicU32,
+    /// Passive health: from this time ([`clock_ms`]) one trial connect may go to the backend while it is out
+    /// of rotation.
+    retry_at_ms: AtomicU64,
     generation: AtomicU64,
     /// Connections of this generation or older must close.
     evicted_through: watch::Sender<u64>,
@@ -68,6 +73,37 @@ pub struct StatsRegistry {
     entries: Mutex<HashMap<(ServiceKey, SocketAddr), Arc<BackendStats>>>,
     /// Where new backends' handles come from.
     metrics: DataMetrics,
+    /// The passive-health rule, for the `failing` of each report row.
+    passive: Passive,
+}
+
+/// Passive health (HAProxy's `observe layer4`): after `failures` TCP connects in a row fail, a node takes
+/// the backend out of its rotation; one new connection tries it every `retry`, and the first that succeeds
+/// puts it back. A backend out of rotation is still tried when no other backend took the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Passive {
+    /// Failed connects in a row that take a backend out (0: never).
+    pub failures: u32,
+    /// Time between two trial connects while it is out.
+    pub retry: Duration,
+}
+
+impl Default for Passive {
+    fn default() -> Self {
+        Passive { failures: 3, retry: Duration::from_secs(2) }
+    }
+}
+
+impl Passive {
+    fn retry_ms(self) -> u64 {
+        u64::try_from(self.retry.as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Milliseconds since the first call: the clock of passive-health retries.
+fn clock_ms() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 // === impl BackendStats ===
@@ -85,6 +121,8 @@ impl Default for BackendStats {
             connect_failures: Default::default(),
             connect_time: Histogram::new([]),
             remote: AtomicU64::new(0),
+            failures_in_row: AtomicU32::new(0),
+            retry_at_ms: AtomicU64::new(0),
             generation: AtomicU64::new(1),
             evicted_through: watch::Sender::new(0),
         }
@@ -188,14 +226,46 @@ impl BackendStats {
         self.bytes_out.inc_by(len);
     }
 
-    /// A connect to the backend failed.
-    pub fn connect_failed(&self, why: ConnectFailure) {
+    /// A connect to the backend failed. Returns true when that takes it out of rotation on this node
+    /// (`passive`'s failures in a row, reached just now).
+    pub fn connect_failed(&self, why: ConnectFailure, passive: Passive) -> bool {
         self.connect_failures[why as usize].inc();
+        let in_row = self.failures_in_row.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        let ejected = passive.failures != 0 && in_row == passive.failures;
+        if ejected {
+            self.retry_at_ms.store(clock_ms().saturating_add(passive.retry_ms()), Ordering::Release);
+        }
+        ejected
     }
 
-    /// A connect to the backend took `took`.
-    pub fn connected_in(&self, took: Duration) {
+    /// A connect to the backend took `took`. Returns true when it was out of rotation (passive health) and
+    /// is back.
+    pub fn connected_in(&self, took: Duration, passive: Passive) -> bool {
         self.connect_time.observe(took.as_secs_f64());
+        // Read first: on the common path (no failure before) nothing is written.
+        self.failures_in_row.load(Ordering::Acquire) != 0
+            && self.failures_in_row.swap(0, Ordering::AcqRel) >= passive.failures
+            && passive.failures != 0
+    }
+
+    /// Passive health: true while failed connects in a row keep the backend out of rotation on this node.
+    pub fn failing(&self, passive: Passive) -> bool {
+        passive.failures != 0 && self.failures_in_row.load(Ordering::Acquire) >= passive.failures
+    }
+
+    /// Whether a new connection may try the backend now: always when it is in rotation; when it is out
+    /// (passive health), one trial per `passive.retry`, claimed by the first caller after it is due.
+    pub fn may_try(&self, passive: Passive) -> bool {
+        if !self.failing(passive) {
+            return true;
+        }
+        let now = clock_ms();
+        let due = self.retry_at_ms.load(Ordering::Acquire);
+        now >= due
+            && self
+                .retry_at_ms
+                .compare_exchange(due, now.saturating_add(passive.retry_ms()), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
     /// Connections the other nodes hold, as last reported.
@@ -239,9 +309,9 @@ impl Drop for ConnectionGuard {
 // === impl StatsRegistry ===
 
 impl StatsRegistry {
-    /// A registry whose counters are series of `metrics`.
-    pub fn new(metrics: DataMetrics) -> Self {
-        StatsRegistry { entries: Mutex::default(), metrics }
+    /// A registry whose counters are series of `metrics`, and whose rows say `failing` by `passive`.
+    pub fn new(metrics: DataMetrics, passive: Passive) -> Self {
+        StatsRegistry { entries: Mutex::default(), metrics, passive }
     }
 
     /// The counters of `backend` in `service`, created (and their series with them) on first use.
@@ -294,24 +364,68 @@ impl StatsRegistry {
         let mut rows: Vec<(BackendLoad, u64)> = entries
             .iter()
             .map(|(&(service, backend), stats)| {
-                (BackendLoad { service, backend, active: stats.active(), total: stats.total() }, stats.remote())
+                let failing = stats.failing(self.passive);
+                (
+                    BackendLoad { service, backend, active: stats.active(), total: stats.total(), failing },
+                    stats.remote(),
+                )
             })
             .collect();
         rows.sort_by_key(|(r, _)| (r.service, r.backend));
         rows
     }
 
-    /// Every counter of this node that ever counted a connection, sorted (what it reports: a backend
-    /// without a row has had none, so a node in front of 10,000 idle backends reports nothing).
+    /// Every counter of this node that ever counted a connection or holds its backend out of rotation,
+    /// sorted (what it reports: a backend without a row has had none and is not failing, so a node in front
+    /// of 10,000 idle backends reports nothing).
     pub fn collect(&self) -> Vec<BackendLoad> {
         let rows = self.collect_with_remote().into_iter().map(|(row, _)| row);
-        rows.filter(|row| row.active > 0 || row.total > 0).collect()
+        rows.filter(|row| row.active > 0 || row.total > 0 || row.failing).collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passive_health_takes_a_refusing_backend_out_and_one_success_brings_it_back() {
+        let stats = BackendStats::default();
+        let passive = Passive { failures: 3, retry: Duration::from_secs(3600) };
+        assert!(!stats.connect_failed(ConnectFailure::Refused, passive));
+        assert!(!stats.connect_failed(ConnectFailure::Timeout, passive));
+        assert!(stats.may_try(passive) && !stats.failing(passive), "two failures are not three");
+        assert!(stats.connect_failed(ConnectFailure::Refused, passive), "the third in a row takes it out");
+        assert!(stats.failing(passive));
+        assert!(!stats.may_try(passive), "no trial before the retry is due");
+        assert!(!stats.connect_failed(ConnectFailure::Refused, passive), "already out: said once");
+        assert!(stats.connected_in(Duration::ZERO, passive), "one success puts it back");
+        assert!(!stats.failing(passive) && stats.may_try(passive));
+        assert!(!stats.connected_in(Duration::ZERO, passive), "and only once");
+
+        // A success between failures starts the count again.
+        for _ in 0..2 {
+            stats.connect_failed(ConnectFailure::Refused, passive);
+        }
+        stats.connected_in(Duration::ZERO, passive);
+        assert!(!stats.connect_failed(ConnectFailure::Refused, passive));
+
+        // Due at once: exactly one caller gets the trial, then the next retry is a retry away.
+        let due = Passive { failures: 1, retry: Duration::from_secs(3600) };
+        let other = BackendStats::default();
+        assert!(other.connect_failed(ConnectFailure::Refused, due));
+        other.retry_at_ms.store(0, Ordering::Release);
+        assert!(other.may_try(due));
+        assert!(!other.may_try(due), "one trial per retry");
+
+        // Off: never out.
+        let off = Passive { failures: 0, retry: Duration::ZERO };
+        let never = BackendStats::default();
+        for _ in 0..10 {
+            assert!(!never.connect_failed(ConnectFailure::Refused, off));
+        }
+        assert!(!never.failing(off) && never.may_try(off));
+    }
 
     #[test]
     fn guards_count_exactly_and_counters_live_as_long_as_their_service() {

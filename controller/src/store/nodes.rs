@@ -334,9 +334,10 @@ fn sum_rows<'a>(nodes: impl Iterator<Item = &'a [BackendLoad]>) -> BTreeMap<(Ser
     for row in nodes.flatten() {
         let c = sums
             .entry((row.service, row.backend))
-            .or_insert(Contributed { sum: BackendLoad { active: 0, total: 0, ..*row }, nodes: 0 });
+            .or_insert(Contributed { sum: BackendLoad { active: 0, total: 0, failing: false, ..*row }, nodes: 0 });
         c.sum.active += row.active;
         c.sum.total += row.total;
+        c.sum.failing |= row.failing;
         c.nodes += 1;
     }
     sums

@@ -243,6 +243,7 @@ fn a_taken_node_id_is_refused_until_its_link_ends() {
         backend: "127.0.0.2:80".parse().unwrap(),
         active: 3,
         total: 4,
+        failing: false,
     }]));
     drop(new);
     let view = store.view();
@@ -331,6 +332,7 @@ fn each_node_sees_the_others_counts_summed_and_a_node_that_leaves_drops_out() {
         backend: backend.parse().unwrap(),
         active,
         total: active * 10,
+        failing: false,
     };
     let a = store.connect_node("a", None).unwrap();
     let b = store.connect_node("b", None).unwrap();

@@ -30,6 +30,16 @@ impl State {
         let remote = self.nodes.remote_load.values().map(|rows| rows.as_slice());
         let nodes = self.nodes.nodes.values().map(|n| n.load.as_slice()).chain(remote);
         let counts: HashMap<_, _> = sum_load(nodes).into_iter().map(|row| ((row.service, row.backend), row)).collect();
+        // Which nodes hold each backend out of rotation after failed connects (passive health).
+        let mut failing: HashMap<_, Vec<String>> = HashMap::new();
+        let own = self.nodes.nodes.iter().filter(|(_, n)| n.connected).map(|(id, n)| (id.clone(), n.load.as_slice()));
+        // Another controller reports its nodes summed.
+        let others = self.nodes.remote_load.iter().map(|(id, rows)| (format!("nodes of {id}"), rows.as_slice()));
+        for (id, rows) in own.chain(others) {
+            for row in rows.iter().filter(|r| r.failing) {
+                failing.entry((row.service, row.backend)).or_default().push(id.clone());
+            }
+        }
         let services = registry
             .services
             .iter()
@@ -48,6 +58,7 @@ impl State {
                             active_connections: load.map_or(0, |l| l.active),
                             total_connections: load.map_or(0, |l| l.total),
                             registration: reg.map(|r| r.origin.to_string()).unwrap_or_default(),
+                            failing_nodes: failing.get(&(key, address)).cloned().unwrap_or_default(),
                         }
                     })
                     .collect();

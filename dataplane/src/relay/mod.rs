@@ -19,6 +19,8 @@ pub struct RelayContext {
     pub table: ArcSwap<RoutingTable>,
     /// Time allowed to connect to one backend before the next is tried.
     pub connect_timeout: Duration,
+    /// Passive health of backends.
+    pub passive: crate::stats::Passive,
     /// A UDP session with no datagram either way for this long ends.
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions one frontend keeps; datagrams that would open more are dropped.

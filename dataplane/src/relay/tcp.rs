@@ -17,11 +17,12 @@ use tokio::{
     time::timeout,
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, debug_span, warn};
+use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::{RelayContext, pump};
 use crate::{
     access_log::AccessRecord,
+    balance::RouteBackend,
     metrics::{ConnectFailure, FrontendStats, Refusal},
     stats::ConnectionGuard,
     table::ServiceRoute,
@@ -142,7 +143,7 @@ async fn connection(
         return Outcome::refused(frontend, Refusal::FdLimit);
     };
     let mut failures = Vec::new();
-    let connected = connect(&route, peer, ctx.connect_timeout, &mut failures).await;
+    let connected = connect(service, &route, peer, ctx, &mut failures).await;
     if !failures.is_empty()
         && let Some(held_back) = frontend.may_warn()
     {
@@ -185,41 +186,78 @@ async fn spoke_within(client: &TcpStream, wait: Duration) -> bool {
     matches!(timeout(wait, client.peek(&mut byte)).await, Ok(Ok(1..)))
 }
 
-/// Tries the balancer's pick, then every other backend once; each failure's reason goes to `failures`.
+/// Tries the balancer's pick, then every other backend in rotation once, then (when none took it) the
+/// backends passive health took out; each failure's reason goes to `failures`.
 async fn connect(
+    service: ServiceKey,
     route: &ServiceRoute,
     client: SocketAddr,
-    connect_timeout: Duration,
+    ctx: &RelayContext,
     failures: &mut Vec<String>,
 ) -> Option<(TcpStream, SocketAddr, ConnectionGuard)> {
+    let passive = ctx.passive;
+    let mut held_out = Vec::new();
     for backend in route.candidates(client.ip()) {
-        // Counted from the pick on: a burst of accepts during one connect must not all see the same
-        // least-loaded backend, and a drain that starts meanwhile must cover this connection.
-        let guard = backend.stats.attempt();
-        let started = Instant::now();
-        let failure = match timeout(connect_timeout, TcpStream::connect(backend.address)).await {
-            Ok(Ok(upstream)) => {
-                backend.stats.connected_in(started.elapsed());
-                let _ = upstream.set_nodelay(true);
-                guard.established();
-                return Some((upstream, backend.address, guard));
+        if !backend.stats.may_try(passive) {
+            held_out.push(backend);
+            continue;
+        }
+        if let Some(connected) = try_backend(service, backend, ctx, failures).await {
+            return Some(connected);
+        }
+    }
+    for backend in held_out {
+        if let Some(connected) = try_backend(service, backend, ctx, failures).await {
+            return Some(connected);
+        }
+    }
+    None
+}
+
+/// One connect to `backend`, counted in its stats and its passive health.
+async fn try_backend(
+    service: ServiceKey,
+    backend: &RouteBackend,
+    ctx: &RelayContext,
+    failures: &mut Vec<String>,
+) -> Option<(TcpStream, SocketAddr, ConnectionGuard)> {
+    let (passive, connect_timeout) = (ctx.passive, ctx.connect_timeout);
+    // Counted from the pick on: a burst of accepts during one connect must not all see the same
+    // least-loaded backend, and a drain that starts meanwhile must cover this connection.
+    let guard = backend.stats.attempt();
+    let started = Instant::now();
+    let failure = match timeout(connect_timeout, TcpStream::connect(backend.address)).await {
+        Ok(Ok(upstream)) => {
+            if backend.stats.connected_in(started.elapsed(), passive) {
+                info!(%service, backend = %backend.address, "backend answers again: back in rotation on this node");
             }
-            Ok(Err(error)) => {
-                debug!(backend = %backend.address, %error, "backend refused; trying the next");
-                failures.push(format!("{}: {error}", backend.address));
-                match error.kind() {
-                    io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
-                    io::ErrorKind::TimedOut => ConnectFailure::Timeout,
-                    _ => ConnectFailure::Error,
-                }
+            let _ = upstream.set_nodelay(true);
+            guard.established();
+            return Some((upstream, backend.address, guard));
+        }
+        Ok(Err(error)) => {
+            debug!(backend = %backend.address, %error, "backend refused; trying the next");
+            failures.push(format!("{}: {error}", backend.address));
+            match error.kind() {
+                io::ErrorKind::ConnectionRefused => ConnectFailure::Refused,
+                io::ErrorKind::TimedOut => ConnectFailure::Timeout,
+                _ => ConnectFailure::Error,
             }
-            Err(_) => {
-                debug!(backend = %backend.address, "connect timed out; trying the next");
-                failures.push(format!("{}: no answer within {connect_timeout:?}", backend.address));
-                ConnectFailure::Timeout
-            }
-        };
-        backend.stats.connect_failed(failure);
+        }
+        Err(_) => {
+            debug!(backend = %backend.address, "connect timed out; trying the next");
+            failures.push(format!("{}: no answer within {connect_timeout:?}", backend.address));
+            ConnectFailure::Timeout
+        }
+    };
+    if backend.stats.connect_failed(failure, passive) {
+        warn!(
+            %service,
+            backend = %backend.address,
+            failures = passive.failures,
+            retry = ?passive.retry,
+            "backend out of rotation on this node: its connects failed in a row; one connection tries it each retry"
+        );
     }
     None
 }

@@ -135,6 +135,7 @@ impl From<&BackendLoad> for v1::BackendLoad {
             backend: load.backend.to_string(),
             active: load.active,
             total: load.total,
+            failing: load.failing,
         }
     }
 }
@@ -148,6 +149,7 @@ impl TryFrom<&v1::BackendLoad> for BackendLoad {
             backend: socket_addr("backend", &load.backend)?,
             active: load.active,
             total: load.total,
+            failing: load.failing,
         })
     }
 }
@@ -299,7 +301,13 @@ mod tests {
         let forged = v1::NodeHello { node_id: "n1".into(), known_version: u64::MAX, accepts_deltas: false };
         assert_eq!(NodeHello::try_from(&forged).unwrap_err().what, "known_version");
 
-        let rows = vec![BackendLoad { service: key, backend: "127.0.0.2:5353".parse().unwrap(), active: 2, total: 9 }];
+        let rows = vec![BackendLoad {
+            service: key,
+            backend: "127.0.0.2:5353".parse().unwrap(),
+            active: 2,
+            total: 9,
+            failing: true,
+        }];
         let Some(v1::controller_message::Msg::ClusterLoad(load)) = cluster_load_message(&rows).msg else { panic!() };
         assert_eq!(cluster_load(&load), rows);
     }

@@ -61,4 +61,7 @@ pub struct BackendLoad {
     pub active: u64,
     /// Connections or sessions opened since the node first saw the backend.
     pub total: u64,
+    /// Passive health: the node took the backend out of rotation after connects that failed in a row, until
+    /// one succeeds again.
+    pub failing: bool,
 }

@@ -51,6 +51,9 @@ pub struct BackendView {
     pub total_connections: u64,
     /// The registration that announced it.
     pub registration: String,
+    /// Nodes whose connects to it failed in a row, so they took it out of their rotation (passive health)
+    /// until one gets through again. Empty when every node reaches it.
+    pub failing_nodes: Vec<String>,
 }
 
 /// One node.

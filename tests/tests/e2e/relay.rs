@@ -214,3 +214,63 @@ async fn a_refusing_backend_is_logged_at_warn_with_its_reason() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// Failed connects to `backend` so far, from the controller's `/metrics`.
+async fn connect_failures(ctl: &Controller, backend: std::net::SocketAddr) -> u64 {
+    let (_, text) = ctl.http_get("/metrics", None).await;
+    text.lines()
+        .filter(|l| {
+            l.starts_with("switchboard_backend_connect_failures_total{") && l.contains(&format!("\"{backend}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn passive_health_takes_a_refusing_backend_out_of_rotation_until_it_answers() {
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &["--passive-failures", "2", "--passive-retry", "300ms"]).await;
+    let port = free_port(net.host(2));
+    // Two servers register the same port; only the second listens on it.
+    let _live = TcpEcho::start(net.host(3), port).await;
+    let mut dead = JsonClient::connect(&ctl, net.host(2)).await;
+    let mut live = JsonClient::connect(&ctl, net.host(3)).await;
+    assert_eq!(dead.register("tcp", port).await, json!({"ack": "successful"}));
+    assert_eq!(live.register("tcp", port).await, json!({"ack": "successful"}));
+    ctl.wait_state("both backends", |s| Controller::backends(s, "tcp", port).len() == 2).await;
+    let refusing = std::net::SocketAddr::new(net.host(2), port);
+    let failing_nodes = |s: &serde_json::Value| {
+        Controller::backends(s, "tcp", port)
+            .into_iter()
+            .find(|b| b["address"] == refusing.to_string())
+            .map(|b| b["failing_nodes"].clone())
+    };
+
+    // Every connection still gets through (the next backend takes it), and two failed connects in a row
+    // take the refusing one out on the node that saw them.
+    for i in 0..6u8 {
+        assert_eq!(tcp_roundtrip(ctl.frontend(port), &[i]).await.unwrap(), vec![i]);
+    }
+    let state =
+        ctl.wait_state("the refusing backend marked failing", |s| failing_nodes(s) == Some(json!(["embedded"]))).await;
+    let backend = Controller::backends(&state, "tcp", port).into_iter().find(|b| b["address"] == refusing.to_string());
+    assert_eq!(backend.unwrap()["healthy"], true, "its registration's own verdict is another matter");
+    assert!(ctl.process.stderr_text().contains("backend out of rotation on this node"));
+
+    // Out of rotation, it is no longer tried for every connection: at most one trial per retry.
+    let before = connect_failures(&ctl, refusing).await;
+    for i in 0..10u8 {
+        assert_eq!(tcp_roundtrip(ctl.frontend(port), &[i]).await.unwrap(), vec![i]);
+    }
+    let tried = connect_failures(&ctl, refusing).await - before;
+    assert!(tried <= 1, "tried {tried} times in 10 connections while out of rotation");
+
+    // It answers again: a trial connection gets through and puts it back.
+    let back = TcpEcho::start(net.host(2), port).await;
+    let deadline = tokio::time::Instant::now() + switchboard_tests::harness::DEADLINE;
+    while back.accepted() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never tried again");
+        tcp_roundtrip(ctl.frontend(port), b"?").await.unwrap();
+    }
+    ctl.wait_state("back in rotation", |s| failing_nodes(s) == Some(json!([]))).await;
+}
