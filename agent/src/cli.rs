@@ -3,7 +3,7 @@
 use std::{fmt, net::IpAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::Parser;
-use contract::model::{Algorithm, Protocol, ServiceKey, Weight};
+use contract::model::{Algorithm, Protocol, ProxyProtocol, ServiceAsk, ServiceKey, Weight};
 
 use contract::{auth::Token, client::ClientTls, process::FlagError};
 
@@ -53,6 +53,16 @@ pub struct Cli {
     /// weighted_round_robin, least_connections, random, power_of_two, source_hash.
     #[arg(long, env = "SWITCHBOARD_ALGORITHM")]
     pub algorithm: Option<String>,
+
+    /// PROXY protocol header the balancer sends the server before each connection (UDP: datagram), so it
+    /// learns the client's address: v2 or none. Like the algorithm, the first registration sets it.
+    #[arg(long, env = "SWITCHBOARD_PROXY_PROTOCOL", value_name = "v2|none")]
+    pub proxy_protocol: Option<String>,
+
+    /// TCP: the balancer stands behind another one, whose connections start with a PROXY v1 or v2 header
+    /// carrying the client's address.
+    #[arg(long, env = "SWITCHBOARD_ACCEPT_PROXY")]
+    pub accept_proxy: bool,
 
     /// Local check: tcp (default for TCP), udp:PAYLOAD, http:/PATH (on the backend), http://IP:PORT/PATH (elsewhere),
     /// exec:COMMAND, none (default for UDP).
@@ -121,8 +131,8 @@ pub struct AgentConfig {
     pub backend_address: Option<IpAddr>,
     /// Relative weight.
     pub weight: Weight,
-    /// Algorithm to ask for.
-    pub algorithm: Option<Algorithm>,
+    /// Algorithm and PROXY protocol to ask for.
+    pub ask: ServiceAsk,
     /// The check, per protocol default when not given.
     pub check: Option<Check>,
     /// Time between checks.
@@ -182,6 +192,19 @@ impl TryFrom<Cli> for AgentConfig {
             .map(str::parse::<Algorithm>)
             .transpose()
             .map_err(|e| FlagError::new("algorithm", format!("{e}")))?;
+        let send_v2 = cli
+            .proxy_protocol
+            .as_deref()
+            .map(ProxyProtocol::parse_send)
+            .transpose()
+            .map_err(|e| FlagError::new("proxy-protocol", e.to_string()))?;
+        let proxy = (send_v2.is_some() || cli.accept_proxy)
+            .then(|| ProxyProtocol { send_v2: send_v2.unwrap_or(false), accept: cli.accept_proxy });
+        if let Some(proxy) = proxy {
+            for service in &services {
+                proxy.check(service.key.protocol).map_err(|why| FlagError::new("accept-proxy", why))?;
+            }
+        }
         if cli.rise == 0 || cli.fall == 0 {
             return Err(FlagError::new("rise/--fall", "must be at least 1"));
         }
@@ -196,7 +219,7 @@ impl TryFrom<Cli> for AgentConfig {
             services,
             backend_address: cli.backend_address,
             weight,
-            algorithm,
+            ask: ServiceAsk { algorithm, proxy },
             check,
             check_interval: cli.check_interval,
             check_timeout: cli.check_timeout,

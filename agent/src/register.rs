@@ -174,6 +174,15 @@ impl ServiceAgent {
                 () = tokio::time::sleep(delay) => {}
                 () = stopped(shutdown) => return Ok(()),
             }
+            // No attempt starts at the deadline only to be cut at once: the failure that ran out the time
+            // is the one to report, not "the stream closed".
+            if starting && Instant::now() >= deadline {
+                return Err(AgentError::Unreachable {
+                    controller: rotation.all().join(","),
+                    waited: self.config.startup_timeout,
+                    last: lost,
+                });
+            }
         }
     }
 
@@ -185,7 +194,7 @@ impl ServiceAgent {
             service: self.service.key,
             backend: BackendTarget { ip: self.config.backend_address, port: Some(self.service.backend_port) },
             weight: self.config.weight,
-            algorithm: self.config.algorithm,
+            ask: self.config.ask,
             probe: ProbeOverrides::default(),
             healthy: Some(healthy),
         };

@@ -6,7 +6,7 @@ use std::{
 };
 
 use contract::{
-    model::{Algorithm, ServiceKey},
+    model::{Algorithm, ProxyProtocol, ServiceKey},
     process::FlagError,
 };
 
@@ -38,6 +38,16 @@ pub enum StoreError {
         current: Algorithm,
         /// The one asked for.
         requested: Algorithm,
+    },
+    /// A registration asks for other PROXY protocol settings than the service has.
+    #[error("service {service} has {current}; a registration asking for {requested} is refused")]
+    ProxyConflict {
+        /// The service.
+        service: ServiceKey,
+        /// Its settings.
+        current: ProxyProtocol,
+        /// The ones asked for.
+        requested: ProxyProtocol,
     },
     /// No such service.
     #[error("no service {service}")]

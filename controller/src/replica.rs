@@ -33,7 +33,7 @@ use std::{
 
 use contract::{
     convert,
-    model::{Algorithm, BackendSpec, RoutingSnapshot, ServiceKey, ServiceSpec, Weight},
+    model::{Algorithm, BackendSpec, ProxyProtocol, RoutingSnapshot, ServiceKey, ServiceSpec, Weight},
     process::stopped,
 };
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
@@ -114,6 +114,11 @@ struct BackendValue {
     healthy: bool,
     draining: bool,
     algorithm: String,
+    /// The service's PROXY protocol where the backend was registered (absent: off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    send_proxy_v2: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    accept_proxy: bool,
     controller: String,
 }
 
@@ -296,7 +301,10 @@ fn snapshot(mirror: &Mirror, operator: &OperatorChoices) -> RoutingSnapshot {
     let services = held
         .into_iter()
         .map(|(key, backends)| {
-            let oldest = backends.values().min_by_key(|(revision, _)| *revision).map(|(_, b)| b.algorithm);
+            let oldest_backend = backends.values().min_by_key(|(revision, _)| *revision).map(|(_, b)| b);
+            let oldest = oldest_backend.map(|b| b.algorithm);
+            // The PROXY protocol is its first backend's, as the first registration chooses it.
+            let proxy = oldest_backend.map(|b| b.proxy).unwrap_or_default();
             let chosen = operator.algorithms.get(&key).or(operator.first.get(&key)).copied();
             let algorithm = chosen.or(oldest).unwrap_or_default();
             let backends = backends
@@ -307,7 +315,7 @@ fn snapshot(mirror: &Mirror, operator: &OperatorChoices) -> RoutingSnapshot {
                         .then(|| BackendSpec { address: b.address, weight: weight.unwrap_or(b.weight) })
                 })
                 .collect();
-            (key, ServiceSpec { key, algorithm, backends })
+            (key, ServiceSpec { key, algorithm, proxy, backends })
         })
         .collect();
     let version = u64::try_from(routing_revision(mirror)).unwrap_or(0);
@@ -523,6 +531,8 @@ fn value(backend: &SharedBackend, controller: &str) -> Vec<u8> {
         healthy: backend.healthy,
         draining: backend.draining,
         algorithm: backend.algorithm.as_str().to_owned(),
+        send_proxy_v2: backend.proxy.send_v2,
+        accept_proxy: backend.proxy.accept,
         controller: controller.to_owned(),
     };
     serde_json::to_vec(&value).unwrap_or_default()
@@ -565,6 +575,7 @@ fn parse(value: &[u8]) -> Result<(String, SharedBackend), String> {
         healthy: value.healthy,
         draining: value.draining,
         algorithm: convert::algorithm(&value.algorithm).map_err(|e| e.to_string())?,
+        proxy: ProxyProtocol { send_v2: value.send_proxy_v2, accept: value.accept_proxy },
     };
     Ok((value.controller, backend))
 }
@@ -585,6 +596,7 @@ mod tests {
             healthy: true,
             draining: false,
             algorithm: Algorithm::LeastConnections,
+            proxy: ProxyProtocol { send_v2: true, accept: false },
         };
         assert_eq!(key(&backend, "c1"), "backends/tcp:8080/127.0.0.2:9000/c1");
         let entry = |value: Vec<u8>, mod_revision| Entry { value, mod_revision, lease: 1 };

@@ -14,7 +14,7 @@ use std::{
 use contract::{
     check::{self, Check, Health, Schedule},
     config_file::{ConfigFile, ConfigFileError},
-    model::{Algorithm, Protocol, ServiceKey, Weight},
+    model::{Algorithm, Protocol, ProxyProtocol, ServiceKey, Weight},
 };
 use serde::Deserialize;
 use tokio::{sync::watch, task::AbortHandle};
@@ -38,6 +38,8 @@ pub struct StaticService {
     pub key: ServiceKey,
     /// Balancing algorithm.
     pub algorithm: Algorithm,
+    /// PROXY protocol toward backends and from clients.
+    pub proxy: ProxyProtocol,
     /// Backends and their weights.
     pub backends: BTreeMap<SocketAddr, Weight>,
     /// How each backend is checked.
@@ -55,6 +57,10 @@ struct ServiceSection {
     port: u16,
     #[serde(default)]
     algorithm: Option<String>,
+    #[serde(default)]
+    proxy_protocol: Option<String>,
+    #[serde(default)]
+    accept_proxy: bool,
     backends: Vec<BackendEntry>,
     #[serde(default)]
     check: Option<String>,
@@ -137,6 +143,12 @@ impl ServiceSection {
             Some(name) => name.parse().map_err(|e| format!("algorithm: {e}"))?,
             None => Algorithm::default(),
         };
+        let send_v2 = match &self.proxy_protocol {
+            Some(name) => ProxyProtocol::parse_send(name).map_err(|e| format!("proxy-protocol: {e}"))?,
+            None => false,
+        };
+        let proxy = ProxyProtocol { send_v2, accept: self.accept_proxy };
+        proxy.check(protocol).map_err(|why| format!("accept-proxy: {why}"))?;
         if self.backends.is_empty() {
             return Err("backends: give at least one, e.g. backends = [\"127.0.0.1:9000\"]".to_owned());
         }
@@ -179,7 +191,7 @@ impl ServiceSection {
         if schedule.rise == 0 || schedule.fall == 0 {
             return Err("rise and fall: must be at least 1".to_owned());
         }
-        Ok(StaticService { key, algorithm, backends, check, schedule })
+        Ok(StaticService { key, algorithm, proxy, backends, check, schedule })
     }
 
     fn check(&self, protocol: Protocol) -> Result<Check, String> {
@@ -260,7 +272,7 @@ impl Statics {
                         (address, StaticBackend { weight, health })
                     })
                     .collect();
-                (s.key, StaticSpec { algorithm: s.algorithm, backends })
+                (s.key, StaticSpec { algorithm: s.algorithm, proxy: s.proxy, backends })
             })
             .collect();
         let diff = self.store.apply_static(&wanted)?;
@@ -332,6 +344,8 @@ mod tests {
             port = 80
             check = "http:/health"
             expect-status = 204
+            proxy-protocol = "v2"
+            accept-proxy = true
             backends = ["127.0.0.1:8080"]
             "#,
         )
@@ -351,6 +365,8 @@ mod tests {
             (Duration::from_millis(500), 1, Algorithm::SourceHash)
         );
         assert_eq!(parsed[2].check.to_string(), "http:/health (expect 204)");
+        assert_eq!(parsed[2].proxy, ProxyProtocol { send_v2: true, accept: true });
+        assert_eq!(parsed[0].proxy, ProxyProtocol::default());
         assert_eq!(services("").unwrap(), vec![], "no section, no static service");
     }
 
@@ -368,6 +384,14 @@ mod tests {
             ("[[service]]\nport = 1\nexpect-status = 200\nbackends = [\"127.0.0.1:1\"]\n", "only for http"),
             ("[[service]]\nport = 1\ncheck-interval = \"soon\"\nbackends = [\"127.0.0.1:1\"]\n", "check-interval"),
             ("[[service]]\nport = 1\nfall = 0\nbackends = [\"127.0.0.1:1\"]\n", "at least 1"),
+            (
+                "[[service]]\nport = 1\nproxy-protocol = \"v1\"\nbackends = [\"127.0.0.1:1\"]\n",
+                "unknown proxy protocol",
+            ),
+            (
+                "[[service]]\nprotocol = \"udp\"\nport = 1\naccept-proxy = true\nbackends = [\"127.0.0.1:1\"]\n",
+                "for TCP services only",
+            ),
             ("[[service]]\nport = 1\nbackend = [\"127.0.0.1:1\"]\n", "unknown field `backend`"),
             (
                 "[[service]]\nport = 1\nbackends = [\"127.0.0.1:1\"]\n[[service]]\nport = 1\nbackends = [\"127.0.0.1:2\"]\n",

@@ -108,6 +108,11 @@ pub struct NodeArgs {
     #[arg(long, env = "SWITCHBOARD_PASSIVE_RETRY", default_value = "2s", value_parser = humantime::parse_duration)]
     pub passive_retry: Duration,
 
+    /// On services that accept the PROXY protocol (a balancer in front): time a client has to send its
+    /// header before it is closed.
+    #[arg(long, env = "SWITCHBOARD_ACCEPT_PROXY_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
+    pub accept_proxy_timeout: Duration,
+
     /// A UDP session with no datagram either way for this long ends.
     #[arg(long, env = "SWITCHBOARD_UDP_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub udp_idle_timeout: Duration,
@@ -185,6 +190,7 @@ impl NodeArgs {
         FlagError::require_positive(&[
             ("connect-timeout", self.connect_timeout),
             ("passive-retry", self.passive_retry),
+            ("accept-proxy-timeout", self.accept_proxy_timeout),
             ("udp-idle-timeout", self.udp_idle_timeout),
             ("load-report-interval", load_report_interval),
         ])?;
@@ -193,6 +199,7 @@ impl NodeArgs {
             frontend_address: self.frontend_address,
             connect_timeout: self.connect_timeout,
             passive: Passive { failures: self.passive_failures, retry: self.passive_retry },
+            accept_proxy_timeout: self.accept_proxy_timeout,
             udp_idle_timeout: self.udp_idle_timeout,
             udp_max_sessions: self.udp_max_sessions,
             load_report_interval,

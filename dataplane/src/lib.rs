@@ -17,6 +17,7 @@
 //! - [`stats`]: per-backend connection counters and evictions; [`metrics`]: their Prometheus series, and
 //!   the node's; [`access_log`]: one line per finished connection, written off the data path.
 //! - [`workers`]: the data path's threads, one runtime per core.
+//! - [`proxy`]: the PROXY protocol, sent to backends and read from a balancer in front.
 //! - [`sync`]: the remote node's link to the controller; [`sys`]: the one module that calls libc.
 //! - [`cli`], [`admin`]: the `dataplane` binary's flags (and [`NodeArgs`], which the controller takes for
 //!   its embedded node) and admin HTTP server.
@@ -29,6 +30,7 @@ pub mod error;
 pub mod listener;
 pub mod metrics;
 pub mod node;
+pub mod proxy;
 pub mod relay;
 pub mod stats;
 pub mod sync;

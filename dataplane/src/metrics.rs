@@ -51,6 +51,8 @@ pub enum Refusal {
     FdLimit,
     /// The client sent nothing within `--client-first-byte-timeout`.
     SilentClient,
+    /// The service accepts the PROXY protocol and the client's header was bad, cut short or late.
+    BadProxyHeader,
 }
 
 /// Why a UDP datagram from a client was not passed on.
@@ -97,7 +99,7 @@ pub struct DataMetrics {
 #[derive(Debug)]
 pub struct FrontendStats {
     labels: ServiceLabels,
-    refused: [Counter; 4],
+    refused: [Counter; 5],
     drops: [Counter; 7],
     /// Backend failures are logged at warn level at most once per 10 s per frontend.
     backend_warnings: std::sync::Mutex<contract::limit::Throttle>,
@@ -125,7 +127,8 @@ struct NodeCollector {
 }
 
 const CONNECT_FAILURES: [ConnectFailure; 3] = [ConnectFailure::Refused, ConnectFailure::Timeout, ConnectFailure::Error];
-const REFUSALS: [Refusal; 4] = [Refusal::NoBackend, Refusal::ServiceFull, Refusal::FdLimit, Refusal::SilentClient];
+const REFUSALS: [Refusal; 5] =
+    [Refusal::NoBackend, Refusal::ServiceFull, Refusal::FdLimit, Refusal::SilentClient, Refusal::BadProxyHeader];
 const DROPS: [Dropped; 7] = [
     Dropped::SessionLimit,
     Dropped::NoBackend,
@@ -205,7 +208,7 @@ impl DataMetrics {
         );
         r.register(
             "frontend_refused_connections",
-            "TCP clients closed without a backend, by reason (no_backend, service_full, fd_limit, silent_client)",
+            "TCP clients closed without a backend, by reason (no_backend, service_full, fd_limit, silent_client, bad_proxy_header)",
             self.refused.clone(),
         );
         r.register(
@@ -315,6 +318,7 @@ impl Refusal {
             Refusal::ServiceFull => "service_full",
             Refusal::FdLimit => "fd_limit",
             Refusal::SilentClient => "silent_client",
+            Refusal::BadProxyHeader => "bad_proxy_header",
         }
     }
 }

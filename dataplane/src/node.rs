@@ -50,6 +50,8 @@ pub struct NodeConfig {
     pub connect_timeout: Duration,
     /// Passive health of backends.
     pub passive: Passive,
+    /// Time a client has to send its PROXY header, on services that accept one.
+    pub accept_proxy_timeout: Duration,
     /// A UDP session with no traffic for this long ends.
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions per frontend.
@@ -141,6 +143,7 @@ impl Node {
             table: ArcSwap::from_pointee(RoutingTable::default()),
             connect_timeout: config.connect_timeout,
             passive: config.passive,
+            accept_proxy_timeout: config.accept_proxy_timeout,
             udp_idle_timeout: config.udp_idle_timeout,
             udp_max_sessions: config.udp_max_sessions,
             pipes: PipePool::new(config.splice_pipes, config.pipe_size, Arc::clone(&client_fds)),

@@ -7,7 +7,7 @@ use std::{
     sync::Arc,
 };
 
-use contract::model::{Algorithm, RoutingSnapshot, ServiceKey, ServiceSpec};
+use contract::model::{Algorithm, ProxyProtocol, RoutingSnapshot, ServiceKey, ServiceSpec};
 
 use crate::{
     balance::{Balancer, RouteBackend},
@@ -27,6 +27,8 @@ pub struct RoutingTable {
 pub struct ServiceRoute {
     /// The algorithm `balancer` runs.
     pub algorithm: Algorithm,
+    /// The PROXY protocol on both sides.
+    pub proxy: ProxyProtocol,
     /// Backends in rotation, in snapshot order.
     pub backends: Vec<RouteBackend>,
     /// Picks among `backends`.
@@ -58,7 +60,7 @@ impl RoutingTable {
                     })
                     .collect();
                 let balancer = Balancer::build(spec.algorithm, &backends, before.map(|r| &r.balancer));
-                (spec.key, Arc::new(ServiceRoute { algorithm: spec.algorithm, backends, balancer }))
+                (spec.key, Arc::new(ServiceRoute { algorithm: spec.algorithm, proxy: spec.proxy, backends, balancer }))
             })
             .collect();
         RoutingTable { version: snapshot.version, services }
@@ -94,6 +96,7 @@ impl ServiceRoute {
     /// True when this route was built from exactly `spec`'s algorithm and backends.
     fn serves(&self, spec: &ServiceSpec) -> bool {
         self.algorithm == spec.algorithm
+            && self.proxy == spec.proxy
             && self.backends.len() == spec.backends.len()
             && self.backends.iter().zip(&spec.backends).all(|(b, s)| b.address == s.address && b.weight == s.weight)
     }
@@ -114,7 +117,7 @@ mod tests {
         let key = ServiceKey::tcp(80);
         let backends =
             backends.iter().map(|a| BackendSpec { address: a.parse().unwrap(), weight: Weight::MIN }).collect();
-        let spec = ServiceSpec { key, algorithm: Algorithm::RoundRobin, backends };
+        let spec = ServiceSpec { key, algorithm: Algorithm::RoundRobin, proxy: ProxyProtocol::default(), backends };
         RoutingSnapshot { version, services: [(key, spec)].into(), ..Default::default() }
     }
 
@@ -141,6 +144,7 @@ mod tests {
         let spec = |key, backends: &[&str]| ServiceSpec {
             key,
             algorithm: Algorithm::RoundRobin,
+            proxy: ProxyProtocol::default(),
             backends: backends
                 .iter()
                 .map(|a| BackendSpec { address: a.parse().unwrap(), weight: Weight::MIN })

@@ -316,6 +316,8 @@ impl Plan {
             health: None,
             healthy: Some(true),
             algorithm: String::new(),
+            proxy_protocol: String::new(),
+            accept_proxy: None,
         }
     }
 }

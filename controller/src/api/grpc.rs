@@ -297,10 +297,8 @@ async fn register_ack(
     bind_ack_timeout: Duration,
 ) -> RegisterAck {
     let backend = BackendSpec { address: request.backend.resolve(peer.ip(), request.service), weight: request.weight };
-    let reply = registration
-        .register(request.service, backend, request.algorithm, bind_ack_timeout)
-        .await
-        .unwrap_or_else(|error| {
+    let reply =
+        registration.register(request.service, backend, request.ask, bind_ack_timeout).await.unwrap_or_else(|error| {
             info!(%peer, service = %request.service, %error, "registration refused");
             RegisterReply { success: false, message: Some(error.to_string()), backend: Some(backend.address) }
         });

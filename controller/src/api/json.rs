@@ -183,9 +183,9 @@ impl Connection {
                 }
                 request::hello_ack()
             }
-            Request::Register { service, backend_port, weight, algorithm } => {
+            Request::Register { service, backend_port, weight, ask } => {
                 let backend = BackendSpec { address: SocketAddr::new(self.peer.ip(), backend_port), weight };
-                match self.registration.register(service, backend, algorithm, self.ctx.bind_ack_timeout).await {
+                match self.registration.register(service, backend, ask, self.ctx.bind_ack_timeout).await {
                     Ok(reply) if reply.success => request::successful(reply.message.as_deref()),
                     Ok(reply) => {
                         let why = reply.message.unwrap_or_default();

@@ -21,7 +21,9 @@ impl From<StoreError> for Status {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound { .. } | StoreError::NoService { .. } => Status::not_found(error.to_string()),
-            StoreError::AlgorithmConflict { .. } => Status::failed_precondition(error.to_string()),
+            StoreError::AlgorithmConflict { .. } | StoreError::ProxyConflict { .. } => {
+                Status::failed_precondition(error.to_string())
+            }
             StoreError::PortNotAllowed { .. } | StoreError::ReservedPort { .. } => {
                 Status::failed_precondition(error.to_string())
             }

@@ -2,7 +2,7 @@
 //!
 //! Every failure is a sentence for the `msg` of a `{"ack":"failed"}` reply.
 
-use contract::model::{Algorithm, Protocol, ServiceKey, Weight};
+use contract::model::{Protocol, ProxyProtocol, ServiceAsk, ServiceKey, Weight};
 use serde_json::{Map, Value, json};
 
 /// One request of a registered (or registering) server.
@@ -16,8 +16,8 @@ pub enum Request {
         backend_port: u16,
         /// Relative weight (default 1).
         weight: Weight,
-        /// Balancing algorithm asked for (the first registration of a service sets it).
-        algorithm: Option<Algorithm>,
+        /// Balancing algorithm and PROXY protocol asked for (the first registration of a service sets them).
+        ask: ServiceAsk,
     },
     /// `{"cmd":"unregister","protocol":P,"port":N}`, optionally `backend_port`.
     Unregister {
@@ -73,7 +73,24 @@ impl Request {
             Some(Value::String(name)) => Some(name.parse().map_err(|e: contract::model::UnknownName| e.to_string())?),
             Some(other) => return Err(format!("\"algorithm\" must be a string, got {}", kind(other))),
         };
-        Ok(Request::Register { service, backend_port, weight, algorithm })
+        let send_v2 = match fields.get("proxy_protocol") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(name)) => {
+                Some(ProxyProtocol::parse_send(name).map_err(|e: contract::model::UnknownName| e.to_string())?)
+            }
+            Some(other) => return Err(format!("\"proxy_protocol\" must be a string, got {}", kind(other))),
+        };
+        let accept = match fields.get("accept_proxy") {
+            None | Some(Value::Null) => None,
+            Some(Value::Bool(accept)) => Some(*accept),
+            Some(other) => return Err(format!("\"accept_proxy\" must be true or false, got {}", kind(other))),
+        };
+        let proxy = (send_v2.is_some() || accept.is_some())
+            .then(|| ProxyProtocol { send_v2: send_v2.unwrap_or(false), accept: accept.unwrap_or(false) });
+        if let Some(proxy) = proxy {
+            proxy.check(protocol)?;
+        }
+        Ok(Request::Register { service, backend_port, weight, ask: ServiceAsk { algorithm, proxy } })
     }
 }
 
@@ -133,6 +150,8 @@ pub fn hello_ack() -> Value {
 
 #[cfg(test)]
 mod tests {
+    use contract::model::Algorithm;
+
     use super::*;
 
     fn parse(text: &str) -> Result<Request, String> {
@@ -147,7 +166,7 @@ mod tests {
                 service: ServiceKey::tcp(80),
                 backend_port: 80,
                 weight: Weight::MIN,
-                algorithm: None
+                ask: ServiceAsk::default()
             })
         );
         assert_eq!(
@@ -160,7 +179,7 @@ mod tests {
                 service: ServiceKey::udp(53),
                 backend_port: 5353,
                 weight: Weight::new(3).unwrap(),
-                algorithm: None
+                ask: ServiceAsk::default()
             })
         );
         assert_eq!(
@@ -169,7 +188,16 @@ mod tests {
                 service: ServiceKey::tcp(80),
                 backend_port: 80,
                 weight: Weight::MIN,
-                algorithm: Some(Algorithm::LeastConnections)
+                ask: ServiceAsk::algorithm(Algorithm::LeastConnections)
+            })
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"register","protocol":"tcp","port":80,"proxy_protocol":"V2","accept_proxy":true}"#),
+            Ok(Request::Register {
+                service: ServiceKey::tcp(80),
+                backend_port: 80,
+                weight: Weight::MIN,
+                ask: ServiceAsk { algorithm: None, proxy: Some(ProxyProtocol { send_v2: true, accept: true }) }
             })
         );
         assert_eq!(parse(r#"{"ack":"HELLO"}"#), Ok(Request::HelloAck));
@@ -195,6 +223,19 @@ mod tests {
             (r#"{"ack":"successful"}"#, "unexpected ack"),
             (r#"{"cmd":"register","protocol":"tcp","port":80,"algorithm":"fastest"}"#, "unknown algorithm \"fastest\""),
             (r#"{"cmd":"register","protocol":"tcp","port":80,"algorithm":3}"#, "\"algorithm\" must be a string"),
+            (r#"{"cmd":"register","protocol":"tcp","port":80,"proxy_protocol":"v1"}"#, "unknown proxy protocol \"v1\""),
+            (
+                r#"{"cmd":"register","protocol":"tcp","port":80,"proxy_protocol":2}"#,
+                "\"proxy_protocol\" must be a string",
+            ),
+            (
+                r#"{"cmd":"register","protocol":"tcp","port":80,"accept_proxy":"yes"}"#,
+                "\"accept_proxy\" must be true or false",
+            ),
+            (
+                r#"{"cmd":"register","protocol":"udp","port":80,"accept_proxy":true}"#,
+                "accepting the PROXY protocol is for TCP",
+            ),
         ];
         for (input, reason) in cases {
             let err = parse(input).unwrap_err();

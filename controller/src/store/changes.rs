@@ -9,7 +9,7 @@ use std::{
 
 use contract::{
     client,
-    model::{Algorithm, BackendSpec, Event, EventKind, ServiceKey, Weight},
+    model::{Algorithm, BackendSpec, Event, EventKind, ServiceAsk, ServiceKey, Weight},
 };
 use tracing::{info, warn};
 
@@ -62,8 +62,9 @@ impl Store {
         registration: RegistrationId,
         service: ServiceKey,
         backend: BackendSpec,
-        algorithm: Option<Algorithm>,
+        ask: ServiceAsk,
     ) -> Result<Registered, StoreError> {
+        let ServiceAsk { algorithm, proxy } = ask;
         self.check_shared()?;
         self.check_port(service.port)?;
         // A socket call, so outside the lock: whether the backend's address is this host's.
@@ -81,6 +82,13 @@ impl Store {
                 return Err(StoreError::AlgorithmConflict { service, current: existing.algorithm, requested });
             }
             overruled = Some((requested, existing.algorithm));
+        }
+        // The PROXY protocol is the first registration's (or the file's); a later one may only agree.
+        if let (Some(requested), Some(existing)) = (proxy, state.registry.services.get(&service))
+            && requested != existing.proxy
+            && !existing.backends.is_empty()
+        {
+            return Err(StoreError::ProxyConflict { service, current: existing.proxy, requested });
         }
         let Some(origin) = state.registry.registrations.get(&registration).map(|r| r.origin) else {
             // Only a closed handle could ask, and handles close on drop: nothing to register for.
@@ -116,6 +124,9 @@ impl Store {
         let entry = draft.services.entry(service).or_default();
         if let (true, Some(algorithm)) = (new_service, algorithm) {
             entry.algorithm = algorithm;
+        }
+        if let (true, Some(proxy)) = (new_service, proxy) {
+            entry.proxy = proxy;
         }
         entry.backends.insert(backend.address, Backend { weight: backend.weight, owner: registration, draining });
         let version = self.commit(&mut state, draft)?;

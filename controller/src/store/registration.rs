@@ -3,7 +3,7 @@
 
 use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
 
-use contract::model::{Algorithm, BackendSpec, RegisterReply, ServiceKey};
+use contract::model::{BackendSpec, RegisterReply, ServiceAsk, ServiceKey};
 
 use super::{FrontendVerdict, Store, registry::RegistrationId};
 use crate::error::StoreError;
@@ -58,10 +58,10 @@ impl Registration {
         &self,
         service: ServiceKey,
         backend: BackendSpec,
-        algorithm: Option<Algorithm>,
+        ask: ServiceAsk,
         ack_timeout: Duration,
     ) -> Result<RegisterReply, StoreError> {
-        let mut registered = self.store.register(self.id, service, backend, algorithm)?;
+        let mut registered = self.store.register(self.id, service, backend, ask)?;
         if self.store.is_replicated() {
             // Nodes see it once the shared store holds it: wait for its revision.
             match self.store.shared_revision(service, backend.address, ack_timeout).await {

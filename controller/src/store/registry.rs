@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
 };
 
-use contract::model::{Algorithm, BackendSpec, RoutingSnapshot, ServiceKey, ServiceSpec, Weight};
+use contract::model::{Algorithm, BackendSpec, ProxyProtocol, RoutingSnapshot, ServiceKey, ServiceSpec, Weight};
 
 use super::registration::Origin;
 use crate::error::StoreError;
@@ -41,6 +41,8 @@ pub(super) struct Service {
     /// Set by an operator (`SetAlgorithm`): registrations asking for another are accepted and overruled,
     /// so agents started with an older choice are not locked out when they re-register.
     pub algorithm_set_by_operator: bool,
+    /// The PROXY protocol on both sides, set by the first registration (or the configuration file).
+    pub proxy: ProxyProtocol,
     pub backends: BTreeMap<SocketAddr, Backend>,
 }
 
@@ -101,7 +103,7 @@ impl Registry {
                     .filter(|(_, b)| !b.draining && self.registrations.get(&b.owner).is_some_and(|r| r.healthy))
                     .map(|(&address, b)| BackendSpec { address, weight: b.weight })
                     .collect();
-                (key, ServiceSpec { key, algorithm: service.algorithm, backends })
+                (key, ServiceSpec { key, algorithm: service.algorithm, proxy: service.proxy, backends })
             })
             .collect();
         RoutingSnapshot { version, services, warming_up: self.warming_up, retired: self.retired.clone() }

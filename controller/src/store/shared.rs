@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use contract::model::{Algorithm, Event, EventKind, RoutingSnapshot, ServiceKey, Weight};
+use contract::model::{Algorithm, Event, EventKind, ProxyProtocol, RoutingSnapshot, ServiceKey, Weight};
 use tokio::sync::mpsc;
 use tracing::info;
 
@@ -35,6 +35,8 @@ pub struct SharedBackend {
     pub draining: bool,
     /// The service's algorithm where it was registered.
     pub algorithm: Algorithm,
+    /// The service's PROXY protocol where it was registered.
+    pub proxy: ProxyProtocol,
 }
 
 // === impl Store ===
@@ -58,6 +60,7 @@ impl Store {
                     healthy: owner.healthy,
                     draining: b.draining,
                     algorithm: s.algorithm,
+                    proxy: s.proxy,
                 });
             }
         }
@@ -116,6 +119,9 @@ impl Store {
             let entry = draft.services.entry(service).or_default();
             if entry.backends.is_empty() || !entry.algorithm_set_by_operator {
                 entry.algorithm = backend.algorithm;
+            }
+            if entry.backends.is_empty() {
+                entry.proxy = backend.proxy;
             }
             entry.backends.insert(address, Backend { weight: backend.weight, owner: id, draining: backend.draining });
         }

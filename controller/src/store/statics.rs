@@ -10,7 +10,7 @@ use std::{
 
 use contract::{
     client,
-    model::{Algorithm, Event, EventKind, ServiceKey, Weight},
+    model::{Algorithm, Event, EventKind, ProxyProtocol, ServiceKey, Weight},
 };
 use tracing::info;
 
@@ -26,6 +26,8 @@ use crate::error::StoreError;
 pub struct StaticSpec {
     /// Its balancing algorithm (the file is the operator's: it overrules registrations).
     pub algorithm: Algorithm,
+    /// Its PROXY protocol.
+    pub proxy: ProxyProtocol,
     /// Its static backends.
     pub backends: BTreeMap<SocketAddr, StaticBackend>,
 }
@@ -98,8 +100,10 @@ impl Store {
         }
         for (&service, spec) in wanted {
             let entry = draft.services.entry(service).or_default();
-            let algorithm_changed = entry.algorithm != spec.algorithm && !entry.backends.is_empty();
+            let algorithm_changed =
+                (entry.algorithm != spec.algorithm || entry.proxy != spec.proxy) && !entry.backends.is_empty();
             entry.algorithm = spec.algorithm;
+            entry.proxy = spec.proxy;
             entry.algorithm_set_by_operator = true;
             draft.retired.remove(&service);
             for (&address, wanted_backend) in &spec.backends {

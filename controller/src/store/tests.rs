@@ -1,7 +1,8 @@
 use std::{net::SocketAddr, time::Duration};
 
 use contract::model::{
-    Algorithm, BackendLoad, BackendSpec, EventKind, FrontendStatus, InvalidWeight, NodeReport, ServiceKey, Weight,
+    Algorithm, BackendLoad, BackendSpec, EventKind, FrontendStatus, InvalidWeight, NodeReport, ServiceAsk, ServiceKey,
+    Weight,
 };
 
 use super::{changes::Registered, registry::Registry, *};
@@ -29,12 +30,18 @@ fn every_change_bumps_the_version_and_publishes_a_snapshot() {
     let store = store();
     let rx = store.subscribe();
     let a = store.open_registration(origin("127.0.0.2")).unwrap();
-    let r1 = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    let r1 = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     assert_eq!(r1, Registered { version: 1, created: true, overruled: None });
     // The same registration again changes nothing: no new version.
-    assert_eq!(store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap().version, 1);
+    assert_eq!(
+        store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap().version,
+        1
+    );
     let b = store.open_registration(origin("127.0.0.3")).unwrap();
-    assert_eq!(store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.3:80"), None).unwrap().version, 2);
+    assert_eq!(
+        store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.3:80"), ServiceAsk::default()).unwrap().version,
+        2
+    );
     let snapshot = rx.borrow().clone();
     assert_eq!(snapshot.version, 2);
     assert_eq!(snapshot.services[&ServiceKey::tcp(80)].backends.len(), 2);
@@ -51,9 +58,11 @@ fn every_change_bumps_the_version_and_publishes_a_snapshot() {
 fn ports_outside_the_policy_are_refused_without_a_new_version() {
     let store = store();
     let a = store.open_registration(origin("127.0.0.2")).unwrap();
-    let err = store.register(a.id, ServiceKey::tcp(9001), backend("127.0.0.2:9001"), None).unwrap_err();
+    let err =
+        store.register(a.id, ServiceKey::tcp(9001), backend("127.0.0.2:9001"), ServiceAsk::default()).unwrap_err();
     assert_eq!(err.to_string(), "port 9001 is outside the allowed ports 1-9000");
-    let err = store.register(a.id, ServiceKey::udp(8080), backend("127.0.0.2:8080"), None).unwrap_err();
+    let err =
+        store.register(a.id, ServiceKey::udp(8080), backend("127.0.0.2:8080"), ServiceAsk::default()).unwrap_err();
     assert_eq!(err, StoreError::ReservedPort { port: 8080 });
     assert_eq!(store.snapshot().version, 0);
     assert!(!a.has_backends());
@@ -63,7 +72,7 @@ fn ports_outside_the_policy_are_refused_without_a_new_version() {
 fn unregister_works_from_any_registration_and_reports_unknown_backends() {
     let store = store();
     let a = store.open_registration(origin("127.0.0.2")).unwrap();
-    store.register(a.id, ServiceKey::udp(53), backend("127.0.0.2:53"), None).unwrap();
+    store.register(a.id, ServiceKey::udp(53), backend("127.0.0.2:53"), ServiceAsk::default()).unwrap();
     let addr = "127.0.0.2:53".parse().unwrap();
     assert!(matches!(store.unregister(ServiceKey::udp(53), addr, "test"), Ok(2)));
     assert!(!a.has_backends());
@@ -80,8 +89,8 @@ fn a_backend_registered_again_moves_to_the_new_registration() {
     let store = store();
     let old = store.open_registration(origin("127.0.0.2")).unwrap();
     let new = store.open_registration(origin("127.0.0.2")).unwrap();
-    store.register(old.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
-    let again = store.register(new.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    store.register(old.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
+    let again = store.register(new.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     assert!(!again.created);
     drop(old);
     assert_eq!(store.snapshot().services[&ServiceKey::tcp(80)].backends.len(), 1, "the old channel owns nothing");
@@ -93,7 +102,7 @@ fn a_backend_registered_again_moves_to_the_new_registration() {
 fn unhealthy_backends_stay_registered_out_of_rotation() {
     let store = store();
     let a = store.open_registration(origin("127.0.0.2")).unwrap();
-    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     a.set_healthy(false).unwrap();
     let snapshot = store.snapshot();
     assert!(snapshot.services[&ServiceKey::tcp(80)].backends.is_empty(), "the frontend stays, empty");
@@ -109,11 +118,11 @@ fn warm_up_snapshots_retire_removed_services_and_versions_jump_above_known_ones(
     store.begin_warm_up().unwrap();
     assert!(store.snapshot().warming_up);
     let a = store.open_registration(origin("127.0.0.2")).unwrap();
-    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     drop(a);
     assert_eq!(store.snapshot().retired, [ServiceKey::tcp(80)].into());
     let b = store.open_registration(origin("127.0.0.2")).unwrap();
-    store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     assert!(store.snapshot().retired.is_empty(), "re-registered: no longer retired");
 
     store.observe_version(500).unwrap();
@@ -131,7 +140,10 @@ async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed()
     let store = store();
     let reg = store.open_registration(origin("127.0.0.2")).unwrap();
     // No node at all: success with a note.
-    let reply = reg.register(ServiceKey::tcp(80), backend("127.0.0.2:80"), None, Duration::from_secs(2)).await.unwrap();
+    let reply = reg
+        .register(ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default(), Duration::from_secs(2))
+        .await
+        .unwrap();
     assert!(reply.success && reply.message.unwrap().contains("no data-plane node"));
 
     let node_a = Arc::new(store.connect_node("a", None).unwrap());
@@ -148,7 +160,10 @@ async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed()
         tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_a), Err("bind 0.0.0.0:81: Address in use".into())));
     let b =
         tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_b), Err("bind 0.0.0.0:81: Permission denied".into())));
-    let reply = reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), None, Duration::from_secs(2)).await.unwrap();
+    let reply = reg
+        .register(ServiceKey::tcp(81), backend("127.0.0.2:81"), ServiceAsk::default(), Duration::from_secs(2))
+        .await
+        .unwrap();
     a.await.unwrap();
     b.await.unwrap();
     assert!(!reply.success);
@@ -161,14 +176,20 @@ async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed()
     // disconnected and no longer asked.
     drop(node_b);
     assert!(!store.view().nodes[1].connected);
-    let reply = reg.register(ServiceKey::tcp(82), backend("127.0.0.2:82"), None, Duration::from_secs(2)).await.unwrap();
+    let reply = reg
+        .register(ServiceKey::tcp(82), backend("127.0.0.2:82"), ServiceAsk::default(), Duration::from_secs(2))
+        .await
+        .unwrap();
     assert_eq!(reply.message.as_deref(), Some("node a: no bind result in time"));
 
     // One node listens, another fails: success, naming the failing node.
     let node_c = Arc::new(store.connect_node("c", None).unwrap());
     let a = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_a), Ok("0.0.0.0:81".parse().unwrap())));
     let c = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_c), Err("bind 0.0.0.0:81: in use".into())));
-    let reply = reg.register(ServiceKey::tcp(81), backend("127.0.0.2:81"), None, Duration::from_secs(2)).await.unwrap();
+    let reply = reg
+        .register(ServiceKey::tcp(81), backend("127.0.0.2:81"), ServiceAsk::default(), Duration::from_secs(2))
+        .await
+        .unwrap();
     a.await.unwrap();
     c.await.unwrap();
     assert!(reply.success);
@@ -182,7 +203,7 @@ fn drain_and_weight_changes_are_versioned_events() {
     let mut events = store.watch_events();
     let a = store.open_registration(origin("127.0.0.2")).unwrap();
     let addr: SocketAddr = "127.0.0.2:80".parse().unwrap();
-    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     assert_eq!(events.try_recv().unwrap().kind, EventKind::ServiceAdded);
     assert_eq!(events.try_recv().unwrap().kind, EventKind::BackendRegistered);
 
@@ -211,16 +232,18 @@ fn the_first_registration_chooses_the_algorithm_until_an_operator_does() {
     let a = store.open_registration(origin("127.0.0.2")).unwrap();
     let b = store.open_registration(origin("127.0.0.3")).unwrap();
     let key = ServiceKey::tcp(80);
-    store.register(a.id, key, backend("127.0.0.2:80"), Some(Algorithm::LeastConnections)).unwrap();
+    store.register(a.id, key, backend("127.0.0.2:80"), ServiceAsk::algorithm(Algorithm::LeastConnections)).unwrap();
     assert_eq!(store.snapshot().services[&key].algorithm, Algorithm::LeastConnections);
-    let refused = store.register(b.id, key, backend("127.0.0.3:80"), Some(Algorithm::Random)).unwrap_err();
+    let refused =
+        store.register(b.id, key, backend("127.0.0.3:80"), ServiceAsk::algorithm(Algorithm::Random)).unwrap_err();
     assert!(refused.to_string().contains("uses least_connections"), "{refused}");
     // Agreeing, or not asking, is fine.
-    store.register(b.id, key, backend("127.0.0.3:80"), None).unwrap();
+    store.register(b.id, key, backend("127.0.0.3:80"), ServiceAsk::default()).unwrap();
     // After the operator's choice, a registration asking for the old one is let in, overruled.
     store.set_algorithm(key, Algorithm::PowerOfTwo).unwrap();
     let c = store.open_registration(origin("127.0.0.4")).unwrap();
-    let again = store.register(c.id, key, backend("127.0.0.4:80"), Some(Algorithm::LeastConnections)).unwrap();
+    let again =
+        store.register(c.id, key, backend("127.0.0.4:80"), ServiceAsk::algorithm(Algorithm::LeastConnections)).unwrap();
     assert_eq!(again.overruled, Some((Algorithm::LeastConnections, Algorithm::PowerOfTwo)));
     assert_eq!(store.snapshot().services[&key].algorithm, Algorithm::PowerOfTwo);
 }
@@ -256,7 +279,7 @@ fn a_change_that_breaks_an_invariant_is_refused_and_never_published() {
     let store = store();
     let mut snapshots = store.subscribe();
     let a = store.open_registration(origin("127.0.0.2")).unwrap();
-    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
+    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     snapshots.borrow_and_update();
     let before = store.snapshot();
 
@@ -291,37 +314,39 @@ fn a_backend_may_not_be_the_balancer_itself() {
     let store = store();
     let a = store.open_registration(origin("127.0.0.1")).unwrap();
     // The controller's own JSON listener behind a public frontend would relay into the control plane.
-    let own = store.register(a.id, ServiceKey::tcp(81), backend("127.0.0.1:8080"), None).unwrap_err();
+    let own = store.register(a.id, ServiceKey::tcp(81), backend("127.0.0.1:8080"), ServiceAsk::default()).unwrap_err();
     assert_eq!(own.to_string(), "backend 127.0.0.1:8080 is one of the balancer's own listeners");
     // The embedded node's frontend of the same service: every connection would come back to itself.
-    let looped = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.1:80"), None).unwrap_err();
+    let looped = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.1:80"), ServiceAsk::default()).unwrap_err();
     assert_eq!(looped, StoreError::Loop { service: ServiceKey::tcp(80), backend: "127.0.0.1:80".parse().unwrap() });
     // A remote node's frontend address, likewise.
     let _node = store.connect_node("n1", Some("127.0.0.9:40000".parse().unwrap())).unwrap();
-    let looped = store.register(a.id, ServiceKey::udp(53), backend("127.0.0.9:53"), None).unwrap_err();
+    let looped = store.register(a.id, ServiceKey::udp(53), backend("127.0.0.9:53"), ServiceAsk::default()).unwrap_err();
     assert!(matches!(looped, StoreError::Loop { .. }), "{looped}");
     assert_eq!(store.snapshot().version, 0, "nothing was registered");
     // Another address on the same host, or the same address on a port no frontend uses, is a backend like
     // any other.
-    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), None).unwrap();
-    store.register(a.id, ServiceKey::tcp(82), backend("127.0.0.1:85"), None).unwrap();
+    store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
+    store.register(a.id, ServiceKey::tcp(82), backend("127.0.0.1:85"), ServiceAsk::default()).unwrap();
 }
 
 #[test]
 fn the_loop_check_sees_through_other_spellings_and_other_services() {
     let store = store();
     let a = store.open_registration(origin("127.0.0.1")).unwrap();
-    let refused =
-        |service: ServiceKey, backend: &str| store.register(a.id, service, self::backend(backend), None).is_err();
+    let refused = |service: ServiceKey, backend: &str| {
+        store.register(a.id, service, self::backend(backend), ServiceAsk::default()).is_err()
+    };
     assert!(refused(ServiceKey::tcp(81), "0.0.0.0:8080"), "0.0.0.0 reaches this host");
     assert!(refused(ServiceKey::tcp(81), "[::ffff:127.0.0.1]:8080"), "a mapped address is the same address");
     assert!(refused(ServiceKey::tcp(81), "224.0.0.1:81"), "multicast is no one host");
-    store.register(a.id, ServiceKey::tcp(90), backend("127.0.0.2:90"), None).unwrap();
+    store.register(a.id, ServiceKey::tcp(90), backend("127.0.0.2:90"), ServiceAsk::default()).unwrap();
     // tcp:91 -> the frontend of tcp:90 -> ... would chain into the balancer.
-    let chained = store.register(a.id, ServiceKey::tcp(91), backend("127.0.0.1:90"), None).unwrap_err();
+    let chained =
+        store.register(a.id, ServiceKey::tcp(91), backend("127.0.0.1:90"), ServiceAsk::default()).unwrap_err();
     assert_eq!(chained, StoreError::Loop { service: ServiceKey::tcp(90), backend: "127.0.0.1:90".parse().unwrap() });
     // Another protocol's port is another socket.
-    store.register(a.id, ServiceKey::udp(92), backend("127.0.0.1:90"), None).unwrap();
+    store.register(a.id, ServiceKey::udp(92), backend("127.0.0.1:90"), ServiceAsk::default()).unwrap();
 }
 
 #[test]
@@ -367,6 +392,7 @@ fn a_load_of_static_backends_is_one_version_and_a_reload_is_the_diff() {
 
     let spec = |algorithm, backends: &[(&str, u64, Option<bool>)]| StaticSpec {
         algorithm,
+        proxy: contract::model::ProxyProtocol::default(),
         backends: backends
             .iter()
             .map(|&(a, w, health)| (a.parse().unwrap(), StaticBackend { weight: Weight::new(w).unwrap(), health }))
@@ -392,7 +418,7 @@ fn a_load_of_static_backends_is_one_version_and_a_reload_is_the_diff() {
 
     // A server registers to the static service beside them; the controller's check brings one back.
     let a = store.open_registration(origin("127.0.0.4")).unwrap();
-    store.register(a.id, web, backend("127.0.0.4:8443"), None).unwrap();
+    store.register(a.id, web, backend("127.0.0.4:8443"), ServiceAsk::default()).unwrap();
     store.set_static_healthy(web, "127.0.0.3:8443".parse().unwrap(), true).unwrap();
     assert_eq!(store.snapshot().services[&web].backends.len(), 3);
     let version = store.snapshot().version;

@@ -65,6 +65,7 @@ impl State {
                 ServiceView {
                     service: key,
                     algorithm: service.algorithm,
+                    proxy_protocol: service.proxy,
                     active_connections: backends.iter().map(|b| b.active_connections).sum(),
                     backends,
                 }

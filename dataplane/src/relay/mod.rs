@@ -21,6 +21,8 @@ pub struct RelayContext {
     pub connect_timeout: Duration,
     /// Passive health of backends.
     pub passive: crate::stats::Passive,
+    /// Time a client of a service that accepts the PROXY protocol has to send its header.
+    pub accept_proxy_timeout: Duration,
     /// A UDP session with no datagram either way for this long ends.
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions one frontend keeps; datagrams that would open more are dropped.

@@ -13,6 +13,7 @@ use contract::{
     model::ServiceKey,
 };
 use tokio::{
+    io::AsyncWriteExt,
     net::{TcpListener, TcpStream},
     time::timeout,
 };
@@ -20,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, info, warn};
 
 use super::{RelayContext, pump};
+use crate::proxy;
 use crate::{
     access_log::AccessRecord,
     balance::RouteBackend,
@@ -83,7 +85,7 @@ pub async fn serve(
                     log.record(AccessRecord {
                         ended: SystemTime::now(),
                         service,
-                        client: peer,
+                        client: outcome.client.unwrap_or(peer),
                         frontend: local,
                         backend: outcome.backend,
                         bytes_in: outcome.bytes_in,
@@ -102,6 +104,8 @@ pub async fn serve(
 /// What became of one client.
 #[derive(Debug, Default)]
 struct Outcome {
+    /// The client a balancer in front named in its PROXY header, when the service accepts one.
+    client: Option<SocketAddr>,
     backend: Option<SocketAddr>,
     bytes_in: u64,
     bytes_out: u64,
@@ -126,21 +130,38 @@ async fn connection(
     slots: &Arc<Limit>,
 ) -> Outcome {
     let Some(route) = route else { return Outcome::refused(frontend, Refusal::NoBackend) };
+    let mut client = client;
+    // Behind another balancer: its header says who the client is, before anything else is read.
+    let (mut peer, mut destination) = (peer, None);
+    let mut named = None;
+    if route.proxy.accept {
+        match proxy::read(&mut client, ctx.accept_proxy_timeout).await {
+            Ok(proxy::Received::Proxied { source, destination: to }) => {
+                (peer, destination, named) = (source, Some(to), Some(source));
+            }
+            Ok(proxy::Received::Local) => {}
+            Err(error) => {
+                debug!(%error, "PROXY header refused; closed");
+                return Outcome::refused(frontend, Refusal::BadProxyHeader);
+            }
+        }
+    }
+    let send_proxy = route.proxy.send_v2;
     if let Some(wait) = ctx.first_byte_timeout
         && !spoke_within(&client, wait).await
     {
         debug!(?wait, "client sent nothing in time; closed");
-        return Outcome::refused(frontend, Refusal::SilentClient);
+        return Outcome { client: named, ..Outcome::refused(frontend, Refusal::SilentClient) };
     }
     // Past the service's bound: wait in the queue up to --queue-timeout, else close.
     let Some(_slot) = slots.take_within(1, ctx.queue_timeout).await else {
         slots.refused();
-        return Outcome::refused(frontend, Refusal::ServiceFull);
+        return Outcome { client: named, ..Outcome::refused(frontend, Refusal::ServiceFull) };
     };
     // The backend's descriptor only once the service has room: a queued client holds one, not two.
     let Some(_backend_fd) = ctx.client_fds.try_take(1) else {
         ctx.client_fds.refused();
-        return Outcome::refused(frontend, Refusal::FdLimit);
+        return Outcome { client: named, ..Outcome::refused(frontend, Refusal::FdLimit) };
     };
     let mut failures = Vec::new();
     let connected = connect(service, &route, peer, ctx, &mut failures).await;
@@ -155,9 +176,17 @@ async fn connection(
             None => warn!(%service, %why, held_back, "no backend accepted the connection"),
         }
     }
-    let Some((upstream, backend, mut guard)) = connected else {
-        return Outcome::refused(frontend, Refusal::NoBackend);
+    let Some((mut upstream, backend, mut guard)) = connected else {
+        return Outcome { client: named, ..Outcome::refused(frontend, Refusal::NoBackend) };
     };
+    if send_proxy {
+        let to = destination.or_else(|| client.local_addr().ok()).unwrap_or(peer);
+        let header = proxy::encode_v2(proxy::Transport::Stream, peer, to);
+        if let Err(error) = upstream.write_all(&header).await {
+            debug!(%backend, %error, "sending the PROXY header failed");
+            return Outcome { client: named, backend: Some(backend), end: "error", ..Outcome::default() };
+        }
+    }
     // The connection keeps its backend's counters through the guard, not the whole route.
     drop(route);
     let _ = client.set_nodelay(true);
@@ -177,7 +206,7 @@ async fn connection(
         }
     };
     debug!(%backend, bytes_in, bytes_out, end, "connection ended");
-    Outcome { backend: Some(backend), bytes_in, bytes_out, end }
+    Outcome { client: named, backend: Some(backend), bytes_in, bytes_out, end }
 }
 
 /// True when the client sent a byte within `wait` (it stays unread, for the backend).

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
 use super::RelayContext;
+use crate::proxy;
 use crate::{
     access_log::{AccessLog, AccessRecord},
     metrics::{Dropped, FrontendStats},
@@ -72,6 +73,8 @@ struct Session {
     shared: Arc<SessionShared>,
     /// Table version at which `backend` was last seen in rotation.
     checked_version: u64,
+    /// The PROXY v2 header sent before each datagram, when the service asks for one.
+    header: Option<Box<[u8]>>,
     task: AbortHandle,
     /// The session's place in the frontend's bound.
     _slot: Permit,
@@ -226,7 +229,14 @@ impl FrontendSocket {
         session.shared.last_active.store(now, Ordering::Relaxed);
         // Straight to the socket: a UDP send never waits, and the runtime's readiness of a socket this new
         // would refuse it before trying.
-        match SockRef::from(&*session.upstream).send(datagram) {
+        let sent = match &session.header {
+            // One datagram, header first, without copying the payload.
+            Some(header) => SockRef::from(&*session.upstream)
+                .send_vectored(&[io::IoSlice::new(header), io::IoSlice::new(datagram)])
+                .map(|sent| sent.saturating_sub(header.len())),
+            None => SockRef::from(&*session.upstream).send(datagram),
+        };
+        match sent {
             Ok(sent) => {
                 session.stats.datagram_in(sent);
                 // The session's own counts are for its access-log record only.
@@ -272,9 +282,15 @@ impl FrontendSocket {
             }
             return None;
         };
-        let picked = table
-            .route(&service)
+        let route = table.route(&service);
+        let picked = route
+            .as_ref()
             .and_then(|route| route.candidates(peer.ip()).next().map(|b| (b.address, Arc::clone(&b.stats))));
+        let header = route.filter(|r| r.proxy.send_v2).map(|_| {
+            let to =
+                self.local.unwrap_or_else(|| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), service.port));
+            proxy::encode_v2(proxy::Transport::Dgram, peer, to).into_boxed_slice()
+        });
         let Some((address, stats)) = picked else {
             self.stats.dropped(Dropped::NoBackend);
             return None;
@@ -326,6 +342,7 @@ impl FrontendSocket {
             stats,
             shared,
             checked_version: table.version,
+            header,
             task,
             _slot: slot,
         })

@@ -5,8 +5,8 @@ use std::time::Duration;
 use super::{ConvertError, algorithm, optional_ip, optional_port, socket_addr, weight};
 use crate::{
     model::{
-        BackendTarget, Deregistration, HelloAnswer, ProbeOverrides, RegisterReply, RegistrationRequest, ServiceKey,
-        Weight,
+        BackendTarget, Deregistration, HelloAnswer, ProbeOverrides, ProxyProtocol, RegisterReply, RegistrationRequest,
+        ServiceAsk, ServiceKey, Weight,
     },
     v1,
 };
@@ -26,7 +26,10 @@ impl TryFrom<&v1::Registration> for RegistrationRequest {
             backend: backend_target(&msg.backend_address, msg.backend_port)?,
             // proto3 sends an unset weight as 0: the default.
             weight: if msg.weight == 0 { Weight::default() } else { weight(msg.weight)? },
-            algorithm: if msg.algorithm.is_empty() { None } else { Some(algorithm(&msg.algorithm)?) },
+            ask: ServiceAsk {
+                algorithm: if msg.algorithm.is_empty() { None } else { Some(algorithm(&msg.algorithm)?) },
+                proxy: proxy(&msg.proxy_protocol, msg.accept_proxy)?,
+            },
             probe,
             healthy: msg.healthy,
         })
@@ -50,9 +53,28 @@ impl From<&RegistrationRequest> for v1::Registration {
             weight: request.weight.get(),
             health,
             healthy: request.healthy,
-            algorithm: request.algorithm.map(|a| a.to_string()).unwrap_or_default(),
+            algorithm: request.ask.algorithm.map(|a| a.to_string()).unwrap_or_default(),
+            proxy_protocol: match request.ask.proxy {
+                Some(p) if p.send_v2 => "v2".to_owned(),
+                Some(_) => "none".to_owned(),
+                None => String::new(),
+            },
+            accept_proxy: request.ask.proxy.map(|p| p.accept),
         }
     }
+}
+
+/// The PROXY protocol asked for: none when neither field is set; a field left unset is off.
+fn proxy(send: &str, accept: Option<bool>) -> Result<Option<ProxyProtocol>, ConvertError> {
+    if send.is_empty() && accept.is_none() {
+        return Ok(None);
+    }
+    let send_v2 = if send.is_empty() {
+        false
+    } else {
+        ProxyProtocol::parse_send(send).map_err(|e| super::invalid("proxy_protocol", e.to_string()))?
+    };
+    Ok(Some(ProxyProtocol { send_v2, accept: accept.unwrap_or(false) }))
 }
 
 impl TryFrom<&v1::DeregisterRequest> for Deregistration {
@@ -120,13 +142,20 @@ mod tests {
     use super::*;
     use crate::model::Algorithm;
 
+    fn base_of(request: &RegistrationRequest) -> v1::Registration {
+        v1::Registration::from(request)
+    }
+
     #[test]
     fn registrations_survive_the_wire_and_unset_fields_stay_unset() {
         let request = RegistrationRequest {
             service: ServiceKey::tcp(80),
             backend: BackendTarget { ip: None, port: Some(8080) },
             weight: Weight::new(5).unwrap(),
-            algorithm: Some(Algorithm::LeastConnections),
+            ask: ServiceAsk {
+                algorithm: Some(Algorithm::LeastConnections),
+                proxy: Some(ProxyProtocol { send_v2: true, accept: false }),
+            },
             probe: ProbeOverrides { interval: Some(Duration::from_millis(300)), timeout: None, failures: Some(2) },
             healthy: Some(false),
         };
@@ -135,7 +164,15 @@ mod tests {
         assert_eq!(RegistrationRequest::try_from(&wire), Ok(request));
         let bare = v1::Registration { service: Some(ServiceKey::udp(53).into()), ..Default::default() };
         let bare = RegistrationRequest::try_from(&bare).unwrap();
-        assert_eq!((bare.weight, bare.algorithm, bare.probe), (Weight::MIN, None, ProbeOverrides::default()));
+        assert_eq!(
+            (bare.weight, bare.ask, bare.probe),
+            (Weight::MIN, ServiceAsk::default(), ProbeOverrides::default())
+        );
+        let only_accept = v1::Registration { accept_proxy: Some(true), ..base_of(&bare) };
+        let only_accept = RegistrationRequest::try_from(&only_accept).unwrap();
+        assert_eq!(only_accept.ask.proxy, Some(ProxyProtocol { send_v2: false, accept: true }));
+        let bad = v1::Registration { proxy_protocol: "v3".into(), ..base_of(&bare) };
+        assert!(RegistrationRequest::try_from(&bad).unwrap_err().to_string().contains("proxy_protocol"));
         assert_eq!(bare.backend.resolve("127.0.0.2".parse().unwrap(), bare.service), "127.0.0.2:53".parse().unwrap());
 
         let gone = Deregistration {

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use super::{ConvertError, invalid, socket_addr};
 use crate::{
     model::{
-        Algorithm, BackendLoad, BackendSpec, FrontendStatus, NodeHello, NodeReport, RoutingDelta, RoutingSnapshot,
-        ServiceKey, ServiceSpec, Weight,
+        Algorithm, BackendLoad, BackendSpec, FrontendStatus, NodeHello, NodeReport, ProxyProtocol, RoutingDelta,
+        RoutingSnapshot, ServiceKey, ServiceSpec, Weight,
     },
     v1,
 };
@@ -16,6 +16,8 @@ impl From<&ServiceSpec> for v1::ServiceSpec {
         v1::ServiceSpec {
             service: Some(spec.key.into()),
             algorithm: spec.algorithm.to_string(),
+            send_proxy_v2: spec.proxy.send_v2,
+            accept_proxy: spec.proxy.accept,
             backends: spec
                 .backends
                 .iter()
@@ -46,7 +48,8 @@ impl TryFrom<&v1::ServiceSpec> for ServiceSpec {
                 Ok(BackendSpec { address, weight: Weight::clamped(b.weight.into()) })
             })
             .collect::<Result<_, ConvertError>>()?;
-        Ok(ServiceSpec { key, algorithm, backends })
+        let proxy = ProxyProtocol { send_v2: s.send_proxy_v2, accept: s.accept_proxy };
+        Ok(ServiceSpec { key, algorithm, proxy, backends })
     }
 }
 
@@ -262,6 +265,7 @@ mod tests {
         let spec = ServiceSpec {
             key,
             algorithm: Algorithm::RoundRobin,
+            proxy: ProxyProtocol { send_v2: true, accept: false },
             backends: vec![BackendSpec { address: "127.0.0.2:5353".parse().unwrap(), weight: Weight::new(3).unwrap() }],
         };
         let snapshot = RoutingSnapshot {
@@ -319,6 +323,7 @@ mod tests {
                 service: Some(ServiceKey::tcp(80).into()),
                 algorithm: "round_robin".into(),
                 backends: vec![v1::BackendSpec { address: address.into(), weight }],
+                ..Default::default()
             }],
             ..Default::default()
         };

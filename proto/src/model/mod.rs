@@ -20,6 +20,6 @@ pub use registration::{
     BackendRef, BackendTarget, Deregistration, HelloAnswer, ProbeOverrides, RegisterReply, RegistrationRequest,
 };
 pub use report::{BackendLoad, FrontendStatus, NodeHello, NodeReport};
-pub use service::{Algorithm, InvalidWeight, Protocol, ServiceKey, UnknownName, Weight};
+pub use service::{Algorithm, InvalidWeight, Protocol, ProxyProtocol, ServiceAsk, ServiceKey, UnknownName, Weight};
 pub use snapshot::{BackendSpec, RoutingDelta, RoutingSnapshot, ServiceSpec};
 pub use view::{BackendView, FrontendView, NodeView, ServiceView, StateView};

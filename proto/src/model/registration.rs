@@ -6,7 +6,7 @@ use std::{
     time::Duration,
 };
 
-use super::{Algorithm, ServiceKey, Weight};
+use super::{ServiceAsk, ServiceKey, Weight};
 
 /// Where a client says its backend listens. What it leaves out, the controller fills in: the IP from the
 /// registration's peer, the port from the service.
@@ -38,8 +38,8 @@ pub struct RegistrationRequest {
     pub backend: BackendTarget,
     /// Relative weight.
     pub weight: Weight,
-    /// Balancing algorithm asked for (the first registration of a service sets it).
-    pub algorithm: Option<Algorithm>,
+    /// Balancing algorithm and PROXY protocol asked for (the first registration of a service sets them).
+    pub ask: ServiceAsk,
     /// Probe timings asked for.
     pub probe: ProbeOverrides,
     /// The client's own verdict on its backend; unset means healthy.

@@ -43,6 +43,28 @@ pub enum Algorithm {
     SourceHash,
 }
 
+/// The PROXY protocol on a service's two sides: a header to backends, so they learn the client's address,
+/// and a header from a balancer in front, carrying the address of its client. Off by default.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+pub struct ProxyProtocol {
+    /// Send a PROXY v2 header to backends: at the start of each TCP connection, before each UDP datagram.
+    pub send_v2: bool,
+    /// TCP only: every client connection starts with a PROXY v1 or v2 header, whose source address is
+    /// taken as the client's (for `source_hash`, the access log and the header sent on).
+    pub accept: bool,
+}
+
+/// What a registration asks of its service besides its backend. The first registration of a service sets
+/// it; a later one that asks for something else is refused, unless an operator chose (then the
+/// operator's choice stands).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceAsk {
+    /// The balancing algorithm.
+    pub algorithm: Option<Algorithm>,
+    /// The PROXY protocol settings.
+    pub proxy: Option<ProxyProtocol>,
+}
+
 /// A backend's relative weight: always in `1..=10000`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
@@ -156,6 +178,48 @@ impl FromStr for Algorithm {
             let known: Vec<&str> = Algorithm::ALL.iter().map(|a| a.as_str()).collect();
             UnknownName { what: "algorithm", name: s.to_owned(), expected: format!("one of {}", known.join(", ")) }
         })
+    }
+}
+
+// === impl ProxyProtocol ===
+
+impl ProxyProtocol {
+    /// The header to send, by name: `v2`, or `none`.
+    pub fn parse_send(name: &str) -> Result<bool, UnknownName> {
+        match name.to_ascii_lowercase().as_str() {
+            "v2" => Ok(true),
+            "none" | "off" => Ok(false),
+            _ => Err(UnknownName { what: "proxy protocol", name: name.to_owned(), expected: "v2 or none".to_owned() }),
+        }
+    }
+
+    /// Whether a service of `protocol` can have these settings: a UDP frontend has no connection for a
+    /// header to start.
+    pub fn check(self, protocol: Protocol) -> Result<(), String> {
+        if self.accept && protocol == Protocol::Udp {
+            return Err("accepting the PROXY protocol is for TCP services only".to_owned());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for ProxyProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.send_v2, self.accept) {
+            (false, false) => f.write_str("no PROXY protocol"),
+            (true, false) => f.write_str("PROXY v2 to backends"),
+            (false, true) => f.write_str("PROXY from clients"),
+            (true, true) => f.write_str("PROXY from clients and v2 to backends"),
+        }
+    }
+}
+
+// === impl ServiceAsk ===
+
+impl ServiceAsk {
+    /// Asks for `algorithm` only.
+    pub fn algorithm(algorithm: Algorithm) -> Self {
+        ServiceAsk { algorithm: Some(algorithm), proxy: None }
     }
 }
 

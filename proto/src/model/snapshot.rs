@@ -7,7 +7,7 @@ use std::{
 
 use serde::Serialize;
 
-use super::{Algorithm, ServiceKey, Weight};
+use super::{Algorithm, ProxyProtocol, ServiceKey, Weight};
 
 /// One backend in rotation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -26,6 +26,8 @@ pub struct ServiceSpec {
     pub key: ServiceKey,
     /// Balancing algorithm.
     pub algorithm: Algorithm,
+    /// PROXY protocol toward backends and from clients.
+    pub proxy: ProxyProtocol,
     /// Backends that may take new connections, in a stable order. May be empty (all backends out of
     /// rotation): the frontend stays open because the service still has registered backends.
     pub backends: Vec<BackendSpec>,
@@ -122,7 +124,15 @@ mod tests {
             .iter()
             .map(|&p| {
                 let key = ServiceKey::tcp(p);
-                (key, ServiceSpec { key, algorithm: Algorithm::RoundRobin, backends: Vec::new() })
+                (
+                    key,
+                    ServiceSpec {
+                        key,
+                        algorithm: Algorithm::RoundRobin,
+                        proxy: ProxyProtocol::default(),
+                        backends: Vec::new(),
+                    },
+                )
             })
             .collect();
         let retired = retired.iter().map(|&p| ServiceKey::tcp(p)).collect();

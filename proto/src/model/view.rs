@@ -5,7 +5,7 @@ use std::{fmt, net::SocketAddr};
 
 use serde::Serialize;
 
-use super::{Algorithm, FrontendStatus, ServiceKey, Weight};
+use super::{Algorithm, FrontendStatus, ProxyProtocol, ServiceKey, Weight};
 
 /// The controller's whole state.
 #[derive(Debug, Clone, Serialize)]
@@ -28,6 +28,8 @@ pub struct ServiceView {
     pub service: ServiceKey,
     /// Balancing algorithm.
     pub algorithm: Algorithm,
+    /// PROXY protocol: `send_v2` to backends, `accept` from clients.
+    pub proxy_protocol: ProxyProtocol,
     /// Sum over its backends.
     pub active_connections: u64,
     /// Every registered backend, in rotation or not.

@@ -17,6 +17,7 @@ mod multihost;
 mod nodes;
 mod observability;
 mod operator;
+mod proxy_protocol;
 mod relay;
 mod replicas;
 mod security;
