@@ -128,3 +128,14 @@ async fn the_readme_toy_server_registers_again_after_a_controller_restart() {
         sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn an_agent_that_gives_up_names_the_failure_that_ran_out_its_time() {
+    let args =
+        ["--service", "tcp:80", "--check", "none", "--controller", "http://127.0.0.1:1", "--startup-timeout", "1s"];
+    let (code, stderr) = run_to_exit("agent", &args).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    let line = stderr.lines().find(|l| l.starts_with("agent: cannot reach")).unwrap_or_else(|| panic!("{stderr}"));
+    // Every attempt failed to connect; an attempt cut short by the deadline is not the news.
+    assert!(line.ends_with("(gave up after 1s): cannot connect: transport error"), "{line}");
+}
