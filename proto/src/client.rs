@@ -217,7 +217,10 @@ mod tests {
         assert_eq!(controller_urls("http://a:1,http://a:1", None).unwrap_err().flag, "controller");
         // A refused URL is shown as it should have been written.
         let why = |list: &str| controller_urls(list, None).unwrap_err().why;
-        assert_eq!(why("127.0.0.1:50051"), r#""127.0.0.1:50051" is not an http:// or https:// URL, e.g. http://127.0.0.1:50051"#);
+        assert_eq!(
+            why("127.0.0.1:50051"),
+            r#""127.0.0.1:50051" is not an http:// or https:// URL, e.g. http://127.0.0.1:50051"#
+        );
         assert!(why("grpc://10.0.0.1:50051").ends_with("e.g. http://10.0.0.1:50051"));
         assert!(why(" , ").ends_with("e.g. http://127.0.0.1:50051"));
     }
