@@ -7,7 +7,10 @@ use contract::model::{Algorithm, Protocol, ProxyProtocol, ServiceAsk, ServiceKey
 
 use contract::{auth::Token, client::ClientTls, process::FlagError};
 
-use crate::check::{self, Check};
+use crate::{
+    check::{self, Check},
+    load::LoadSource,
+};
 
 /// Switchboard agent: registers the server beside it with the controller and reports its local health
 /// checks, so a dead server leaves rotation while the agent lives.
@@ -63,6 +66,21 @@ pub struct Cli {
     /// carrying the client's address.
     #[arg(long, env = "SWITCHBOARD_ACCEPT_PROXY")]
     pub accept_proxy: bool,
+
+    /// Send the server's load with each hello answer, for the controller's `least_load`: the host's CPU
+    /// and memory use, or the --cgroup's, or the number --load-command prints.
+    #[arg(long, env = "SWITCHBOARD_REPORT_LOAD")]
+    pub report_load: bool,
+
+    /// With --report-load: measure this cgroup (v2 directory, e.g. /sys/fs/cgroup/system.slice/nginx.service)
+    /// instead of the host.
+    #[arg(long, env = "SWITCHBOARD_CGROUP", value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+
+    /// With --report-load: `sh -c COMMAND` prints the load (1.0 = fully loaded), for servers that know better;
+    /// it gets --check-timeout, and runs every --check-interval.
+    #[arg(long, env = "SWITCHBOARD_LOAD_COMMAND", value_name = "COMMAND")]
+    pub load_command: Option<String>,
 
     /// Local check: tcp (default for TCP), udp:PAYLOAD, http:/PATH (on the backend), http://IP:PORT/PATH (elsewhere),
     /// exec:COMMAND, none (default for UDP).
@@ -133,6 +151,8 @@ pub struct AgentConfig {
     pub weight: Weight,
     /// Algorithm and PROXY protocol to ask for.
     pub ask: ServiceAsk,
+    /// Where the load reported with each hello answer comes from (none: no report).
+    pub load_source: Option<LoadSource>,
     /// The check, per protocol default when not given.
     pub check: Option<Check>,
     /// Time between checks.
@@ -205,6 +225,27 @@ impl TryFrom<Cli> for AgentConfig {
                 proxy.check(service.key.protocol).map_err(|why| FlagError::new("accept-proxy", why))?;
             }
         }
+        let load_source = match (cli.report_load, cli.cgroup, cli.load_command) {
+            (false, None, None) => None,
+            (false, _, _) => return Err(FlagError::new("report-load", "--cgroup and --load-command need it")),
+            (true, Some(_), Some(_)) => {
+                return Err(FlagError::new("cgroup", "give --cgroup or --load-command, not both"));
+            }
+            (true, Some(dir), None) => {
+                if !dir.join("cpu.stat").is_file() {
+                    return Err(FlagError::new(
+                        "cgroup",
+                        format!("{} has no cpu.stat: give a cgroup v2 directory", dir.display()),
+                    ));
+                }
+                Some(LoadSource::Cgroup(dir))
+            }
+            (true, None, Some(command)) if command.trim().is_empty() => {
+                return Err(FlagError::new("load-command", "is empty"));
+            }
+            (true, None, Some(command)) => Some(LoadSource::Command(command)),
+            (true, None, None) => Some(LoadSource::Host),
+        };
         if cli.rise == 0 || cli.fall == 0 {
             return Err(FlagError::new("rise/--fall", "must be at least 1"));
         }
@@ -220,6 +261,7 @@ impl TryFrom<Cli> for AgentConfig {
             backend_address: cli.backend_address,
             weight,
             ask: ServiceAsk { algorithm, proxy },
+            load_source,
             check,
             check_interval: cli.check_interval,
             check_timeout: cli.check_timeout,

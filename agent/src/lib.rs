@@ -15,6 +15,7 @@
 pub use contract::check;
 pub mod cli;
 pub mod error;
+pub mod load;
 pub mod register;
 
 use std::sync::Arc;
@@ -38,11 +39,19 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     let config = Arc::new(config);
     let mut tasks = JoinSet::new();
+    // One sampler for the server, whatever the number of services: every answer carries its latest figure.
+    let (load_tx, load) = watch::channel(None);
+    if let Some(source) = config.load_source.clone() {
+        let sampler = load::LoadSampler::new(source, config.check_timeout);
+        let interval = config.check_interval;
+        tokio::spawn(load::sample_every(sampler, interval, load_tx));
+    }
     let mut registered = Vec::new();
     for service in config.services.clone() {
         let (tx, rx) = oneshot::channel();
         registered.push(rx);
-        tasks.spawn(register::ServiceAgent::new(Arc::clone(&config), service).run(tx, shutdown.clone()));
+        let agent = register::ServiceAgent::new(Arc::clone(&config), service, load.clone());
+        tasks.spawn(agent.run(tx, shutdown.clone()));
     }
     tasks.spawn(async move {
         let mut services = Vec::new();

@@ -44,6 +44,8 @@ pub struct ServiceAgent {
     check: Check,
     /// Where local checks go.
     target: SocketAddr,
+    /// The server's latest load, in thousandths, with `--report-load`.
+    load: watch::Receiver<Option<u32>>,
 }
 
 /// A registration the controller acknowledged.
@@ -64,10 +66,10 @@ enum StreamEnd {
 
 impl ServiceAgent {
     /// The agent of `service`; checks go to the backend address, or 127.0.0.1 when the controller picks it.
-    pub fn new(config: Arc<AgentConfig>, service: AgentService) -> Self {
+    pub fn new(config: Arc<AgentConfig>, service: AgentService, load: watch::Receiver<Option<u32>>) -> Self {
         let ip = config.backend_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let check = config.check_for(&service);
-        ServiceAgent { target: SocketAddr::new(ip, service.backend_port), check, config, service }
+        ServiceAgent { target: SocketAddr::new(ip, service.backend_port), check, config, service, load }
     }
 
     /// Registers and keeps the registration alive until `shutdown`; `registered` learns the backend
@@ -233,13 +235,15 @@ impl ServiceAgent {
         loop {
             let answer = tokio::select! {
                 message = live.inbound.message() => match message {
-                    Ok(Some(RegisterResponse { msg: Some(In::Hello(hello)) })) => answer(hello.seq, *verdict.borrow()),
+                    Ok(Some(RegisterResponse { msg: Some(In::Hello(hello)) })) => {
+                        answer(hello.seq, *verdict.borrow(), *self.load.borrow())
+                    }
                     Ok(Some(_)) => continue,
                     Ok(None) => return StreamEnd::Lost("the controller ended the stream".into()),
                     Err(status) => return StreamEnd::Lost(status.message().to_owned()),
                 },
                 // Tell the controller now rather than at the next hello.
-                Ok(()) = verdict.changed() => answer(0, *verdict.borrow_and_update()),
+                Ok(()) = verdict.changed() => answer(0, *verdict.borrow_and_update(), *self.load.borrow()),
                 () = stopped(shutdown) => {
                     self.deregister(live.channel, live.backend).await;
                     return StreamEnd::Shutdown;
@@ -269,6 +273,6 @@ impl ServiceAgent {
     }
 }
 
-fn answer(seq: u64, healthy: bool) -> RegisterRequest {
-    HelloAnswer { seq, healthy }.into()
+fn answer(seq: u64, healthy: bool, load: Option<u32>) -> RegisterRequest {
+    HelloAnswer { seq, healthy, load }.into()
 }

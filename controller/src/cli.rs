@@ -150,6 +150,11 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_JSON_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub json_idle_timeout: Duration,
 
+    /// `least_load`: a server's load report (agents' `--report-load`) counts this long; a backend whose
+    /// reports stop is then judged by its connections alone.
+    #[arg(long, env = "SWITCHBOARD_LOAD_REPORT_MAX_AGE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub load_report_max_age: Duration,
+
     /// TOML file of these settings (the long flags without dashes, e.g. `json-listen = "0.0.0.0:8080"`)
     /// and of static services (`[[service]]`). Flags and environment variables win over the file. SIGHUP
     /// reloads its static services.

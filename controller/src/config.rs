@@ -67,6 +67,8 @@ pub struct Config {
     pub check: bool,
     /// Where the registry lives.
     pub store: StoreSettings,
+    /// A server's load report counts this long.
+    pub load_report_max_age: Duration,
     /// The static services of the `--config` file.
     pub static_services: Vec<StaticService>,
     /// The command line and the `--config` file it was read with, read again on SIGHUP.
@@ -234,6 +236,7 @@ impl TryFrom<Cli> for Config {
             ("hello-timeout", cli.hello_timeout),
             ("bind-ack-timeout", cli.bind_ack_timeout),
             ("json-idle-timeout", cli.json_idle_timeout),
+            ("load-report-max-age", cli.load_report_max_age),
         ])?;
         if cli.hello_failures == 0 {
             return Err(FlagError::new("hello-failures", "must be at least 1").into());
@@ -282,6 +285,7 @@ impl TryFrom<Cli> for Config {
             store: StoreSettings::from_flags(&cli.store, &cli.etcd_prefix, cli.etcd_lease_ttl, cli.controller_id)?,
             static_services: Vec::new(),
             source: None,
+            load_report_max_age: cli.load_report_max_age,
         })
     }
 }

@@ -99,6 +99,7 @@ impl Controller {
             own_listeners,
             frontend_ip: config.embedded_node.as_ref().map(|node| node.frontend_address),
             limits: config.registry_limits,
+            load_report_max_age: config.load_report_max_age,
         };
         let store = match config.store {
             config::StoreSettings::Memory => Store::new(policy, config.print_state),

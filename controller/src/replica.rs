@@ -452,6 +452,8 @@ fn loads(mirror: &Mirror, me: &str) -> BTreeMap<String, Vec<contract::model::Bac
                     active: r.active,
                     total: r.total,
                     failing: r.failing,
+                    // Load reports stay with the controller their agent follows.
+                    reported: None,
                 })
             })
             .collect();

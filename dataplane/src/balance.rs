@@ -53,6 +53,8 @@ pub enum Balancer {
     PowerOfTwo,
     /// Maglev lookup table over the client's address.
     SourceHash(Maglev),
+    /// The lowest reported load combined with connections per unit of weight; ties rotate.
+    LeastLoad(AtomicUsize),
 }
 
 /// A Maglev lookup table: entry `hash(client) % len` names the backend.
@@ -82,6 +84,7 @@ impl Balancer {
                 Balancer::WeightedRoundRobin { cycle: smooth_cycle(&weights), next: carried() }
             }
             Algorithm::LeastConnections => Balancer::LeastConnections(carried()),
+            Algorithm::LeastLoad => Balancer::LeastLoad(carried()),
             Algorithm::Random => Balancer::Random,
             Algorithm::PowerOfTwo => Balancer::PowerOfTwo,
             Algorithm::SourceHash => {
@@ -95,6 +98,7 @@ impl Balancer {
         match self {
             Balancer::RoundRobin(next)
             | Balancer::LeastConnections(next)
+            | Balancer::LeastLoad(next)
             | Balancer::WeightedRoundRobin { next, .. } => next.load(Ordering::Relaxed),
             _ => 0,
         }
@@ -119,6 +123,7 @@ impl Balancer {
                 if lighter(&backends[b], &backends[a]) { b } else { a }
             }
             Balancer::SourceHash(maglev) => maglev.lookup(client) % len,
+            Balancer::LeastLoad(next) => least_cost(backends, next.fetch_add(1, Ordering::Relaxed)),
         })
     }
 }
@@ -136,6 +141,36 @@ fn least_loaded(backends: &[RouteBackend], start: usize) -> usize {
         let i = (start + step) % len;
         if lighter(&backends[i], &backends[best]) {
             best = i;
+        }
+    }
+    best
+}
+
+/// How much a reported load weighs against connections in [`least_cost`]: a server at 1000 ‰ costs
+/// `1 + LOAD_FACTOR` times what an idle one does for the same connections.
+const LOAD_FACTOR: u128 = 4;
+
+/// `least_load`: the backend of least `(connections + 1) × (1 + LOAD_FACTOR × load) / weight`, connections
+/// cluster-wide and load as reported (a backend without a fresh report counts as the average of those
+/// with one, so it is judged by its connections). Without any report it is least connections. Among equals,
+/// the first from `start` on, so ties rotate.
+fn least_cost(backends: &[RouteBackend], start: usize) -> usize {
+    let reports: Vec<u32> = backends.iter().filter_map(|b| b.stats.reported()).collect();
+    let average =
+        if reports.is_empty() { 0 } else { reports.iter().map(|&r| u64::from(r)).sum::<u64>() / reports.len() as u64 };
+    let cost = |b: &RouteBackend| {
+        let load = u128::from(b.stats.reported().map_or(average, u64::from));
+        (u128::from(b.load()) + 1) * (1000 + LOAD_FACTOR * load)
+    };
+    let len = backends.len();
+    let mut best = start % len;
+    let mut best_cost = cost(&backends[best]);
+    for step in 1..len {
+        let i = (start + step) % len;
+        let c = cost(&backends[i]);
+        // Per unit of weight, without division: c / w_i < best / w_best.
+        if c * u128::from(backends[best].weight.get()) < best_cost * u128::from(backends[i].weight.get()) {
+            (best, best_cost) = (i, c);
         }
     }
     best
@@ -331,6 +366,37 @@ mod tests {
 
     fn client(i: u32) -> IpAddr {
         IpAddr::V4(Ipv4Addr::from(i.wrapping_mul(2_654_435_761)))
+    }
+
+    #[test]
+    fn least_load_follows_reports_and_is_least_connections_without_them() {
+        let list = backends(&[1, 1, 1]);
+        let balancer = Balancer::build(Algorithm::LeastLoad, &list, None);
+        let picks = |n: u32| -> Vec<usize> { (0..n).map(|i| balancer.pick(&list, client(i)).unwrap()).collect() };
+        // No report: the fewest connections, ties rotating.
+        let _held = list[0].stats.open();
+        assert!(picks(6).iter().all(|&p| p != 0), "the busy one is avoided");
+        // Reports: the least loaded server, although it holds a connection.
+        list[0].stats.set_reported(Some(100));
+        list[1].stats.set_reported(Some(900));
+        list[2].stats.set_reported(Some(800));
+        assert!(picks(6).iter().all(|&p| p == 0), "{:?}", picks(6));
+        // Loads swap: so do the picks.
+        list[0].stats.set_reported(Some(950));
+        list[1].stats.set_reported(Some(50));
+        assert!(picks(6).iter().all(|&p| p == 1));
+        // A backend without a report counts as the average of the others (500): between the two.
+        list[2].stats.set_reported(None);
+        assert!(picks(6).iter().all(|&p| p == 1));
+        list[1].stats.set_reported(Some(990));
+        assert!(picks(6).iter().all(|&p| p == 2), "{:?}", picks(6));
+        // Enough connections outweigh a low load: 7 connections at 100 cost more than 1 at 900.
+        let list = backends(&[1, 1]);
+        let balancer = Balancer::build(Algorithm::LeastLoad, &list, None);
+        list[0].stats.set_reported(Some(100));
+        list[1].stats.set_reported(Some(900));
+        list[0].stats.set_remote(6);
+        assert_eq!(balancer.pick(&list, client(0)), Some(1));
     }
 
     proptest! {

@@ -46,6 +46,8 @@ pub struct BackendStats {
     connect_time: Histogram,
     /// Connections the other nodes last reported (cluster-wide view from the controller).
     remote: AtomicU64,
+    /// The load the backend's server last reported, in thousandths, plus one (0: no fresh report).
+    reported: AtomicU32,
     /// Passive health: TCP connects that failed in a row (reset by one that succeeds).
     failures_in_row: AtomicU32,
     /// Passive health: from this time ([`clock_ms`]) one trial connect may go to the backend while it is out
@@ -121,6 +123,7 @@ impl Default for BackendStats {
             connect_failures: Default::default(),
             connect_time: Histogram::new([]),
             remote: AtomicU64::new(0),
+            reported: AtomicU32::new(0),
             failures_in_row: AtomicU32::new(0),
             retry_at_ms: AtomicU64::new(0),
             generation: AtomicU64::new(1),
@@ -277,6 +280,16 @@ impl BackendStats {
     pub fn set_remote(&self, connections: u64) {
         self.remote.store(connections, Ordering::Relaxed);
     }
+
+    /// The load the backend's server last reported, in thousandths, while the report is fresh.
+    pub fn reported(&self) -> Option<u32> {
+        self.reported.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    /// Records the server's reported load (none: no fresh report).
+    pub fn set_reported(&self, load: Option<u32>) {
+        self.reported.store(load.map_or(0, |l| l.saturating_add(1)), Ordering::Relaxed);
+    }
 }
 
 // === impl ConnectionGuard ===
@@ -334,14 +347,16 @@ impl StatsRegistry {
     /// Takes in the other nodes' counts: `rows` are their sums per (service, backend); a backend not
     /// listed has none elsewhere.
     pub fn set_remote(&self, rows: &[BackendLoad]) {
-        let remote: std::collections::HashMap<(ServiceKey, SocketAddr), u64> =
-            rows.iter().map(|r| ((r.service, r.backend), r.active)).collect();
+        let remote: std::collections::HashMap<(ServiceKey, SocketAddr), (u64, Option<u32>)> =
+            rows.iter().map(|r| ((r.service, r.backend), (r.active, r.reported))).collect();
         for row in rows {
             drop(self.get(row.service, row.backend));
         }
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         for (key, stats) in entries.iter() {
-            stats.set_remote(remote.get(key).copied().unwrap_or(0));
+            let (connections, reported) = remote.get(key).copied().unwrap_or((0, None));
+            stats.set_remote(connections);
+            stats.set_reported(reported);
         }
     }
 
@@ -366,7 +381,14 @@ impl StatsRegistry {
             .map(|(&(service, backend), stats)| {
                 let failing = stats.failing(self.passive);
                 (
-                    BackendLoad { service, backend, active: stats.active(), total: stats.total(), failing },
+                    BackendLoad {
+                        service,
+                        backend,
+                        active: stats.active(),
+                        total: stats.total(),
+                        failing,
+                        reported: None,
+                    },
                     stats.remote(),
                 )
             })

@@ -752,7 +752,7 @@ impl RegisterStream {
     async fn set_healthy(&self, healthy: bool) -> Result<(), ControlPlaneError> {
         let mut out = self.out.lock().await;
         out.healthy = healthy;
-        let ack = HelloAck { seq: out.seq, healthy: Some(healthy) };
+        let ack = HelloAck { seq: out.seq, healthy: Some(healthy), load_permille: None };
         out.tx.send(RegisterRequest { msg: Some(register_request::Msg::HelloAck(ack)) }).await.map_err(|_| {
             ControlPlaneError::Ended { what: "the flipped registration".into(), why: "the stream closed".into() }
         })
@@ -777,7 +777,7 @@ async fn read_register_stream(
             Some(register_response::Msg::Hello(hello)) => {
                 let mut out = out.lock().await;
                 out.seq = hello.seq;
-                let ack = HelloAck { seq: hello.seq, healthy: Some(out.healthy) };
+                let ack = HelloAck { seq: hello.seq, healthy: Some(out.healthy), load_permille: None };
                 out.tx.send(RegisterRequest { msg: Some(register_request::Msg::HelloAck(ack)) }).await.is_ok()
             }
             Some(register_response::Msg::Ack(ack)) => acks.send(ack).await.is_ok(),

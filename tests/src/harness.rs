@@ -758,7 +758,7 @@ impl GrpcRegistration {
         let task = tokio::spawn(async move {
             while let Ok(Some(message)) = inbound.message().await {
                 if let Some(In::Hello(hello)) = message.msg {
-                    let answer = HelloAck { seq: hello.seq, healthy: Some(true) };
+                    let answer = HelloAck { seq: hello.seq, healthy: Some(true), load_permille: None };
                     if tx.send(RegisterRequest { msg: Some(Out::HelloAck(answer)) }).await.is_err() {
                         return;
                     }

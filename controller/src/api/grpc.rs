@@ -217,7 +217,11 @@ impl RegisterStream {
                         if let Some(rtt) = probe.on_answer(Instant::now()) {
                             self.registration.hello_answered(rtt);
                         }
-                        if let Err(error) = self.registration.set_healthy(HelloAnswer::from(&ack).healthy) {
+                        let answer = HelloAnswer::from(&ack);
+                        if let Some(load) = answer.load {
+                            self.registration.report_load(load);
+                        }
+                        if let Err(error) = self.registration.set_healthy(answer.healthy) {
                             let _ = self.tx.send(Err(error.into())).await;
                             break "the store refused a health change".to_owned();
                         }

@@ -47,7 +47,7 @@ use crate::{
 };
 
 /// Which ports services may use, and which backends are the balancer itself.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Policy {
     /// `--allowed-ports`.
     pub allowed_ports: PortRanges,
@@ -57,6 +57,20 @@ pub struct Policy {
     pub frontend_ip: Option<IpAddr>,
     /// Bounds on what registrations may make the store hold.
     pub limits: RegistryLimits,
+    /// A server's load report counts this long (`--load-report-max-age`).
+    pub load_report_max_age: std::time::Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            allowed_ports: PortRanges::default(),
+            own_listeners: Vec::new(),
+            frontend_ip: None,
+            limits: RegistryLimits::default(),
+            load_report_max_age: std::time::Duration::from_secs(10),
+        }
+    }
 }
 
 /// The store. See the module documentation.
@@ -230,7 +244,7 @@ impl Store {
 
     fn print(&self, state: &State) {
         if self.print_state {
-            eprint!("{}", state.view());
+            eprint!("{}", state.view(self.policy.load_report_max_age));
         }
     }
 

@@ -4,7 +4,7 @@
 //! None of this is a commit: a node joining, acking or reporting its load changes no snapshot.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
@@ -32,6 +32,11 @@ pub(super) struct NodeTable {
     pub remote_load: BTreeMap<String, Arc<Vec<BackendLoad>>>,
     /// With replicas: the nodes following other controllers, as their keys say.
     pub remote_nodes: BTreeMap<String, RemoteNode>,
+    /// The servers' own load reports (agents' `--report-load`), in thousandths, per backend, with when
+    /// each came. They reach nodes with the counts, never as a snapshot version.
+    pub reports: HashMap<(ServiceKey, SocketAddr), (u32, Instant)>,
+    /// When expired reports were last swept out.
+    reports_swept: Option<Instant>,
 }
 
 /// A node that follows another controller (replicas), as its key in etcd says.
@@ -230,7 +235,7 @@ impl Store {
             .get(node)
             .map(|rows| rows.iter().map(|row| ((row.service, row.backend), row)).collect())
             .unwrap_or_default();
-        totals
+        let rows = totals
             .sums
             .iter()
             .filter_map(|(key, c)| match own.get(key) {
@@ -243,7 +248,49 @@ impl Store {
                 Some(_) => None,
             })
             .filter(|row| row.active > 0)
-            .collect()
+            .collect::<Vec<_>>();
+        drop(totals);
+        with_reports(rows, &self.fresh_reports())
+    }
+
+    /// Records the load a registration's server reported for each of its backends.
+    pub(super) fn report_load(&self, registration: super::registry::RegistrationId, load: u32) {
+        let mut state = self.lock();
+        let Some(reg) = state.registry.registrations.get(&registration) else { return };
+        let backends: Vec<_> = reg.backends.iter().copied().collect();
+        let now = Instant::now();
+        let max_age = self.policy.load_report_max_age;
+        let nodes = &mut state.nodes;
+        let mut changed = false;
+        for backend in backends {
+            changed |= nodes.reports.insert(backend, (load, now)).is_none_or(|(old, _)| old != load);
+        }
+        // Reports of backends gone or servers gone quiet go at most once per max age.
+        if nodes.reports_swept.is_none_or(|at| now.duration_since(at) > max_age) {
+            nodes.reports.retain(|_, (_, at)| now.duration_since(*at) <= max_age);
+            nodes.reports_swept = Some(now);
+        }
+        if changed {
+            nodes.load_generation += 1;
+        }
+    }
+
+    /// The fresh reports of backends the registry holds, in thousandths, sorted.
+    pub(super) fn fresh_reports(&self) -> Vec<((ServiceKey, SocketAddr), u32)> {
+        let state = self.lock();
+        let max_age = self.policy.load_report_max_age;
+        let registered = |(service, backend): &(ServiceKey, SocketAddr)| {
+            state.registry.services.get(service).is_some_and(|s| s.backends.contains_key(backend))
+        };
+        let mut fresh: Vec<_> = state
+            .nodes
+            .reports
+            .iter()
+            .filter(|(key, (_, at))| at.elapsed() <= max_age && registered(key))
+            .map(|(&key, &(load, _))| (key, load))
+            .collect();
+        fresh.sort_unstable();
+        fresh
     }
 
     /// The counts of this controller's connected nodes, summed per backend (what it shares with the other
@@ -323,6 +370,28 @@ impl Store {
     }
 }
 
+/// `rows` (sorted) with the fresh `reports` (sorted) set on them, and a row of no connections for each
+/// reported backend without one.
+fn with_reports(rows: Vec<BackendLoad>, reports: &[((ServiceKey, SocketAddr), u32)]) -> Vec<BackendLoad> {
+    if reports.is_empty() {
+        return rows;
+    }
+    let mut merged: BTreeMap<(ServiceKey, SocketAddr), BackendLoad> =
+        rows.into_iter().map(|row| ((row.service, row.backend), row)).collect();
+    for &((service, backend), load) in reports {
+        let row = merged.entry((service, backend)).or_insert(BackendLoad {
+            service,
+            backend,
+            active: 0,
+            total: 0,
+            failing: false,
+            reported: None,
+        });
+        row.reported = Some(load);
+    }
+    merged.into_values().collect()
+}
+
 /// The rows of several nodes, summed per (service, backend), sorted.
 pub(super) fn sum_load<'a>(nodes: impl Iterator<Item = &'a [BackendLoad]>) -> Vec<BackendLoad> {
     sum_rows(nodes).into_values().map(|c| c.sum).collect()
@@ -332,9 +401,10 @@ pub(super) fn sum_load<'a>(nodes: impl Iterator<Item = &'a [BackendLoad]>) -> Ve
 fn sum_rows<'a>(nodes: impl Iterator<Item = &'a [BackendLoad]>) -> BTreeMap<(ServiceKey, SocketAddr), Contributed> {
     let mut sums: BTreeMap<(ServiceKey, SocketAddr), Contributed> = BTreeMap::new();
     for row in nodes.flatten() {
-        let c = sums
-            .entry((row.service, row.backend))
-            .or_insert(Contributed { sum: BackendLoad { active: 0, total: 0, failing: false, ..*row }, nodes: 0 });
+        let c = sums.entry((row.service, row.backend)).or_insert(Contributed {
+            sum: BackendLoad { active: 0, total: 0, failing: false, reported: None, ..*row },
+            nodes: 0,
+        });
         c.sum.active += row.active;
         c.sum.total += row.total;
         c.sum.failing |= row.failing;
@@ -416,7 +486,8 @@ impl ClusterLoadFeed {
         loop {
             self.ticks.tick().await;
             let generation = self.store.load_generation();
-            if self.seen == Some(generation) {
+            // Reports age out without a new generation: while there are any, every tick looks.
+            if self.seen == Some(generation) && self.store.lock().nodes.reports.is_empty() {
                 continue;
             }
             self.seen = Some(generation);

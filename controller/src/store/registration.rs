@@ -111,6 +111,11 @@ impl Registration {
         self.store.set_healthy(self.id, healthy)
     }
 
+    /// The registration's server reported its load, in thousandths (agents' `--report-load`).
+    pub fn report_load(&self, load: u32) {
+        self.store.report_load(self.id, load);
+    }
+
     /// The registration answered a hello after `rtt`.
     pub fn hello_answered(&self, rtt: Duration) {
         self.store.metrics().hello_rtt.observe(rtt.as_secs_f64());

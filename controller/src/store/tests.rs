@@ -13,6 +13,7 @@ fn store() -> Arc<Store> {
         own_listeners: vec!["127.0.0.1:8080".parse().unwrap()],
         frontend_ip: Some("127.0.0.1".parse().unwrap()),
         limits: RegistryLimits::default(),
+        load_report_max_age: Duration::from_secs(10),
     };
     Store::new(policy, false)
 }
@@ -267,6 +268,7 @@ fn a_taken_node_id_is_refused_until_its_link_ends() {
         active: 3,
         total: 4,
         failing: false,
+        reported: None,
     }]));
     drop(new);
     let view = store.view();
@@ -358,6 +360,7 @@ fn each_node_sees_the_others_counts_summed_and_a_node_that_leaves_drops_out() {
         active,
         total: active * 10,
         failing: false,
+        reported: None,
     };
     let a = store.connect_node("a", None).unwrap();
     let b = store.connect_node("b", None).unwrap();
@@ -446,4 +449,31 @@ fn a_load_of_static_backends_is_one_version_and_a_reload_is_the_diff() {
     // The registration's backend is untouched by loads, and the file's are not the registration's.
     drop(a);
     assert_eq!(store.snapshot().services[&web].backends.len(), 2);
+}
+
+#[tokio::test]
+async fn load_reports_reach_nodes_with_the_counts_and_age_out() {
+    let policy = Policy {
+        allowed_ports: "1-9000".parse().unwrap(),
+        limits: RegistryLimits::default(),
+        load_report_max_age: Duration::from_millis(200),
+        ..Policy::default()
+    };
+    let store = Store::new(policy, false);
+    let reg = store.open_registration(origin("127.0.0.2")).unwrap();
+    let key = ServiceKey::tcp(80);
+    store.register(reg.id, key, backend("127.0.0.2:80"), ServiceAsk::algorithm(Algorithm::LeastLoad)).unwrap();
+    let link = store.connect_node("n1", None).unwrap();
+    assert!(store.cluster_load_excluding("n1").is_empty(), "nothing reported, nothing sent");
+    let version = store.snapshot().version;
+    reg.report_load(900);
+    let rows = store.cluster_load_excluding("n1");
+    assert_eq!((rows.len(), rows[0].reported, rows[0].active), (1, Some(900), 0));
+    assert_eq!(store.view().services[0].backends[0].reported_load, Some(0.9));
+    assert_eq!(store.snapshot().version, version, "a report is no version");
+    let mut feed = link.cluster_load();
+    assert_eq!(feed.changed().await[0].reported, Some(900));
+    // Reports stop: the row goes once the last one is older than the max age.
+    assert!(tokio::time::timeout(Duration::from_secs(5), feed.changed()).await.unwrap().is_empty());
+    assert_eq!(store.view().services[0].backends[0].reported_load, None);
 }

@@ -13,7 +13,7 @@ use crate::config::EMBEDDED_NODE;
 impl Store {
     /// The whole state.
     pub fn view(&self) -> StateView {
-        let mut view = self.lock().view();
+        let mut view = self.lock().view(self.policy.load_report_max_age);
         if self.is_replicated() {
             // The version nodes get is the shared store's revision, not this controller's commit count.
             view.version = self.snapshot().version;
@@ -25,7 +25,8 @@ impl Store {
 // === impl State ===
 
 impl State {
-    pub(super) fn view(&self) -> StateView {
+    /// The read model; reports older than `load_report_max_age` are not shown.
+    pub(super) fn view(&self, load_report_max_age: std::time::Duration) -> StateView {
         let registry = &self.registry;
         let remote = self.nodes.remote_load.values().map(|rows| rows.as_slice());
         let nodes = self.nodes.nodes.values().map(|n| n.load.as_slice()).chain(remote);
@@ -59,6 +60,12 @@ impl State {
                             total_connections: load.map_or(0, |l| l.total),
                             registration: reg.map(|r| r.origin.to_string()).unwrap_or_default(),
                             failing_nodes: failing.get(&(key, address)).cloned().unwrap_or_default(),
+                            reported_load: self
+                                .nodes
+                                .reports
+                                .get(&(key, address))
+                                .filter(|(_, at)| at.elapsed() <= load_report_max_age)
+                                .map(|&(load, _)| f64::from(load) / 1000.0),
                         }
                     })
                     .collect();

@@ -118,13 +118,13 @@ impl TryFrom<&v1::RegisterAck> for RegisterReply {
 impl From<&v1::HelloAck> for HelloAnswer {
     /// An unset verdict means healthy (a client that reports no verdict is judged by its hellos alone).
     fn from(ack: &v1::HelloAck) -> Self {
-        HelloAnswer { seq: ack.seq, healthy: ack.healthy.unwrap_or(true) }
+        HelloAnswer { seq: ack.seq, healthy: ack.healthy.unwrap_or(true), load: ack.load_permille }
     }
 }
 
 impl From<HelloAnswer> for v1::RegisterRequest {
     fn from(answer: HelloAnswer) -> Self {
-        let ack = v1::HelloAck { seq: answer.seq, healthy: Some(answer.healthy) };
+        let ack = v1::HelloAck { seq: answer.seq, healthy: Some(answer.healthy), load_permille: answer.load };
         v1::RegisterRequest { msg: Some(v1::register_request::Msg::HelloAck(ack)) }
     }
 }

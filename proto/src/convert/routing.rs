@@ -139,6 +139,7 @@ impl From<&BackendLoad> for v1::BackendLoad {
             active: load.active,
             total: load.total,
             failing: load.failing,
+            reported_load_permille: load.reported,
         }
     }
 }
@@ -153,6 +154,7 @@ impl TryFrom<&v1::BackendLoad> for BackendLoad {
             active: load.active,
             total: load.total,
             failing: load.failing,
+            reported: load.reported_load_permille,
         })
     }
 }
@@ -311,6 +313,7 @@ mod tests {
             active: 2,
             total: 9,
             failing: true,
+            reported: Some(750),
         }];
         let Some(v1::controller_message::Msg::ClusterLoad(load)) = cluster_load_message(&rows).msg else { panic!() };
         assert_eq!(cluster_load(&load), rows);

@@ -83,6 +83,8 @@ pub struct HelloAnswer {
     pub seq: u64,
     /// Whether the backends should be in rotation.
     pub healthy: bool,
+    /// The load of the server, in thousandths (1000: fully loaded), when the client reports one.
+    pub load: Option<u32>,
 }
 
 // === impl BackendTarget ===

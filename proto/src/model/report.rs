@@ -64,4 +64,6 @@ pub struct BackendLoad {
     /// Passive health: the node took the backend out of rotation after connects that failed in a row, until
     /// one succeeds again.
     pub failing: bool,
+    /// From the controller to nodes: the load its server last reported, in thousandths (fresh reports only).
+    pub reported: Option<u32>,
 }

@@ -41,6 +41,9 @@ pub enum Algorithm {
     PowerOfTwo,
     /// Maglev consistent hash of the client's IP: every node picks the same backend.
     SourceHash,
+    /// The least reported load of the servers (their agents' `--report-load`), combined with cluster-wide
+    /// connections per unit of weight; a backend without a fresh report counts as average.
+    LeastLoad,
 }
 
 /// The PROXY protocol on a service's two sides: a header to backends, so they learn the client's address,
@@ -141,13 +144,14 @@ impl fmt::Display for ServiceKey {
 
 impl Algorithm {
     /// Every algorithm, in documentation order.
-    pub const ALL: [Algorithm; 6] = [
+    pub const ALL: [Algorithm; 7] = [
         Algorithm::RoundRobin,
         Algorithm::WeightedRoundRobin,
         Algorithm::LeastConnections,
         Algorithm::Random,
         Algorithm::PowerOfTwo,
         Algorithm::SourceHash,
+        Algorithm::LeastLoad,
     ];
 
     /// Name as used in flags, JSON and gRPC.
@@ -159,6 +163,7 @@ impl Algorithm {
             Algorithm::Random => "random",
             Algorithm::PowerOfTwo => "power_of_two",
             Algorithm::SourceHash => "source_hash",
+            Algorithm::LeastLoad => "least_load",
         }
     }
 }

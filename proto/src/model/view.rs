@@ -53,6 +53,8 @@ pub struct BackendView {
     pub total_connections: u64,
     /// The registration that announced it.
     pub registration: String,
+    /// The load its server last reported (1.0: fully loaded), while the report is fresh.
+    pub reported_load: Option<f64>,
     /// Nodes whose connects to it failed in a row, so they took it out of their rotation (passive health)
     /// until one gets through again. Empty when every node reaches it.
     pub failing_nodes: Vec<String>,

@@ -42,7 +42,7 @@ async fn register_stream_carries_traffic_answers_hellos_and_its_end_deregisters(
         let Some(register_response::Msg::Hello(hello)) = inbound.message().await.unwrap().unwrap().msg else {
             panic!("expected a hello");
         };
-        let answer = HelloAck { seq: hello.seq, healthy: Some(healthy) };
+        let answer = HelloAck { seq: hello.seq, healthy: Some(healthy), load_permille: None };
         tx.send(RegisterRequest { msg: Some(register_request::Msg::HelloAck(answer)) }).await.unwrap();
     }
     ctl.wait_state("backend out of rotation", |s| {

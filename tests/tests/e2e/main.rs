@@ -10,6 +10,7 @@ mod config_file;
 mod failover;
 mod grpc;
 mod json_channel;
+mod least_load;
 mod limits;
 mod loadgen;
 mod logs;
