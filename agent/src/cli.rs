@@ -53,7 +53,7 @@ pub struct Cli {
     pub weight: u32,
 
     /// Balancing algorithm to ask for (the first registration of a service sets it): round_robin,
-    /// weighted_round_robin, least_connections, random, power_of_two, source_hash.
+    /// weighted_round_robin, least_connections, random, power_of_two, source_hash, least_load.
     #[arg(long, env = "SWITCHBOARD_ALGORITHM")]
     pub algorithm: Option<String>,
 
