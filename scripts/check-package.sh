@@ -48,6 +48,9 @@ done
 checked=$("${root}/usr/bin/controller" --config "${root}/etc/switchboard/controller.toml" --check) ||
     fail "controller --check refused the installed /etc/switchboard/controller.toml"
 echo "check-package: controller --check: ${checked/"${root}"/}"
+example="${root}/usr/share/doc/switchboard/examples/controller.toml"
+"${root}/usr/bin/controller" --config "${example}" --check >/dev/null ||
+    fail "controller --check refused the example at /usr/share/doc/switchboard/examples/controller.toml"
 for doc in README.md LICENSE copyright; do
     [ -f "${root}/usr/share/doc/switchboard/${doc}" ] || fail "no /usr/share/doc/switchboard/${doc}"
 done

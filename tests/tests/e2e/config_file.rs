@@ -189,6 +189,10 @@ async fn the_example_configuration_is_valid_and_bad_files_say_where() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/controller.toml");
     let (code, stderr) = run_to_exit("controller", &["--config", example, "--check"]).await;
     assert_eq!(code, Some(0), "{stderr}");
+    // The file the package installs is valid too (its static services commented out).
+    let installed = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/etc/controller.toml");
+    let (code, stderr) = run_to_exit("controller", &["--config", installed, "--check"]).await;
+    assert_eq!(code, Some(0), "{stderr}");
 
     let net = Net::new();
     let file = ConfigFile::new(&net, "json-listn = \"127.0.0.1:0\"\n");
