@@ -2,10 +2,7 @@
 //! the draft to [`Store::commit`]; one that changes nothing returns the current version and makes none.
 //! Events are emitted under the lock, so they keep the order of the changes they describe.
 
-use std::{
-    collections::BTreeSet,
-    net::{IpAddr, SocketAddr},
-};
+use std::net::{IpAddr, SocketAddr};
 
 use contract::{
     client,
@@ -46,9 +43,7 @@ impl Store {
             return Err(StoreError::TooManyRegistrations { address, max });
         }
         let mut draft = state.registry.clone();
-        draft.next_registration += 1;
-        let id = RegistrationId(draft.next_registration);
-        draft.registrations.insert(id, RegistrationRecord { origin, healthy: true, backends: BTreeSet::new() });
+        let id = draft.new_registration(origin, true);
         Self::keep(&mut state, draft)?;
         self.metrics.registration_opened(origin.kind);
         Ok(id)

@@ -65,6 +65,14 @@ pub(super) struct RegistrationRecord {
 // === impl Registry ===
 
 impl Registry {
+    /// Adds a registration from `origin` holding no backend yet, with `healthy` as its verdict.
+    pub fn new_registration(&mut self, origin: Origin, healthy: bool) -> RegistrationId {
+        self.next_registration += 1;
+        let id = RegistrationId(self.next_registration);
+        self.registrations.insert(id, RegistrationRecord { origin, healthy, backends: BTreeSet::new() });
+        id
+    }
+
     /// The record of `backend` in `service`.
     pub fn backend_mut(&mut self, service: ServiceKey, backend: SocketAddr) -> Result<&mut Backend, StoreError> {
         self.services

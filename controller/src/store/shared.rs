@@ -17,7 +17,7 @@ use tracing::info;
 use super::{
     Store,
     registration::{Origin, OriginKind},
-    registry::{Backend, RegistrationId, RegistrationRecord},
+    registry::{Backend, RegistrationId},
 };
 
 /// One backend as controllers share it.
@@ -102,13 +102,8 @@ impl Store {
             let id = match imported.get(&(service, address)) {
                 Some(&id) => id,
                 None => {
-                    draft.next_registration += 1;
-                    let id = RegistrationId(draft.next_registration);
-                    let origin = Origin { kind: OriginKind::Replica, peer: address };
-                    let record = RegistrationRecord { origin, healthy: backend.healthy, backends: Default::default() };
-                    draft.registrations.insert(id, record);
                     added.push((service, address));
-                    id
+                    draft.new_registration(Origin { kind: OriginKind::Replica, peer: address }, backend.healthy)
                 }
             };
             if let Some(record) = draft.registrations.get_mut(&id) {

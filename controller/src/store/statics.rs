@@ -4,7 +4,7 @@
 //! registered backends. A (re)load of the file is applied by [`Store::apply_static`] as one version.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     net::SocketAddr,
 };
 
@@ -17,7 +17,7 @@ use tracing::info;
 use super::{
     Store,
     registration::{Origin, OriginKind},
-    registry::{Backend, RegistrationId, RegistrationRecord},
+    registry::{Backend, RegistrationId},
 };
 use crate::error::StoreError;
 
@@ -91,6 +91,7 @@ impl Store {
         }
         let mut draft = state.registry.clone();
         let mut diff = StaticDiff::default();
+        let mut health_changed = false;
         for (&(service, address), &id) in &running {
             if !wanted.get(&service).is_some_and(|s| s.backends.contains_key(&address)) {
                 draft.remove_backend(service, address, id);
@@ -100,7 +101,8 @@ impl Store {
         }
         for (&service, spec) in wanted {
             let entry = draft.services.entry(service).or_default();
-            let algorithm_changed =
+            // A service's algorithm or PROXY settings changing changes each of its static backends' routes.
+            let settings_changed =
                 (entry.algorithm != spec.algorithm || entry.proxy != spec.proxy) && !entry.backends.is_empty();
             entry.algorithm = spec.algorithm;
             entry.proxy = spec.proxy;
@@ -109,14 +111,7 @@ impl Store {
             for (&address, wanted_backend) in &spec.backends {
                 let id = match running.get(&(service, address)) {
                     Some(&id) => id,
-                    None => {
-                        draft.next_registration += 1;
-                        let id = RegistrationId(draft.next_registration);
-                        let origin = Origin { kind: OriginKind::Config, peer: address };
-                        let record = RegistrationRecord { origin, healthy: true, backends: BTreeSet::new() };
-                        draft.registrations.insert(id, record);
-                        id
-                    }
+                    None => draft.new_registration(Origin { kind: OriginKind::Config, peer: address }, true),
                 };
                 let previous = draft.services.get(&service).and_then(|s| s.backends.get(&address)).cloned();
                 // A backend a server registered becomes static: its registration no longer lists it.
@@ -130,12 +125,14 @@ impl Store {
                 if let Some(reg) = draft.registrations.get_mut(&id) {
                     reg.backends.insert((service, address));
                     if let Some(healthy) = wanted_backend.health {
+                        // A new registration starts healthy; it is in `diff.added` anyway.
+                        health_changed |= reg.healthy != healthy;
                         reg.healthy = healthy;
                     }
                 }
                 match previous {
                     Some(p) if p.owner == id => {
-                        if p.weight != backend.weight || algorithm_changed {
+                        if p.weight != backend.weight || settings_changed {
                             diff.changed.push((service, address));
                         }
                     }
@@ -144,13 +141,6 @@ impl Store {
                 draft.services.entry(service).or_default().backends.insert(address, backend);
             }
         }
-        let health_changed = wanted.iter().any(|(&service, spec)| {
-            spec.backends.iter().any(|(address, b)| {
-                let id = running.get(&(service, *address));
-                let now = id.and_then(|id| state.registry.registrations.get(id)).map(|r| r.healthy);
-                b.health.is_some() && now.is_some() && b.health != now
-            })
-        });
         if diff.added.is_empty() && diff.removed.is_empty() && diff.changed.is_empty() && !health_changed {
             diff.version = state.version;
             return Ok(diff);
