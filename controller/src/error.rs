@@ -161,6 +161,13 @@ pub enum ControllerError {
     },
 }
 
+impl ControllerError {
+    /// The store refused the static services of the file `source` was read from.
+    pub fn static_services(source: Option<&crate::config::ConfigSource>, refused: StoreError) -> Self {
+        ControllerError::Static { path: source.map(|s| s.file.path.clone()).unwrap_or_default(), source: refused }
+    }
+}
+
 /// A configuration value that makes no sense.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConfigError {

@@ -115,10 +115,10 @@ impl Controller {
         // Static services are in the store before READY; replicated, once etcd is reached (in `run`).
         let mut statics = statics::Statics::new(Arc::clone(&store));
         if !store.is_replicated() {
-            statics.apply(&config.static_services).await.map_err(|source| ControllerError::Static {
-                path: config.source.as_ref().map(|s| s.file.path.clone()).unwrap_or_default(),
-                source,
-            })?;
+            statics
+                .apply(&config.static_services)
+                .await
+                .map_err(|source| ControllerError::static_services(config.source.as_ref(), source))?;
         }
         // Taken before READY, so a SIGHUP from then on reloads and never kills.
         let hangups = signal(SignalKind::hangup()).map_err(ControllerError::Signal)?;
@@ -246,10 +246,7 @@ impl Reload {
                         () = stopped(&mut shutdown) => return Ok(()),
                     }
                 }
-                Err(source) => {
-                    let path = self.source.as_ref().map(|s| s.file.path.clone()).unwrap_or_default();
-                    return Err(ControllerError::Static { path, source });
-                }
+                Err(source) => return Err(ControllerError::static_services(self.source.as_ref(), source)),
             }
         }
         loop {

@@ -282,9 +282,10 @@ impl Statics {
             if let Some(Err(why)) = first.get(&(key, address)) {
                 warn!(service = %key, backend = %address, check = %service.check, %why, "static backend failing its check: out of rotation");
             }
-            let task = tokio::spawn(watch_backend(Arc::clone(&self.store), key, address, service.clone(), healthy));
-            let checker =
-                Checker { check: service.check.clone(), schedule: service.schedule, task: task.abort_handle() };
+            let (check, schedule) = (service.check.clone(), service.schedule);
+            let task =
+                tokio::spawn(watch_backend(Arc::clone(&self.store), key, address, check.clone(), schedule, healthy));
+            let checker = Checker { check, schedule, task: task.abort_handle() };
             self.checkers.insert((key, address), checker);
         }
         Ok(diff)
@@ -292,11 +293,18 @@ impl Statics {
 }
 
 /// Checks one static backend until aborted and records each change of verdict in the store.
-async fn watch_backend(store: Arc<Store>, key: ServiceKey, address: SocketAddr, service: StaticService, healthy: bool) {
+async fn watch_backend(
+    store: Arc<Store>,
+    key: ServiceKey,
+    address: SocketAddr,
+    check: Check,
+    schedule: Schedule,
+    healthy: bool,
+) {
     let (verdict_tx, mut verdict) = watch::channel(healthy);
-    let health = Health::new(healthy, service.schedule.rise, service.schedule.fall);
+    let health = Health::new(healthy, schedule.rise, schedule.fall);
     let label = format!("{key} {address}");
-    let follow = check::follow(service.check, address, service.schedule, health, verdict_tx, label);
+    let follow = check::follow(check, address, schedule, health, verdict_tx, label);
     let record = async {
         while verdict.changed().await.is_ok() {
             let healthy = *verdict.borrow_and_update();
