@@ -59,6 +59,9 @@ pub(super) struct ClusterTotals {
     per_node: BTreeMap<String, Arc<Vec<BackendLoad>>>,
 }
 
+/// A backend's fresh load report, in thousandths.
+type Report = ((ServiceKey, SocketAddr), u32);
+
 /// One row of the sums and how many nodes reported it.
 #[derive(Debug, Clone, Copy)]
 struct Contributed {
@@ -107,8 +110,10 @@ pub struct ClusterLoadFeed {
     store: Arc<Store>,
     node: String,
     ticks: Interval,
-    /// Load generation of the last computed view: nothing to compute until it moves.
+    /// Load generation of the last computed view: nothing to compute until it moves...
     seen: Option<u64>,
+    /// ... or until a report in that view may have aged out.
+    stale_at: Option<Instant>,
     last: Option<Vec<BackendLoad>>,
 }
 
@@ -228,6 +233,12 @@ impl Store {
     /// elsewhere are listed (a backend not listed has none, which is all a node balances on), so an idle
     /// cluster sends no counts at all.
     pub fn cluster_load_excluding(&self, node: &str) -> Vec<BackendLoad> {
+        self.cluster_view(node).0
+    }
+
+    /// [`Store::cluster_load_excluding`], with the fresh load reports set on its rows, and when the first of
+    /// those reports ages out (the view changes then without a new load generation).
+    fn cluster_view(&self, node: &str) -> (Vec<BackendLoad>, Option<Instant>) {
         let totals = self.cluster_totals();
         let totals = totals.lock().unwrap_or_else(|e| e.into_inner());
         let own: BTreeMap<_, _> = totals
@@ -250,7 +261,8 @@ impl Store {
             .filter(|row| row.active > 0)
             .collect::<Vec<_>>();
         drop(totals);
-        with_reports(rows, &self.fresh_reports())
+        let (reports, stale_at) = self.fresh_reports();
+        (with_reports(rows, &reports), stale_at)
     }
 
     /// Records the load a registration's server reported for each of its backends.
@@ -275,22 +287,19 @@ impl Store {
         }
     }
 
-    /// The fresh reports of backends the registry holds, in thousandths, sorted.
-    pub(super) fn fresh_reports(&self) -> Vec<((ServiceKey, SocketAddr), u32)> {
+    /// The fresh reports of backends the registry holds, in thousandths, sorted, and when the oldest of
+    /// them ages out.
+    fn fresh_reports(&self) -> (Vec<Report>, Option<Instant>) {
         let state = self.lock();
         let max_age = self.policy.load_report_max_age;
         let registered = |(service, backend): &(ServiceKey, SocketAddr)| {
             state.registry.services.get(service).is_some_and(|s| s.backends.contains_key(backend))
         };
-        let mut fresh: Vec<_> = state
-            .nodes
-            .reports
-            .iter()
-            .filter(|(key, (_, at))| at.elapsed() <= max_age && registered(key))
-            .map(|(&key, &(load, _))| (key, load))
-            .collect();
+        let fresh = state.nodes.reports.iter().filter(|(key, (_, at))| at.elapsed() <= max_age && registered(key));
+        let stale_at = fresh.clone().map(|(_, &(_, at))| at + max_age).min();
+        let mut fresh: Vec<_> = fresh.map(|(&key, &(load, _))| (key, load)).collect();
         fresh.sort_unstable();
-        fresh
+        (fresh, stale_at)
     }
 
     /// The counts of this controller's connected nodes, summed per backend (what it shares with the other
@@ -372,7 +381,7 @@ impl Store {
 
 /// `rows` (sorted) with the fresh `reports` (sorted) set on them, and a row of no connections for each
 /// reported backend without one.
-fn with_reports(rows: Vec<BackendLoad>, reports: &[((ServiceKey, SocketAddr), u32)]) -> Vec<BackendLoad> {
+fn with_reports(rows: Vec<BackendLoad>, reports: &[Report]) -> Vec<BackendLoad> {
     if reports.is_empty() {
         return rows;
     }
@@ -467,7 +476,14 @@ impl NodeLink {
     pub fn cluster_load(&self) -> ClusterLoadFeed {
         let mut ticks = tokio::time::interval(CLUSTER_LOAD_INTERVAL);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Skip);
-        ClusterLoadFeed { store: Arc::clone(&self.store), node: self.node.clone(), ticks, seen: None, last: None }
+        ClusterLoadFeed {
+            store: Arc::clone(&self.store),
+            node: self.node.clone(),
+            ticks,
+            seen: None,
+            stale_at: None,
+            last: None,
+        }
     }
 }
 
@@ -481,17 +497,17 @@ impl Drop for NodeLink {
 
 impl ClusterLoadFeed {
     /// The sums at the next tick where they differ from the last ones returned. Cancel-safe. A tick where
-    /// no node reported costs one look at the load generation.
+    /// no node reported and no load report aged out costs one look at the load generation.
     pub async fn changed(&mut self) -> Vec<BackendLoad> {
         loop {
             self.ticks.tick().await;
             let generation = self.store.load_generation();
-            // Reports age out without a new generation: while there are any, every tick looks.
-            if self.seen == Some(generation) && self.store.lock().nodes.reports.is_empty() {
+            if self.seen == Some(generation) && self.stale_at.is_none_or(|at| Instant::now() < at) {
                 continue;
             }
             self.seen = Some(generation);
-            let load = self.store.cluster_load_excluding(&self.node);
+            let (load, stale_at) = self.store.cluster_view(&self.node);
+            self.stale_at = stale_at;
             if self.last.as_ref() != Some(&load) {
                 self.last = Some(load.clone());
                 return load;
