@@ -121,7 +121,7 @@ impl Outcome {
 
 /// One client, from its first byte to the end of its relay (or its refusal).
 async fn connection(
-    client: TcpStream,
+    mut client: TcpStream,
     peer: SocketAddr,
     service: ServiceKey,
     route: Option<Arc<ServiceRoute>>,
@@ -130,38 +130,39 @@ async fn connection(
     slots: &Arc<Limit>,
 ) -> Outcome {
     let Some(route) = route else { return Outcome::refused(frontend, Refusal::NoBackend) };
-    let mut client = client;
-    // Behind another balancer: its header says who the client is, before anything else is read.
-    let (mut peer, mut destination) = (peer, None);
-    let mut named = None;
-    if route.proxy.accept {
+    // Behind another balancer: its header says who the client is (and what it reached), before anything
+    // else is read.
+    let proxied = if route.proxy.accept {
         match proxy::read(&mut client, ctx.accept_proxy_timeout).await {
-            Ok(proxy::Received::Proxied { source, destination: to }) => {
-                (peer, destination, named) = (source, Some(to), Some(source));
-            }
-            Ok(proxy::Received::Local) => {}
+            Ok(proxy::Received::Proxied { source, destination }) => Some((source, destination)),
+            Ok(proxy::Received::Local) => None,
             Err(error) => {
                 debug!(%error, "PROXY header refused; closed");
                 return Outcome::refused(frontend, Refusal::BadProxyHeader);
             }
         }
-    }
+    } else {
+        None
+    };
+    let named = proxied.map(|(source, _)| source);
+    let peer = named.unwrap_or(peer);
+    let refused = |why| Outcome { client: named, ..Outcome::refused(frontend, why) };
     let send_proxy = route.proxy.send_v2;
     if let Some(wait) = ctx.first_byte_timeout
         && !spoke_within(&client, wait).await
     {
         debug!(?wait, "client sent nothing in time; closed");
-        return Outcome { client: named, ..Outcome::refused(frontend, Refusal::SilentClient) };
+        return refused(Refusal::SilentClient);
     }
     // Past the service's bound: wait in the queue up to --queue-timeout, else close.
     let Some(_slot) = slots.take_within(1, ctx.queue_timeout).await else {
         slots.refused();
-        return Outcome { client: named, ..Outcome::refused(frontend, Refusal::ServiceFull) };
+        return refused(Refusal::ServiceFull);
     };
     // The backend's descriptor only once the service has room: a queued client holds one, not two.
     let Some(_backend_fd) = ctx.client_fds.try_take(1) else {
         ctx.client_fds.refused();
-        return Outcome { client: named, ..Outcome::refused(frontend, Refusal::FdLimit) };
+        return refused(Refusal::FdLimit);
     };
     let mut failures = Vec::new();
     let connected = connect(service, &route, peer, ctx, &mut failures).await;
@@ -177,10 +178,10 @@ async fn connection(
         }
     }
     let Some((mut upstream, backend, mut guard)) = connected else {
-        return Outcome { client: named, ..Outcome::refused(frontend, Refusal::NoBackend) };
+        return refused(Refusal::NoBackend);
     };
     if send_proxy {
-        let to = destination.or_else(|| client.local_addr().ok()).unwrap_or(peer);
+        let to = proxied.map(|(_, destination)| destination).or_else(|| client.local_addr().ok()).unwrap_or(peer);
         let header = proxy::encode_v2(proxy::Transport::Stream, peer, to);
         if let Err(error) = upstream.write_all(&header).await {
             debug!(%backend, %error, "sending the PROXY header failed");
