@@ -37,8 +37,10 @@ pub struct LoadSampler {
     source: LoadSource,
     /// Time one command may take.
     limit: Duration,
-    /// The last CPU reading: (busy, total) in any unit, and when.
-    last_cpu: Option<(u64, u64, Instant)>,
+    /// The last CPU reading: (busy, available) in one unit (host: jiffies; cgroup: microseconds).
+    last_cpu: Option<(u64, u64)>,
+    /// Where a cgroup's available CPU time counts from.
+    started: Instant,
 }
 
 // === impl LoadSampler ===
@@ -46,18 +48,17 @@ pub struct LoadSampler {
 impl LoadSampler {
     /// A sampler of `source`; a `--load-command` gets `limit` to answer.
     pub fn new(source: LoadSource, limit: Duration) -> Self {
-        LoadSampler { source, limit, last_cpu: None }
+        LoadSampler { source, limit, last_cpu: None, started: Instant::now() }
     }
 
     /// The load now, in thousandths, or why there is none.
     pub async fn sample(&mut self) -> Result<u32, String> {
-        let fraction = match self.source.clone() {
-            LoadSource::Command(command) => self.command(&command).await?,
+        let (cpu, memory) = match &self.source {
+            LoadSource::Command(command) => return self.command(command).await.map(permille),
             LoadSource::Host => {
-                let stat = read("/proc/stat")?;
-                let cpu = host_cpu(&stat).ok_or("/proc/stat: no cpu line")?;
+                let cpu = host_cpu(&read("/proc/stat")?).ok_or("/proc/stat: no cpu line")?;
                 let memory = host_memory(&read("/proc/meminfo")?).ok_or("/proc/meminfo: no MemTotal/MemAvailable")?;
-                self.cpu_rate(cpu).map_or(memory, |cpu| cpu.max(memory))
+                (cpu, memory)
             }
             LoadSource::Cgroup(dir) => {
                 let usage = cgroup_usage_usec(&read(dir.join("cpu.stat"))?).ok_or("cpu.stat: no usage_usec")?;
@@ -68,17 +69,12 @@ impl LoadSampler {
                     "max" | "" => host_memory_total(&read("/proc/meminfo")?).ok_or("/proc/meminfo: no MemTotal")?,
                     bytes => bytes.parse().map_err(|_| "memory.max")?,
                 };
-                let memory = current / limit.max(1.0);
-                let now = Instant::now();
-                let cpu = self.last_cpu.map(|(last, _, at)| {
-                    let wall_usec = now.duration_since(at).as_secs_f64() * 1e6;
-                    usage.saturating_sub(last) as f64 / (wall_usec * cpus).max(1.0)
-                });
-                self.last_cpu = Some((usage, 0, now));
-                cpu.map_or(memory, |cpu| cpu.max(memory))
+                // CPU time the cgroup may have used since the sampler started: its CPUs times the wall time.
+                let available = (self.started.elapsed().as_secs_f64() * 1e6 * cpus) as u64;
+                ((usage, available), current / limit.max(1.0))
             }
         };
-        Ok(permille(fraction))
+        Ok(permille(self.cpu_rate(cpu).map_or(memory, |cpu| cpu.max(memory))))
     }
 
     async fn command(&self, command: &str) -> Result<f64, String> {
@@ -101,13 +97,13 @@ impl LoadSampler {
         Ok(value)
     }
 
-    /// The share of busy time since the last reading of the host's counters.
+    /// The share of busy time since the last reading: busy over available, both counted since then.
     fn cpu_rate(&mut self, (busy, total): (u64, u64)) -> Option<f64> {
-        let rate = self.last_cpu.and_then(|(last_busy, last_total, _)| {
+        let rate = self.last_cpu.and_then(|(last_busy, last_total)| {
             let elapsed = total.checked_sub(last_total).filter(|&t| t > 0)?;
             Some(busy.saturating_sub(last_busy) as f64 / elapsed as f64)
         });
-        self.last_cpu = Some((busy, total, Instant::now()));
+        self.last_cpu = Some((busy, total));
         rate
     }
 }
