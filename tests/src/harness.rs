@@ -9,7 +9,7 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Stdio,
     sync::{
         Arc, Mutex, OnceLock,
@@ -796,6 +796,40 @@ pub async fn run_to_exit(name: &str, args: &[&str]) -> (Option<i32>, String) {
     .expect("the program did not exit in time")
     .expect("the program could not start");
     (output.status.code(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// A directory of one test's own (named after its network block), readable by unprivileged helpers such as
+/// nginx workers, removed with everything in it when dropped.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// A fresh directory for the test that owns `net`; `what` says what it holds.
+    pub fn new(net: &Net, what: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("switchboard-{what}-{}-{}", std::process::id(), net.host(0)));
+        std::fs::create_dir_all(&path).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// Writes `text` to the file `name`, aside first and then renamed into place, as editors and
+    /// configuration managers do: a reader never sees half a file. Returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let (path, aside) = (self.0.join(name), self.0.join(format!(".{name}.new")));
+        std::fs::write(&aside, text).unwrap();
+        std::fs::rename(&aside, &path).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// A free TCP port on `ip` (bound and released: on a test's own loopback block nothing else takes it).

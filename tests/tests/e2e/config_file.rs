@@ -4,37 +4,34 @@
 use std::{net::SocketAddr, path::PathBuf};
 
 use serde_json::Value;
-use switchboard_tests::harness::{Controller, Host, Net, Process, TcpEcho, free_port, run_to_exit, tcp_roundtrip};
+use switchboard_tests::harness::{
+    Controller, Host, Net, Process, TcpEcho, TempDir, free_port, run_to_exit, tcp_roundtrip,
+};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
 };
 
-/// A configuration file removed when the test ends.
-struct ConfigFile(PathBuf);
+/// A configuration file, in a directory removed when the test ends.
+struct ConfigFile {
+    dir: TempDir,
+    path: PathBuf,
+}
 
 impl ConfigFile {
     fn new(net: &Net, text: &str) -> ConfigFile {
-        let path = std::env::temp_dir().join(format!("switchboard-{}-{}.toml", std::process::id(), net.host(0)));
-        std::fs::write(&path, text).unwrap();
-        ConfigFile(path)
+        let dir = TempDir::new(net, "config");
+        let path = dir.write("controller.toml", text);
+        ConfigFile { dir, path }
     }
 
+    /// Replaces the file whole, as a reload expects.
     fn rewrite(&self, text: &str) {
-        // Written aside and renamed, as editors and config managers do: a reload never reads half a file.
-        let aside = self.0.with_extension("new");
-        std::fs::write(&aside, text).unwrap();
-        std::fs::rename(&aside, &self.0).unwrap();
+        self.dir.write("controller.toml", text);
     }
 
     fn arg(&self) -> &str {
-        self.0.to_str().unwrap()
-    }
-}
-
-impl Drop for ConfigFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        self.path.to_str().unwrap()
     }
 }
 

@@ -2,39 +2,11 @@
 //! connections go to the least loaded server; when the loads swap, so do the connections; a server whose
 //! reports stop is judged by its connections again once its last report ages out.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::Path};
 
 use serde_json::Value;
-use switchboard_tests::harness::{Controller, DEADLINE, Net, TcpEcho, free_port, spawn_agent, tcp_roundtrip};
+use switchboard_tests::harness::{Controller, DEADLINE, Net, TcpEcho, TempDir, free_port, spawn_agent, tcp_roundtrip};
 use tokio::time::Instant;
-
-/// A file an agent's `--load-command` prints, removed when the test ends.
-struct LoadFile(PathBuf);
-
-impl LoadFile {
-    fn new(net: &Net, name: &str, load: &str) -> LoadFile {
-        let path = std::env::temp_dir().join(format!("switchboard-load-{}-{}-{name}", std::process::id(), net.host(0)));
-        let file = LoadFile(path);
-        file.set(load);
-        file
-    }
-
-    fn set(&self, load: &str) {
-        let aside = self.0.with_extension("new");
-        std::fs::write(&aside, load).unwrap();
-        std::fs::rename(aside, &self.0).unwrap();
-    }
-
-    fn command(&self) -> String {
-        format!("cat {}", self.0.display())
-    }
-}
-
-impl Drop for LoadFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn reported(state: &Value, port: u16, backend: SocketAddr) -> Option<f64> {
     Controller::backends(state, "tcp", port)
@@ -80,14 +52,14 @@ fn all(want: usize) -> impl Fn(&[usize]) -> bool {
     move |round| round.iter().all(|&p| p == want)
 }
 
-/// An agent for the server on `host`, reporting the load `file` holds.
+/// An agent for the server on `host`, reporting the load the file at `load` holds.
 async fn agent(
     ctl: &Controller,
     port: u16,
     host: std::net::IpAddr,
-    file: &LoadFile,
+    load: &Path,
 ) -> switchboard_tests::harness::Process {
-    let (port, host, command) = (port.to_string(), host.to_string(), file.command());
+    let (port, host, command) = (port.to_string(), host.to_string(), format!("cat {}", load.display()));
     #[rustfmt::skip]
     let args = [
         "--protocol", "tcp", "--port", &port, "--backend-address", &host, "--algorithm", "least_load",
@@ -102,7 +74,8 @@ async fn least_load_follows_the_servers_reports_and_falls_back_when_they_stop() 
     let ctl = Controller::spawn(net, &["--load-report-max-age", "1500ms"]).await;
     let port = free_port(net.host(2));
     let (a, b) = (TcpEcho::start(net.host(2), port).await, TcpEcho::start(net.host(3), port).await);
-    let (load_a, load_b) = (LoadFile::new(&net, "a", "0.9"), LoadFile::new(&net, "b", "0.1"));
+    let loads = TempDir::new(&net, "load");
+    let (load_a, load_b) = (loads.write("a", "0.9"), loads.write("b", "0.1"));
     let _agent_a = agent(&ctl, port, net.host(2), &load_a).await;
     let _agent_b = agent(&ctl, port, net.host(3), &load_b).await;
     ctl.wait_state("both loads reported", |s| {
@@ -113,14 +86,14 @@ async fn least_load_follows_the_servers_reports_and_falls_back_when_they_stop() 
     assert_eq!(settle(&ctl, port, &echoes, all(1), 10).await, vec![1; 10], "every new connection to the idle server");
 
     // The loads swap: so do the connections.
-    load_a.set("0.05");
-    load_b.set("0.95");
+    loads.write("a", "0.05");
+    loads.write("b", "0.95");
     ctl.wait_state("swapped loads", |s| reported(s, port, b.addr) == Some(0.95)).await;
     assert_eq!(settle(&ctl, port, &echoes, all(0), 10).await, vec![0; 10]);
 
     // b's reports stop (its command fails): once its last one ages out it counts as average, so
     // connections reach it again, taken by turns.
-    std::fs::remove_file(&load_b.0).unwrap();
+    std::fs::remove_file(&load_b).unwrap();
     ctl.wait_state("b's report aged out", |s| {
         reported(s, port, b.addr).is_none() && reported(s, port, a.addr).is_some()
     })

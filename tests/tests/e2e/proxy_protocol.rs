@@ -5,13 +5,12 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     time::Duration,
 };
 
 use serde_json::{Value, json};
 use switchboard_tests::{
-    harness::{Controller, DEADLINE, JsonClient, Net, TcpEcho, free_port, spawn_quiet},
+    harness::{Controller, DEADLINE, JsonClient, Net, TcpEcho, TempDir, free_port, spawn_quiet},
     tools,
 };
 use tokio::{
@@ -19,25 +18,6 @@ use tokio::{
     net::{TcpSocket, TcpStream, UdpSocket},
     time::Instant,
 };
-
-/// A directory removed when the test ends.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(net: &Net) -> Dir {
-        let path = std::env::temp_dir().join(format!("switchboard-proxy-{}-{}", std::process::id(), net.host(0)));
-        std::fs::create_dir_all(&path).unwrap();
-        // nginx workers run unprivileged.
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        Dir(path)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Registers a backend on `host`'s `port` over the JSON channel with `extra` fields, and waits for it.
 async fn register(ctl: &Controller, host: IpAddr, protocol: &str, port: u16, extra: Value) -> JsonClient {
@@ -66,9 +46,9 @@ async fn nginx_behind_switchboard_learns_the_client_address_from_the_v2_header()
         return;
     }
     let net = Net::new();
-    let dir = Dir::new(&net);
+    let dir = TempDir::new(&net, "proxy");
     let backend = SocketAddr::new(net.host(2), free_port(net.host(2)));
-    let (conf, log) = (dir.0.join("nginx.conf"), dir.0.join("access.log"));
+    let (conf, log) = (dir.path().join("nginx.conf"), dir.path().join("access.log"));
     std::fs::write(
         &conf,
         format!(
@@ -77,7 +57,7 @@ async fn nginx_behind_switchboard_learns_the_client_address_from_the_v2_header()
              stream {{\n  log_format client '$proxy_protocol_addr:$proxy_protocol_port $remote_addr';\n\
                server {{\n    listen {backend} proxy_protocol;\n    access_log {log} client;\n\
                  return \"$proxy_protocol_addr:$proxy_protocol_port\\n\";\n  }}\n}}\n",
-            dir = dir.0.display(),
+            dir = dir.path().display(),
             log = log.display()
         ),
     )
@@ -88,7 +68,7 @@ async fn nginx_behind_switchboard_learns_the_client_address_from_the_v2_header()
         assert!(
             Instant::now() < deadline,
             "nginx never listened:\n{}",
-            std::fs::read_to_string(dir.0.join("error.log")).unwrap_or_default()
+            std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -168,8 +148,8 @@ fn which(echoes: &[TcpEcho], before: &[usize]) -> usize {
 #[tokio::test]
 async fn a_header_from_a_front_balancer_is_the_client_in_the_access_log_and_for_source_hash() {
     let net = Net::new();
-    let dir = Dir::new(&net);
-    let log = dir.0.join("access.log");
+    let dir = TempDir::new(&net, "proxy");
+    let log = dir.path().join("access.log");
     let ctl = Controller::spawn(net, &["--access-log", log.to_str().unwrap(), "--accept-proxy-timeout", "300ms"]).await;
     let port = free_port(net.host(2));
     let echoes = [
