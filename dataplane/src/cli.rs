@@ -152,6 +152,12 @@ pub struct NodeArgs {
     /// output). Off by default.
     #[arg(long, env = "SWITCHBOARD_ACCESS_LOG", value_name = "PATH|-")]
     pub access_log: Option<AccessLogTarget>,
+
+    /// Unix socket for upgrades that drop nothing: the node listens on it for its successor, and a node
+    /// started with a node already listening there takes over its listening sockets, accepts on them, and
+    /// tells the old one to stop accepting and drain.
+    #[arg(long, env = "SWITCHBOARD_TAKEOVER", value_name = "PATH")]
+    pub takeover: Option<PathBuf>,
 }
 
 /// The validated configuration of a `dataplane` process.
@@ -215,6 +221,7 @@ impl NodeArgs {
             splice_pipes: self.splice_pipes,
             pipe_size: self.pipe_size,
             access_log: self.access_log.clone(),
+            takeover: self.takeover.clone(),
         })
     }
 }

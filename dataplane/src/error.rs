@@ -41,6 +41,12 @@ pub enum DataplaneError {
         #[source]
         source: std::io::Error,
     },
+    /// Taking over from the node at `--takeover`, or listening there, failed.
+    #[error(transparent)]
+    Takeover(#[from] crate::takeover::TakeoverError),
+    /// The READY line could not be written.
+    #[error("writing the READY line: {0}")]
+    Ready(#[source] std::io::Error),
     /// The admin HTTP server failed.
     #[error("admin HTTP server: {0}")]
     Admin(#[source] std::io::Error),

@@ -19,6 +19,7 @@
 //! - [`workers`]: the data path's threads, one runtime per core.
 //! - [`proxy`]: the PROXY protocol, sent to backends and read from a balancer in front.
 //! - [`sync`]: the remote node's link to the controller; [`sys`]: the one module that calls libc.
+//! - [`takeover`]: upgrades that drop nothing: a successor takes over the listening sockets.
 //! - [`cli`], [`admin`]: the `dataplane` binary's flags (and [`NodeArgs`], which the controller takes for
 //!   its embedded node) and admin HTTP server.
 
@@ -36,9 +37,10 @@ pub mod stats;
 pub mod sync;
 pub mod sys;
 pub mod table;
+pub mod takeover;
 pub mod workers;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, os::fd::AsFd, sync::Arc};
 
 use contract::model::RoutingSnapshot;
 use tokio::{
@@ -50,22 +52,35 @@ pub use cli::{Cli, DataplaneConfig, NodeArgs};
 pub use error::{DataplaneError, FrontendError};
 pub use node::{Node, NodeConfig, NodeHandle, ServedState};
 pub use table::RoutingTable;
+use takeover::{Inherited, TakeoverListener};
 
 /// A `dataplane` process whose admin listener is bound, ready to [`run`](Dataplane::run).
 #[derive(Debug)]
 pub struct Dataplane {
     config: DataplaneConfig,
     admin: TcpListener,
+    /// What the node that ran before at `--takeover` handed over.
+    inherited: Option<Inherited>,
 }
 
 // === impl Dataplane ===
 
 impl Dataplane {
-    /// Binds the admin listener (port 0 allowed). Frontends are bound later, as snapshots list them.
+    /// Takes over from the node at `--takeover` when one runs there, and binds the admin listener (port 0
+    /// allowed; the old node's when it listens on the same address). Frontends are bound later, as
+    /// snapshots list them.
     pub async fn bind(config: DataplaneConfig) -> Result<Self, DataplaneError> {
+        let mut inherited = match &config.node.takeover {
+            Some(path) => takeover::take_over(path).await?,
+            None => None,
+        };
         let addr = config.admin_listen;
-        let admin = TcpListener::bind(addr).await.map_err(|source| DataplaneError::Bind { addr, source })?;
-        Ok(Dataplane { config, admin })
+        let admin = match inherited.as_mut().and_then(|inherited| inherited.listener("admin", addr)) {
+            Some(listener) => TcpListener::from_std(listener),
+            None => TcpListener::bind(addr).await,
+        };
+        let admin = admin.map_err(|source| DataplaneError::Bind { addr, source })?;
+        Ok(Dataplane { config, admin, inherited })
     }
 
     /// Where the admin server listens.
@@ -73,22 +88,39 @@ impl Dataplane {
         self.admin.local_addr().unwrap_or(self.config.admin_listen)
     }
 
-    /// The one line printed on stdout once bound.
+    /// The one line printed on stdout once serving.
     pub fn ready_line(&self) -> String {
         format!("READY admin={} node={}", self.admin_addr(), self.config.node.node_id)
     }
 
     /// Serves until `shutdown` turns true, then drains: frontends close at once, open connections get the
-    /// drain timeout to finish.
-    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), DataplaneError> {
-        let Dataplane { config, admin } = self;
+    /// drain timeout to finish. `ready` gets the READY line once the node serves: after a takeover, once
+    /// it accepts on the old node's sockets, the old one has stopped, and `--takeover` is listened on.
+    pub async fn run(
+        self,
+        shutdown: watch::Receiver<bool>,
+        ready: impl FnOnce(&str) -> std::io::Result<()>,
+    ) -> Result<(), DataplaneError> {
+        let line = self.ready_line();
+        let Dataplane { config, admin, inherited } = self;
         let mut registry = contract::metrics::registry("dataplane");
         let (data, link) = (metrics::DataMetrics::default(), metrics::SyncMetrics::default());
         data.register(&mut registry);
         link.register(&mut registry);
-        let node = Node::new(config.node.clone(), &data)?;
+        let mut node = Node::new(config.node.clone(), &data)?;
         metrics::register_node(&mut registry, node.handle());
-        let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(RoutingSnapshot::default()));
+        let first = match inherited {
+            Some(Inherited { snapshot, frontends, predecessor, .. }) => {
+                node.inherit(&snapshot, frontends).await;
+                if let Err(error) = predecessor.release().await {
+                    tracing::warn!(%error, "the old node did not confirm that it stopped accepting");
+                }
+                snapshot
+            }
+            None => RoutingSnapshot::default(),
+        };
+        let takeover = config.node.takeover.as_deref().map(TakeoverListener::bind).transpose()?;
+        let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(first));
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let (status_tx, status_rx) = watch::channel(sync::SyncStatus::default());
         let settings = admin::AdminSettings {
@@ -97,11 +129,31 @@ impl Dataplane {
             registry: Arc::new(registry),
             token: config.admin_token.clone(),
         };
-        let admin = tokio::spawn(admin::serve(admin, settings, node.handle(), status_rx, shutdown.clone()));
+        // The admin server answers while the node drains, until the node is done or a successor took it.
+        let (admin_stop, admin_stopped) = watch::channel(false);
+        let admin_copy = admin.as_fd().try_clone_to_owned();
+        let admin = tokio::spawn(admin::serve(admin, settings, node.handle(), status_rx, admin_stopped));
         let sync = tokio::spawn(sync::run(config.sync, snapshots_tx, reports_rx, status_tx, node.handle(), link));
+        let successor = takeover.map(|takeover| {
+            let listeners = admin_copy.map(|fd| vec![("admin", fd)]).unwrap_or_default();
+            let (steps, sync, admin_stop) = (node.handover_link(), sync.abort_handle(), admin_stop.clone());
+            tokio::spawn(takeover.serve(steps, listeners, move |taken| {
+                // The successor may take this node's id: leave the controller now.
+                sync.abort();
+                if taken.iter().any(|name| name == "admin") {
+                    admin_stop.send_replace(true);
+                }
+            }))
+        });
+        ready(&line).map_err(DataplaneError::Ready)?;
         node.run(snapshots_rx, reports_tx, shutdown).await;
         // The node is done: the controller sees the stream end and drops the node.
         sync.abort();
+        if let Some(successor) = successor {
+            successor.abort();
+            let _ = successor.await;
+        }
+        admin_stop.send_replace(true);
         match admin.await {
             Ok(result) => result.map_err(DataplaneError::Admin),
             Err(_) => Ok(()),

@@ -17,25 +17,29 @@ const LISTEN_BACKLOG: i32 = 4096;
 /// first bound alone, without it: a port that anyone holds fails here with the OS error, as it did with a
 /// single socket. `SO_REUSEADDR` lets a restarted node bind while old connections sit in TIME_WAIT.
 pub fn bind_tcp(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>, FrontendError> {
-    let bind = |addr: SocketAddr, shared: bool| -> std::io::Result<Socket> {
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(shared)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        Ok(socket)
-    };
-    let group = || -> std::io::Result<Vec<std::net::TcpListener>> {
-        let addr = free_port(bind(addr, false)?)?;
-        let mut sockets = Vec::with_capacity(count);
-        for _ in 0..count.max(1) {
-            let socket = bind(addr, true)?;
-            socket.listen(LISTEN_BACKLOG)?;
-            sockets.push(socket.into());
-        }
-        Ok(sockets)
-    };
+    let group = || join_tcp(free_port(tcp_socket(addr, false)?)?, count.max(1));
     group().map_err(|source| FrontendError::Bind { addr, source })
+}
+
+/// `count` more listening sockets in the `SO_REUSEPORT` group already bound on `addr` (a node that took
+/// over a frontend from one with fewer workers).
+pub fn join_tcp(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    (0..count)
+        .map(|_| {
+            let socket = tcp_socket(addr, true)?;
+            socket.listen(LISTEN_BACKLOG)?;
+            Ok(socket.into())
+        })
+        .collect()
+}
+
+fn tcp_socket(addr: SocketAddr, shared: bool) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(SockProtocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(shared)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }
 
 /// Binds a UDP frontend as `count` sockets on one address, one per worker (`SO_REUSEPORT`: the kernel
@@ -43,18 +47,21 @@ pub fn bind_tcp(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListe
 /// worker and its session). Checked free first, as for TCP; no `SO_REUSEADDR`, which on UDP would let two
 /// sockets share the port silently.
 pub fn bind_udp(addr: SocketAddr, count: usize) -> Result<Vec<std::net::UdpSocket>, FrontendError> {
-    let bind = |addr: SocketAddr, shared: bool| -> std::io::Result<Socket> {
-        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(SockProtocol::UDP))?;
-        socket.set_reuse_port(shared)?;
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        Ok(socket)
-    };
-    let group = || -> std::io::Result<Vec<std::net::UdpSocket>> {
-        let addr = free_port(bind(addr, false)?)?;
-        (0..count.max(1)).map(|_| Ok(bind(addr, true)?.into())).collect()
-    };
+    let group = || join_udp(free_port(udp_socket(addr, false)?)?, count.max(1));
     group().map_err(|source| FrontendError::Bind { addr, source })
+}
+
+/// `count` more sockets in the `SO_REUSEPORT` group already bound on `addr`.
+pub fn join_udp(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    (0..count).map(|_| Ok(udp_socket(addr, true)?.into())).collect()
+}
+
+fn udp_socket(addr: SocketAddr, shared: bool) -> std::io::Result<Socket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(SockProtocol::UDP))?;
+    socket.set_reuse_port(shared)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    Ok(socket)
 }
 
 /// The address `probe` got (the port chosen when port 0 was asked), with the probe closed again.

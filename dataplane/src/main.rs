@@ -29,9 +29,9 @@ async fn run(config: DataplaneConfig, args: Vec<OsString>, file: Option<ConfigFi
     // Taken before READY, so a SIGHUP from then on never kills the node.
     let hangups = signal(SignalKind::hangup()).context("watching SIGHUP")?;
     let dataplane = Dataplane::bind(config).await?;
-    process::print_ready(&dataplane.ready_line()).context("writing the READY line")?;
     tokio::spawn(recheck_on_hangup(hangups, args, file));
-    Ok(dataplane.run(process::shutdown_on_signal("closing frontends and draining connections")).await?)
+    let shutdown = process::shutdown_on_signal("closing frontends and draining connections");
+    Ok(dataplane.run(shutdown, process::print_ready).await?)
 }
 
 /// On each SIGHUP: reads the `--config` file again, checks it as at start, and says which settings differ

@@ -11,6 +11,8 @@
 use std::{
     collections::HashMap,
     net::{IpAddr, SocketAddr},
+    os::fd::{AsFd, OwnedFd},
+    path::PathBuf,
     sync::Arc,
     time::Duration,
 };
@@ -18,6 +20,7 @@ use std::{
 use arc_swap::ArcSwap;
 use contract::limit::Limit;
 use contract::model::{BackendLoad, FrontendStatus, NodeReport, Protocol, RoutingSnapshot, ServiceKey};
+use socket2::SockRef;
 use tokio::{
     sync::{mpsc, watch},
     task::{JoinHandle, JoinSet},
@@ -36,6 +39,7 @@ use crate::{
     },
     stats::{BackendStats, Passive, StatsRegistry},
     table::RoutingTable,
+    takeover::{FrontendOffer, HandoverStep, InheritedSockets},
     workers::Workers,
 };
 
@@ -78,6 +82,8 @@ pub struct NodeConfig {
     pub pipe_size: usize,
     /// Where to write one line per finished connection or session (none: nowhere).
     pub access_log: Option<AccessLogTarget>,
+    /// Unix socket on which the node hands its sockets to a successor (`--takeover`).
+    pub takeover: Option<PathBuf>,
 }
 
 /// What the node serves now, for its admin API.
@@ -113,6 +119,10 @@ pub struct Node {
     state: watch::Sender<ServedState>,
     /// Drain timers of removed backends.
     drains: JoinSet<()>,
+    /// Sockets taken over from the node that ran before, until the first snapshot opens them.
+    inherited: HashMap<ServiceKey, InheritedSockets>,
+    /// Requests of the takeover server, when the node has one.
+    handover: Option<mpsc::Receiver<HandoverStep>>,
 }
 
 /// An open frontend: one socket per worker, each inside its worker's task, which returns once `stop`
@@ -122,6 +132,8 @@ struct Frontend {
     stats: Arc<FrontendStats>,
     stop: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Copies of the workers' sockets, kept for a successor when the node has `--takeover`.
+    sockets: Vec<OwnedFd>,
 }
 
 // === impl Node ===
@@ -153,6 +165,7 @@ impl Node {
             first_byte_timeout: config.first_byte_timeout,
             connections: TaskTracker::new(),
             access_log,
+            handed_over: CancellationToken::new(),
         });
         let passive = config.passive;
         Ok(Node {
@@ -165,7 +178,27 @@ impl Node {
             failures: HashMap::new(),
             state: watch::Sender::new(ServedState::default()),
             drains: JoinSet::new(),
+            inherited: HashMap::new(),
+            handover: None,
         })
+    }
+
+    /// The channel on which the node's takeover server asks for its sockets and releases it.
+    pub fn handover_link(&mut self) -> mpsc::Sender<HandoverStep> {
+        let (steps, requests) = mpsc::channel(1);
+        self.handover = Some(requests);
+        steps
+    }
+
+    /// Serves `snapshot` on the sockets taken over from the node that ran before (each service without
+    /// one is bound as usual), before [`run`](Node::run) follows the controller from there.
+    pub async fn inherit(&mut self, snapshot: &RoutingSnapshot, sockets: HashMap<ServiceKey, InheritedSockets>) {
+        self.inherited = sockets;
+        let statuses = self.apply(snapshot).await;
+        let failed = statuses.iter().filter(|status| status.result.is_err()).count();
+        info!(node = %self.config.node_id, version = snapshot.version, frontends = statuses.len(), failed, "serving on the sockets taken over");
+        // Sockets of services the snapshot does not list close here; the old node still holds its own.
+        self.inherited.clear();
     }
 
     /// Read access to this node's state and counters, valid while it runs.
@@ -189,20 +222,48 @@ impl Node {
     ) {
         let reporter =
             tokio::spawn(report_load(Arc::clone(&self.stats), reports.clone(), self.config.load_report_interval));
+        let mut handover = self.handover.take();
+        let mut changed = true;
         loop {
-            let snapshot = Arc::clone(&snapshots.borrow_and_update());
-            let span = tracing::info_span!("apply", node = %self.config.node_id, version = snapshot.version);
-            let frontends = self.apply(&snapshot).instrument(span).await;
-            if reports.send(NodeReport::Applied { version: snapshot.version, frontends }).is_err() {
-                break;
+            if changed {
+                let snapshot = Arc::clone(&snapshots.borrow_and_update());
+                let span = tracing::info_span!("apply", node = %self.config.node_id, version = snapshot.version);
+                let frontends = self.apply(&snapshot).instrument(span).await;
+                if reports.send(NodeReport::Applied { version: snapshot.version, frontends }).is_err() {
+                    break;
+                }
             }
+            changed = true;
             tokio::select! {
                 changed = snapshots.changed() => if changed.is_err() { break },
                 _ = shutdown.wait_for(|stop| *stop) => break,
+                Some(step) = next_step(&mut handover) => match step {
+                    HandoverStep::Offer(reply) => {
+                        let _ = reply.send(self.offer());
+                        changed = false;
+                    }
+                    HandoverStep::Release(reply) => {
+                        self.ctx.handed_over.cancel();
+                        let _ = reply.send(());
+                        break;
+                    }
+                },
             }
         }
         reporter.abort();
         self.stop().await;
+    }
+
+    /// Copies of every frontend's sockets, with the routing state they serve, for a successor.
+    fn offer(&self) -> FrontendOffer {
+        let frontends = self
+            .frontends
+            .iter()
+            .map(|(&service, frontend)| {
+                (service, frontend.sockets.iter().filter_map(|socket| socket.try_clone().ok()).collect())
+            })
+            .collect();
+        FrontendOffer { snapshot: Arc::clone(&self.state.borrow().snapshot), frontends }
     }
 
     async fn apply(&mut self, received: &RoutingSnapshot) -> Vec<FrontendStatus> {
@@ -224,7 +285,7 @@ impl Node {
         for service in gone {
             if let Some(frontend) = self.frontends.remove(&service) {
                 self.metrics.forget_frontend(&frontend.stats);
-                frontend.close(&self.config.node_id, service).await;
+                frontend.close(&self.config.node_id, service, false).await;
             }
         }
         self.failures.retain(|service, _| snapshot.services.contains_key(service));
@@ -271,38 +332,55 @@ impl Node {
 
     fn open(&mut self, service: ServiceKey) -> Result<SocketAddr, String> {
         let addr = SocketAddr::new(self.config.frontend_address, service.port);
-        let stop = CancellationToken::new();
         let count = self.workers.len();
-        let local_of =
-            |local: std::io::Result<SocketAddr>| local.map_err(|source| FrontendError::Bind { addr, source });
+        let bind_error = |source| FrontendError::Bind { addr, source };
+        let inherited = self.inherited.remove(&service);
+        let keep = self.config.takeover.is_some();
         let (ctx, workers) = (&self.ctx, &self.workers);
         let stats = self.metrics.frontend(service);
         let opened = match service.protocol {
-            Protocol::Tcp => listener::bind_tcp(addr, count).and_then(|sockets| {
-                let local = local_of(sockets[0].local_addr())?;
-                // Lives as long as the frontend: the service's connections across workers and snapshots.
-                let slots = Limit::new("TCP connections of one service", ctx.max_connections_per_service);
-                let serve = |socket| {
-                    let (ctx, stats, slots) = (Arc::clone(ctx), Arc::clone(&stats), Arc::clone(&slots));
-                    relay::tcp::serve(socket, service, ctx, stats, slots, stop.clone())
+            Protocol::Tcp => {
+                let inherited = match inherited {
+                    Some(InheritedSockets::Tcp(sockets)) => reuse(sockets, addr, count, listener::join_tcp),
+                    _ => None,
                 };
-                Ok((local, workers.spawn_each(sockets, serve)))
-            }),
-            Protocol::Udp => listener::bind_udp(addr, count).and_then(|sockets| {
-                let local = local_of(sockets[0].local_addr())?;
-                let slots = Limit::new("UDP sessions of one frontend", ctx.udp_max_sessions);
-                let serve = |socket| {
-                    let (ctx, stats, slots) = (Arc::clone(ctx), Arc::clone(&stats), Arc::clone(&slots));
-                    relay::udp::serve(socket, service, ctx, stats, slots, stop.clone())
+                inherited.unwrap_or_else(|| listener::bind_tcp(addr, count)).and_then(|sockets| {
+                    let local = sockets[0].local_addr().map_err(bind_error)?;
+                    let kept = copies(&sockets, keep).map_err(bind_error)?;
+                    // Lives as long as the frontend: the service's connections across workers and snapshots.
+                    let slots = Limit::new("TCP connections of one service", ctx.max_connections_per_service);
+                    // A TCP frontend also stops accepting when a successor accepts on the same sockets.
+                    let stop = ctx.handed_over.child_token();
+                    let serve = |socket| {
+                        let (ctx, stats, slots) = (Arc::clone(ctx), Arc::clone(&stats), Arc::clone(&slots));
+                        relay::tcp::serve(socket, service, ctx, stats, slots, stop.clone())
+                    };
+                    Ok((local, workers.spawn_each(sockets, serve), stop, kept))
+                })
+            }
+            Protocol::Udp => {
+                let inherited = match inherited {
+                    Some(InheritedSockets::Udp(sockets)) => reuse(sockets, addr, count, listener::join_udp),
+                    _ => None,
                 };
-                Ok((local, workers.spawn_each(sockets, serve)))
-            }),
+                inherited.unwrap_or_else(|| listener::bind_udp(addr, count)).and_then(|sockets| {
+                    let local = sockets[0].local_addr().map_err(bind_error)?;
+                    let kept = copies(&sockets, keep).map_err(bind_error)?;
+                    let slots = Limit::new("UDP sessions of one frontend", ctx.udp_max_sessions);
+                    let stop = CancellationToken::new();
+                    let serve = |socket| {
+                        let (ctx, stats, slots) = (Arc::clone(ctx), Arc::clone(&stats), Arc::clone(&slots));
+                        relay::udp::serve(socket, service, ctx, stats, slots, stop.clone())
+                    };
+                    Ok((local, workers.spawn_each(sockets, serve), stop, kept))
+                })
+            }
         };
         match opened {
-            Ok((local, tasks)) => {
+            Ok((local, tasks, stop, sockets)) => {
                 info!(node = %self.config.node_id, %service, addr = %local, workers = count, "port opened");
                 self.failures.remove(&service);
-                self.frontends.insert(service, Frontend { local, stats, stop, tasks });
+                self.frontends.insert(service, Frontend { local, stats, stop, tasks, sockets });
                 Ok(local)
             }
             Err(error) => {
@@ -317,18 +395,27 @@ impl Node {
         }
     }
 
-    /// Stops accepting, then gives open connections the drain timeout to finish before closing them.
+    /// Stops accepting, then gives open connections the drain timeout to finish before closing them. After
+    /// a handover, UDP frontends first carry their sessions' replies until the sessions are idle, within
+    /// the same time.
     async fn stop(mut self) {
+        let grace = self.config.drain_timeout;
+        let deadline = tokio::time::Instant::now() + grace;
+        let handed_over = self.ctx.handed_over.is_cancelled();
+        if handed_over {
+            for frontend in self.frontends.values_mut() {
+                let _ = tokio::time::timeout_at(deadline, frontend.finished()).await;
+            }
+        }
         for (service, frontend) in self.frontends.drain() {
-            frontend.close(&self.config.node_id, service).await;
+            frontend.close(&self.config.node_id, service, handed_over).await;
         }
         self.drains.shutdown().await;
         let connections = &self.ctx.connections;
         connections.close();
         if !connections.is_empty() {
-            let grace = self.config.drain_timeout;
             info!(node = %self.config.node_id, open = connections.len(), ?grace, "waiting for open connections");
-            if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+            if tokio::time::timeout_at(deadline, connections.wait()).await.is_err() {
                 warn!(node = %self.config.node_id, open = connections.len(), "grace over: closing the remaining connections");
                 self.stats.evict_all();
                 connections.wait().await;
@@ -341,15 +428,25 @@ impl Node {
 // === impl Frontend ===
 
 impl Frontend {
-    /// Stops accepting and releases the port before returning.
-    async fn close(self, node: &str, service: ServiceKey) {
+    /// Stops accepting and releases the port before returning (after a handover, only this process's
+    /// copies: the successor serves the port).
+    async fn close(mut self, node: &str, service: ServiceKey, handed_over: bool) {
         self.stop.cancel();
         // Waiting for the tasks is what guarantees the sockets are closed by the time the node acknowledges
         // the snapshot.
-        for task in self.tasks {
-            let _ = task.await;
+        self.finished().await;
+        match handed_over {
+            true => info!(node, %service, addr = %self.local, "port handed over"),
+            false => info!(node, %service, addr = %self.local, "port closed"),
         }
-        info!(node, %service, addr = %self.local, "port closed");
+    }
+
+    /// Waits for the frontend's tasks to return.
+    async fn finished(&mut self) {
+        while let Some(task) = self.tasks.last_mut() {
+            let _ = task.await;
+            self.tasks.pop();
+        }
     }
 }
 
@@ -402,4 +499,41 @@ async fn report_load(stats: Arc<StatsRegistry>, reports: mpsc::UnboundedSender<N
             last = rows;
         }
     }
+}
+
+/// The next request of the takeover server; never, for a node without one.
+async fn next_step(handover: &mut Option<mpsc::Receiver<HandoverStep>>) -> Option<HandoverStep> {
+    match handover {
+        Some(requests) => requests.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sockets taken over for a frontend, when they are bound where this node binds it (another
+/// `--frontend-address` binds anew), one more per worker if this node has more workers than the old one.
+fn reuse<S: AsFd>(
+    mut sockets: Vec<S>,
+    addr: SocketAddr,
+    workers: usize,
+    join: fn(SocketAddr, usize) -> std::io::Result<Vec<S>>,
+) -> Option<Result<Vec<S>, FrontendError>> {
+    let local = SockRef::from(sockets.first()?).local_addr().ok()?.as_socket()?;
+    if local != addr {
+        return None;
+    }
+    if sockets.len() < workers {
+        match join(local, workers - sockets.len()) {
+            Ok(more) => sockets.extend(more),
+            Err(source) => return Some(Err(FrontendError::Bind { addr, source })),
+        }
+    }
+    Some(Ok(sockets))
+}
+
+/// Copies of a frontend's sockets, for a successor; none when the node hands nothing over.
+fn copies<S: AsFd>(sockets: &[S], keep: bool) -> std::io::Result<Vec<OwnedFd>> {
+    if !keep {
+        return Ok(Vec::new());
+    }
+    sockets.iter().map(|socket| socket.as_fd().try_clone_to_owned()).collect()
 }

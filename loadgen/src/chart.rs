@@ -556,7 +556,8 @@ mod tests {
             total.record(Duration::from_millis(at), latency, result.map(|_| 10));
         }
         let targets: Vec<SocketAddr> = vec!["127.0.0.1:1".parse().unwrap()];
-        let outcome = Outcome { total: total.clone(), per_target: vec![total], elapsed: duration, duration };
+        let outcome =
+            Outcome { total: total.clone(), per_target: vec![total], elapsed: duration, duration, longest_gap: None };
         Report::new("http", None, 4, &targets, &outcome)
     }
 

@@ -96,6 +96,10 @@ pub struct Progress {
     pub ok: AtomicU64,
     /// Failed requests so far.
     pub errors: AtomicU64,
+    /// Microseconds from the start to the latest answer so far, across every lane.
+    last_answer_us: AtomicU64,
+    /// Longest time between two answers so far, in microseconds.
+    longest_gap_us: AtomicU64,
 }
 
 /// What a run measured, per target and in all.
@@ -110,6 +114,9 @@ pub struct Outcome {
     /// The run's `--duration`: rates are per second of it (answers that straggle past the end, up to one
     /// timeout, must not dilute them).
     pub duration: Duration,
+    /// Longest time in which no request was answered, between the first answer and the last (none: no
+    /// two answers, or a bulk run).
+    pub longest_gap: Option<Duration>,
 }
 
 const MAX_LATENCY_US: u64 = 3_600_000_000;
@@ -233,7 +240,9 @@ pub async fn run(config: &RunConfig, progress: Arc<Progress>) -> Outcome {
     } else {
         drop(queues);
     }
-    collect(tasks, config.targets.len(), start, config.duration).await
+    let mut outcome = collect(tasks, config.targets.len(), start, config.duration).await;
+    outcome.longest_gap = progress.longest_gap();
+    outcome
 }
 
 /// Issues intended start times at `rate` until `end`, spreading them over targets by share.
@@ -281,7 +290,7 @@ async fn open_lane(
         }
         let result = one(&mut lane, timeout).await;
         let done = Instant::now();
-        count(progress, &result);
+        count(progress, done - start, &result);
         recorder.record(done - start, done - intended, result);
     }
     recorder
@@ -293,7 +302,7 @@ async fn closed_lane(mut lane: Lane, start: Instant, end: Instant, timeout: Dura
         let began = Instant::now();
         let result = one(&mut lane, timeout).await;
         let done = Instant::now();
-        count(progress, &result);
+        count(progress, done - start, &result);
         recorder.record(done - start, done - began, result);
         if matches!(result, Err(ErrorKind::Connect)) {
             // A refused connection returns at once: do not spin on it.
@@ -313,9 +322,27 @@ async fn one(lane: &mut Lane, timeout: Duration) -> Result<u64, ErrorKind> {
     }
 }
 
-fn count(progress: &Progress, result: &Result<u64, ErrorKind>) {
-    let counter = if result.is_ok() { &progress.ok } else { &progress.errors };
-    counter.fetch_add(1, Ordering::Relaxed);
+/// Counts a request that ended `at` after the start; an answer also measures the time since the
+/// previous answer of any lane (two atomic operations, shared by every lane).
+fn count(progress: &Progress, at: Duration, result: &Result<u64, ErrorKind>) {
+    if result.is_err() {
+        progress.errors.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    progress.ok.fetch_add(1, Ordering::Relaxed);
+    let now = u64::try_from(at.as_micros()).unwrap_or(u64::MAX).max(1);
+    let previous = progress.last_answer_us.fetch_max(now, Ordering::Relaxed);
+    if previous > 0 && now > previous {
+        progress.longest_gap_us.fetch_max(now - previous, Ordering::Relaxed);
+    }
+}
+
+impl Progress {
+    /// Longest time between two answers so far.
+    pub fn longest_gap(&self) -> Option<Duration> {
+        let gap = self.longest_gap_us.load(Ordering::Relaxed);
+        (gap > 0).then(|| Duration::from_micros(gap))
+    }
 }
 
 async fn collect(mut tasks: JoinSet<(usize, Recorder)>, targets: usize, start: Instant, duration: Duration) -> Outcome {
@@ -329,7 +356,7 @@ async fn collect(mut tasks: JoinSet<(usize, Recorder)>, targets: usize, start: I
     for recorder in &per_target {
         total.merge(recorder);
     }
-    Outcome { total, per_target, elapsed: start.elapsed(), duration }
+    Outcome { total, per_target, elapsed: start.elapsed(), duration, longest_gap: None }
 }
 
 /// Runs `streams` long TCP streams per target for `duration`, writing as fast as the path allows (and
@@ -384,4 +411,25 @@ async fn bulk_stream(target: SocketAddr, start: Instant, end: Instant, progress:
     let _ = writer.shutdown().await;
     drain.abort();
     recorder
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_gap_is_between_answers_of_any_lane_and_ignores_errors() {
+        let progress = Progress::default();
+        assert_eq!(progress.longest_gap(), None);
+        let ms = Duration::from_millis;
+        count(&progress, ms(10), &Ok(1));
+        count(&progress, ms(15), &Ok(1));
+        // Another lane's answer that is reported late never shortens or lengthens a gap.
+        count(&progress, ms(12), &Ok(1));
+        count(&progress, ms(30), &Err(ErrorKind::Closed));
+        count(&progress, ms(40), &Ok(1));
+        count(&progress, ms(41), &Ok(1));
+        assert_eq!(progress.longest_gap(), Some(ms(25)));
+        assert_eq!((progress.ok.load(Ordering::Relaxed), progress.errors.load(Ordering::Relaxed)), (5, 1));
+    }
 }

@@ -34,6 +34,9 @@ pub struct Report {
     pub gbit_per_s: f64,
     /// Latency of successful requests (absent for bulk).
     pub latency_us: Option<Latency>,
+    /// Longest time in which no request was answered, between the first answer and the last, in
+    /// milliseconds (absent for bulk): how long clients saw nothing at all, e.g. during an upgrade.
+    pub longest_gap_ms: Option<f64>,
     /// Per target.
     pub targets: Vec<TargetReport>,
     /// One entry per second.
@@ -135,6 +138,7 @@ impl Report {
             bytes: total.bytes,
             gbit_per_s: bytes_in_run as f64 * 8.0 / per_second / 1e9,
             latency_us: latency,
+            longest_gap_ms: outcome.longest_gap.map(|gap| gap.as_secs_f64() * 1000.0),
             targets: targets
                 .iter()
                 .zip(&outcome.per_target)
@@ -192,6 +196,9 @@ impl Report {
                 l.p50, l.p90, l.p99, l.p999, l.max, l.mean
             );
         }
+        if let Some(gap) = self.longest_gap_ms {
+            let _ = writeln!(out, "  longest gap between answers: {gap:.1} ms");
+        }
         if self.targets.len() > 1 {
             for t in &self.targets {
                 let _ = writeln!(out, "  {}: ok {} errors {}", t.target, t.ok, t.errors);
@@ -242,6 +249,7 @@ mod tests {
             per_target: vec![a, b],
             elapsed: Duration::from_millis(2300),
             duration: Duration::from_secs(2),
+            longest_gap: Some(Duration::from_millis(250)),
         };
         let report = Report::new("tcp", Some(500.0), 4, &targets, &outcome);
         assert_eq!(report.ok, 1000);
@@ -254,6 +262,8 @@ mod tests {
         assert!(l.p50 >= 590 && l.p50 <= 610, "{}", l.p50);
         assert!(l.max >= 1099);
         assert!((report.achieved_rps - 500.0).abs() < 1e-9);
+        assert_eq!(report.longest_gap_ms, Some(250.0));
+        assert!(report.summary().contains("longest gap between answers: 250.0 ms"), "{}", report.summary());
         let json: serde_json::Value = serde_json::to_value(&report).unwrap();
         assert_eq!(json["errors"]["timeout"], 1);
         assert_eq!(report.csv().lines().count(), 3);

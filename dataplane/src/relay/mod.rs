@@ -4,7 +4,7 @@ use std::{sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use contract::limit::Limit;
-use tokio_util::task::TaskTracker;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{access_log::AccessLog, table::RoutingTable};
 
@@ -41,4 +41,7 @@ pub struct RelayContext {
     pub connections: TaskTracker,
     /// Where finished connections and sessions are recorded (`--access-log`), when anywhere.
     pub access_log: Option<AccessLog>,
+    /// Cancelled when a successor accepts on this node's sockets (`--takeover`): TCP frontends stop
+    /// accepting, UDP frontends stop reading and keep only their sessions' replies going.
+    pub handed_over: CancellationToken,
 }

@@ -149,7 +149,9 @@ pub async fn serve(
         ended,
         next_id: 0,
         full: Throttle::new(WARN_EVERY),
+        handed_over: false,
     };
+    let handed_over = relay.ctx.handed_over.clone();
     loop {
         tokio::select! {
             biased;
@@ -157,11 +159,19 @@ pub async fn serve(
                 relay.tasks.shutdown().await;
                 return;
             }
+            // A successor reads the socket now: new datagrams are its; the sessions here only carry their
+            // backends' replies, until they are idle.
+            () = handed_over.cancelled(), if !relay.handed_over => {
+                relay.handed_over = true;
+            }
             Some((peer, id)) = ended_rx.recv() => relay.ended(peer, id),
-            ready = relay.frontend.readable() => match ready {
+            ready = relay.frontend.readable(), if !relay.handed_over => match ready {
                 Ok(()) => relay.receive_batch(),
                 Err(error) => debug!(%service, %error, "frontend socket failed"),
             },
+        }
+        if relay.handed_over && relay.sessions.is_empty() {
+            return;
         }
     }
 }
@@ -181,6 +191,8 @@ struct FrontendSocket {
     ended: mpsc::UnboundedSender<(SocketAddr, u64)>,
     next_id: u64,
     full: Throttle,
+    /// A successor reads the socket now (`--takeover`).
+    handed_over: bool,
 }
 
 impl FrontendSocket {

@@ -24,3 +24,4 @@ mod replicas;
 mod security;
 mod soak;
 mod splice;
+mod takeover;
