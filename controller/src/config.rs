@@ -249,6 +249,20 @@ impl TryFrom<Cli> for Config {
         check_listeners_apart(&listeners)?;
         let fd_shares = FdShares::current();
         let node = cli.node.node_config(EMBEDDED_NODE.to_owned(), EMBEDDED_LOAD_REPORT_INTERVAL, fd_shares.clients)?;
+        let store = StoreSettings::from_flags(&cli.store, &cli.etcd_prefix, cli.etcd_lease_ttl, cli.controller_id)?;
+        if node.takeover.is_some() {
+            if cli.no_embedded_dataplane {
+                return Err(FlagError::new(
+                    "takeover",
+                    "hands over the embedded node's sockets: it needs the embedded node",
+                )
+                .into());
+            }
+            if !matches!(store, StoreSettings::Memory) {
+                let why = "needs --store memory: replicas sharing etcd are upgraded one at a time while their nodes follow the others";
+                return Err(FlagError::new("takeover", why).into());
+            }
+        }
         Ok(Config {
             json_listen: cli.json_listen,
             grpc_listen: cli.grpc_listen,
@@ -282,7 +296,7 @@ impl TryFrom<Cli> for Config {
             },
             json_idle_timeout: cli.json_idle_timeout,
             check: cli.check,
-            store: StoreSettings::from_flags(&cli.store, &cli.etcd_prefix, cli.etcd_lease_ttl, cli.controller_id)?,
+            store,
             static_services: Vec::new(),
             source: None,
             load_report_max_age: cli.load_report_max_age,
@@ -579,5 +593,19 @@ mod tests {
         let cli = Cli::parse_from(["controller", "--hello-failures", "0", "--hello-interval", "300ms"]);
         assert_eq!(cli.hello_interval, Duration::from_millis(300));
         assert!(Config::try_from(cli).is_err());
+    }
+
+    #[test]
+    fn takeover_needs_the_embedded_node_and_the_memory_store() {
+        use clap::Parser;
+        let flag = |args: &[&str]| match Config::try_from(Cli::parse_from([&["controller"], args].concat())) {
+            Err(ConfigError::Flag(error)) => Some(error.flag),
+            _ => None,
+        };
+        assert_eq!(flag(&["--takeover", "/run/sb.sock"]), None);
+        assert_eq!(flag(&["--takeover", "/run/sb.sock", "--no-embedded-dataplane"]), Some("takeover"));
+        if cfg!(feature = "etcd") {
+            assert_eq!(flag(&["--takeover", "/run/sb.sock", "--store", "etcd://127.0.0.1:2379"]), Some("takeover"));
+        }
     }
 }

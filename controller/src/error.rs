@@ -148,6 +148,12 @@ pub enum ControllerError {
     /// The embedded node could not start.
     #[error("embedded node: {0}")]
     Node(#[from] dataplane::DataplaneError),
+    /// Taking over from the controller at `--takeover` failed.
+    #[error(transparent)]
+    Takeover(#[from] dataplane::takeover::TakeoverError),
+    /// The READY line could not be written.
+    #[error("writing the READY line: {0}")]
+    Ready(#[source] io::Error),
     /// SIGHUP cannot be watched.
     #[error("cannot watch SIGHUP: {0}")]
     Signal(#[source] io::Error),

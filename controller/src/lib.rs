@@ -40,7 +40,11 @@ use std::{net::SocketAddr, sync::Arc};
 use api::listener::CappedListener;
 use contract::limit::Limit;
 use contract::process::{self, stopped};
-use dataplane::Node;
+use dataplane::{
+    Node,
+    takeover::{Inherited, TakeoverListener},
+};
+use std::os::fd::AsFd;
 use tokio::{
     net::TcpListener,
     signal::unix::{Signal, SignalKind, signal},
@@ -65,6 +69,8 @@ pub struct Controller {
     embedded: Option<store::NodeLink>,
     statics: statics::Statics,
     hangups: Signal,
+    /// What the controller that ran before at `--takeover` handed over.
+    inherited: Option<Inherited>,
 }
 
 /// The addresses a controller listens on.
@@ -84,15 +90,23 @@ impl Controller {
     /// Binds every listener (any may use port 0) and creates the store, whose policy refuses the ports
     /// actually bound.
     pub async fn bind(config: Config) -> Result<Self, ControllerError> {
-        let bind = |what: &'static str, flag: &'static str, addr: SocketAddr| async move {
-            let listener =
-                TcpListener::bind(addr).await.map_err(|source| ControllerError::Bind { what, flag, addr, source })?;
+        let mut inherited = match config.embedded_node.as_ref().and_then(|node| node.takeover.as_deref()) {
+            Some(path) => dataplane::takeover::take_over(path).await?,
+            None => None,
+        };
+        // A listener of the controller that ran before is taken when it listens where this one would bind.
+        let mut bind = async |what: &'static str, flag: &'static str, name: &str, addr: SocketAddr| {
+            let listener = match inherited.as_mut().and_then(|inherited| inherited.listener(name, addr)) {
+                Some(listener) => TcpListener::from_std(listener),
+                None => TcpListener::bind(addr).await,
+            };
+            let listener = listener.map_err(|source| ControllerError::Bind { what, flag, addr, source })?;
             let bound = listener.local_addr().map_err(|source| ControllerError::Bind { what, flag, addr, source })?;
             Ok::<_, ControllerError>((listener, bound))
         };
-        let (json, json_addr) = bind("JSON control channel", "json-listen", config.json_listen).await?;
-        let (grpc, grpc_addr) = bind("gRPC", "grpc-listen", config.grpc_listen).await?;
-        let (admin, admin_addr) = bind("admin HTTP", "admin-listen", config.admin_listen).await?;
+        let (json, json_addr) = bind("JSON control channel", "json-listen", "json", config.json_listen).await?;
+        let (grpc, grpc_addr) = bind("gRPC", "grpc-listen", "grpc", config.grpc_listen).await?;
+        let (admin, admin_addr) = bind("admin HTTP", "admin-listen", "admin", config.admin_listen).await?;
         let own_listeners = vec![json_addr, grpc_addr, admin_addr];
         let policy = store::Policy {
             allowed_ports: config.allowed_ports.clone(),
@@ -122,7 +136,7 @@ impl Controller {
         }
         // Taken before READY, so a SIGHUP from then on reloads and never kills.
         let hangups = signal(SignalKind::hangup()).map_err(ControllerError::Signal)?;
-        Ok(Controller { config, json, grpc, admin, store, embedded, statics, hangups })
+        Ok(Controller { config, json, grpc, admin, store, embedded, statics, hangups, inherited })
     }
 
     /// Where the listeners are bound.
@@ -137,10 +151,76 @@ impl Controller {
         format!("READY json={} grpc={} admin={}", a.json, a.grpc, a.admin)
     }
 
-    /// Serves until `shutdown` turns true or a server fails.
-    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), ControllerError> {
-        let Controller { config, json, grpc, admin, store, embedded, statics, hangups } = self;
+    /// Serves until `shutdown` turns true or a server fails, or until a successor took over (`--takeover`)
+    /// and the embedded node has drained. `ready` gets the READY line once the controller serves: after a
+    /// takeover, once the embedded node accepts on the old one's sockets and the old controller has
+    /// stopped.
+    pub async fn run(
+        self,
+        shutdown: watch::Receiver<bool>,
+        ready: impl FnOnce(&str) -> std::io::Result<()>,
+    ) -> Result<(), ControllerError> {
+        let line = self.ready_line();
+        let Controller { config, json, grpc, admin, store, embedded, statics, hangups, inherited } = self;
         let mut tasks = JoinSet::new();
+        let mut registry = contract::metrics::registry("controller");
+        metrics::register(&mut registry, &store);
+        let mut node = match &config.embedded_node {
+            Some(node) => {
+                let data = dataplane::metrics::DataMetrics::default();
+                data.register(&mut registry);
+                let node = Node::new(node.clone(), &data)?;
+                dataplane::metrics::register_node(&mut registry, node.handle());
+                Some(node)
+            }
+            None => None,
+        };
+        if let (Some(node), Some(Inherited { snapshot, frontends, predecessor, .. })) = (node.as_mut(), inherited) {
+            // Its services stay served through the warm-up, while servers register again with this controller.
+            node.inherit(&snapshot, frontends).await;
+            if let Err(error) = predecessor.release().await {
+                warn!(%error, "the old controller did not confirm that it stopped");
+            }
+        }
+        // The control plane stops on a signal, or when a successor takes over; the embedded node then drains.
+        let (control_stop, control) = watch::channel(false);
+        let (handed_over, json_handed_over) = watch::channel(false);
+        tasks.spawn({
+            let (mut shutdown, mut control, control_stop) = (shutdown.clone(), control.clone(), control_stop.clone());
+            async move {
+                tokio::select! {
+                    () = stopped(&mut shutdown) => { control_stop.send_replace(true); }
+                    () = stopped(&mut control) => {}
+                }
+                Ok(())
+            }
+        });
+        let takeover = config.embedded_node.as_ref().and_then(|node| node.takeover.as_deref());
+        let successor = match (takeover, node.as_mut()) {
+            (Some(path), Some(node)) => {
+                let listener = TakeoverListener::bind(path).map_err(dataplane::DataplaneError::from)?;
+                let copies = [("json", &json), ("grpc", &grpc), ("admin", &admin)]
+                    .into_iter()
+                    .filter_map(|(name, listener)| Some((name, listener.as_fd().try_clone_to_owned().ok()?)))
+                    .collect();
+                let (steps, mut shutdown, handed_over) = (node.handover_link(), shutdown.clone(), handed_over.clone());
+                tasks.spawn(async move {
+                    let released = move |_: &[String]| {
+                        handed_over.send_replace(true);
+                        control_stop.send_replace(true);
+                    };
+                    tokio::select! {
+                        () = listener.serve(steps, copies, released) => {}
+                        () = stopped(&mut shutdown) => {}
+                    }
+                    Ok(())
+                });
+                true
+            }
+            _ => false,
+        };
+        let node_stop = shutdown;
+        let shutdown = control;
         let reload = Reload {
             statics,
             pending: store.is_replicated().then(|| config.static_services.clone()),
@@ -175,6 +255,7 @@ impl Controller {
             allow: config.json_allow.clone(),
             connections: Limit::new("JSON control connections", shares.json),
             idle_timeout: config.json_idle_timeout,
+            handed_over: json_handed_over,
         });
         tasks.spawn({
             let shutdown = shutdown.clone();
@@ -206,19 +287,22 @@ impl Controller {
                 Ok(())
             });
         }
-        let mut registry = contract::metrics::registry("controller");
-        metrics::register(&mut registry, &store);
-        if let (Some(node), Some(link)) = (config.embedded_node, embedded) {
-            let data = dataplane::metrics::DataMetrics::default();
-            data.register(&mut registry);
-            let node = Node::new(node, &data)?;
-            dataplane::metrics::register_node(&mut registry, node.handle());
-            tasks.spawn(run_embedded_node(node, link, Arc::clone(&store), config.cluster_counts, shutdown.clone()));
+        if let (Some(node), Some(link)) = (node, embedded) {
+            // The node stops on a signal, or drains once released to a successor: not with the control plane.
+            let stop = node_stop.clone();
+            tasks.spawn(run_embedded_node(node, link, Arc::clone(&store), config.cluster_counts, stop));
         }
         let admin = CappedListener::new(admin, "admin HTTP connections", shares.admin);
         let admin_state = api::http::AdminState { store: Arc::clone(&store), registry: Arc::new(registry) };
         tasks.spawn(api::http::serve(admin, admin_state, config.tokens.admin(), shutdown));
-        process::supervise(tasks).await
+        if successor {
+            info!("listening for a successor on the --takeover socket");
+        }
+        ready(&line).map_err(ControllerError::Ready)?;
+        let served = process::supervise(tasks).await;
+        // Held until here: JSON connections close when it turns true, or when it is gone.
+        drop(handed_over);
+        served
     }
 }
 

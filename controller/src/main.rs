@@ -2,7 +2,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context;
 use contract::{config_file::ParseError, process};
 use controller::{Config, ConfigError, Controller};
 
@@ -31,6 +30,5 @@ async fn run(config: Config) -> anyhow::Result<()> {
         return Ok(());
     }
     let controller = Controller::bind(config).await?;
-    process::print_ready(&controller.ready_line()).context("writing the READY line")?;
-    Ok(controller.run(process::shutdown_on_signal("shutting down")).await?)
+    Ok(controller.run(process::shutdown_on_signal("shutting down"), process::print_ready).await?)
 }

@@ -302,12 +302,23 @@ impl Controller {
     /// Kills the controller (a crash) and starts it again on the same addresses, as an operator would.
     pub async fn restart(&mut self) {
         self.process.kill().await;
+        self.process = Process::spawn(&self.host, "controller", &self.args_on_same_ports()).await;
+    }
+
+    /// Starts a successor on the same addresses while this one runs (both with `--takeover`), and
+    /// returns the old process, which drains and exits by itself.
+    pub async fn upgrade(&mut self) -> Process {
+        let next = Process::spawn(&self.host, "controller", &self.args_on_same_ports()).await;
+        std::mem::replace(&mut self.process, next)
+    }
+
+    /// Its arguments, with the ports it listens on now instead of port 0 (later flags win).
+    fn args_on_same_ports(&self) -> Vec<String> {
         let mut args = self.args.clone();
-        // Later flags win: the same ports as before.
         for (flag, key) in [("--json-listen", "json"), ("--grpc-listen", "grpc"), ("--admin-listen", "admin")] {
             args.extend([flag.to_owned(), self.process.addr(key).to_string()]);
         }
-        self.process = Process::spawn(&self.host, "controller", &args).await;
+        args
     }
 
     /// The JSON control channel.

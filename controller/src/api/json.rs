@@ -48,6 +48,9 @@ pub struct JsonContext {
     pub connections: Arc<Limit>,
     /// A connection that has registered nothing is closed after this long without a request.
     pub idle_timeout: Duration,
+    /// Turns true when a successor took over (`--takeover`): every connection closes, so its server
+    /// registers again with the successor, which listens on the same socket.
+    pub handed_over: watch::Receiver<bool>,
 }
 
 /// Accepts control connections until `shutdown` turns true.
@@ -101,6 +104,7 @@ impl Connection {
         let mut buf = vec![0u8; 8192];
         let idle = self.ctx.idle_timeout;
         let mut idle_until = Instant::now() + idle;
+        let mut handed_over = self.ctx.handed_over.clone();
         let reason = loop {
             let probe_at = self.probe.as_ref().map(Probe::deadline);
             // Nothing registered: no hello keeps the connection honest, so silence ends it.
@@ -125,6 +129,7 @@ impl Connection {
                         break reason;
                     }
                 }
+                () = stopped(&mut handed_over) => break "the controller handed over to its successor".to_owned(),
                 () = tokio::time::sleep_until(idle_until), if unregistered => {
                     let why = format!("no request for {idle:?} and nothing registered: closing (--json-idle-timeout)");
                     let _ = write(&mut writer, &request::failed(&why)).await;

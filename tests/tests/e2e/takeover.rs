@@ -5,7 +5,8 @@ use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
 use serde_json::{Value, json};
 use switchboard_tests::harness::{
-    Controller, DataplaneNode, Host, JsonClient, Net, TcpEcho, TempDir, UdpEcho, run_to_exit, tcp_roundtrip,
+    Controller, DataplaneNode, Host, JsonClient, Net, TcpEcho, TempDir, UdpEcho, run_to_exit, spawn_agent,
+    tcp_roundtrip,
 };
 use tokio::time::Instant;
 
@@ -190,5 +191,55 @@ async fn the_takeover_socket_refuses_strangers_and_survives_a_crash() {
     while tcp_roundtrip(n2.frontend(port), b"ping").await.ok().as_deref() != Some(b"ping".as_slice()) {
         assert!(Instant::now() < deadline, "the new node never served:\n{}", n2.process.stderr_text());
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls until `backend` has accepted `count` connections in all.
+async fn wait_accepted(backend: &TcpEcho, count: usize) {
+    let deadline = Instant::now() + DEADLINE;
+    while backend.accepted() < count {
+        assert!(Instant::now() < deadline, "the backend never accepted {count} connections");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_controller_upgraded_three_times_under_load_keeps_its_embedded_node_serving() {
+    let net = Net::new();
+    let dir = TempDir::new(&net, "takeover-controller");
+    let path = dir.path().join("controller.sock");
+    let mut ctl = Controller::spawn(net, &["--takeover", path.to_str().unwrap(), "--drain-timeout", "60s"]).await;
+    let backend = TcpEcho::start(net.host(2), 0).await;
+    let (port, address) = (backend.addr.port().to_string(), backend.addr.ip().to_string());
+    // The agent registers again with each successor (its stream ends when the old controller stops).
+    let _agent = spawn_agent(&ctl, &["--protocol", "tcp", "--port", &port, "--backend-address", &address]).await;
+    let front = ctl.frontend(backend.addr.port());
+    assert_eq!(tcp_roundtrip(front, b"ping").await.unwrap(), b"ping");
+
+    let target = front.to_string();
+    let common = ["tcp", "--target", &target, "--connections", "4", "--duration", "6s", "--timeout", "5s"];
+    let fresh = load(&dir, "fresh", &common);
+    let keepalive = load(&dir, "keepalive", &[&common[..], &["--keepalive"]].concat());
+    wait_accepted(&backend, 200).await;
+    let mut olds = Vec::new();
+    for upgrade in 1..=3 {
+        let old = ctl.upgrade().await;
+        let log = ctl.process.stderr_text();
+        assert!(log.contains("took over the listening sockets"), "upgrade {upgrade}:\n{log}");
+        old.wait_stderr("the successor accepts now", 1).await;
+        // Connections keep coming through the successor's embedded node.
+        wait_accepted(&backend, backend.accepted() + 200).await;
+        olds.push(old);
+    }
+    // Its listeners are the old ones, and the agent has registered with it.
+    ctl.wait_state("the backend registered again", |s| Controller::backends(s, "tcp", backend.addr.port()).len() == 1)
+        .await;
+    for (name, run) in [("a new connection per request", fresh), ("keep-alive", keepalive)] {
+        let report = run.await.unwrap();
+        assert_eq!(report["errors"], json!({}), "{name}: nothing refused, reset or timed out: {report:#}");
+        eprintln!("{name}: {} requests, longest gap {} ms", report["ok"], report["longest_gap_ms"]);
+    }
+    for (n, old) in olds.iter_mut().enumerate() {
+        assert_eq!(old.wait_exit(DEADLINE).await, Some(0), "controller {n}");
     }
 }
