@@ -13,6 +13,8 @@ side on this machine, interleaved over several repetitions, reported as medians 
                                                  # times with round robin, least connections, least_load
     python3 bench/run.py --scenario control-plane [--quick]   # the controller at scale: 1,000 services x 10
                                                  # backends to 100 simulated nodes (quick: 200 x 10 to 20)
+    python3 bench/run.py --scenario upgrade [--quick]   # three upgrades under load: Switchboard --takeover,
+                                                 # HAProxy master-worker reload, nginx reload; errors and gaps
 
 Everything runs on 127.0.0.0/8 and every run is bounded in time. Missing peers and tools (haproxy, nginx
 with the stream module, wrk, iperf3) are installed from Debian. Results go to bench/results/ (JSON and SVG)
@@ -1470,6 +1472,170 @@ def replicas_markdown(result):
     return "\n".join(lines)
 
 
+# Upgrades under load: one echo backend, one frontend per balancer.
+UPGRADE_BACKEND = "127.0.0.71:17100"
+UPGRADE_FRONTENDS = {"direct": UPGRADE_BACKEND, "switchboard, no upgrade": "127.0.0.72:17100",
+                     "switchboard": "127.0.0.72:17100", "haproxy": "127.0.0.73:17100", "nginx": "127.0.0.74:17100"}
+
+
+def upgrade(args):
+    """Three upgrades in a row under steady load: two loadgen runs at once through each balancer, one opening
+    a new connection per request and one keeping its connections, while the balancer is upgraded at 1/4,
+    2/4 and 3/4 of the run. Switchboard: a new `dataplane --takeover` process each time (the old one hands
+    over its sockets, drains and exits). HAProxy: its master-worker reload (SIGUSR2: the master re-executes
+    itself and the new worker takes the listeners over the stats socket, `expose-fd listeners`). nginx: its
+    reload (SIGHUP: new workers, the old ones finish their connections). `direct` is the backend without a
+    balancer and without upgrades, `switchboard, no upgrade` the same node never upgraded: the longest gap of
+    a run where nothing happens. Reported per run:
+    requests answered, errors, and the longest time without any answer; medians over interleaved
+    repetitions."""
+    build()
+    install_peers()
+    seconds = 4 if args.quick else 8
+    reps = 1 if args.quick else (args.reps or 3)
+    setups = list(UPGRADE_FRONTENDS)
+    runs = {setup: [] for setup in setups}
+    workdir = Path(tempfile.mkdtemp(prefix="switchboard-upgrade-"))
+    workdir.chmod(0o755)
+    try:
+        for rep in range(reps):
+            for setup in setups:
+                procs = Processes()
+                try:
+                    procs.start([str(BIN / "loadgen"), "--threads", "1", "serve", "tcp-echo", "--listen", UPGRADE_BACKEND],
+                                ready="READY")
+                    upgrade_once = start_upgrade_setup(procs, setup, workdir)
+                    run = drive_upgrades(UPGRADE_FRONTENDS[setup], seconds, upgrade_once)
+                    if setup == "switchboard":
+                        # The old nodes exit by themselves once the keep-alive connections have ended.
+                        olds = [p for p in procs.procs if p.name == "dataplane"][:-1]
+                        run["old_exited"] = sum(wait_exit(p, 20) == 0 for p in olds)
+                finally:
+                    procs.stop_all()
+                runs[setup].append(run)
+                log(f"upgrade rep {rep + 1} {setup}: " + ", ".join(
+                    f"{kind} {r['ok']} ok {r['errors']} errors gap {r['longest_gap_ms']:.1f} ms"
+                    for kind, r in run["loads"].items()))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    summary = {}
+    for setup, rs in runs.items():
+        summary[setup] = {kind: {"ok": statistics.median(r["loads"][kind]["ok"] for r in rs),
+                                 "errors": sum(r["loads"][kind]["errors"] for r in rs),
+                                 "longest_gap_ms": statistics.median(r["loads"][kind]["longest_gap_ms"] for r in rs)}
+                          for kind in ("new connection per request", "keep-alive")}
+        upgrades = [t for r in rs for t in r["upgrade_s"]]
+        if upgrades:
+            summary[setup]["upgrade_s"] = statistics.median(upgrades)
+    return {"machine": machine(), "scenario": "upgrade", "seconds": seconds, "upgrades": 3, "reps": reps,
+            "runs": runs, "summary": summary}
+
+
+def wait_exit(proc, timeout):
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def start_upgrade_setup(procs, setup, workdir):
+    """Starts `setup` in front of the upgrade backend; returns what upgrades it once (none for direct)."""
+    frontend = UPGRADE_FRONTENDS[setup]
+    fip, port = frontend.rsplit(":", 1)
+    bip, bport = UPGRADE_BACKEND.rsplit(":", 1)
+    if setup == "direct":
+        upgrade_once = None
+    elif setup.startswith("switchboard"):
+        _, line = procs.start([str(BIN / "controller"), "--json-listen", f"{CONTROLLER_IP}:0", "--grpc-listen",
+                               f"{CONTROLLER_IP}:0", "--admin-listen", f"{CONTROLLER_IP}:0", "--no-embedded-dataplane",
+                               "--resync-grace", "0s"], ready="READY", name="controller")
+        grpc = re.search(r"grpc=(\S+)", line).group(1)
+        procs.start([str(BIN / "agent"), "--controller", f"http://{grpc}", "--protocol", "tcp", "--port", port,
+                     "--backend-address", bip, "--backend-port", bport, "--check", "none"], ready="READY")
+        socket_path = workdir / "node.sock"
+        node = [str(BIN / "dataplane"), "--controller", f"http://{grpc}", "--node-id", "bench", "--frontend-address", fip,
+                "--admin-listen", f"{fip}:0", "--takeover", str(socket_path), "--drain-timeout", "60s"]
+        procs.start(node, ready="READY", name="dataplane")
+
+        def upgrade_once():
+            # READY: the new node accepts on the old one's sockets, and the old one has stopped accepting.
+            procs.start(node, ready="READY", name="dataplane")
+        if setup != "switchboard":
+            upgrade_once = None
+    elif setup == "haproxy":
+        conf = workdir / "upgrade-haproxy.cfg"
+        conf.write_text(f"""
+global
+  stats socket {workdir}/haproxy.sock mode 600 level admin expose-fd listeners
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend fe
+  bind {frontend}
+  default_backend be
+backend be
+  server s0 {UPGRADE_BACKEND}
+""")
+        master, _ = procs.start(["haproxy", "-W", "-db", "-f", str(conf)], name="haproxy")
+
+        def upgrade_once():
+            os.kill(master.pid, signal.SIGUSR2)
+    else:
+        conf = workdir / "upgrade-nginx.conf"
+        conf.write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes auto;
+daemon off;
+pid {workdir}/upgrade-nginx.pid;
+error_log {workdir}/upgrade-nginx.err;
+events {{ worker_connections 4096; }}
+stream {{
+  server {{ listen {frontend} backlog=4096; proxy_pass {UPGRADE_BACKEND}; }}
+}}
+""")
+        master, _ = procs.start(["nginx", "-c", str(conf)], name="nginx")
+
+        def upgrade_once():
+            os.kill(master.pid, signal.SIGHUP)
+    wait_port(frontend)
+    return upgrade_once
+
+
+def drive_upgrades(frontend, seconds, upgrade_once):
+    """Both loads through `frontend` for `seconds`, upgrading at 1/4, 2/4 and 3/4 of the run."""
+    common = ["tcp", "--target", frontend, "--connections", "4", "--timeout", "5s"]
+    loads = {"new connection per request": common, "keep-alive": [*common, "--keepalive"]}
+    results = {}
+    threads = [threading.Thread(target=lambda k=k, a=a: results.__setitem__(k, loadgen(a, seconds))) for k, a in loads.items()]
+    started = time.time()
+    for thread in threads:
+        thread.start()
+    upgraded = []
+    if upgrade_once:
+        for quarter in (1, 2, 3):
+            time.sleep(max(0.0, started + seconds * quarter / 4 - time.time()))
+            began = time.time()
+            upgrade_once()
+            upgraded.append(round(time.time() - began, 3))
+    for thread in threads:
+        thread.join()
+    return {"upgrade_s": upgraded, "loads": {kind: {"ok": r["ok"], "errors": sum(r["errors"].values()), "by_kind": r["errors"],
+                                                     "longest_gap_ms": r["longest_gap_ms"] or 0.0}
+                                              for kind, r in results.items()}}
+
+
+def upgrade_markdown(result):
+    rows = ["| balancer | load | requests (median) | errors (all runs) | longest gap (median) |", "|---|---|---|---|---|"]
+    for setup, kinds in result["summary"].items():
+        for kind, s in kinds.items():
+            if kind == "upgrade_s":
+                continue
+            rows.append(f"| {setup} | {kind} | {s['ok']:,.0f} | {s['errors']} | {s['longest_gap_ms']:.1f} ms |")
+    return "\n".join(rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short repetition (under 3 minutes)")
@@ -1480,7 +1646,8 @@ def main():
                         help="with --levers: a directory with an earlier build's controller and agent, run as switchboard-before")
     parser.add_argument("--variants", metavar="NAMES",
                         help="with --levers: only these lever variants, comma-separated ('' for none: just --before)")
-    parser.add_argument("--scenario", choices=["suite", "pydirector", "skew", "control-plane", "paired", "replicas", "tasks"],
+    parser.add_argument("--scenario", choices=["suite", "pydirector", "skew", "control-plane", "paired", "replicas", "tasks",
+                                                   "upgrade"],
                         default="suite")
     parser.add_argument("--rounds", type=int, default=10, help="paired: wrk rounds per build and kind")
     parser.add_argument("--cpu", choices=["emulated", "real"], default="emulated",
@@ -1494,7 +1661,8 @@ def main():
     as_json = lambda result: json.dumps(result, indent=2)
     scenarios = {"skew": (skew, as_json), "control-plane": (control_plane, cp_markdown),
                  "replicas": (replicas, replicas_markdown), "paired": (paired, paired_markdown),
-                 "pydirector": (pydirector, as_json), "tasks": (tasks, tasks_markdown)}
+                 "pydirector": (pydirector, as_json), "tasks": (tasks, tasks_markdown),
+                 "upgrade": (upgrade, upgrade_markdown)}
     if args.scenario in scenarios:
         run_scenario, render = scenarios[args.scenario]
         result = run_scenario(args)

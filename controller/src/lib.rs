@@ -203,7 +203,7 @@ impl Controller {
                     .into_iter()
                     .filter_map(|(name, listener)| Some((name, listener.as_fd().try_clone_to_owned().ok()?)))
                     .collect();
-                let (steps, mut shutdown, handed_over) = (node.handover_link(), shutdown.clone(), handed_over.clone());
+                let (steps, mut shutdown, handed_over) = (node.takeover_link(), shutdown.clone(), handed_over.clone());
                 tasks.spawn(async move {
                     let released = move |_: &[String]| {
                         handed_over.send_replace(true);

@@ -136,7 +136,7 @@ impl Dataplane {
         let sync = tokio::spawn(sync::run(config.sync, snapshots_tx, reports_rx, status_tx, node.handle(), link));
         let successor = takeover.map(|takeover| {
             let listeners = admin_copy.map(|fd| vec![("admin", fd)]).unwrap_or_default();
-            let (steps, sync, admin_stop) = (node.handover_link(), sync.abort_handle(), admin_stop.clone());
+            let (steps, sync, admin_stop) = (node.takeover_link(), sync.abort_handle(), admin_stop.clone());
             tokio::spawn(takeover.serve(steps, listeners, move |taken| {
                 // The successor may take this node's id: leave the controller now.
                 sync.abort();

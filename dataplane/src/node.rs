@@ -39,7 +39,7 @@ use crate::{
     },
     stats::{BackendStats, Passive, StatsRegistry},
     table::RoutingTable,
-    takeover::{FrontendOffer, HandoverStep, InheritedSockets},
+    takeover::{FrontendOffer, InheritedSockets, TakeoverStep},
     workers::Workers,
 };
 
@@ -122,7 +122,7 @@ pub struct Node {
     /// Sockets taken over from the node that ran before, until the first snapshot opens them.
     inherited: HashMap<ServiceKey, InheritedSockets>,
     /// Requests of the takeover server, when the node has one.
-    handover: Option<mpsc::Receiver<HandoverStep>>,
+    successor: Option<mpsc::Receiver<TakeoverStep>>,
 }
 
 /// An open frontend: one socket per worker, each inside its worker's task, which returns once `stop`
@@ -179,14 +179,14 @@ impl Node {
             state: watch::Sender::new(ServedState::default()),
             drains: JoinSet::new(),
             inherited: HashMap::new(),
-            handover: None,
+            successor: None,
         })
     }
 
     /// The channel on which the node's takeover server asks for its sockets and releases it.
-    pub fn handover_link(&mut self) -> mpsc::Sender<HandoverStep> {
+    pub fn takeover_link(&mut self) -> mpsc::Sender<TakeoverStep> {
         let (steps, requests) = mpsc::channel(1);
-        self.handover = Some(requests);
+        self.successor = Some(requests);
         steps
     }
 
@@ -222,7 +222,7 @@ impl Node {
     ) {
         let reporter =
             tokio::spawn(report_load(Arc::clone(&self.stats), reports.clone(), self.config.load_report_interval));
-        let mut handover = self.handover.take();
+        let mut successor = self.successor.take();
         let mut changed = true;
         loop {
             if changed {
@@ -237,12 +237,12 @@ impl Node {
             tokio::select! {
                 changed = snapshots.changed() => if changed.is_err() { break },
                 _ = shutdown.wait_for(|stop| *stop) => break,
-                Some(step) = next_step(&mut handover) => match step {
-                    HandoverStep::Offer(reply) => {
+                Some(step) = next_step(&mut successor) => match step {
+                    TakeoverStep::Offer(reply) => {
                         let _ = reply.send(self.offer());
                         changed = false;
                     }
-                    HandoverStep::Release(reply) => {
+                    TakeoverStep::Release(reply) => {
                         self.ctx.handed_over.cancel();
                         let _ = reply.send(());
                         break;
@@ -396,7 +396,7 @@ impl Node {
     }
 
     /// Stops accepting, then gives open connections the drain timeout to finish before closing them. After
-    /// a handover, UDP frontends first carry their sessions' replies until the sessions are idle, within
+    /// a takeover, UDP frontends first carry their sessions' replies until the sessions are idle, within
     /// the same time.
     async fn stop(mut self) {
         let grace = self.config.drain_timeout;
@@ -428,7 +428,7 @@ impl Node {
 // === impl Frontend ===
 
 impl Frontend {
-    /// Stops accepting and releases the port before returning (after a handover, only this process's
+    /// Stops accepting and releases the port before returning (after a takeover, only this process's
     /// copies: the successor serves the port).
     async fn close(mut self, node: &str, service: ServiceKey, handed_over: bool) {
         self.stop.cancel();
@@ -502,8 +502,8 @@ async fn report_load(stats: Arc<StatsRegistry>, reports: mpsc::UnboundedSender<N
 }
 
 /// The next request of the takeover server; never, for a node without one.
-async fn next_step(handover: &mut Option<mpsc::Receiver<HandoverStep>>) -> Option<HandoverStep> {
-    match handover {
+async fn next_step(successor: &mut Option<mpsc::Receiver<TakeoverStep>>) -> Option<TakeoverStep> {
+    match successor {
         Some(requests) => requests.recv().await,
         None => std::future::pending().await,
     }

@@ -110,7 +110,7 @@ pub struct FrontendOffer {
 
 /// A request of the takeover server to its node.
 #[derive(Debug)]
-pub enum HandoverStep {
+pub enum TakeoverStep {
     /// The node's frontends and routing state, between two snapshots.
     Offer(oneshot::Sender<FrontendOffer>),
     /// The successor accepts now: stop accepting and drain; answered once the node has stopped accepting.
@@ -147,7 +147,7 @@ pub struct Predecessor {
     taken: Vec<String>,
 }
 
-/// The Unix socket a node listens on for its successor. Dropped without a handover, it removes its path
+/// The Unix socket a node listens on for its successor. Dropped without a takeover, it removes its path
 /// (unless another process has replaced the file meanwhile).
 #[derive(Debug)]
 pub struct TakeoverListener {
@@ -345,7 +345,7 @@ impl TakeoverListener {
     /// successor that fails leaves everything as it was.
     pub async fn serve(
         mut self,
-        node: mpsc::Sender<HandoverStep>,
+        node: mpsc::Sender<TakeoverStep>,
         listeners: Vec<(&'static str, OwnedFd)>,
         released: impl FnOnce(&[String]),
     ) {
@@ -363,7 +363,7 @@ impl TakeoverListener {
             match tokio::time::timeout(STEP_TIMEOUT * 3, offer(&successor, &node, &listeners)).await {
                 Ok(Ok(accepting)) => {
                     let (reply, done) = oneshot::channel();
-                    if node.send(HandoverStep::Release(reply)).await.is_err() || done.await.is_err() {
+                    if node.send(TakeoverStep::Release(reply)).await.is_err() || done.await.is_err() {
                         return;
                     }
                     released(&accepting.listeners);
@@ -402,7 +402,7 @@ impl TakeoverListener {
 /// One successor's exchange up to its `A`.
 async fn offer(
     successor: &Link,
-    node: &mpsc::Sender<HandoverStep>,
+    node: &mpsc::Sender<TakeoverStep>,
     listeners: &[(&'static str, OwnedFd)],
 ) -> Result<Accepting, TakeoverError> {
     let hello = successor.recv().await?;
@@ -411,7 +411,7 @@ async fn offer(
         return Err(exchange(format!("the successor speaks version {version:?}, this node {VERSION}")));
     }
     let (reply, offered) = oneshot::channel();
-    node.send(HandoverStep::Offer(reply)).await.map_err(|_| exchange("the node has stopped"))?;
+    node.send(TakeoverStep::Offer(reply)).await.map_err(|_| exchange("the node has stopped"))?;
     let offered = offered.await.map_err(|_| exchange("the node has stopped"))?;
     let snapshot = v1::Snapshot::from(offered.snapshot.as_ref()).encode_to_vec();
     for chunk in snapshot.chunks(MAX_MESSAGE - 1) {
