@@ -131,11 +131,12 @@ impl Dataplane {
         };
         // The admin server answers while the node drains, until the node is done or a successor took it.
         let (admin_stop, admin_stopped) = watch::channel(false);
-        let admin_copy = admin.as_fd().try_clone_to_owned();
+        // For a successor, which takes it when it listens on the same address.
+        let admin_copy = takeover.as_ref().and_then(|_| admin.as_fd().try_clone_to_owned().ok());
         let admin = tokio::spawn(admin::serve(admin, settings, node.handle(), status_rx, admin_stopped));
         let sync = tokio::spawn(sync::run(config.sync, snapshots_tx, reports_rx, status_tx, node.handle(), link));
         let successor = takeover.map(|takeover| {
-            let listeners = admin_copy.map(|fd| vec![("admin", fd)]).unwrap_or_default();
+            let listeners = admin_copy.into_iter().map(|fd| ("admin", fd)).collect();
             let (steps, sync, admin_stop) = (node.takeover_link(), sync.abort_handle(), admin_stop.clone());
             tokio::spawn(takeover.serve(steps, listeners, move |taken| {
                 // The successor may take this node's id: leave the controller now.

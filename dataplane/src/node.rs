@@ -254,16 +254,18 @@ impl Node {
         self.stop().await;
     }
 
-    /// Copies of every frontend's sockets, with the routing state they serve, for a successor.
-    fn offer(&self) -> FrontendOffer {
+    /// Copies of every frontend's sockets, with the routing state they serve, for a successor. All or
+    /// nothing: a socket left out would keep the connections the kernel queues on it once this node stops.
+    fn offer(&self) -> std::io::Result<FrontendOffer> {
         let frontends = self
             .frontends
             .iter()
             .map(|(&service, frontend)| {
-                (service, frontend.sockets.iter().filter_map(|socket| socket.try_clone().ok()).collect())
+                let copies = frontend.sockets.iter().map(OwnedFd::try_clone).collect::<std::io::Result<_>>()?;
+                Ok((service, copies))
             })
-            .collect();
-        FrontendOffer { snapshot: Arc::clone(&self.state.borrow().snapshot), frontends }
+            .collect::<std::io::Result<_>>()?;
+        Ok(FrontendOffer { snapshot: Arc::clone(&self.state.borrow().snapshot), frontends })
     }
 
     async fn apply(&mut self, received: &RoutingSnapshot) -> Vec<FrontendStatus> {

@@ -111,8 +111,9 @@ pub struct FrontendOffer {
 /// A request of the takeover server to its node.
 #[derive(Debug)]
 pub enum TakeoverStep {
-    /// The node's frontends and routing state, between two snapshots.
-    Offer(oneshot::Sender<FrontendOffer>),
+    /// The node's frontends and routing state, between two snapshots (an error when the node cannot copy
+    /// its sockets, e.g. out of descriptors).
+    Offer(oneshot::Sender<io::Result<FrontendOffer>>),
     /// The successor accepts now: stop accepting and drain; answered once the node has stopped accepting.
     Release(oneshot::Sender<()>),
 }
@@ -208,8 +209,9 @@ pub async fn take_over(path: &Path) -> Result<Option<Inherited>, TakeoverError> 
     let addr = UnixAddr::new(path).map_err(|e| io_error("address")(e.into()))?;
     match socket::connect(fd.as_raw_fd(), &addr) {
         Ok(()) => {}
-        // A socket file nobody listens on: left by a node that did not stop cleanly.
-        Err(nix::errno::Errno::ECONNREFUSED) => return Ok(None),
+        // A socket file nobody listens on (left by a node that did not stop cleanly), or one removed
+        // meanwhile by a node that stopped.
+        Err(nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT) => return Ok(None),
         Err(errno) => return Err(io_error("connect")(errno.into())),
     }
     let link = Link::new(fd, path)?;
@@ -413,6 +415,7 @@ async fn offer(
     let (reply, offered) = oneshot::channel();
     node.send(TakeoverStep::Offer(reply)).await.map_err(|_| exchange("the node has stopped"))?;
     let offered = offered.await.map_err(|_| exchange("the node has stopped"))?;
+    let offered = offered.map_err(|e| exchange(format!("copying the frontends' sockets: {e}")))?;
     let snapshot = v1::Snapshot::from(offered.snapshot.as_ref()).encode_to_vec();
     for chunk in snapshot.chunks(MAX_MESSAGE - 1) {
         successor.send(b'S', chunk, &[]).await?;
