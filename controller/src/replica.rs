@@ -83,6 +83,10 @@ struct LoadRow {
     /// Some node of that controller holds the backend out of rotation (passive health).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     failing: bool,
+    /// The load the backend's server reports to that controller (its agent follows it), in thousandths,
+    /// while the report is fresh there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reported: Option<u32>,
 }
 
 /// The value of a service's key (protocol, port, algorithm) or of one of its backends' (an operator's
@@ -243,7 +247,7 @@ fn node_value(controller: &str, node: &RemoteNode) -> Vec<u8> {
 /// The value of this controller's counts' key.
 fn load_value(store: &Store) -> Vec<u8> {
     let rows: Vec<LoadRow> = store
-        .own_load()
+        .shared_load()
         .into_iter()
         .map(|r| LoadRow {
             service: r.service.to_string(),
@@ -251,6 +255,7 @@ fn load_value(store: &Store) -> Vec<u8> {
             active: r.active,
             total: r.total,
             failing: r.failing,
+            reported: r.reported,
         })
         .collect();
     serde_json::to_vec(&rows).unwrap_or_default()
@@ -452,8 +457,7 @@ fn loads(mirror: &Mirror, me: &str) -> BTreeMap<String, Vec<contract::model::Bac
                     active: r.active,
                     total: r.total,
                     failing: r.failing,
-                    // Load reports stay with the controller their agent follows.
-                    reported: None,
+                    reported: r.reported,
                 })
             })
             .collect();

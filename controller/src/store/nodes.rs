@@ -288,18 +288,22 @@ impl Store {
     }
 
     /// The fresh reports of backends the registry holds, in thousandths, sorted, and when the oldest of
-    /// them ages out.
+    /// this controller's ages out. With replicas, a backend whose agent follows another controller has that
+    /// controller's report (shared with its counts, fresh there).
     fn fresh_reports(&self) -> (Vec<Report>, Option<Instant>) {
         let state = self.lock();
-        let max_age = self.policy.load_report_max_age;
-        let registered = |(service, backend): &(ServiceKey, SocketAddr)| {
-            state.registry.services.get(service).is_some_and(|s| s.backends.contains_key(backend))
-        };
-        let fresh = state.nodes.reports.iter().filter(|(key, (_, at))| at.elapsed() <= max_age && registered(key));
-        let stale_at = fresh.clone().map(|(_, &(_, at))| at + max_age).min();
-        let mut fresh: Vec<_> = fresh.map(|(&key, &(load, _))| (key, load)).collect();
-        fresh.sort_unstable();
-        (fresh, stale_at)
+        let (own, stale_at) = own_reports(&state, self.policy.load_report_max_age);
+        let mut fresh: BTreeMap<_, _> = remote_reports(&state.nodes).collect();
+        fresh.extend(own);
+        (fresh.into_iter().collect(), stale_at)
+    }
+
+    /// The counts of this controller's connected nodes, summed per backend, with this controller's fresh
+    /// load reports: what it shares with the other controllers.
+    pub fn shared_load(&self) -> Vec<BackendLoad> {
+        let rows = self.own_load();
+        let (reports, _) = own_reports(&self.lock(), self.policy.load_report_max_age);
+        with_reports(rows, &reports)
     }
 
     /// The counts of this controller's connected nodes, summed per backend (what it shares with the other
@@ -377,6 +381,24 @@ impl Store {
         }
         &self.totals
     }
+}
+
+/// This controller's fresh reports of backends the registry holds, sorted, and when the oldest ages out.
+fn own_reports(state: &State, max_age: Duration) -> (Vec<Report>, Option<Instant>) {
+    let registered = |(service, backend): &(ServiceKey, SocketAddr)| {
+        state.registry.services.get(service).is_some_and(|s| s.backends.contains_key(backend))
+    };
+    let fresh = state.nodes.reports.iter().filter(|(key, (_, at))| at.elapsed() <= max_age && registered(key));
+    let stale_at = fresh.clone().map(|(_, &(_, at))| at + max_age).min();
+    let mut fresh: Vec<_> = fresh.map(|(&key, &(load, _))| (key, load)).collect();
+    fresh.sort_unstable();
+    (fresh, stale_at)
+}
+
+/// The reports the other controllers share with their counts (replicas).
+pub(super) fn remote_reports(nodes: &NodeTable) -> impl Iterator<Item = Report> + '_ {
+    let rows = nodes.remote_load.values().flat_map(|rows| rows.iter());
+    rows.filter_map(|row| Some(((row.service, row.backend), row.reported?)))
 }
 
 /// `rows` (sorted) with the fresh `reports` (sorted) set on them, and a row of no connections for each

@@ -477,3 +477,37 @@ async fn load_reports_reach_nodes_with_the_counts_and_age_out() {
     assert!(tokio::time::timeout(Duration::from_secs(5), feed.changed()).await.unwrap().is_empty());
     assert_eq!(store.view().services[0].backends[0].reported_load, None);
 }
+
+#[test]
+fn another_controllers_load_reports_reach_this_ones_nodes_and_are_never_shared_back() {
+    let store = store();
+    let key = ServiceKey::tcp(80);
+    let (mine, theirs) = (backend("127.0.0.2:80"), backend("127.0.0.3:80"));
+    let reg = store.open_registration(origin("127.0.0.2")).unwrap();
+    store.register(reg.id, key, mine, ServiceAsk::algorithm(Algorithm::LeastLoad)).unwrap();
+    let other = store.open_registration(origin("127.0.0.3")).unwrap();
+    store.register(other.id, key, theirs, ServiceAsk::algorithm(Algorithm::LeastLoad)).unwrap();
+    let _link = store.connect_node("n1", None).unwrap();
+    reg.report_load(300);
+    // Controller c2 holds the agent of the other backend: its report comes with its counts.
+    let row = |address: SocketAddr, reported| BackendLoad {
+        service: key,
+        backend: address,
+        active: 0,
+        total: 0,
+        failing: false,
+        reported,
+    };
+    store.set_remote_load(std::collections::BTreeMap::from([("c2".to_owned(), vec![row(theirs.address, Some(800))])]));
+    let reported: Vec<_> = store.cluster_load_excluding("n1").iter().map(|r| (r.backend, r.reported)).collect();
+    assert_eq!(reported, [(mine.address, Some(300)), (theirs.address, Some(800))]);
+    let view: Vec<_> = store.view().services[0].backends.iter().map(|b| b.reported_load).collect();
+    assert_eq!(view, [Some(0.3), Some(0.8)]);
+    // What this controller shares is its own report only: c2's would come back to it as if fresh.
+    let shared: Vec<_> = store.shared_load().iter().map(|r| (r.backend, r.reported)).collect();
+    assert_eq!(shared, [(mine.address, Some(300))]);
+    // c2's report stops (aged out there, or c2 gone): it is gone here too.
+    store.set_remote_load(std::collections::BTreeMap::from([("c2".to_owned(), vec![row(theirs.address, None)])]));
+    let reported: Vec<_> = store.cluster_load_excluding("n1").iter().map(|r| (r.backend, r.reported)).collect();
+    assert_eq!(reported, [(mine.address, Some(300))]);
+}

@@ -544,6 +544,34 @@ async fn connection_counts_are_cluster_wide_across_controllers() {
 }
 
 #[tokio::test]
+async fn load_reports_reach_the_nodes_of_every_controller() {
+    if !EtcdCluster::available() {
+        return;
+    }
+    let TwoNodes { cluster: _cluster, net, controllers, n1: _n1, n2: _n2 } = TwoNodes::start().await;
+    let (a, b) = (&controllers[0], &controllers[1]);
+    let echo = TcpEcho::start(net.host(2), 0).await;
+    let (port, ip, url) = (echo.addr.port().to_string(), net.host(2).to_string(), a.grpc_url());
+    let mut args = agent_args(&url, &port, &ip);
+    args.extend([
+        "--algorithm",
+        "least_load",
+        "--report-load",
+        "--load-command",
+        "echo 0.7",
+        "--check-interval",
+        "200ms",
+    ]);
+    let _agent = spawn_agent(a, &args).await;
+    let reported = |state: &serde_json::Value| {
+        Controller::backends(state, "tcp", echo.addr.port()).first().and_then(|b| b["reported_load"].as_f64())
+    };
+    // b, which the agent does not follow, has a's report through etcd; its node n2 gets it with the
+    // counts (the store's tests check those rows).
+    b.wait_state("a's load report", |s| reported(s) == Some(0.7)).await;
+}
+
+#[tokio::test]
 async fn a_registration_waits_for_the_bind_results_of_nodes_following_other_controllers() {
     if !EtcdCluster::available() {
         return;
