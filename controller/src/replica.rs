@@ -8,9 +8,10 @@
 //!   its lease expires, and the others drop those backends.
 //! - `nodes/NODE/CONTROLLER`: the version a node following that controller applied and its bind results,
 //!   under the controller's lease; a registration through any controller waits for every node's.
-//! - `load/CONTROLLER`: the connections of the nodes following that controller, summed per backend, under
-//!   its lease, written at most once a second and only when they changed; every controller adds the
-//!   others' to its nodes' cluster-wide counts (least connections, power of two) and to its views.
+//! - `load/CONTROLLER`: the connections of the nodes following that controller, summed per backend, with
+//!   the fresh load reports of its agents, under its lease, written at most once a second and only when
+//!   they changed; every controller adds the others' to its nodes' cluster-wide counts (least
+//!   connections, power of two, least load) and to its views.
 //! - `services/SERVICE` (protocol, port, algorithm, whether an operator chose it) and
 //!   `services/SERVICE/ADDRESS` (an operator's weight, a drain): durable, applied by every controller. The
 //!   first registration of a service writes its key (if absent); an operator's change on any controller
