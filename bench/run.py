@@ -766,28 +766,40 @@ def tasks(args):
     n, rate = (24, 4.0 if emulate else 3.0) if args.quick else (60, 4.0 if emulate else 3.0)
     reps = 1 if args.quick else (args.reps or 3)
     works = [random.Random(7 + i).randint(100, 600) for i in range(n)]
-    runs = {setup: [] for setup in TASK_SETUPS}
-    workdir = Path(tempfile.mkdtemp(prefix="switchboard-tasks-"))
-    workdir.chmod(0o755)
-    try:
-        for rep in range(reps):
-            for setup in TASK_SETUPS:
-                procs = Processes()
-                try:
-                    frontend = start_task_setup(procs, setup, workdir, emulate)
-                    times = drive_tasks(frontend, works, rate)
-                finally:
-                    procs.stop_all()
-                done = sorted(t for t in times if t is not None)
-                run = {"p50_s": percentile(done, 50), "p99_s": percentile(done, 99), "failed": n - len(done)}
-                runs[setup].append(run)
-                log(f"tasks rep {rep + 1} {setup}: p50 {run['p50_s']:.2f} s, p99 {run['p99_s']:.2f} s, {run['failed']} failed")
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+
+    def run_one(procs, setup, workdir):
+        times = drive_tasks(start_task_setup(procs, setup, workdir, emulate), works, rate)
+        done = sorted(t for t in times if t is not None)
+        return {"p50_s": percentile(done, 50), "p99_s": percentile(done, 99), "failed": n - len(done)}
+
+    describe = lambda run: f"p50 {run['p50_s']:.2f} s, p99 {run['p99_s']:.2f} s, {run['failed']} failed"
+    runs = interleaved("tasks", TASK_SETUPS, reps, run_one, describe)
     summary = {setup: {"p50_s": statistics.median(r["p50_s"] for r in rs), "p99_s": statistics.median(r["p99_s"] for r in rs),
                        "failed": sum(r["failed"] for r in rs)} for setup, rs in runs.items()}
     return {"machine": machine(), "scenario": "tasks", "cpu": args.cpu, "tasks": n, "rate_per_s": rate, "work_ms": [100, 600],
             "reps": reps, "runs": runs, "summary": summary}
+
+
+def interleaved(name, setups, reps, run_one, describe):
+    """`run_one(procs, setup, workdir)` for every setup in turn, `reps` times over (so the machine's drift
+    spreads over all setups alike), each setup's processes stopped before the next starts; the runs per
+    setup, in order."""
+    runs = {setup: [] for setup in setups}
+    workdir = Path(tempfile.mkdtemp(prefix=f"switchboard-{name}-"))
+    workdir.chmod(0o755)
+    try:
+        for rep in range(reps):
+            for setup in setups:
+                procs = Processes()
+                try:
+                    run = run_one(procs, setup, workdir)
+                finally:
+                    procs.stop_all()
+                runs[setup].append(run)
+                log(f"{name} rep {rep + 1} {setup}: {describe(run)}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return runs
 
 
 def percentile(sorted_values, p):
@@ -1493,31 +1505,21 @@ def upgrade(args):
     install_peers()
     seconds = 4 if args.quick else 8
     reps = 1 if args.quick else (args.reps or 3)
-    setups = list(UPGRADE_FRONTENDS)
-    runs = {setup: [] for setup in setups}
-    workdir = Path(tempfile.mkdtemp(prefix="switchboard-upgrade-"))
-    workdir.chmod(0o755)
-    try:
-        for rep in range(reps):
-            for setup in setups:
-                procs = Processes()
-                try:
-                    procs.start([str(BIN / "loadgen"), "--threads", "1", "serve", "tcp-echo", "--listen", UPGRADE_BACKEND],
-                                ready="READY")
-                    upgrade_once = start_upgrade_setup(procs, setup, workdir)
-                    run = drive_upgrades(UPGRADE_FRONTENDS[setup], seconds, upgrade_once)
-                    if setup == "switchboard":
-                        # The old nodes exit by themselves once the keep-alive connections have ended.
-                        olds = [p for p in procs.procs if p.name == "dataplane"][:-1]
-                        run["old_exited"] = sum(wait_exit(p, 20) == 0 for p in olds)
-                finally:
-                    procs.stop_all()
-                runs[setup].append(run)
-                log(f"upgrade rep {rep + 1} {setup}: " + ", ".join(
-                    f"{kind} {r['ok']} ok {r['errors']} errors gap {r['longest_gap_ms']:.1f} ms"
-                    for kind, r in run["loads"].items()))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+
+    def run_one(procs, setup, workdir):
+        procs.start([str(BIN / "loadgen"), "--threads", "1", "serve", "tcp-echo", "--listen", UPGRADE_BACKEND],
+                    ready="READY")
+        upgrade_once = start_upgrade_setup(procs, setup, workdir)
+        run = drive_upgrades(UPGRADE_FRONTENDS[setup], seconds, upgrade_once)
+        if setup == "switchboard":
+            # The old nodes exit by themselves once the keep-alive connections have ended.
+            olds = [p for p in procs.procs if p.name == "dataplane"][:-1]
+            run["old_exited"] = sum(wait_exit(p, 20) == 0 for p in olds)
+        return run
+
+    describe = lambda run: ", ".join(f"{kind} {r['ok']} ok {r['errors']} errors gap {r['longest_gap_ms']:.1f} ms"
+                                     for kind, r in run["loads"].items())
+    runs = interleaved("upgrade", list(UPGRADE_FRONTENDS), reps, run_one, describe)
     summary = {}
     for setup, rs in runs.items():
         summary[setup] = {kind: {"ok": statistics.median(r["loads"][kind]["ok"] for r in rs),

@@ -175,12 +175,9 @@ impl Controller {
             }
             None => None,
         };
-        if let (Some(node), Some(Inherited { snapshot, frontends, predecessor, .. })) = (node.as_mut(), inherited) {
+        if let (Some(node), Some(inherited)) = (node.as_mut(), inherited) {
             // Its services stay served through the warm-up, while servers register again with this controller.
-            node.inherit(&snapshot, frontends).await;
-            if let Err(error) = predecessor.release().await {
-                warn!(%error, "the old controller did not confirm that it stopped");
-            }
+            node.inherit(inherited).await;
         }
         // The control plane stops on a signal, or when a successor takes over; the embedded node then drains.
         let (control_stop, control) = watch::channel(false);

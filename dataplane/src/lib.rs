@@ -110,13 +110,7 @@ impl Dataplane {
         let mut node = Node::new(config.node.clone(), &data)?;
         metrics::register_node(&mut registry, node.handle());
         let first = match inherited {
-            Some(Inherited { snapshot, frontends, predecessor, .. }) => {
-                node.inherit(&snapshot, frontends).await;
-                if let Err(error) = predecessor.release().await {
-                    tracing::warn!(%error, "the old node did not confirm that it stopped accepting");
-                }
-                snapshot
-            }
+            Some(inherited) => node.inherit(inherited).await,
             None => RoutingSnapshot::default(),
         };
         let takeover = config.node.takeover.as_deref().map(TakeoverListener::bind).transpose()?;

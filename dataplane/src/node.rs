@@ -39,7 +39,7 @@ use crate::{
     },
     stats::{BackendStats, Passive, StatsRegistry},
     table::RoutingTable,
-    takeover::{FrontendOffer, InheritedSockets, TakeoverStep},
+    takeover::{FrontendOffer, Inherited, InheritedSockets, TakeoverStep},
     workers::Workers,
 };
 
@@ -190,15 +190,21 @@ impl Node {
         steps
     }
 
-    /// Serves `snapshot` on the sockets taken over from the node that ran before (each service without
-    /// one is bound as usual), before [`run`](Node::run) follows the controller from there.
-    pub async fn inherit(&mut self, snapshot: &RoutingSnapshot, sockets: HashMap<ServiceKey, InheritedSockets>) {
-        self.inherited = sockets;
-        let statuses = self.apply(snapshot).await;
+    /// Serves the routing state taken over from the node that ran before on its sockets (a service
+    /// without them is bound as usual), then releases that node; returns the state, which
+    /// [`run`](Node::run) follows the controller from.
+    pub async fn inherit(&mut self, inherited: Inherited) -> RoutingSnapshot {
+        let Inherited { snapshot, frontends, predecessor, .. } = inherited;
+        self.inherited = frontends;
+        let statuses = self.apply(&snapshot).await;
         let failed = statuses.iter().filter(|status| status.result.is_err()).count();
         info!(node = %self.config.node_id, version = snapshot.version, frontends = statuses.len(), failed, "serving on the sockets taken over");
         // Sockets of services the snapshot does not list close here; the old node still holds its own.
         self.inherited.clear();
+        if let Err(error) = predecessor.release().await {
+            warn!(node = %self.config.node_id, %error, "the old node did not confirm that it stopped accepting");
+        }
+        snapshot
     }
 
     /// Read access to this node's state and counters, valid while it runs.

@@ -39,6 +39,15 @@ async fn wait_opened(node: &DataplaneNode, count: u64) {
     }
 }
 
+/// Polls until `addr` echoes.
+async fn wait_echo(addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + DEADLINE;
+    while tcp_roundtrip(addr, b"ping").await.ok().as_deref() != Some(b"ping".as_slice()) {
+        assert!(Instant::now() < deadline, "{addr} never echoed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Runs `loadgen` with `args` plus a JSON report in `dir`, as a task; its report once it exits.
 fn load(dir: &TempDir, name: &str, args: &[&str]) -> tokio::task::JoinHandle<Value> {
     let report = dir.path().join(format!("{name}.json"));
@@ -68,11 +77,7 @@ async fn three_upgrades_under_load_refuse_and_reset_nothing() {
     let mut server = JsonClient::connect(&ctl, net.host(2)).await;
     assert_eq!(server.register("tcp", port).await, json!({"ack": "successful"}));
     let front = nodes[0].frontend(port);
-    let deadline = Instant::now() + DEADLINE;
-    while tcp_roundtrip(front, b"ping").await.ok().as_deref() != Some(b"ping".as_slice()) {
-        assert!(Instant::now() < deadline, "the frontend never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_echo(front).await;
     assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600, "only the user may take over");
 
     let target = front.to_string();
@@ -187,11 +192,7 @@ async fn the_takeover_socket_refuses_strangers_and_survives_a_crash() {
     assert!(path.exists());
     let n2 = node(&ctl, &path, &[]).await;
     assert!(!n2.process.stderr_text().contains("took over"));
-    let deadline = Instant::now() + DEADLINE;
-    while tcp_roundtrip(n2.frontend(port), b"ping").await.ok().as_deref() != Some(b"ping".as_slice()) {
-        assert!(Instant::now() < deadline, "the new node never served:\n{}", n2.process.stderr_text());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_echo(n2.frontend(port)).await;
 }
 
 /// Polls until `backend` has accepted `count` connections in all.
