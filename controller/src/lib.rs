@@ -35,7 +35,7 @@ pub mod replica;
 pub mod statics;
 pub mod store;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, os::fd::AsFd, sync::Arc};
 
 use api::listener::CappedListener;
 use contract::limit::Limit;
@@ -44,7 +44,6 @@ use dataplane::{
     Node,
     takeover::{Inherited, TakeoverListener},
 };
-use std::os::fd::AsFd;
 use tokio::{
     net::TcpListener,
     signal::unix::{Signal, SignalKind, signal},
@@ -193,29 +192,15 @@ impl Controller {
             }
         });
         let takeover = config.embedded_node.as_ref().and_then(|node| node.takeover.as_deref());
-        let successor = match (takeover, node.as_mut()) {
-            (Some(path), Some(node)) => {
-                let listener = TakeoverListener::bind(path).map_err(dataplane::DataplaneError::from)?;
-                let copies = [("json", &json), ("grpc", &grpc), ("admin", &admin)]
-                    .into_iter()
-                    .filter_map(|(name, listener)| Some((name, listener.as_fd().try_clone_to_owned().ok()?)))
-                    .collect();
-                let (steps, mut shutdown, handed_over) = (node.takeover_link(), shutdown.clone(), handed_over.clone());
-                tasks.spawn(async move {
-                    let released = move |_: &[String]| {
-                        handed_over.send_replace(true);
-                        control_stop.send_replace(true);
-                    };
-                    tokio::select! {
-                        () = listener.serve(steps, copies, released) => {}
-                        () = stopped(&mut shutdown) => {}
-                    }
-                    Ok(())
-                });
-                true
-            }
-            _ => false,
-        };
+        if let (Some(path), Some(node)) = (takeover, node.as_mut()) {
+            let listeners = [("json", &json), ("grpc", &grpc), ("admin", &admin)];
+            let handed_over = handed_over.clone();
+            let released = move || {
+                handed_over.send_replace(true);
+                control_stop.send_replace(true);
+            };
+            tasks.spawn(serve_successor(path, node, listeners, shutdown.clone(), released)?);
+        }
         let node_stop = shutdown;
         let shutdown = control;
         let reload = Reload {
@@ -292,15 +277,37 @@ impl Controller {
         let admin = CappedListener::new(admin, "admin HTTP connections", shares.admin);
         let admin_state = api::http::AdminState { store: Arc::clone(&store), registry: Arc::new(registry) };
         tasks.spawn(api::http::serve(admin, admin_state, config.tokens.admin(), shutdown));
-        if successor {
-            info!("listening for a successor on the --takeover socket");
-        }
         ready(&line).map_err(ControllerError::Ready)?;
         let served = process::supervise(tasks).await;
         // Held until here: JSON connections close when it turns true, or when it is gone.
         drop(handed_over);
         served
     }
+}
+
+/// Listens on `--takeover` for a successor, to hand it the embedded node's sockets and the control
+/// listeners; once the successor accepts on them, `released` runs (the control plane stops, so servers
+/// register again with the successor) and the node drains. The returned task ends then, or at `shutdown`.
+fn serve_successor<R: FnOnce() + Send + 'static>(
+    path: &std::path::Path,
+    node: &mut Node,
+    listeners: [(&'static str, &TcpListener); 3],
+    mut shutdown: watch::Receiver<bool>,
+    released: R,
+) -> Result<impl Future<Output = Result<(), ControllerError>> + use<R>, ControllerError> {
+    let listener = TakeoverListener::bind(path).map_err(dataplane::DataplaneError::from)?;
+    let copies = listeners
+        .into_iter()
+        .filter_map(|(name, listener)| Some((name, listener.as_fd().try_clone_to_owned().ok()?)))
+        .collect();
+    let steps = node.takeover_link();
+    Ok(async move {
+        tokio::select! {
+            () = listener.serve(steps, copies, |_| released()) => {}
+            () = stopped(&mut shutdown) => {}
+        }
+        Ok(())
+    })
 }
 
 /// What SIGHUP reloads: the static services of the `--config` file.

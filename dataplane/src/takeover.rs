@@ -338,6 +338,7 @@ impl TakeoverListener {
             let _ = std::fs::remove_file(&aside);
         });
         let meta = meta.map_err(io_error("bind"))?;
+        info!(path = %path.display(), "listening for a successor (--takeover)");
         Ok(TakeoverListener { link: Link::new(fd, path)?, file: (meta.dev(), meta.ino()), handed_over: false })
     }
 
