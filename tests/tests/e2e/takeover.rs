@@ -69,8 +69,10 @@ async fn three_upgrades_under_load_refuse_and_reset_nothing() {
     let dir = TempDir::new(&net, "takeover");
     let path = dir.path().join("node.sock");
     // Longer than the run: the keep-alive connections end with it, never by a timeout.
-    let args = ["--drain-timeout", "60s"];
-    let mut nodes = vec![node(&ctl, &path, &args).await];
+    // The successors have more workers (sockets join the group), then fewer (several on a worker).
+    let workers = ["2", "3", "1", "2"];
+    let args = |n: usize| ["--drain-timeout", "60s", "--workers", workers[n]];
+    let mut nodes = vec![node(&ctl, &path, &args(0)).await];
     ctl.wait_synced(&["n1"]).await;
     let backend = TcpEcho::start(net.host(2), 0).await;
     let port = backend.addr.port();
@@ -87,8 +89,12 @@ async fn three_upgrades_under_load_refuse_and_reset_nothing() {
     wait_opened(&nodes[0], 200).await;
     for upgrade in 1..=3 {
         // READY means: it accepts on the old node's sockets, and the old node has stopped accepting.
-        let next = node(&ctl, &path, &args).await;
-        assert!(next.process.stderr_text().contains("took over the listening sockets"), "upgrade {upgrade}");
+        let next = node(&ctl, &path, &args(upgrade)).await;
+        let log = next.process.stderr_text();
+        assert!(log.contains("took over the listening sockets"), "upgrade {upgrade}:\n{log}");
+        // Every socket of the group goes on to the next node: none is left behind with its queue.
+        let sockets = if upgrade == 1 { "sockets=2" } else { "sockets=3" };
+        assert!(log.contains(sockets), "upgrade {upgrade}: {sockets}\n{log}");
         let old = nodes.last().unwrap();
         old.process.wait_stderr("the successor accepts now", 1).await;
         // New connections go to the successor from here on.
