@@ -291,10 +291,7 @@ impl Store {
     /// this controller's ages out. With replicas, a backend whose agent follows another controller has that
     /// controller's report (shared with its counts, fresh there).
     fn fresh_reports(&self) -> (Vec<Report>, Option<Instant>) {
-        let state = self.lock();
-        let (own, stale_at) = own_reports(&state, self.policy.load_report_max_age);
-        let mut fresh: BTreeMap<_, _> = remote_reports(&state.nodes).collect();
-        fresh.extend(own);
+        let (fresh, stale_at) = fresh_reports(&self.lock(), self.policy.load_report_max_age);
         (fresh.into_iter().collect(), stale_at)
     }
 
@@ -395,10 +392,18 @@ fn own_reports(state: &State, max_age: Duration) -> (Vec<Report>, Option<Instant
     (fresh, stale_at)
 }
 
-/// The reports the other controllers share with their counts (replicas).
-pub(super) fn remote_reports(nodes: &NodeTable) -> impl Iterator<Item = Report> + '_ {
-    let rows = nodes.remote_load.values().flat_map(|rows| rows.iter());
-    rows.filter_map(|row| Some(((row.service, row.backend), row.reported?)))
+/// Every fresh report of a backend the registry holds: this controller's, else the one another controller
+/// shares with its counts (replicas); and when the oldest of this controller's ages out.
+pub(super) fn fresh_reports(
+    state: &State,
+    max_age: Duration,
+) -> (BTreeMap<(ServiceKey, SocketAddr), u32>, Option<Instant>) {
+    let (own, stale_at) = own_reports(state, max_age);
+    let remote = state.nodes.remote_load.values().flat_map(|rows| rows.iter());
+    let mut fresh: BTreeMap<_, _> =
+        remote.filter_map(|row| Some(((row.service, row.backend), row.reported?))).collect();
+    fresh.extend(own);
+    (fresh, stale_at)
 }
 
 /// `rows` (sorted) with the fresh `reports` (sorted) set on them, and a row of no connections for each

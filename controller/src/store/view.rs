@@ -31,7 +31,7 @@ impl State {
         let remote = self.nodes.remote_load.values().map(|rows| rows.as_slice());
         let nodes = self.nodes.nodes.values().map(|n| n.load.as_slice()).chain(remote);
         let counts: HashMap<_, _> = sum_load(nodes).into_iter().map(|row| ((row.service, row.backend), row)).collect();
-        let remote_reports: HashMap<_, _> = super::nodes::remote_reports(&self.nodes).collect();
+        let (reports, _) = super::nodes::fresh_reports(self, load_report_max_age);
         // Which nodes hold each backend out of rotation after failed connects (passive health).
         let mut failing: HashMap<_, Vec<String>> = HashMap::new();
         let own = self.nodes.nodes.iter().filter(|(_, n)| n.connected).map(|(id, n)| (id.clone(), n.load.as_slice()));
@@ -61,14 +61,7 @@ impl State {
                             total_connections: load.map_or(0, |l| l.total),
                             registration: reg.map(|r| r.origin.to_string()).unwrap_or_default(),
                             failing_nodes: failing.get(&(key, address)).cloned().unwrap_or_default(),
-                            reported_load: self
-                                .nodes
-                                .reports
-                                .get(&(key, address))
-                                .filter(|(_, at)| at.elapsed() <= load_report_max_age)
-                                .map(|&(load, _)| load)
-                                .or_else(|| remote_reports.get(&(key, address)).copied())
-                                .map(|load| f64::from(load) / 1000.0),
+                            reported_load: reports.get(&(key, address)).map(|&load| f64::from(load) / 1000.0),
                         }
                     })
                     .collect();
