@@ -204,15 +204,14 @@ pub async fn take_over(path: &Path) -> Result<Option<Inherited>, TakeoverError> 
         Ok(meta) if !meta.file_type().is_socket() => return Err(TakeoverError::NotASocket(path.to_owned())),
         Ok(_) => {}
     }
-    let io_error = |what| move |source| TakeoverError::Io { path: path.to_owned(), what, source };
-    let fd = seqpacket().map_err(io_error("socket"))?;
-    let addr = UnixAddr::new(path).map_err(|e| io_error("address")(e.into()))?;
+    let fd = seqpacket().map_err(io_error(path, "socket"))?;
+    let addr = UnixAddr::new(path).map_err(|e| io_error(path, "address")(e.into()))?;
     match socket::connect(fd.as_raw_fd(), &addr) {
         Ok(()) => {}
         // A socket file nobody listens on (left by a node that did not stop cleanly), or one removed
         // meanwhile by a node that stopped.
         Err(nix::errno::Errno::ECONNREFUSED | nix::errno::Errno::ENOENT) => return Ok(None),
-        Err(errno) => return Err(io_error("connect")(errno.into())),
+        Err(errno) => return Err(io_error(path, "connect")(errno.into())),
     }
     let link = Link::new(fd, path)?;
     link.check_peer()?;
@@ -317,17 +316,16 @@ impl TakeoverListener {
     /// Listens on `path` (mode 0600), replacing whatever socket file is there in one rename, so the path
     /// never goes missing while a node runs.
     pub fn bind(path: &Path) -> Result<Self, TakeoverError> {
-        let io_error = |what| move |source| TakeoverError::Io { path: path.to_owned(), what, source };
         if let Ok(meta) = std::fs::symlink_metadata(path)
             && !meta.file_type().is_socket()
         {
             return Err(TakeoverError::NotASocket(path.to_owned()));
         }
-        let name = path.file_name().ok_or_else(|| io_error("path")(io::Error::other("no file name")))?;
+        let name = path.file_name().ok_or_else(|| io_error(path, "path")(io::Error::other("no file name")))?;
         let aside = path.with_file_name(format!(".{}.{}", name.to_string_lossy(), std::process::id()));
         let _ = std::fs::remove_file(&aside);
-        let fd = seqpacket().map_err(io_error("socket"))?;
-        let addr = UnixAddr::new(&aside).map_err(|e| io_error("address")(e.into()))?;
+        let fd = seqpacket().map_err(io_error(path, "socket"))?;
+        let addr = UnixAddr::new(&aside).map_err(|e| io_error(path, "address")(e.into()))?;
         let bound = socket::bind(fd.as_raw_fd(), &addr)
             .map_err(io::Error::from)
             .and_then(|()| std::fs::set_permissions(&aside, std::fs::Permissions::from_mode(0o600)))
@@ -337,7 +335,7 @@ impl TakeoverListener {
         let meta = bound.inspect_err(|_| {
             let _ = std::fs::remove_file(&aside);
         });
-        let meta = meta.map_err(io_error("bind"))?;
+        let meta = meta.map_err(io_error(path, "bind"))?;
         info!(path = %path.display(), "listening for a successor (--takeover)");
         Ok(TakeoverListener { link: Link::new(fd, path)?, file: (meta.dev(), meta.ino()), handed_over: false })
     }
@@ -459,13 +457,12 @@ const CLOSED: &str = "the other side closed the takeover socket";
 
 impl Link {
     fn new(fd: OwnedFd, path: &Path) -> Result<Self, TakeoverError> {
-        let io_error = |source| TakeoverError::Io { path: path.to_owned(), what: "register", source };
-        SockRef::from(&fd).set_nonblocking(true).map_err(io_error)?;
-        Ok(Link { fd: sys::async_fd(fd).map_err(io_error)?, path: path.to_owned() })
+        SockRef::from(&fd).set_nonblocking(true).map_err(io_error(path, "register"))?;
+        Ok(Link { fd: sys::async_fd(fd).map_err(io_error(path, "register"))?, path: path.to_owned() })
     }
 
     fn io(&self, what: &'static str, source: io::Error) -> TakeoverError {
-        TakeoverError::Io { path: self.path.clone(), what, source }
+        io_error(&self.path, what)(source)
     }
 
     /// Refuses a peer of another user (root may take over anyone's node, as it may read its memory).
@@ -554,6 +551,11 @@ fn json(value: &impl Serialize) -> Vec<u8> {
 
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, TakeoverError> {
     serde_json::from_slice(body).map_err(|e| exchange(format!("bad message: {e}")))
+}
+
+/// What the OS said while `what` was being done on the takeover socket at `path`.
+fn io_error<'a>(path: &'a Path, what: &'static str) -> impl Fn(io::Error) -> TakeoverError + 'a {
+    move |source| TakeoverError::Io { path: path.to_owned(), what, source }
 }
 
 fn exchange(why: impl Into<String>) -> TakeoverError {
