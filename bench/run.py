@@ -283,21 +283,31 @@ backend idle_be
     return proc
 
 
+def start_nginx(procs, workdir, name, stream, workers="auto", connections=1024, nofile=None):
+    """nginx in the foreground with `stream` as its stream block, its configuration, pid and error log in
+    `workdir` under `name`; returns the master process."""
+    rlimit = f"worker_rlimit_nofile {nofile};\n" if nofile else ""
+    conf = workdir / f"{name}.conf"
+    conf.write_text(f"""
+load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+worker_processes {workers};
+daemon off;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}.err;
+{rlimit}events {{ worker_connections {connections}; }}
+stream {{
+{stream}
+}}
+""")
+    proc, _ = procs.start(["nginx", "-c", str(conf)], name="nginx")
+    return proc
+
+
 def start_nginx_stream(procs, workdir):
     ip = PROXY_IPS["nginx"]
     http = "\n".join(f"    server {a};" for a in HTTP_BACKENDS)
     udp = "\n".join(f"    server {a};" for a in UDP_BACKENDS)
-    conf = workdir / "nginx-stream.conf"
-    conf.write_text(f"""
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes auto;
-daemon off;
-pid {workdir}/nginx-stream.pid;
-error_log {workdir}/nginx-stream.err;
-worker_rlimit_nofile {2 * IDLE_CONNECTIONS + 3000};
-events {{ worker_connections {2 * IDLE_CONNECTIONS + 2000}; }}
-stream {{
-  upstream http_be {{
+    proc = start_nginx(procs, workdir, "nginx-stream", f"""  upstream http_be {{
 {http}
   }}
   upstream udp_be {{
@@ -306,10 +316,8 @@ stream {{
   server {{ listen {ip}:{PORTS['http']} backlog=4096; proxy_pass http_be; }}
   server {{ listen {ip}:{PORTS['bulk']}; proxy_pass {IPERF_BACKEND}; }}
   server {{ listen {ip}:{PORTS['udp']} udp reuseport; proxy_pass udp_be; proxy_timeout 10s; }}
-  server {{ listen {ip}:{PORTS['idle']} backlog=4096; proxy_pass {IDLE_BACKEND}; }}
-}}
-""")
-    proc, _ = procs.start(["nginx", "-c", str(conf)], name="nginx")
+  server {{ listen {ip}:{PORTS['idle']} backlog=4096; proxy_pass {IDLE_BACKEND}; }}""",
+                       connections=2 * IDLE_CONNECTIONS + 2000, nofile=2 * IDLE_CONNECTIONS + 3000)
     wait_port(f"{ip}:{PORTS['http']}")
     return proc
 
@@ -860,23 +868,11 @@ backend tasks_be
         procs.start(["haproxy", "-db", "-f", str(conf)], name="haproxy")
     else:
         servers = "\n".join(f"    server {a};" for a in TASK_BACKENDS)
-        conf = workdir / "tasks-nginx.conf"
-        conf.write_text(f"""
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes 1;
-daemon off;
-pid {workdir}/tasks-nginx.pid;
-error_log {workdir}/tasks-nginx.err;
-events {{ worker_connections 1024; }}
-stream {{
-  upstream tasks_be {{
+        start_nginx(procs, workdir, "tasks-nginx", f"""  upstream tasks_be {{
     least_conn;
 {servers}
   }}
-  server {{ listen {frontend}; proxy_pass tasks_be; proxy_timeout 120s; }}
-}}
-""")
-        procs.start(["nginx", "-c", str(conf)], name="nginx")
+  server {{ listen {frontend}; proxy_pass tasks_be; proxy_timeout 120s; }}""", workers=1)
     wait_port(frontend)
     return frontend
 
@@ -1585,19 +1581,9 @@ backend be
         def upgrade_once():
             os.kill(master.pid, signal.SIGUSR2)
     else:
-        conf = workdir / "upgrade-nginx.conf"
-        conf.write_text(f"""
-load_module /usr/lib/nginx/modules/ngx_stream_module.so;
-worker_processes auto;
-daemon off;
-pid {workdir}/upgrade-nginx.pid;
-error_log {workdir}/upgrade-nginx.err;
-events {{ worker_connections 4096; }}
-stream {{
-  server {{ listen {frontend} backlog=4096; proxy_pass {UPGRADE_BACKEND}; }}
-}}
-""")
-        master, _ = procs.start(["nginx", "-c", str(conf)], name="nginx")
+        master = start_nginx(procs, workdir, "upgrade-nginx",
+                             f"  server {{ listen {frontend} backlog=4096; proxy_pass {UPGRADE_BACKEND}; }}",
+                             connections=4096)
 
         def upgrade_once():
             os.kill(master.pid, signal.SIGHUP)
