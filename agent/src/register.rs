@@ -60,6 +60,8 @@ struct Live {
 enum StreamEnd {
     Shutdown,
     Lost(String),
+    /// An operator ended the registration: it is not made again (that would undo their decision).
+    Ended(String),
 }
 
 // === impl ServiceAgent ===
@@ -141,6 +143,10 @@ impl ServiceAgent {
                     rotation.held();
                     match self.serve(live, verdict, shutdown).await {
                         StreamEnd::Shutdown => return Ok(()),
+                        StreamEnd::Ended(why) => {
+                            warn!(service = %self.service, %why, "the controller ended this registration: not registering it again until the agent restarts");
+                            return Ok(());
+                        }
                         StreamEnd::Lost(why) => why,
                     }
                 }
@@ -240,6 +246,9 @@ impl ServiceAgent {
                     }
                     Ok(Some(_)) => continue,
                     Ok(None) => return StreamEnd::Lost("the controller ended the stream".into()),
+                    Err(status) if status.code() == Code::Aborted => {
+                        return StreamEnd::Ended(status.message().to_owned());
+                    }
                     Err(status) => return StreamEnd::Lost(status.message().to_owned()),
                 },
                 // Tell the controller now rather than at the next hello.

@@ -14,12 +14,14 @@ pub struct Cli {
     #[command(flatten)]
     pub log: contract::process::LogArgs,
 
-    /// Address of the HW1 JSON control channel.
-    #[arg(long, env = "SWITCHBOARD_JSON_LISTEN", default_value = "0.0.0.0:8080", value_parser = contract::addr::socket_addr)]
+    /// Address of the JSON control channel (the HW1 protocol). Loopback by default: give `0.0.0.0:8080`
+    /// (with `--auth-token` or `--json-allow`) to let servers on other hosts register.
+    #[arg(long, env = "SWITCHBOARD_JSON_LISTEN", default_value = "127.0.0.1:8080", value_parser = contract::addr::socket_addr)]
     pub json_listen: SocketAddr,
 
-    /// Address of the gRPC API (Registry, Admin, health, reflection).
-    #[arg(long, env = "SWITCHBOARD_GRPC_LISTEN", default_value = "0.0.0.0:50051", value_parser = contract::addr::socket_addr)]
+    /// Address of the gRPC API (Registry, Admin, Dataplane, health, reflection). Loopback by default: give
+    /// `0.0.0.0:50051` (with tokens) for agents and nodes on other hosts.
+    #[arg(long, env = "SWITCHBOARD_GRPC_LISTEN", default_value = "127.0.0.1:50051", value_parser = contract::addr::socket_addr)]
     pub grpc_listen: SocketAddr,
 
     /// Address of the admin HTTP server (`GET /api/state`).
@@ -130,9 +132,11 @@ pub struct Cli {
     pub allow_foreign_backends: bool,
 
     /// Source addresses allowed on the JSON control channel, as CIDR blocks, e.g. `10.0.0.0/8,::1/128`.
-    /// Others get one `failed` reply and are disconnected.
-    #[arg(long, env = "SWITCHBOARD_JSON_ALLOW", default_value = "0.0.0.0/0,::/0")]
-    pub json_allow: String,
+    /// Others get one `failed` reply and are disconnected. Unset: every source may connect. With
+    /// --auth-token set, a JSON registration needs the token (its `"token"` field) unless its source is
+    /// in this list.
+    #[arg(long, env = "SWITCHBOARD_JSON_ALLOW")]
+    pub json_allow: Option<String>,
 
     /// Live registrations (JSON connections, gRPC streams, agents) one source address may hold.
     #[arg(long, env = "SWITCHBOARD_MAX_REGISTRATIONS_PER_SOURCE", default_value_t = 64)]
@@ -145,6 +149,15 @@ pub struct Cli {
     /// Services (each a frontend on every node) the balancer serves at most.
     #[arg(long, env = "SWITCHBOARD_MAX_SERVICES", default_value_t = 4096)]
     pub max_services: usize,
+
+    /// Services the registrations of one source address may create, so one host cannot fill
+    /// --max-services (joining a service someone else created does not count).
+    #[arg(long, env = "SWITCHBOARD_MAX_SERVICES_PER_SOURCE", default_value_t = 256)]
+    pub max_services_per_source: usize,
+
+    /// A node that left is forgotten (no longer listed) this long after.
+    #[arg(long, env = "SWITCHBOARD_NODE_FORGET_AFTER", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub node_forget_after: Duration,
 
     /// A JSON control connection that has registered nothing is closed after this long without a request.
     #[arg(long, env = "SWITCHBOARD_JSON_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]

@@ -53,8 +53,11 @@ pub struct Config {
     pub tokens: Tokens,
     /// Any gRPC registration may name another host's backend.
     pub allow_foreign_backends: bool,
-    /// Sources that may use the JSON control channel.
-    pub json_allow: CidrList,
+    /// Sources that may use the JSON control channel (`None`: every source); with a registration token,
+    /// the sources whose JSON registrations need no token.
+    pub json_allow: Option<CidrList>,
+    /// A node that left is forgotten this long after.
+    pub node_forget_after: Duration,
     /// How the descriptor limit is shared between the doors and the embedded node's clients.
     pub fd_shares: FdShares,
     /// TLS on the gRPC listener.
@@ -174,11 +177,18 @@ pub struct RegistryLimits {
     pub backends_per_registration: usize,
     /// Services (frontends on every node) in total.
     pub services: usize,
+    /// Services the registrations of one source address may create.
+    pub services_per_source: usize,
 }
 
 impl Default for RegistryLimits {
     fn default() -> Self {
-        RegistryLimits { registrations_per_source: 64, backends_per_registration: 256, services: 4096 }
+        RegistryLimits {
+            registrations_per_source: 64,
+            backends_per_registration: 256,
+            services: 4096,
+            services_per_source: 256,
+        }
     }
 }
 
@@ -237,6 +247,7 @@ impl TryFrom<Cli> for Config {
             ("bind-ack-timeout", cli.bind_ack_timeout),
             ("json-idle-timeout", cli.json_idle_timeout),
             ("load-report-max-age", cli.load_report_max_age),
+            ("node-forget-after", cli.node_forget_after),
         ])?;
         if cli.hello_failures == 0 {
             return Err(FlagError::new("hello-failures", "must be at least 1").into());
@@ -280,7 +291,11 @@ impl TryFrom<Cli> for Config {
                 admin: Token::from_flags("admin-token", cli.admin_token, cli.admin_token_file.as_deref())?,
             },
             allow_foreign_backends: cli.allow_foreign_backends,
-            json_allow: cli.json_allow.parse().map_err(|why| FlagError::new("json-allow", why))?,
+            json_allow: cli
+                .json_allow
+                .map(|list| list.parse().map_err(|why| FlagError::new("json-allow", why)))
+                .transpose()?,
+            node_forget_after: cli.node_forget_after,
             fd_shares,
             tls: ServerTls::from_flags(cli.tls_cert.as_deref(), cli.tls_key.as_deref(), cli.client_ca.as_deref())?,
             registry_limits: RegistryLimits {
@@ -293,6 +308,7 @@ impl TryFrom<Cli> for Config {
                     cli.max_backends_per_registration,
                 )?,
                 services: at_least_one("max-services", cli.max_services)?,
+                services_per_source: at_least_one("max-services-per-source", cli.max_services_per_source)?,
             },
             json_idle_timeout: cli.json_idle_timeout,
             check: cli.check,

@@ -97,17 +97,38 @@ pub enum StoreError {
         /// The bound.
         max: usize,
     },
-    /// The backend's address is no one host's (unspecified or multicast).
-    #[error("backend {backend} is not the address of one host")]
+    /// The backend's address is no one host's unicast address (unspecified, multicast, broadcast, reserved).
+    #[error("backend {backend} is not the unicast address of one host")]
     NotAHost {
         /// The backend asked for.
         backend: SocketAddr,
     },
-    /// A node with this id is connected already.
-    #[error("node id {node:?} is taken by a connected node")]
-    NodeTaken {
-        /// The id.
-        node: String,
+    /// The backend belongs to another registration, and the requester is neither it, nor of the same
+    /// credential from the same address, nor an operator.
+    #[error(
+        "backend {backend} of {service} belongs to another registration: only it, a later one with the same token from the same address, or an operator (--admin-token) may change or end it"
+    )]
+    NotOwner {
+        /// The service.
+        service: ServiceKey,
+        /// The backend.
+        backend: SocketAddr,
+    },
+    /// An anonymous registration asked for a service-wide setting while the registration token is set.
+    #[error("service {service}: choosing its {setting} needs the registration token (--auth-token) or the admin token")]
+    NeedsAuthority {
+        /// The service.
+        service: ServiceKey,
+        /// What was asked for.
+        setting: &'static str,
+    },
+    /// A source created as many services as it may.
+    #[error("source {address} created {max} services already (--max-services-per-source)")]
+    TooManyServicesFromSource {
+        /// The source address.
+        address: IpAddr,
+        /// The bound.
+        max: usize,
     },
     /// The shared store (etcd) cannot be reached: the controller serves what it has and takes no change.
     #[error("store unavailable: {0}")]

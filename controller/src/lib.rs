@@ -35,7 +35,7 @@ pub mod replica;
 pub mod statics;
 pub mod store;
 
-use std::{net::SocketAddr, os::fd::AsFd, sync::Arc};
+use std::{net::SocketAddr, os::fd::AsFd, sync::Arc, time::Duration};
 
 use api::listener::CappedListener;
 use contract::limit::Limit;
@@ -113,6 +113,8 @@ impl Controller {
             frontend_ip: config.embedded_node.as_ref().map(|node| node.frontend_address),
             limits: config.registry_limits,
             load_report_max_age: config.load_report_max_age,
+            settings_need_authority: config.tokens.auth.is_some(),
+            node_forget_after: config.node_forget_after,
         };
         let store = match config.store {
             config::StoreSettings::Memory => Store::new(policy, config.print_state),
@@ -124,7 +126,8 @@ impl Controller {
         }
         // The embedded node counts as connected from the start: a registration that arrives right after
         // READY waits for its bind result instead of being told that no node is there.
-        let embedded = config.embedded_node.as_ref().map(|node| store.connect_node(&node.node_id, None)).transpose()?;
+        let embedded =
+            config.embedded_node.as_ref().map(|node| store.connect_node(&node.node_id, None, None)).transpose()?;
         // Static services are in the store before READY; replicated, once etcd is reached (in `run`).
         let mut statics = statics::Statics::new(Arc::clone(&store));
         if !store.is_replicated() {
@@ -160,6 +163,7 @@ impl Controller {
         ready: impl FnOnce(&str) -> std::io::Result<()>,
     ) -> Result<(), ControllerError> {
         let line = self.ready_line();
+        let addrs = self.local_addrs();
         let Controller { config, json, grpc, admin, store, embedded, statics, hangups, inherited } = self;
         let mut tasks = JoinSet::new();
         let mut registry = contract::metrics::registry("controller");
@@ -235,6 +239,8 @@ impl Controller {
             probe: config.probe,
             bind_ack_timeout: config.bind_ack_timeout,
             allow: config.json_allow.clone(),
+            guard: config.tokens.registry(),
+            token_required: config.tokens.auth.is_some(),
             connections: Limit::new("JSON control connections", shares.json),
             idle_timeout: config.json_idle_timeout,
             handed_over: json_handed_over,
@@ -249,6 +255,24 @@ impl Controller {
         for door in config.tokens.open_doors() {
             warn!("{door}");
         }
+        let bound = [("json", addrs.json), ("grpc", addrs.grpc), ("admin", addrs.admin)];
+        let json_allow = config.json_allow.as_ref().map(ToString::to_string);
+        for warning in api::auth::exposure_warnings(&config.tokens, bound, json_allow.as_deref()) {
+            warn!("{warning}");
+        }
+        // Nodes that left are forgotten in time even when no node joins or leaves meanwhile.
+        tasks.spawn({
+            let (store, mut shutdown) = (Arc::clone(&store), shutdown.clone());
+            let every = (config.node_forget_after / 4).clamp(Duration::from_millis(100), Duration::from_secs(60));
+            async move {
+                loop {
+                    tokio::select! {
+                        () = tokio::time::sleep(every) => store.forget_nodes(),
+                        () = stopped(&mut shutdown) => return Ok(()),
+                    }
+                }
+            }
+        });
         let settings = api::grpc::GrpcSettings {
             probe: config.probe,
             bind_ack_timeout: config.bind_ack_timeout,

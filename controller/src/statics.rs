@@ -375,7 +375,7 @@ mod tests {
         assert_eq!(parsed[2].check.to_string(), "http:/health (expect 204)");
         assert_eq!(parsed[2].proxy, ProxyProtocol { send_v2: true, accept: true });
         assert_eq!(parsed[0].proxy, ProxyProtocol::default());
-        assert_eq!(services("").unwrap(), vec![], "no section, no static service");
+        assert_eq!(services("print-state = true\n").unwrap(), vec![], "no section, no static service");
     }
 
     #[test]

@@ -240,9 +240,10 @@ impl TryFrom<Cli> for DataplaneConfig {
             Some(id) => id,
             None => default_node_id(),
         };
+        let node = cli.node.node_config(node_id.clone(), cli.load_report_interval, client_fds())?;
         Ok(DataplaneConfig {
-            node: cli.node.node_config(node_id.clone(), cli.load_report_interval, client_fds())?,
             sync: SyncConfig {
+                frontend_address: node.frontend_address,
                 controllers,
                 node_id,
                 backoff_min: Duration::from_millis(100).min(cli.backoff_max),
@@ -250,6 +251,7 @@ impl TryFrom<Cli> for DataplaneConfig {
                 token: Token::from_flags("node-token", cli.node_token, cli.node_token_file.as_deref())?,
                 tls,
             },
+            node,
             admin_listen: cli.admin_listen,
             admin_token: Token::from_flags("admin-token", cli.admin_token, cli.admin_token_file.as_deref())?,
         })

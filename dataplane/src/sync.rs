@@ -10,14 +10,19 @@
 //! since the last one. A delta that does not start from the version the node holds ends the stream; the
 //! next one starts whole again.
 
-use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use contract::{
     auth::{Bearer, Token},
     backoff::Backoff,
     client::{self, ClientTls, Rotation, StreamError},
     convert,
-    model::{FrontendStatus, NodeHello, NodeReport, RoutingDelta, RoutingSnapshot, ServiceKey},
+    model::{FrontendAddresses, FrontendStatus, NodeHello, NodeReport, RoutingDelta, RoutingSnapshot, ServiceKey},
     v1::{self, controller_message, dataplane_client::DataplaneClient},
 };
 use tokio::sync::{mpsc, watch};
@@ -41,6 +46,9 @@ pub struct SyncConfig {
     pub token: Option<Token>,
     /// TLS towards an https:// controller.
     pub tls: Option<ClientTls>,
+    /// Where the node's frontends listen (`--frontend-address`): told to the controller, which judges
+    /// loops by it.
+    pub frontend_address: IpAddr,
 }
 
 /// Whether the node currently follows a controller, for its admin API.
@@ -136,7 +144,8 @@ async fn attempt(
     let channel = client::connect(controller, None, config.tls.as_ref()).await?;
     let (tx, rx) = mpsc::channel::<v1::NodeMessage>(64);
     let known_version = snapshots.borrow().version;
-    let hello = NodeHello { node_id: config.node_id.clone(), known_version, accepts_deltas: true };
+    let frontends_on = Some(frontends_on(config.frontend_address));
+    let hello = NodeHello { node_id: config.node_id.clone(), known_version, accepts_deltas: true, frontends_on };
     tx.send((&hello).into()).await.map_err(|_| StreamError::Closed)?;
     let mut client = DataplaneClient::with_interceptor(channel, Bearer::new(config.token.as_ref()));
     let response = client.sync(ReceiverStream::new(rx)).await?;
@@ -241,6 +250,33 @@ fn changes_since(
         .collect();
     *acked = now;
     NodeReport::AppliedChanges { version, changed, closed }
+}
+
+/// The addresses a connection reaches the frontends on: `address` itself, or every address of this host
+/// when it is a wildcard (read again at each connect, so an address added since counts).
+fn frontends_on(address: IpAddr) -> FrontendAddresses {
+    if !address.is_unspecified() {
+        return FrontendAddresses { addresses: vec![address], wildcard: false };
+    }
+    // A wildcard of IPv4 takes IPv4 connections only; `::` takes both (unless the host says v6-only,
+    // which would only make the list longer than needed: the cautious side).
+    let wanted = |ip: &IpAddr| address.is_ipv6() || ip.is_ipv4();
+    let mut addresses: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
+        .map(|all| {
+            all.filter_map(|interface| interface.address)
+                .filter_map(|a| {
+                    a.as_sockaddr_in()
+                        .map(|v4| IpAddr::V4(v4.ip()))
+                        .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                })
+                .filter(wanted)
+                .collect()
+        })
+        .unwrap_or_default();
+    addresses.sort_unstable();
+    addresses.dedup();
+    addresses.truncate(FrontendAddresses::MAX);
+    FrontendAddresses { addresses, wildcard: true }
 }
 
 #[cfg(test)]

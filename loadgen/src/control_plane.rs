@@ -607,7 +607,7 @@ async fn follow(
         Err(error) => return failed(error),
     };
     let (tx, rx) = mpsc::channel::<NodeMessage>(64);
-    let hello = NodeHello { node_id: id.to_owned(), known_version: 0, accepts_deltas: true };
+    let hello = NodeHello { node_id: id.to_owned(), known_version: 0, accepts_deltas: true, ..Default::default() };
     // The receiver is alive: this cannot fail.
     let _ = tx.send(NodeMessage { msg: Some(node_message::Msg::Hello(hello)) }).await;
     let mut client = DataplaneClient::with_interceptor(channel, Bearer::new(token));

@@ -82,6 +82,14 @@ impl ConfigFile {
             path: path.to_owned(),
             message: e.to_string().trim_end().replace('\n', " "),
         })?;
+        // An empty file is far more likely a write caught halfway or a wrong path than a wish to remove
+        // every static service: refused like any other bad file.
+        if table.is_empty() {
+            return Err(ConfigFileError::Invalid {
+                path: path.to_owned(),
+                message: "the file holds no setting and no section (an empty file is refused, not applied)".into(),
+            });
+        }
         Ok(ConfigFile { path: path.to_owned(), table })
     }
 
@@ -347,6 +355,9 @@ mod tests {
             ("print-state = \"yes\"\n", "print-state: is a switch"),
             ("failures = { a = 1 }\n", "failures: not a plain value"),
             ("config = \"other.toml\"\n", "unknown setting \"config\""),
+            ("", "holds no setting"),
+            (" \n\t\n", "holds no setting"),
+            ("# only a comment\n", "holds no setting"),
         ];
         for (text, expected) in cases {
             let (_dir, path) = write(text);

@@ -73,11 +73,43 @@ impl Tokens {
     pub fn open_doors(&self) -> Vec<&'static str> {
         let doors = [
             (&self.auth, "no --auth-token: anyone who reaches the gRPC port can register and deregister backends"),
+            (
+                &self.auth,
+                "no --auth-token: anyone who reaches the JSON port can register and unregister backends (with the \
+                 token set, JSON messages carry it in \"token\", or come from --json-allow)",
+            ),
             (&self.node, "no --node-token: anyone who reaches the gRPC port can follow snapshots as a node"),
             (&self.admin, "no --admin-token: anyone who reaches the gRPC or admin port can drain, reweigh and read"),
         ];
         doors.into_iter().filter(|(token, _)| token.is_none()).map(|(_, why)| why).collect()
     }
+}
+
+/// The start-up warnings of doors listening beyond loopback: one per listener that anyone on the network
+/// can reach with no token to stop them, and one when `--json-allow` lets sources register without one.
+pub fn exposure_warnings(
+    tokens: &Tokens,
+    listeners: [(&'static str, std::net::SocketAddr); 3],
+    json_allow: Option<&str>,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    for (door, addr) in listeners {
+        let open = match door {
+            "json" => tokens.auth.is_none(),
+            "grpc" => tokens.auth.is_none() || tokens.admin.is_none() || tokens.node.is_none(),
+            _ => tokens.admin.is_none(),
+        };
+        if open && !addr.ip().to_canonical().is_loopback() {
+            warnings.push(format!(
+                "the {door} listener {addr} is reachable beyond loopback and a door on it has no token: anyone \
+                 who reaches it steers the balancer (set the tokens, or listen on 127.0.0.1)"
+            ));
+        }
+    }
+    if let (Some(_), Some(allow)) = (&tokens.auth, json_allow) {
+        warnings.push(format!("--json-allow {allow}: JSON registrations from these sources need no token"));
+    }
+    warnings
 }
 
 // === impl Guard ===
@@ -160,6 +192,26 @@ mod tests {
         assert_eq!(tokens.registry().caller(None), Some(Caller::Anyone));
         assert_eq!(tokens.registry().caller(Some(b"Bearer wrong")), Some(Caller::Anyone));
         assert_eq!(tokens.registry().caller(Some(b"Bearer admin-token-12345678")), Some(Caller::Operator));
-        assert_eq!(tokens.open_doors().len(), 2);
+        assert_eq!(tokens.open_doors().len(), 3);
+    }
+
+    #[test]
+    fn doors_beyond_loopback_without_tokens_are_named() {
+        let listeners = |ip: &str| {
+            let at = |port| std::net::SocketAddr::new(ip.parse().unwrap(), port);
+            [("json", at(8080)), ("grpc", at(50051)), ("admin", at(9901))]
+        };
+        let none = Tokens::default();
+        assert!(exposure_warnings(&none, listeners("127.0.0.1"), None).is_empty(), "loopback is private");
+        assert_eq!(exposure_warnings(&none, listeners("0.0.0.0"), None).len(), 3);
+        let all = Tokens {
+            auth: token("registration-token-1"),
+            node: token("node-token-123456789"),
+            admin: token("admin-token-12345678"),
+        };
+        assert!(exposure_warnings(&all, listeners("0.0.0.0"), None).is_empty());
+        let allowed = exposure_warnings(&all, listeners("0.0.0.0"), Some("10.0.0.0/8"));
+        assert_eq!(allowed.len(), 1);
+        assert!(allowed[0].contains("need no token"), "{allowed:?}");
     }
 }

@@ -36,7 +36,7 @@ use crate::{
     config::ServerTls,
     error::ControllerError,
     probe::{Probe, ProbeAction, ProbeSettings},
-    store::{Origin, OriginKind, Registration, Store},
+    store::{Credential, Origin, OriginKind, Registration, Requester, Store},
 };
 
 /// How the gRPC services behave.
@@ -161,7 +161,7 @@ impl Registry for RegistryApi {
         // Not taken while the shared store is out of reach: the stream fails with UNAVAILABLE, which
         // clients retry (an ack refusing it would read as a final no).
         self.store.check_shared()?;
-        let registration = self.store.open_registration(origin)?;
+        let registration = self.store.open_registration(origin, credential(caller))?;
         registration.set_healthy(first.healthy.unwrap_or(true))?;
         let (tx, rx) = mpsc::channel(16);
         let ack = register_ack(&registration, &first, peer, self.bind_ack_timeout).await;
@@ -189,7 +189,8 @@ impl Registry for RegistryApi {
         let request = Deregistration::try_from(request.get_ref()).map_err(invalid_argument)?;
         BackendRules { caller, peer, allow_foreign: self.allow_foreign_backends }.check(request.backend)?;
         let backend = request.backend.resolve(peer.ip(), request.service);
-        let version = self.store.unregister(request.service, backend, "deregistered over gRPC")?;
+        let requester = Requester { registration: None, credential: credential(caller), peer: peer.ip() };
+        let version = self.store.unregister(request.service, backend, requester, "deregistered over gRPC")?;
         Ok(Response::new(DeregisterResponse { version }))
     }
 }
@@ -254,11 +255,25 @@ impl RegisterStream {
                         break format!("no answer to {misses} hellos in a row");
                     }
                 },
+                why = self.registration.ended_by_operator() => {
+                    // Said on the stream, so the agent logs it and leaves the backend out.
+                    let _ = self.tx.send(Err(Status::aborted(format!("registration ended: {why}")))).await;
+                    break why;
+                }
                 () = self.tx.closed() => break "stream closed by the client".to_owned(),
                 () = stopped(&mut self.shutdown) => break "controller shutting down".to_owned(),
             }
         };
         self.registration.close(reason);
+    }
+}
+
+/// What a caller's token proves, for the owner rule.
+fn credential(caller: Caller) -> Credential {
+    match caller {
+        Caller::Operator => Credential::Operator,
+        Caller::Registrant => Credential::Registrant,
+        Caller::Anyone | Caller::Node => Credential::Anonymous,
     }
 }
 

@@ -3,6 +3,9 @@
 //! One task per connection reads frames, answers each with exactly one JSON object per write, and probes
 //! the server with `{"cmd":"hello"}` while it has backends registered. The connection is the
 //! registration: when it closes, or the server stops answering hellos, its backends are removed.
+//!
+//! The channel is a registry door like gRPC's `Registry`: with `--auth-token` set, a `register` or
+//! `unregister` carries the token in its `"token"` field, or comes from a source in `--json-allow`.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -21,13 +24,14 @@ use tokio::{
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
+    auth::{Caller, Guard},
     framing::{Frame, Framer},
-    request::{self, Request},
+    request::{self, Presented, Request},
 };
 use crate::{
     config::CidrList,
     probe::{Probe, ProbeAction, ProbeSettings},
-    store::{Origin, Registration, Store},
+    store::{Credential, Origin, Registration, Store},
 };
 
 /// Largest unfinished request a connection may buffer before it is cut off.
@@ -42,8 +46,13 @@ pub struct JsonContext {
     pub probe: ProbeSettings,
     /// How long a `register` waits for nodes' bind results.
     pub bind_ack_timeout: Duration,
-    /// Sources that may use the channel.
-    pub allow: CidrList,
+    /// Sources that may use the channel (`None`: every source); with a registration token, the sources
+    /// whose registrations need no token.
+    pub allow: Option<CidrList>,
+    /// The registry door's tokens: who a message's `"token"` says its sender is.
+    pub guard: Guard,
+    /// `--auth-token` is set.
+    pub token_required: bool,
     /// Open control connections: past the bound, a new one is refused.
     pub connections: Arc<Limit>,
     /// A connection that has registered nothing is closed after this long without a request.
@@ -188,7 +197,15 @@ impl Connection {
                 }
                 request::hello_ack()
             }
-            Request::Register { service, backend_port, weight, ask } => {
+            Request::Register { service, backend_port, weight, ask, token } => {
+                let credential = match self.credential(token.as_ref()) {
+                    Ok(credential) => credential,
+                    Err(why) => {
+                        info!(peer = %self.peer, %service, %why, "registration refused");
+                        return Some(request::failed(&why));
+                    }
+                };
+                self.registration.set_credential(credential);
                 let backend = BackendSpec { address: SocketAddr::new(self.peer.ip(), backend_port), weight };
                 match self.registration.register(service, backend, ask, self.ctx.bind_ack_timeout).await {
                     Ok(reply) if reply.success => request::successful(reply.message.as_deref()),
@@ -203,16 +220,41 @@ impl Connection {
                     }
                 }
             }
-            Request::Unregister { service, backend_port } => {
+            Request::Unregister { service, backend_port, token } => {
                 let backend = SocketAddr::new(self.peer.ip(), backend_port);
-                match self.ctx.store.unregister(service, backend, "unregistered by the server") {
+                let ended = self.credential(token.as_ref()).and_then(|c| {
+                    self.registration.unregister(service, backend, c, self.peer.ip()).map_err(|e| e.to_string())
+                });
+                match ended {
                     Ok(_) => request::successful(None),
-                    Err(error) => request::failed(&error.to_string()),
+                    Err(why) => {
+                        info!(peer = %self.peer, %service, %backend, %why, "unregister refused");
+                        request::failed(&why)
+                    }
                 }
             }
         };
         self.sync_probe();
         Some(reply)
+    }
+
+    /// What a message with `token` proves, or why it may not change the registry.
+    fn credential(&self, token: Option<&Presented>) -> Result<Credential, String> {
+        let Some(token) = token else {
+            if self.ctx.token_required && self.ctx.allow.is_none() {
+                return Err("this controller needs a token to register: add \"token\": \"<the --auth-token>\" to \
+                            the message, or connect from a source the operator lists in --json-allow"
+                    .to_owned());
+            }
+            return Ok(Credential::Anonymous);
+        };
+        match self.ctx.guard.caller(Some(&token.as_bearer())) {
+            Some(Caller::Operator) => Ok(Credential::Operator),
+            Some(Caller::Registrant) => Ok(Credential::Registrant),
+            // No registration token is set: the door is open and a token proves nothing.
+            Some(Caller::Anyone | Caller::Node) => Ok(Credential::Anonymous),
+            None => Err("wrong token: \"token\" must be the --auth-token (or the admin token)".to_owned()),
+        }
     }
 
     /// Probing runs exactly while the connection has backends registered.
@@ -245,15 +287,16 @@ impl Connection {
 /// Whether `peer` may open a control connection now: its place among the open ones and its registration,
 /// or why not.
 fn admit(ctx: &JsonContext, peer: SocketAddr) -> Result<(Permit, Registration), String> {
-    if !ctx.allow.contains(peer.ip()) {
+    if let Some(allow) = ctx.allow.as_ref().filter(|allow| !allow.contains(peer.ip())) {
         debug!(%peer, "control connection from a source outside --json-allow");
-        return Err(format!("source {} is not allowed on the control channel (--json-allow {})", peer.ip(), ctx.allow));
+        return Err(format!("source {} is not allowed on the control channel (--json-allow {allow})", peer.ip()));
     }
     let Some(slot) = ctx.connections.try_take(1) else {
         ctx.connections.refused();
         return Err(format!("the control channel is full ({} connections); try again later", ctx.connections.max()));
     };
-    let registration = ctx.store.open_registration(Origin::json(peer)).map_err(|error| error.to_string())?;
+    let registration =
+        ctx.store.open_registration(Origin::json(peer), Credential::Anonymous).map_err(|error| error.to_string())?;
     Ok((slot, registration))
 }
 

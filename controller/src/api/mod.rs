@@ -27,11 +27,13 @@ impl From<StoreError> for Status {
             StoreError::PortNotAllowed { .. } | StoreError::ReservedPort { .. } => {
                 Status::failed_precondition(error.to_string())
             }
-            StoreError::OwnListener { .. } | StoreError::Loop { .. } | StoreError::NotAHost { .. } => {
-                Status::permission_denied(error.to_string())
-            }
-            StoreError::NodeTaken { .. } => Status::already_exists(error.to_string()),
+            StoreError::OwnListener { .. }
+            | StoreError::Loop { .. }
+            | StoreError::NotAHost { .. }
+            | StoreError::NotOwner { .. }
+            | StoreError::NeedsAuthority { .. } => Status::permission_denied(error.to_string()),
             StoreError::TooManyRegistrations { .. }
+            | StoreError::TooManyServicesFromSource { .. }
             | StoreError::TooManyBackends { .. }
             | StoreError::TooManyServices { .. } => Status::resource_exhausted(error.to_string()),
             StoreError::Invariant(_) => Status::internal(error.to_string()),

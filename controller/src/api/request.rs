@@ -18,6 +18,8 @@ pub enum Request {
         weight: Weight,
         /// Balancing algorithm and PROXY protocol asked for (the first registration of a service sets them).
         ask: ServiceAsk,
+        /// The `"token"` field: the registration token (or the admin token), when the controller has one.
+        token: Option<Presented>,
     },
     /// `{"cmd":"unregister","protocol":P,"port":N}`, optionally `backend_port`.
     Unregister {
@@ -25,11 +27,32 @@ pub enum Request {
         service: ServiceKey,
         /// Where the backend listens (default: the service port).
         backend_port: u16,
+        /// The `"token"` field.
+        token: Option<Presented>,
     },
     /// `{"cmd":"hello"}` from the server: it asks whether the controller is alive.
     Hello,
     /// `{"ack":"hello"}`: the answer to a probe, or an unsolicited heartbeat.
     HelloAck,
+}
+
+/// A token as a message presented it: compared, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Presented(String);
+
+// === impl Presented ===
+
+impl Presented {
+    /// The value of an `authorization` header carrying it, for the doors' token check.
+    pub fn as_bearer(&self) -> Vec<u8> {
+        format!("Bearer {}", self.0).into_bytes()
+    }
+}
+
+impl std::fmt::Debug for Presented {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Presented(..)")
+    }
 }
 
 // === impl Request ===
@@ -59,8 +82,13 @@ impl Request {
         let port = port_field(fields, "port")?.ok_or("missing field \"port\"")?;
         let service = ServiceKey { protocol, port };
         let backend_port = port_field(fields, "backend_port")?.unwrap_or(port);
+        let token = match fields.get("token") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(token)) => Some(Presented(token.clone())),
+            Some(other) => return Err(format!("\"token\" must be a string, got {}", kind(other))),
+        };
         if !register {
-            return Ok(Request::Unregister { service, backend_port });
+            return Ok(Request::Unregister { service, backend_port, token });
         }
         let weight = match fields.get("weight") {
             None | Some(Value::Null) => Weight::default(),
@@ -90,7 +118,7 @@ impl Request {
         if let Some(proxy) = proxy {
             proxy.check(protocol)?;
         }
-        Ok(Request::Register { service, backend_port, weight, ask: ServiceAsk { algorithm, proxy } })
+        Ok(Request::Register { service, backend_port, weight, ask: ServiceAsk { algorithm, proxy }, token })
     }
 }
 
@@ -166,12 +194,13 @@ mod tests {
                 service: ServiceKey::tcp(80),
                 backend_port: 80,
                 weight: Weight::MIN,
-                ask: ServiceAsk::default()
+                ask: ServiceAsk::default(),
+                token: None
             })
         );
         assert_eq!(
             parse(r#"{"cmd":"unregister","protocol":"udp","port":53,"backend_port":5353}"#),
-            Ok(Request::Unregister { service: ServiceKey::udp(53), backend_port: 5353 })
+            Ok(Request::Unregister { service: ServiceKey::udp(53), backend_port: 5353, token: None })
         );
         assert_eq!(
             parse(r#"{"cmd":"register","protocol":"udp","port":53,"backend_port":5353,"weight":3}"#),
@@ -179,7 +208,8 @@ mod tests {
                 service: ServiceKey::udp(53),
                 backend_port: 5353,
                 weight: Weight::new(3).unwrap(),
-                ask: ServiceAsk::default()
+                ask: ServiceAsk::default(),
+                token: None
             })
         );
         assert_eq!(
@@ -188,7 +218,8 @@ mod tests {
                 service: ServiceKey::tcp(80),
                 backend_port: 80,
                 weight: Weight::MIN,
-                ask: ServiceAsk::algorithm(Algorithm::LeastConnections)
+                ask: ServiceAsk::algorithm(Algorithm::LeastConnections),
+                token: None
             })
         );
         assert_eq!(
@@ -197,9 +228,14 @@ mod tests {
                 service: ServiceKey::tcp(80),
                 backend_port: 80,
                 weight: Weight::MIN,
-                ask: ServiceAsk { algorithm: None, proxy: Some(ProxyProtocol { send_v2: true, accept: true }) }
+                ask: ServiceAsk { algorithm: None, proxy: Some(ProxyProtocol { send_v2: true, accept: true }) },
+                token: None
             })
         );
+        let with_token = parse(r#"{"cmd":"unregister","protocol":"tcp","port":80,"token":"registration-token-1"}"#);
+        let Ok(Request::Unregister { token: Some(token), .. }) = with_token else { panic!("{with_token:?}") };
+        assert_eq!(token.as_bearer(), b"Bearer registration-token-1");
+        assert_eq!(format!("{token:?}"), "Presented(..)", "a token is never printed");
         assert_eq!(parse(r#"{"ack":"HELLO"}"#), Ok(Request::HelloAck));
         assert_eq!(parse(r#"{"cmd":"hello"}"#), Ok(Request::Hello));
     }
@@ -221,6 +257,7 @@ mod tests {
             (r#"{"cmd":"register","protocol":"tcp","port":8.5}"#, "\"port\" must be an integer in 1..=65535"),
             (r#"{"cmd":"register","protocol":"tcp","port":80,"weight":0}"#, "\"weight\" must be an integer"),
             (r#"{"ack":"successful"}"#, "unexpected ack"),
+            (r#"{"cmd":"register","protocol":"tcp","port":80,"token":7}"#, "\"token\" must be a string"),
             (r#"{"cmd":"register","protocol":"tcp","port":80,"algorithm":"fastest"}"#, "unknown algorithm \"fastest\""),
             (r#"{"cmd":"register","protocol":"tcp","port":80,"algorithm":3}"#, "\"algorithm\" must be a string"),
             (r#"{"cmd":"register","protocol":"tcp","port":80,"proxy_protocol":"v1"}"#, "unknown proxy protocol \"v1\""),

@@ -111,10 +111,15 @@ impl DataplaneApi {
     /// `Dataplane.Sync`: checks the node's hello, then follows the store for it.
     async fn sync(&self, request: Request<Streaming<NodeMessage>>) -> Result<Response<SyncStream>, Status> {
         let peer = request.remote_addr();
-        // The TLS handshake checked any certificate shown against --client-ca; here one must be shown.
-        if self.nodes_need_certificates && request.peer_certs().is_none_or(|certs| certs.is_empty()) {
-            return Err(Status::permission_denied("a node must show a client certificate signed by --client-ca"));
-        }
+        // The TLS handshake checked any certificate shown against --client-ca; here one must be shown, and
+        // the id the node claims must be a name in it.
+        let certificate_names = match request.peer_certs().as_deref().and_then(|certs| certs.first()) {
+            Some(certificate) if self.nodes_need_certificates => Some(certificate_names(certificate)),
+            None if self.nodes_need_certificates => {
+                return Err(Status::permission_denied("a node must show a client certificate signed by --client-ca"));
+            }
+            _ => None,
+        };
         let mut inbound = request.into_inner();
         let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream ended before `hello`"))?;
         let Some(node_message::Msg::Hello(hello)) = first.msg else {
@@ -126,8 +131,18 @@ impl DataplaneApi {
                 "node id {EMBEDDED_NODE:?} is reserved for the controller's own node"
             )));
         }
-        // A taken id is refused before anything else changes.
-        let link = self.store.connect_node(&hello.node_id, peer)?;
+        if let Some(names) = certificate_names
+            && !names.contains(&hello.node_id)
+        {
+            return Err(Status::permission_denied(format!(
+                "node id {:?} is not a name in the node's certificate ({}): a node's id is the name --client-ca \
+                 certified",
+                hello.node_id,
+                names.join(", ")
+            )));
+        }
+        // A node connecting under its own id again replaces its older stream, which ends.
+        let link = self.store.connect_node(&hello.node_id, peer, hello.frontends_on.clone())?;
         // Continue above whatever the node already applied (it may come from a controller that ran before).
         self.store.observe_version(hello.known_version)?;
         let (tx, rx) = mpsc::channel(16);
@@ -235,9 +250,26 @@ impl Encoder for OutboundEncoder {
     }
 }
 
+/// The names a certificate gives its holder: its DNS subject alternative names and its common names. None
+/// when it does not parse (the handshake accepted it, so that would be a parser's limit, not a name).
+fn certificate_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, certificate)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
+    let mut names: Vec<String> =
+        certificate.subject().iter_common_name().filter_map(|name| name.as_str().ok()).map(str::to_owned).collect();
+    if let Ok(Some(alternatives)) = certificate.subject_alternative_name() {
+        names.extend(alternatives.value.general_names.iter().filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+            _ => None,
+        }));
+    }
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn follow(
-    link: NodeLink,
+    mut link: NodeLink,
     mut snapshots: watch::Receiver<Arc<RoutingSnapshot>>,
     messages: Arc<SnapshotMessages>,
     deltas: bool,
@@ -292,6 +324,11 @@ async fn follow(
                     Ok(report) => link.report(report),
                     Err(error) => warn!(%node, %error, "ignoring an invalid report"),
                 }
+            }
+            () = link.replaced() => {
+                let why = format!("node {node} connected again on another stream: this one ends");
+                let _ = tx.send(Err(Status::aborted(why))).await;
+                break;
             }
             () = tx.closed() => break,
             () = stopped(&mut shutdown) => break,

@@ -8,11 +8,12 @@ use contract::{
     client,
     model::{Algorithm, BackendSpec, Event, EventKind, ServiceAsk, ServiceKey, Weight},
 };
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{
     State, Store,
-    registration::{Origin, OriginKind},
+    registration::{Credential, Origin, OriginKind, Requester},
     registry::{Backend, RegistrationId, RegistrationRecord},
     shared::OperatorChange,
 };
@@ -32,8 +33,13 @@ pub(super) struct Registered {
 // === impl Store ===
 
 impl Store {
-    /// Opens a registration; it holds no backend yet, so nothing is published.
-    pub(super) fn add_registration(&self, origin: Origin) -> Result<RegistrationId, StoreError> {
+    /// Opens a registration made with `credential`; it holds no backend yet, so nothing is published. The
+    /// receiver learns why, when an operator ends one of its backends.
+    pub(super) fn add_registration(
+        &self,
+        origin: Origin,
+        credential: Credential,
+    ) -> Result<(RegistrationId, watch::Receiver<Option<String>>), StoreError> {
         let mut state = self.lock();
         let max = self.policy.limits.registrations_per_source;
         let address = origin.peer.ip();
@@ -44,9 +50,51 @@ impl Store {
         }
         let mut draft = state.registry.clone();
         let id = draft.new_registration(origin, true);
+        let Some(record) = draft.registrations.get_mut(&id) else {
+            return Err(StoreError::Invariant(format!("registration {id} vanished as it opened")));
+        };
+        record.credential = credential;
+        let ended = record.ended_by_operator.subscribe();
         Self::keep(&mut state, draft)?;
         self.metrics.registration_opened(origin.kind);
-        Ok(id)
+        Ok((id, ended))
+    }
+
+    /// Records what a registration's later requests prove; nothing routed changes.
+    pub(super) fn set_credential(&self, registration: RegistrationId, credential: Credential) {
+        let mut state = self.lock();
+        if let Some(record) = state.registry.registrations.get_mut(&registration) {
+            record.credential = credential;
+        }
+    }
+
+    /// The owner rule: `requester` may change or end a backend of `owner` when it speaks for that
+    /// registration, is an operator, or presents the same credential from the backend's address or from
+    /// the address the owner registered from (a server that reconnected before its old channel was seen
+    /// dead; an agent deregistering on its way out). Another replica's backend is the server's own to
+    /// take over.
+    fn check_owner(
+        state: &State,
+        service: ServiceKey,
+        backend: SocketAddr,
+        owner: RegistrationId,
+        requester: Requester,
+    ) -> Result<(), StoreError> {
+        if requester.registration == Some(owner) || requester.credential == Credential::Operator {
+            return Ok(());
+        }
+        let peer = requester.peer.to_canonical();
+        let from_backend = backend.ip().to_canonical() == peer;
+        let allowed = state.registry.registrations.get(&owner).is_none_or(|record| match record.origin.kind {
+            // Another replica's: its credential is not shared, and replicas share their tokens, so the
+            // server itself (an agent moving over when its controller died) may take it.
+            OriginKind::Replica => from_backend,
+            _ => {
+                record.credential == requester.credential
+                    && (from_backend || record.origin.peer.ip().to_canonical() == peer)
+            }
+        });
+        if allowed { Ok(()) } else { Err(StoreError::NotOwner { service, backend }) }
     }
 
     /// Adds `backend` to `service` on behalf of `registration`, creating the service if needed. A backend
@@ -85,12 +133,26 @@ impl Store {
         {
             return Err(StoreError::ProxyConflict { service, current: existing.proxy, requested });
         }
-        let Some(origin) = state.registry.registrations.get(&registration).map(|r| r.origin) else {
+        let Some((origin, credential)) =
+            state.registry.registrations.get(&registration).map(|r| (r.origin, r.credential))
+        else {
             // Only a closed handle could ask, and handles close on drop: nothing to register for.
             return Ok(Registered { version: state.version, created: false, overruled: None });
         };
+        // With a registration token set, the settings every backend of a service lives with are chosen by
+        // those who proved who they are, not by any host that reaches the door.
+        if self.policy.settings_need_authority && credential == Credential::Anonymous {
+            let asked = [(algorithm.is_some(), "algorithm"), (proxy.is_some(), "proxy_protocol/accept_proxy")];
+            if let Some((_, setting)) = asked.into_iter().find(|(asked, _)| *asked) {
+                return Err(StoreError::NeedsAuthority { service, setting });
+            }
+        }
         let existing = state.registry.services.get(&service).and_then(|s| s.backends.get(&backend.address));
         let existing = existing.map(|b| (b.owner, b.weight, b.draining));
+        if let Some((owner, _, _)) = existing {
+            let requester = Requester { registration: Some(registration), credential, peer: origin.peer.ip() };
+            Self::check_owner(&state, service, backend.address, owner, requester)?;
+        }
         let created = existing.is_none();
         if existing.is_some_and(|(owner, weight, _)| owner == registration && weight == backend.weight) {
             return Ok(Registered { version: state.version, created, overruled });
@@ -100,8 +162,18 @@ impl Store {
         if existing.is_none() && held >= limits.backends_per_registration {
             return Err(StoreError::TooManyBackends { max: limits.backends_per_registration });
         }
-        if !state.registry.services.contains_key(&service) && state.registry.services.len() >= limits.services {
+        let creates_service = !state.registry.services.contains_key(&service);
+        if creates_service && state.registry.services.len() >= limits.services {
             return Err(StoreError::TooManyServices { max: limits.services });
+        }
+        // One host cannot fill the table: the services a source created count against its own quota.
+        let creator = matches!(origin.kind, OriginKind::Json | OriginKind::Grpc | OriginKind::Agent)
+            .then(|| origin.peer.ip().to_canonical());
+        if let Some(address) = creator.filter(|_| creates_service) {
+            let created_there = state.registry.services.values().filter(|s| s.creator == Some(address)).count();
+            if created_there >= limits.services_per_source {
+                return Err(StoreError::TooManyServicesFromSource { address, max: limits.services_per_source });
+            }
         }
         let mut draft = state.registry.clone();
         if let Some((owner, _, _)) = existing.filter(|&(owner, _, _)| owner != registration)
@@ -117,6 +189,9 @@ impl Store {
         let draining = existing.is_some_and(|(_, _, draining)| draining);
         draft.retired.remove(&service);
         let entry = draft.services.entry(service).or_default();
+        if creates_service {
+            entry.creator = creator;
+        }
         if let (true, Some(algorithm)) = (new_service, algorithm) {
             entry.algorithm = algorithm;
         }
@@ -135,16 +210,31 @@ impl Store {
         Ok(Registered { version, created, overruled })
     }
 
-    /// Removes `backend` from `service`, whichever registration announced it (HW1 `unregister` may come
-    /// from a new connection).
-    pub fn unregister(&self, service: ServiceKey, backend: SocketAddr, reason: &str) -> Result<u64, StoreError> {
+    /// Removes `backend` from `service` at the request of `requester`, under the owner rule (an HW1
+    /// `unregister` may come from a new connection of the same server). An operator ending another
+    /// registration's backend tells that registration why.
+    pub fn unregister(
+        &self,
+        service: ServiceKey,
+        backend: SocketAddr,
+        requester: Requester,
+        reason: &str,
+    ) -> Result<u64, StoreError> {
         self.check_shared()?;
         let mut state = self.lock();
         let mut draft = state.registry.clone();
         let owner = draft.backend_mut(service, backend)?.owner;
+        Self::check_owner(&state, service, backend, owner, requester)?;
         draft.remove_backend(service, backend, owner);
         let version = self.commit(&mut state, draft)?;
         self.removed(&state, service, backend, reason, version);
+        if requester.credential == Credential::Operator
+            && requester.registration != Some(owner)
+            && let Some(record) = state.registry.registrations.get(&owner)
+        {
+            let why = format!("an operator at {} ended {service} backend {backend}: {reason}", requester.peer);
+            record.ended_by_operator.send_replace(Some(why));
+        }
         self.print(&state);
         Ok(version)
     }
@@ -319,7 +409,7 @@ impl Store {
         Ok(version)
     }
 
-    /// A backend may not be the balancer itself: one of the controller's listeners (a public frontend
+    /// A backend is one host's unicast address, and not the balancer itself: one of the controller's listeners (a public frontend
     /// would relay into the admin port), or a frontend on a node, of its own service or of another of the
     /// same protocol (a loop, direct or through the other service, that eats descriptors until none are
     /// left). Addresses are compared in their canonical form (`::ffff:a.b.c.d` is `a.b.c.d`); `here` says
@@ -332,8 +422,7 @@ impl Store {
         here: bool,
     ) -> Result<(), StoreError> {
         let ip = backend.ip().to_canonical();
-        // A connect to 0.0.0.0 or :: reaches this host; a multicast address is no one server.
-        if ip.is_unspecified() || ip.is_multicast() {
+        if !is_unicast_host(ip) {
             return Err(StoreError::NotAHost { backend });
         }
         let at = |listener: IpAddr| {
@@ -345,10 +434,9 @@ impl Store {
         }
         let frontends = state.registry.services.keys().copied().filter(|k| k.protocol == service.protocol);
         let Some(frontend) = frontends.chain([service]).find(|k| k.port == backend.port()) else { return Ok(()) };
+        // Where frontends really are: the embedded node's address, and each connected node's own word.
         let embedded = self.policy.frontend_ip.is_some_and(at);
-        let remote =
-            state.nodes.nodes.values().any(|n| n.connected && n.address.is_some_and(|a| a.ip().to_canonical() == ip));
-        if embedded || remote {
+        if embedded || state.nodes.frontend_at(ip) {
             return Err(StoreError::Loop { service: frontend, backend });
         }
         Ok(())
@@ -362,5 +450,17 @@ impl Store {
             return Err(StoreError::PortNotAllowed { port, allowed: self.policy.allowed_ports.to_string() });
         }
         Ok(())
+    }
+}
+
+/// True for an address one host answers on: not unspecified (a connect to it reaches this host), not
+/// multicast or broadcast (no one server), not in 0.0.0.0/8 or the reserved 240.0.0.0/4.
+fn is_unicast_host(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let first = v4.octets()[0];
+            !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() || first == 0 || first >= 240)
+        }
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
     }
 }

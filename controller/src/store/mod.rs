@@ -3,7 +3,9 @@
 //! - [`registry`]: services, backends and registrations, with their invariants and the snapshot they make.
 //! - [`changes`]: every change of the registry, each validated on a draft and committed by [`Store::commit`].
 //! - [`registration`]: the handle a live registration holds; dropping it removes what it registered.
-//! - [`nodes`]: connected nodes, their bind results (the verdict a registration waits for) and their load.
+//! - [`nodes`]: connected nodes, the addresses their frontends listen on and their bind results (the
+//!   verdict a registration waits for).
+//! - [`load`]: the nodes' connection counts summed into each node's cluster view, and servers' load reports.
 //! - [`events`]: the broadcast of state changes.
 //! - [`shared`]: with replicas, the backends this controller publishes and the ones it imports.
 //! - [`statics`]: the static backends of the configuration file, each (re)load one version.
@@ -18,6 +20,7 @@
 
 mod changes;
 pub mod events;
+pub mod load;
 pub mod nodes;
 pub mod registration;
 mod registry;
@@ -36,8 +39,9 @@ use contract::model::{Event, RoutingSnapshot};
 use tokio::sync::{broadcast, watch};
 use tracing::{error, info, warn};
 
-pub use nodes::{ClusterLoadFeed, FrontendVerdict, NodeLink};
-pub use registration::{Origin, OriginKind, Registration};
+pub use load::ClusterLoadFeed;
+pub use nodes::{FrontendVerdict, NodeLink};
+pub use registration::{Credential, Origin, OriginKind, Registration, Requester};
 
 use self::{nodes::NodeTable, registry::Registry};
 use crate::{
@@ -59,6 +63,11 @@ pub struct Policy {
     pub limits: RegistryLimits,
     /// A server's load report counts this long (`--load-report-max-age`).
     pub load_report_max_age: std::time::Duration,
+    /// The registration token is set: only an authenticated registration or an operator chooses a
+    /// service's algorithm and PROXY protocol.
+    pub settings_need_authority: bool,
+    /// A node that left is forgotten this long after (`--node-forget-after`).
+    pub node_forget_after: std::time::Duration,
 }
 
 impl Default for Policy {
@@ -69,6 +78,8 @@ impl Default for Policy {
             frontend_ip: None,
             limits: RegistryLimits::default(),
             load_report_max_age: std::time::Duration::from_secs(10),
+            settings_need_authority: false,
+            node_forget_after: std::time::Duration::from_secs(600),
         }
     }
 }
@@ -103,7 +114,7 @@ pub struct Store {
     operator: Mutex<Option<tokio::sync::mpsc::UnboundedSender<shared::OperatorChange>>>,
     /// Every connected node's counts summed, computed once per change of any of them and outside the
     /// state lock; each node's view is this less its own rows.
-    totals: Mutex<nodes::ClusterTotals>,
+    totals: Mutex<load::ClusterTotals>,
 }
 
 /// Everything behind the store's lock.

@@ -1,9 +1,15 @@
 //! The live registration: the JSON control connection or gRPC `Register` stream that announced backends.
 //! Its [`Registration`] handle removes them when dropped, whichever way the connection ends.
 
-use std::{fmt, net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use contract::model::{BackendSpec, RegisterReply, ServiceAsk, ServiceKey};
+use tokio::sync::watch;
 
 use super::{FrontendVerdict, Store, registry::RegistrationId};
 use crate::error::StoreError;
@@ -32,20 +38,51 @@ pub enum OriginKind {
     Config,
 }
 
+/// What a registration, or a request to change one, proved about who makes it: the token it presented.
+/// A backend belongs to the registration that announced it; only that registration, a later one of the
+/// same credential from the same address, or an operator changes or ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credential {
+    /// No token: a door without one, or a JSON source inside `--json-allow`.
+    Anonymous,
+    /// The registration token (`--auth-token`).
+    Registrant,
+    /// The admin token; also the controller's own registrations (the configuration file, other replicas).
+    Operator,
+}
+
+/// Who asks to change or end a backend, for the owner rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Requester {
+    /// The registration it speaks for (a JSON connection, a `Register` stream), if any.
+    pub registration: Option<RegistrationId>,
+    /// What it proved.
+    pub credential: Credential,
+    /// The address it comes from.
+    pub peer: IpAddr,
+}
+
 /// A live registration. Dropping it removes every backend it registered.
 #[derive(Debug)]
 pub struct Registration {
     store: Arc<Store>,
     pub(super) id: RegistrationId,
     close_reason: Option<String>,
+    /// Why an operator ended one of its backends, once one did.
+    ended_by_operator: watch::Receiver<Option<String>>,
 }
 
 // === impl Store ===
 
 impl Store {
-    /// Opens a registration; it holds no backend yet.
-    pub fn open_registration(self: &Arc<Self>, origin: Origin) -> Result<Registration, StoreError> {
-        Ok(Registration { store: Arc::clone(self), id: self.add_registration(origin)?, close_reason: None })
+    /// Opens a registration made with `credential`; it holds no backend yet.
+    pub fn open_registration(
+        self: &Arc<Self>,
+        origin: Origin,
+        credential: Credential,
+    ) -> Result<Registration, StoreError> {
+        let (id, ended_by_operator) = self.add_registration(origin, credential)?;
+        Ok(Registration { store: Arc::clone(self), id, close_reason: None, ended_by_operator })
     }
 }
 
@@ -99,6 +136,35 @@ impl Registration {
                 reply(false, Some(why))
             }
         })
+    }
+
+    /// Removes `backend` from `service` at the request of this registration's channel, presenting
+    /// `credential` (a JSON `unregister` may end a backend of an earlier connection of the same server).
+    pub fn unregister(
+        &self,
+        service: ServiceKey,
+        backend: SocketAddr,
+        credential: Credential,
+        peer: IpAddr,
+    ) -> Result<u64, StoreError> {
+        let requester = Requester { registration: Some(self.id), credential, peer };
+        self.store.unregister(service, backend, requester, "unregistered by the server")
+    }
+
+    /// What later requests of this registration prove (a JSON message may carry a token the connection's
+    /// first one did not).
+    pub fn set_credential(&self, credential: Credential) {
+        self.store.set_credential(self.id, credential);
+    }
+
+    /// Waits until an operator ends one of this registration's backends, and says why.
+    pub async fn ended_by_operator(&mut self) -> String {
+        let why = self.ended_by_operator.wait_for(Option::is_some).await.map(|why| why.clone().unwrap_or_default());
+        match why {
+            Ok(why) => why,
+            // The store is gone: nothing will ever end it.
+            Err(_) => std::future::pending().await,
+        }
     }
 
     /// Its id, as spans and logs show it.
@@ -156,6 +222,18 @@ impl Origin {
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.kind.as_str(), self.peer)
+    }
+}
+
+// === impl Credential ===
+
+impl Credential {
+    /// The credential of the registrations the controller makes itself, and the default of the others.
+    pub fn of(kind: OriginKind) -> Self {
+        match kind {
+            OriginKind::Config | OriginKind::Replica => Credential::Operator,
+            OriginKind::Json | OriginKind::Grpc | OriginKind::Agent => Credential::Anonymous,
+        }
     }
 }
 

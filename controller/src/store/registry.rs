@@ -4,12 +4,15 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use contract::model::{Algorithm, BackendSpec, ProxyProtocol, RoutingSnapshot, ServiceKey, ServiceSpec, Weight};
 
-use super::registration::Origin;
+use tokio::sync::watch;
+
+use super::registration::{Credential, Origin};
 use crate::error::StoreError;
 
 /// Identifies a registration.
@@ -44,6 +47,9 @@ pub(super) struct Service {
     /// The PROXY protocol on both sides, set by the first registration (or the configuration file).
     pub proxy: ProxyProtocol,
     pub backends: BTreeMap<SocketAddr, Backend>,
+    /// The source address of the registration that created it (none for the file's and replicas'), for
+    /// the quota of services per source.
+    pub creator: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +66,10 @@ pub(super) struct RegistrationRecord {
     /// The registration's own verdict on its backends (agents report their local checks).
     pub healthy: bool,
     pub backends: BTreeSet<(ServiceKey, SocketAddr)>,
+    /// What its maker proved: who else may change what it registered.
+    pub credential: Credential,
+    /// Told why, when an operator ends one of its backends (the registration's channel says so).
+    pub ended_by_operator: Arc<watch::Sender<Option<String>>>,
 }
 
 // === impl Registry ===
@@ -69,7 +79,14 @@ impl Registry {
     pub fn new_registration(&mut self, origin: Origin, healthy: bool) -> RegistrationId {
         self.next_registration += 1;
         let id = RegistrationId(self.next_registration);
-        self.registrations.insert(id, RegistrationRecord { origin, healthy, backends: BTreeSet::new() });
+        let record = RegistrationRecord {
+            origin,
+            healthy,
+            backends: BTreeSet::new(),
+            credential: Credential::of(origin.kind),
+            ended_by_operator: Arc::new(watch::Sender::new(None)),
+        };
+        self.registrations.insert(id, record);
         id
     }
 

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use contract::model::{BackendView, FrontendStatus, FrontendView, NodeView, ServiceView, StateView};
 
-use super::{State, Store, nodes::sum_load};
+use super::{State, Store, load::sum_load};
 use crate::config::EMBEDDED_NODE;
 
 // === impl Store ===
@@ -31,7 +31,7 @@ impl State {
         let remote = self.nodes.remote_load.values().map(|rows| rows.as_slice());
         let nodes = self.nodes.nodes.values().map(|n| n.load.as_slice()).chain(remote);
         let counts: HashMap<_, _> = sum_load(nodes).into_iter().map(|row| ((row.service, row.backend), row)).collect();
-        let (reports, _) = super::nodes::fresh_reports(self, load_report_max_age);
+        let (reports, _) = super::load::fresh_reports(self, load_report_max_age);
         // Which nodes hold each backend out of rotation after failed connects (passive health).
         let mut failing: HashMap<_, Vec<String>> = HashMap::new();
         let own = self.nodes.nodes.iter().filter(|(_, n)| n.connected).map(|(id, n)| (id.clone(), n.load.as_slice()));

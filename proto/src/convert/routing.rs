@@ -1,12 +1,12 @@
 //! `Dataplane.Sync`: snapshots out, bind results and load reports back, cluster-wide counts out.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, net::IpAddr};
 
 use super::{ConvertError, invalid, socket_addr};
 use crate::{
     model::{
-        Algorithm, BackendLoad, BackendSpec, FrontendStatus, NodeHello, NodeReport, ProxyProtocol, RoutingDelta,
-        RoutingSnapshot, ServiceKey, ServiceSpec, Weight,
+        Algorithm, BackendLoad, BackendSpec, FrontendAddresses, FrontendStatus, NodeHello, NodeReport, ProxyProtocol,
+        RoutingDelta, RoutingSnapshot, ServiceKey, ServiceSpec, Weight,
     },
     v1,
 };
@@ -217,20 +217,34 @@ impl TryFrom<&v1::NodeHello> for NodeHello {
         if hello.known_version > MAX_KNOWN_VERSION {
             return Err(invalid("known_version", format!("{} is not plausible", hello.known_version)));
         }
+        if hello.frontend_addresses.len() > FrontendAddresses::MAX {
+            return Err(invalid("frontend_addresses", format!("more than {} addresses", FrontendAddresses::MAX)));
+        }
+        let addresses = hello
+            .frontend_addresses
+            .iter()
+            .map(|a| a.parse().map_err(|_| invalid("frontend_addresses", format!("{a:?} is not an IP address"))))
+            .collect::<Result<Vec<IpAddr>, _>>()?;
+        let frontends_on = (!addresses.is_empty() || hello.frontend_wildcard)
+            .then_some(FrontendAddresses { addresses, wildcard: hello.frontend_wildcard });
         Ok(NodeHello {
             node_id: hello.node_id.clone(),
             known_version: hello.known_version,
             accepts_deltas: hello.accepts_deltas,
+            frontends_on,
         })
     }
 }
 
 impl From<&NodeHello> for v1::NodeMessage {
     fn from(hello: &NodeHello) -> Self {
+        let frontends_on = hello.frontends_on.clone().unwrap_or_default();
         let hello = v1::NodeHello {
             node_id: hello.node_id.clone(),
             known_version: hello.known_version,
             accepts_deltas: hello.accepts_deltas,
+            frontend_addresses: frontends_on.addresses.iter().map(ToString::to_string).collect(),
+            frontend_wildcard: frontends_on.wildcard,
         };
         v1::NodeMessage { msg: Some(v1::node_message::Msg::Hello(hello)) }
     }
@@ -299,13 +313,22 @@ mod tests {
         assert!(ack.partial);
         assert_eq!(NodeReport::try_from(ack).unwrap(), changes);
 
-        let hello = NodeHello { node_id: "n1".into(), known_version: 7, accepts_deltas: true };
+        let frontends_on = Some(FrontendAddresses { addresses: vec!["127.0.0.2".parse().unwrap()], wildcard: false });
+        let hello = NodeHello { node_id: "n1".into(), known_version: 7, accepts_deltas: true, frontends_on };
         let Some(v1::node_message::Msg::Hello(wire)) = v1::NodeMessage::from(&hello).msg else { panic!() };
         assert_eq!(NodeHello::try_from(&wire), Ok(hello));
-        let forged = v1::NodeHello { node_id: " ".into(), known_version: 1, accepts_deltas: false };
+        let forged = v1::NodeHello { node_id: " ".into(), known_version: 1, ..Default::default() };
         assert_eq!(NodeHello::try_from(&forged).unwrap_err().what, "node_id");
-        let forged = v1::NodeHello { node_id: "n1".into(), known_version: u64::MAX, accepts_deltas: false };
+        let forged = v1::NodeHello { node_id: "n1".into(), known_version: u64::MAX, ..Default::default() };
         assert_eq!(NodeHello::try_from(&forged).unwrap_err().what, "known_version");
+        let forged =
+            v1::NodeHello { node_id: "n1".into(), frontend_addresses: vec!["a.b".into()], ..Default::default() };
+        assert_eq!(NodeHello::try_from(&forged).unwrap_err().what, "frontend_addresses");
+        let many = vec!["127.0.0.1".to_owned(); FrontendAddresses::MAX + 1];
+        let forged = v1::NodeHello { node_id: "n1".into(), frontend_addresses: many, ..Default::default() };
+        assert_eq!(NodeHello::try_from(&forged).unwrap_err().what, "frontend_addresses");
+        let old = v1::NodeHello { node_id: "n1".into(), ..Default::default() };
+        assert_eq!(NodeHello::try_from(&old).unwrap().frontends_on, None, "an older node says nothing");
 
         let rows = vec![BackendLoad {
             service: key,

@@ -19,7 +19,7 @@ pub use event::{Event, EventKind};
 pub use registration::{
     BackendRef, BackendTarget, Deregistration, HelloAnswer, ProbeOverrides, RegisterReply, RegistrationRequest,
 };
-pub use report::{BackendLoad, FrontendStatus, NodeHello, NodeReport};
+pub use report::{BackendLoad, FrontendAddresses, FrontendStatus, NodeHello, NodeReport};
 pub use service::{Algorithm, InvalidWeight, Protocol, ProxyProtocol, ServiceAsk, ServiceKey, UnknownName, Weight};
 pub use snapshot::{BackendSpec, RoutingDelta, RoutingSnapshot, ServiceSpec};
 pub use view::{BackendView, FrontendView, NodeView, ServiceView, StateView};

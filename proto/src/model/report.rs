@@ -1,7 +1,7 @@
 //! What a node tells the controller: which frontends it bound at a version, and how many connections
 //! each backend holds there.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use super::ServiceKey;
 
@@ -15,6 +15,29 @@ pub struct NodeHello {
     pub known_version: u64,
     /// The node applies deltas ([`crate::model::RoutingDelta`]).
     pub accepts_deltas: bool,
+    /// Where its frontends listen, when it says (older nodes do not).
+    pub frontends_on: Option<FrontendAddresses>,
+}
+
+/// The addresses a node's frontends listen on, so the controller judges loops by where frontends really
+/// are, not by the address the node's stream comes from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrontendAddresses {
+    /// Its `--frontend-address`, or its host's addresses when that is a wildcard.
+    pub addresses: Vec<IpAddr>,
+    /// The frontends listen on a wildcard: every loopback address of the host reaches them too.
+    pub wildcard: bool,
+}
+
+impl FrontendAddresses {
+    /// Most addresses a node may list: a host with more is judged by the first ones.
+    pub const MAX: usize = 256;
+
+    /// True when a connection to `ip` reaches these frontends.
+    pub fn covers(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        (self.wildcard && ip.is_loopback()) || self.addresses.iter().any(|a| a.to_canonical() == ip)
+    }
 }
 
 /// What a node tells whoever feeds it snapshots.

@@ -187,32 +187,27 @@ async fn the_json_channel_takes_only_allowed_sources() {
 }
 
 #[tokio::test]
-async fn a_node_id_is_held_by_one_stream_and_embedded_is_reserved() {
+async fn the_embedded_node_id_is_reserved() {
     let net = Net::new();
     let ctl = Controller::spawn(net, &[]).await;
-    let first = DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(11), net.host(254), &[]).await;
-    ctl.wait_synced(&["n1"]).await;
-    for (id, ip, why) in [("n1", net.host(12), "node id \"n1\" is taken"), ("embedded", net.host(13), "reserved")] {
-        let impostor = DataplaneNode::spawn(Host::Root, &ctl, id, ip, net.host(254), &[]).await;
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let state = impostor.state().await;
-            if state["last_error"].as_str().is_some_and(|e| e.contains(why)) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "{id} was not refused: {state}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    let impostor = DataplaneNode::spawn(Host::Root, &ctl, "embedded", net.host(13), net.host(254), &[]).await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let state = impostor.state().await;
+        if state["last_error"].as_str().is_some_and(|e| e.contains("reserved")) {
+            break;
         }
-        let state = ctl.state().await;
-        let node = Controller::node(&state, id).unwrap();
-        assert_eq!(node["connected"], true, "{id}: the first holder stays connected");
-        assert!(node["address"].is_null() || id == "n1", "{id}: the embedded node is still the controller's own");
+        assert!(Instant::now() < deadline, "embedded was not refused: {state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let state = ctl.state().await;
+    let node = Controller::node(&state, "embedded").unwrap();
+    assert_eq!(node["connected"], true);
+    assert!(node["address"].is_null(), "the embedded node is still the controller's own");
     // Registrations still reach the real embedded node.
     let backend = TcpEcho::start(net.host(2), 0).await;
     let mut server = JsonClient::connect(&ctl, net.host(2)).await;
     assert_eq!(server.register("tcp", backend.addr.port()).await, json!({"ack": "successful"}));
-    drop(first);
 }
 
 /// A certificate authority and the certificates it signs, written as PEM files into a directory of the
@@ -303,6 +298,20 @@ async fn grpc_over_tls_with_the_right_authority_and_nodes_with_certificates_only
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(Controller::node(&ctl.state().await, "n2").is_none());
-    drop((good, bare));
+    // A certified node claiming another id than its certificate's name is refused.
+    let (other_cert, other_key) = nodes.issue("node-a", net.host(13));
+    let tls = ["--ca", &servers_ca, "--tls-cert", &other_cert, "--tls-key", &other_key];
+    let liar = DataplaneNode::spawn(Host::Root, &ctl, "x1", net.host(13), net.host(254), &tls).await;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let state = liar.state().await;
+        if state["last_error"].as_str().is_some_and(|e| e.contains("is not a name in the node's certificate")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a node claiming another id was not refused: {state}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(Controller::node(&ctl.state().await, "x1").is_none());
+    drop((good, bare, liar));
     std::fs::remove_dir_all(&dir).unwrap();
 }

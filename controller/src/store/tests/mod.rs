@@ -1,11 +1,13 @@
 use std::{net::SocketAddr, time::Duration};
 
 use contract::model::{
-    Algorithm, BackendLoad, BackendSpec, EventKind, FrontendStatus, InvalidWeight, NodeReport, ServiceAsk, ServiceKey,
-    Weight,
+    Algorithm, BackendLoad, BackendSpec, EventKind, FrontendAddresses, FrontendStatus, InvalidWeight, NodeReport,
+    ServiceAsk, ServiceKey, Weight,
 };
 
 use super::{changes::Registered, registry::Registry, *};
+
+mod owners;
 
 fn store() -> Arc<Store> {
     let policy = Policy {
@@ -14,8 +16,14 @@ fn store() -> Arc<Store> {
         frontend_ip: Some("127.0.0.1".parse().unwrap()),
         limits: RegistryLimits::default(),
         load_report_max_age: Duration::from_secs(10),
+        settings_need_authority: false,
+        node_forget_after: Duration::from_secs(600),
     };
     Store::new(policy, false)
+}
+
+fn requester(registration: Option<&Registration>, credential: Credential, peer: &str) -> Requester {
+    Requester { registration: registration.map(|r| r.id), credential, peer: peer.parse().unwrap() }
 }
 
 fn origin(ip: &str) -> Origin {
@@ -30,7 +38,7 @@ fn backend(addr: &str) -> BackendSpec {
 fn every_change_bumps_the_version_and_publishes_a_snapshot() {
     let store = store();
     let rx = store.subscribe();
-    let a = store.open_registration(origin("127.0.0.2")).unwrap();
+    let a = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
     let r1 = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     assert_eq!(r1, Registered { version: 1, created: true, overruled: None });
     // The same registration again changes nothing: no new version.
@@ -38,7 +46,7 @@ fn every_change_bumps_the_version_and_publishes_a_snapshot() {
         store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap().version,
         1
     );
-    let b = store.open_registration(origin("127.0.0.3")).unwrap();
+    let b = store.open_registration(origin("127.0.0.3"), Credential::Anonymous).unwrap();
     assert_eq!(
         store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.3:80"), ServiceAsk::default()).unwrap().version,
         2
@@ -58,7 +66,7 @@ fn every_change_bumps_the_version_and_publishes_a_snapshot() {
 #[test]
 fn ports_outside_the_policy_are_refused_without_a_new_version() {
     let store = store();
-    let a = store.open_registration(origin("127.0.0.2")).unwrap();
+    let a = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
     let err =
         store.register(a.id, ServiceKey::tcp(9001), backend("127.0.0.2:9001"), ServiceAsk::default()).unwrap_err();
     assert_eq!(err.to_string(), "port 9001 is outside the allowed ports 1-9000");
@@ -70,26 +78,10 @@ fn ports_outside_the_policy_are_refused_without_a_new_version() {
 }
 
 #[test]
-fn unregister_works_from_any_registration_and_reports_unknown_backends() {
-    let store = store();
-    let a = store.open_registration(origin("127.0.0.2")).unwrap();
-    store.register(a.id, ServiceKey::udp(53), backend("127.0.0.2:53"), ServiceAsk::default()).unwrap();
-    let addr = "127.0.0.2:53".parse().unwrap();
-    assert!(matches!(store.unregister(ServiceKey::udp(53), addr, "test"), Ok(2)));
-    assert!(!a.has_backends());
-    assert_eq!(
-        store.unregister(ServiceKey::udp(53), addr, "test"),
-        Err(StoreError::NotFound { service: ServiceKey::udp(53), backend: addr })
-    );
-    drop(a);
-    assert_eq!(store.snapshot().version, 2, "an empty registration closes without a new version");
-}
-
-#[test]
 fn a_backend_registered_again_moves_to_the_new_registration() {
     let store = store();
-    let old = store.open_registration(origin("127.0.0.2")).unwrap();
-    let new = store.open_registration(origin("127.0.0.2")).unwrap();
+    let old = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
+    let new = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
     store.register(old.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     let again = store.register(new.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     assert!(!again.created);
@@ -102,7 +94,7 @@ fn a_backend_registered_again_moves_to_the_new_registration() {
 #[test]
 fn unhealthy_backends_stay_registered_out_of_rotation() {
     let store = store();
-    let a = store.open_registration(origin("127.0.0.2")).unwrap();
+    let a = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
     store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     a.set_healthy(false).unwrap();
     let snapshot = store.snapshot();
@@ -118,11 +110,11 @@ fn warm_up_snapshots_retire_removed_services_and_versions_jump_above_known_ones(
     let store = store();
     store.begin_warm_up().unwrap();
     assert!(store.snapshot().warming_up);
-    let a = store.open_registration(origin("127.0.0.2")).unwrap();
+    let a = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
     store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     drop(a);
     assert_eq!(store.snapshot().retired, [ServiceKey::tcp(80)].into());
-    let b = store.open_registration(origin("127.0.0.2")).unwrap();
+    let b = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
     store.register(b.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     assert!(store.snapshot().retired.is_empty(), "re-registered: no longer retired");
 
@@ -139,7 +131,7 @@ fn warm_up_snapshots_retire_removed_services_and_versions_jump_above_known_ones(
 #[tokio::test(start_paused = true)]
 async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed() {
     let store = store();
-    let reg = store.open_registration(origin("127.0.0.2")).unwrap();
+    let reg = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
     // No node at all: success with a note.
     let reply = reg
         .register(ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default(), Duration::from_secs(2))
@@ -147,8 +139,8 @@ async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed()
         .unwrap();
     assert!(reply.success && reply.message.unwrap().contains("no data-plane node"));
 
-    let node_a = Arc::new(store.connect_node("a", None).unwrap());
-    let node_b = Arc::new(store.connect_node("b", None).unwrap());
+    let node_a = Arc::new(store.connect_node("a", None, None).unwrap());
+    let node_b = Arc::new(store.connect_node("b", None, None).unwrap());
     let report = |store: Arc<Store>, node: Arc<NodeLink>, result: Result<SocketAddr, String>| async move {
         let mut rx = store.subscribe();
         let version = rx.wait_for(|s| s.services.contains_key(&ServiceKey::tcp(81))).await.unwrap().version;
@@ -184,7 +176,7 @@ async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed()
     assert_eq!(reply.message.as_deref(), Some("node a: no bind result in time"));
 
     // One node listens, another fails: success, naming the failing node.
-    let node_c = Arc::new(store.connect_node("c", None).unwrap());
+    let node_c = Arc::new(store.connect_node("c", None, None).unwrap());
     let a = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_a), Ok("0.0.0.0:81".parse().unwrap())));
     let c = tokio::spawn(report(Arc::clone(&store), Arc::clone(&node_c), Err("bind 0.0.0.0:81: in use".into())));
     let reply = reg
@@ -202,7 +194,7 @@ async fn register_waits_for_bind_results_and_rolls_back_when_every_node_failed()
 fn drain_and_weight_changes_are_versioned_events() {
     let store = store();
     let mut events = store.watch_events();
-    let a = store.open_registration(origin("127.0.0.2")).unwrap();
+    let a = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
     let addr: SocketAddr = "127.0.0.2:80".parse().unwrap();
     store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     assert_eq!(events.try_recv().unwrap().kind, EventKind::ServiceAdded);
@@ -230,8 +222,8 @@ fn drain_and_weight_changes_are_versioned_events() {
 #[test]
 fn the_first_registration_chooses_the_algorithm_until_an_operator_does() {
     let store = store();
-    let a = store.open_registration(origin("127.0.0.2")).unwrap();
-    let b = store.open_registration(origin("127.0.0.3")).unwrap();
+    let a = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
+    let b = store.open_registration(origin("127.0.0.3"), Credential::Anonymous).unwrap();
     let key = ServiceKey::tcp(80);
     store.register(a.id, key, backend("127.0.0.2:80"), ServiceAsk::algorithm(Algorithm::LeastConnections)).unwrap();
     assert_eq!(store.snapshot().services[&key].algorithm, Algorithm::LeastConnections);
@@ -242,25 +234,28 @@ fn the_first_registration_chooses_the_algorithm_until_an_operator_does() {
     store.register(b.id, key, backend("127.0.0.3:80"), ServiceAsk::default()).unwrap();
     // After the operator's choice, a registration asking for the old one is let in, overruled.
     store.set_algorithm(key, Algorithm::PowerOfTwo).unwrap();
-    let c = store.open_registration(origin("127.0.0.4")).unwrap();
+    let c = store.open_registration(origin("127.0.0.4"), Credential::Anonymous).unwrap();
     let again =
         store.register(c.id, key, backend("127.0.0.4:80"), ServiceAsk::algorithm(Algorithm::LeastConnections)).unwrap();
     assert_eq!(again.overruled, Some((Algorithm::LeastConnections, Algorithm::PowerOfTwo)));
     assert_eq!(store.snapshot().services[&key].algorithm, Algorithm::PowerOfTwo);
 }
 
-#[test]
-fn a_taken_node_id_is_refused_until_its_link_ends() {
+#[tokio::test]
+async fn a_node_connecting_again_replaces_its_older_link() {
     let store = store();
-    let first = store.connect_node("n1", None).unwrap();
-    let second = store.connect_node("n1", None).unwrap_err();
-    assert_eq!(second, StoreError::NodeTaken { node: "n1".into() });
-    assert!(store.view().nodes[0].connected, "a second stream does not displace the first");
+    let mut first = store.connect_node("n1", None, None).unwrap();
     first.report(NodeReport::Applied { version: 9, frontends: Vec::new() });
     assert_eq!(store.view().nodes[0].acked_version, Some(9));
+    let second = store.connect_node("n1", None, None).unwrap();
+    tokio::time::timeout(Duration::from_secs(1), first.replaced()).await.expect("the older link is told");
+    first.report(NodeReport::Applied { version: 10, frontends: Vec::new() });
+    assert_eq!(store.view().nodes[0].acked_version, None, "the older link no longer reports");
     drop(first);
+    assert!(store.view().nodes[0].connected, "the older link's end does not disconnect the newer one");
+    drop(second);
     assert!(!store.view().nodes[0].connected);
-    let new = store.connect_node("n1", None).unwrap();
+    let new = store.connect_node("n1", None, None).unwrap();
     assert_eq!(store.view().nodes[0].acked_version, None, "a new link starts with no ack");
     new.report(NodeReport::Load(vec![BackendLoad {
         service: ServiceKey::tcp(80),
@@ -280,7 +275,7 @@ fn a_taken_node_id_is_refused_until_its_link_ends() {
 fn a_change_that_breaks_an_invariant_is_refused_and_never_published() {
     let store = store();
     let mut snapshots = store.subscribe();
-    let a = store.open_registration(origin("127.0.0.2")).unwrap();
+    let a = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
     store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
     snapshots.borrow_and_update();
     let before = store.snapshot();
@@ -314,18 +309,32 @@ fn a_change_that_breaks_an_invariant_is_refused_and_never_published() {
 #[test]
 fn a_backend_may_not_be_the_balancer_itself() {
     let store = store();
-    let a = store.open_registration(origin("127.0.0.1")).unwrap();
+    let a = store.open_registration(origin("127.0.0.1"), Credential::Anonymous).unwrap();
     // The controller's own JSON listener behind a public frontend would relay into the control plane.
     let own = store.register(a.id, ServiceKey::tcp(81), backend("127.0.0.1:8080"), ServiceAsk::default()).unwrap_err();
     assert_eq!(own.to_string(), "backend 127.0.0.1:8080 is one of the balancer's own listeners");
     // The embedded node's frontend of the same service: every connection would come back to itself.
     let looped = store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.1:80"), ServiceAsk::default()).unwrap_err();
     assert_eq!(looped, StoreError::Loop { service: ServiceKey::tcp(80), backend: "127.0.0.1:80".parse().unwrap() });
-    // A remote node's frontend address, likewise.
-    let _node = store.connect_node("n1", Some("127.0.0.9:40000".parse().unwrap())).unwrap();
+    // A remote node that says nothing of its frontends is judged by the address its link comes from.
+    let _node = store.connect_node("n1", Some("127.0.0.9:40000".parse().unwrap()), None).unwrap();
     let looped = store.register(a.id, ServiceKey::udp(53), backend("127.0.0.9:53"), ServiceAsk::default()).unwrap_err();
     assert!(matches!(looped, StoreError::Loop { .. }), "{looped}");
+    // One that says where its frontends listen is judged by that, not by its link's address.
+    let on = |ip: &str| Some(FrontendAddresses { addresses: vec![ip.parse().unwrap()], wildcard: false });
+    let _n2 = store.connect_node("n2", Some("127.0.0.1:40001".parse().unwrap()), on("127.0.0.12")).unwrap();
+    let looped = store.register(a.id, ServiceKey::udp(53), backend("127.0.0.12:53"), ServiceAsk::default());
+    assert!(matches!(looped, Err(StoreError::Loop { .. })), "{looped:?}");
+    // A wildcard node: its host's addresses and every loopback address reach it.
+    let wildcard = Some(FrontendAddresses { addresses: vec!["10.1.2.3".parse().unwrap()], wildcard: true });
+    let n3 = store.connect_node("n3", Some("127.0.0.13:40001".parse().unwrap()), wildcard).unwrap();
+    for looped in ["10.1.2.3:53", "127.0.0.77:53"] {
+        let refused = store.register(a.id, ServiceKey::udp(53), backend(looped), ServiceAsk::default());
+        assert!(matches!(refused, Err(StoreError::Loop { .. })), "{looped}: {refused:?}");
+    }
     assert_eq!(store.snapshot().version, 0, "nothing was registered");
+    store.register(a.id, ServiceKey::udp(53), backend("10.1.2.4:53"), ServiceAsk::default()).unwrap();
+    drop(n3);
     // Another address on the same host, or the same address on a port no frontend uses, is a backend like
     // any other.
     store.register(a.id, ServiceKey::tcp(80), backend("127.0.0.2:80"), ServiceAsk::default()).unwrap();
@@ -335,13 +344,17 @@ fn a_backend_may_not_be_the_balancer_itself() {
 #[test]
 fn the_loop_check_sees_through_other_spellings_and_other_services() {
     let store = store();
-    let a = store.open_registration(origin("127.0.0.1")).unwrap();
+    let a = store.open_registration(origin("127.0.0.1"), Credential::Anonymous).unwrap();
     let refused = |service: ServiceKey, backend: &str| {
         store.register(a.id, service, self::backend(backend), ServiceAsk::default()).is_err()
     };
     assert!(refused(ServiceKey::tcp(81), "0.0.0.0:8080"), "0.0.0.0 reaches this host");
     assert!(refused(ServiceKey::tcp(81), "[::ffff:127.0.0.1]:8080"), "a mapped address is the same address");
     assert!(refused(ServiceKey::tcp(81), "224.0.0.1:81"), "multicast is no one host");
+    assert!(refused(ServiceKey::tcp(81), "255.255.255.255:81"), "nor is broadcast");
+    assert!(refused(ServiceKey::tcp(81), "0.1.2.3:81"), "nor this network");
+    assert!(refused(ServiceKey::tcp(81), "240.0.0.1:81"), "nor the reserved block");
+    assert!(refused(ServiceKey::tcp(81), "[ff02::1]:81"), "nor IPv6 multicast");
     store.register(a.id, ServiceKey::tcp(90), backend("127.0.0.2:90"), ServiceAsk::default()).unwrap();
     // tcp:91 -> the frontend of tcp:90 -> ... would chain into the balancer.
     let chained =
@@ -362,9 +375,9 @@ fn each_node_sees_the_others_counts_summed_and_a_node_that_leaves_drops_out() {
         failing: false,
         reported: None,
     };
-    let a = store.connect_node("a", None).unwrap();
-    let b = store.connect_node("b", None).unwrap();
-    let c = store.connect_node("c", None).unwrap();
+    let a = store.connect_node("a", None, None).unwrap();
+    let b = store.connect_node("b", None, None).unwrap();
+    let c = store.connect_node("c", None, None).unwrap();
     a.report(NodeReport::Load(vec![row("127.0.0.2:80", 1), row("127.0.0.9:80", 5)]));
     b.report(NodeReport::Load(vec![row("127.0.0.2:80", 2)]));
     // A row with nothing open elsewhere is not listed: no row means no connection.
@@ -420,7 +433,7 @@ fn a_load_of_static_backends_is_one_version_and_a_reload_is_the_diff() {
     assert_eq!(store.apply_static(&first).unwrap(), statics::StaticDiff { version: 1, ..Default::default() });
 
     // A server registers to the static service beside them; the controller's check brings one back.
-    let a = store.open_registration(origin("127.0.0.4")).unwrap();
+    let a = store.open_registration(origin("127.0.0.4"), Credential::Anonymous).unwrap();
     store.register(a.id, web, backend("127.0.0.4:8443"), ServiceAsk::default()).unwrap();
     store.set_static_healthy(web, "127.0.0.3:8443".parse().unwrap(), true).unwrap();
     assert_eq!(store.snapshot().services[&web].backends.len(), 3);
@@ -460,10 +473,10 @@ async fn load_reports_reach_nodes_with_the_counts_and_age_out() {
         ..Policy::default()
     };
     let store = Store::new(policy, false);
-    let reg = store.open_registration(origin("127.0.0.2")).unwrap();
+    let reg = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
     let key = ServiceKey::tcp(80);
     store.register(reg.id, key, backend("127.0.0.2:80"), ServiceAsk::algorithm(Algorithm::LeastLoad)).unwrap();
-    let link = store.connect_node("n1", None).unwrap();
+    let link = store.connect_node("n1", None, None).unwrap();
     assert!(store.cluster_load_excluding("n1").is_empty(), "nothing reported, nothing sent");
     let version = store.snapshot().version;
     reg.report_load(900);
@@ -483,11 +496,11 @@ fn another_controllers_load_reports_reach_this_ones_nodes_and_are_never_shared_b
     let store = store();
     let key = ServiceKey::tcp(80);
     let (mine, theirs) = (backend("127.0.0.2:80"), backend("127.0.0.3:80"));
-    let reg = store.open_registration(origin("127.0.0.2")).unwrap();
+    let reg = store.open_registration(origin("127.0.0.2"), Credential::Anonymous).unwrap();
     store.register(reg.id, key, mine, ServiceAsk::algorithm(Algorithm::LeastLoad)).unwrap();
-    let other = store.open_registration(origin("127.0.0.3")).unwrap();
+    let other = store.open_registration(origin("127.0.0.3"), Credential::Anonymous).unwrap();
     store.register(other.id, key, theirs, ServiceAsk::algorithm(Algorithm::LeastLoad)).unwrap();
-    let _link = store.connect_node("n1", None).unwrap();
+    let _link = store.connect_node("n1", None, None).unwrap();
     reg.report_load(300);
     // Controller c2 holds the agent of the other backend: its report comes with its counts.
     let row = |address: SocketAddr, reported| BackendLoad {
