@@ -8,6 +8,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{access_log::AccessLog, table::RoutingTable};
 
+mod batch;
 pub mod pump;
 pub mod tcp;
 pub mod udp;

@@ -15,9 +15,9 @@
 use std::{
     cell::RefCell,
     collections::HashMap,
-    io::{self, IoSliceMut},
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, RawFd},
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -28,7 +28,6 @@ use contract::{
     limit::{Limit, Permit, Throttle, WARN_EVERY},
     model::ServiceKey,
 };
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 use socket2::SockRef;
 use tokio::{
     io::Interest,
@@ -40,7 +39,10 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::RelayContext;
+use super::{
+    RelayContext,
+    batch::{Batch, MAX_DATAGRAM},
+};
 use crate::proxy;
 use crate::{
     access_log::{AccessLog, AccessRecord},
@@ -49,11 +51,7 @@ use crate::{
     table::RoutingTable,
 };
 
-/// Largest UDP payload (and a little more, so a datagram that fills a buffer is never cut short).
-const MAX_DATAGRAM: usize = 65_536;
-
-/// Most datagrams one receive call takes, and most replies a session passes per wake-up.
-pub const BATCH_SIZE: usize = 32;
+pub use super::batch::BATCH_SIZE;
 
 thread_local! {
     /// One reply buffer per worker thread, borrowed for a synchronous receive-and-send, never across an
@@ -373,50 +371,6 @@ fn connect_upstream(backend: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket)
 }
 
-/// A worker's receive batch: buffers for [`BATCH_SIZE`] datagrams, filled by one recvmmsg(2).
-struct Batch {
-    buffers: Vec<Vec<u8>>,
-    headers: MultiHeaders<SockaddrStorage>,
-    /// Buffer index, length and sender of each datagram received.
-    received: Vec<(usize, usize, SocketAddr)>,
-}
-
-impl Batch {
-    fn new() -> Self {
-        Batch {
-            buffers: (0..BATCH_SIZE).map(|_| vec![0; MAX_DATAGRAM]).collect(),
-            headers: MultiHeaders::preallocate(BATCH_SIZE, None),
-            received: Vec::with_capacity(BATCH_SIZE),
-        }
-    }
-
-    /// Receives what is waiting, without blocking; `WouldBlock` when nothing is. Returns how many
-    /// datagrams were too large and left out.
-    fn receive(&mut self, fd: RawFd) -> io::Result<usize> {
-        self.received.clear();
-        let mut truncated = 0;
-        let mut slices: Vec<[IoSliceMut<'_>; 1]> =
-            self.buffers.iter_mut().map(|buffer| [IoSliceMut::new(buffer)]).collect();
-        let messages = recvmmsg(fd, &mut self.headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
-        for (index, message) in messages.enumerate() {
-            // Buffers hold the largest datagram; a truncated one is never passed on cut short.
-            if message.flags.contains(MsgFlags::MSG_TRUNC) {
-                truncated += 1;
-            } else if let Some(sender) = message.address.as_ref().and_then(socket_addr) {
-                self.received.push((index, message.bytes, sender));
-            }
-        }
-        Ok(truncated)
-    }
-}
-
-fn socket_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = address.as_sockaddr_in() {
-        return Some(SocketAddr::V4((*v4).into()));
-    }
-    address.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
-}
-
 // === impl SessionTask ===
 
 impl SessionTask {
@@ -541,27 +495,4 @@ struct Replies {
 
 fn elapsed_ms(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_call_receives_every_waiting_datagram_with_its_sender() {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.set_nonblocking(true).unwrap();
-        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut batch = Batch::new();
-        let empty = batch.receive(socket.as_raw_fd()).unwrap_err();
-        assert_eq!(empty.kind(), io::ErrorKind::WouldBlock);
-        for i in 0..3u8 {
-            client.send_to(&[i; 10], socket.local_addr().unwrap()).unwrap();
-        }
-        assert_eq!(batch.receive(socket.as_raw_fd()).unwrap(), 0);
-        let got: Vec<_> =
-            batch.received.iter().map(|&(i, len, from)| (batch.buffers[i][..len].to_vec(), from)).collect();
-        let sender = client.local_addr().unwrap();
-        assert_eq!(got, (0..3u8).map(|i| (vec![i; 10], sender)).collect::<Vec<_>>());
-    }
 }
