@@ -25,3 +25,4 @@ mod security;
 mod soak;
 mod splice;
 mod takeover;
+mod udp_flood;
