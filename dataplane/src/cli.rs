@@ -119,7 +119,7 @@ pub struct NodeArgs {
 
     /// A UDP session whose backend has not answered yet ends after this long without a datagram from its
     /// client (at most --udp-idle-timeout); once the backend answers, --udp-idle-timeout applies. Sessions
-    /// of spoofed clients, which never send again, leave the table this soon.
+    /// the backend ignores (a spoofed flood's, most often) leave the table this soon.
     #[arg(long, env = "SWITCHBOARD_UDP_UNANSWERED_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub udp_unanswered_timeout: Duration,
 
