@@ -117,9 +117,26 @@ pub struct NodeArgs {
     #[arg(long, env = "SWITCHBOARD_UDP_IDLE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub udp_idle_timeout: Duration,
 
+    /// A UDP session whose backend has not answered yet ends after this long without a datagram from its
+    /// client (at most --udp-idle-timeout); once the backend answers, --udp-idle-timeout applies. Sessions
+    /// the backend ignores (a spoofed flood's, most often) leave the table this soon.
+    #[arg(long, env = "SWITCHBOARD_UDP_UNANSWERED_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub udp_unanswered_timeout: Duration,
+
     /// Most UDP sessions per frontend (each holds a descriptor); datagrams that would open more are dropped.
     #[arg(long, env = "SWITCHBOARD_UDP_MAX_SESSIONS", default_value_t = 4_096)]
     pub udp_max_sessions: usize,
+
+    /// Most UDP sessions per frontend from one client address (its ports are its sessions); datagrams that
+    /// would open more are dropped. Above --udp-max-sessions-per-prefix, the prefix's cap binds first.
+    #[arg(long, env = "SWITCHBOARD_UDP_MAX_SESSIONS_PER_SOURCE", default_value_t = 64)]
+    pub udp_max_sessions_per_source: usize,
+
+    /// Most UDP sessions per frontend from one client /24 (IPv4, IPv4-mapped IPv6 included) or /64 (IPv6);
+    /// datagrams that would open more are dropped. With the defaults a spoofed flood from one network holds
+    /// at most a quarter of --udp-max-sessions.
+    #[arg(long, env = "SWITCHBOARD_UDP_MAX_SESSIONS_PER_PREFIX", default_value_t = 1_024)]
+    pub udp_max_sessions_per_prefix: usize,
 
     /// Most TCP connections open at once per service and node; more are queued (--queue-timeout) or refused.
     #[arg(long, env = "SWITCHBOARD_MAX_CONNECTIONS_PER_SERVICE", default_value_t = 10_000)]
@@ -184,8 +201,14 @@ impl NodeArgs {
         load_report_interval: Duration,
         client_fds: usize,
     ) -> Result<NodeConfig, FlagError> {
-        if self.udp_max_sessions == 0 {
-            return Err(FlagError::new("udp-max-sessions", "must be at least 1"));
+        for (flag, value) in [
+            ("udp-max-sessions", self.udp_max_sessions),
+            ("udp-max-sessions-per-source", self.udp_max_sessions_per_source),
+            ("udp-max-sessions-per-prefix", self.udp_max_sessions_per_prefix),
+        ] {
+            if value == 0 {
+                return Err(FlagError::new(flag, "must be at least 1"));
+            }
         }
         if self.max_connections_per_service == 0 {
             return Err(FlagError::new("max-connections-per-service", "must be at least 1"));
@@ -198,6 +221,7 @@ impl NodeArgs {
             ("passive-retry", self.passive_retry),
             ("accept-proxy-timeout", self.accept_proxy_timeout),
             ("udp-idle-timeout", self.udp_idle_timeout),
+            ("udp-unanswered-timeout", self.udp_unanswered_timeout),
             ("load-report-interval", load_report_interval),
         ])?;
         Ok(NodeConfig {
@@ -207,7 +231,10 @@ impl NodeArgs {
             passive: Passive { failures: self.passive_failures, retry: self.passive_retry },
             accept_proxy_timeout: self.accept_proxy_timeout,
             udp_idle_timeout: self.udp_idle_timeout,
+            udp_unanswered_timeout: self.udp_unanswered_timeout,
             udp_max_sessions: self.udp_max_sessions,
+            udp_max_sessions_per_source: self.udp_max_sessions_per_source,
+            udp_max_sessions_per_prefix: self.udp_max_sessions_per_prefix,
             load_report_interval,
             drain_timeout: self.drain_timeout,
             client_fds,
@@ -289,6 +316,14 @@ mod tests {
         assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "node-id");
         let bad = Cli::parse_from(["dataplane", "--udp-max-sessions", "0"]);
         assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "udp-max-sessions");
+        assert_eq!(config.node.udp_unanswered_timeout, Duration::from_secs(2));
+        assert_eq!((config.node.udp_max_sessions_per_source, config.node.udp_max_sessions_per_prefix), (64, 1_024));
+        for flag in ["--udp-max-sessions-per-source", "--udp-max-sessions-per-prefix"] {
+            let bad = Cli::parse_from(["dataplane", flag, "0"]);
+            assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, &flag[2..]);
+        }
+        let bad = Cli::parse_from(["dataplane", "--udp-unanswered-timeout", "0s"]);
+        assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "udp-unanswered-timeout");
         let bad = Cli::parse_from(["dataplane", "--pipe-size", "100"]);
         assert_eq!(DataplaneConfig::try_from(bad).unwrap_err().flag, "pipe-size");
         assert!(config.node.workers >= 1);

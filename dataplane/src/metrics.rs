@@ -72,6 +72,10 @@ pub enum Dropped {
     SendFailed,
     /// Larger than the largest UDP payload.
     Truncated,
+    /// The client's address holds `--udp-max-sessions-per-source`.
+    SourceLimit,
+    /// The client's /24 (IPv4) or /64 (IPv6) holds `--udp-max-sessions-per-prefix`.
+    PrefixLimit,
 }
 
 /// Every family of the data path. Cloning shares them.
@@ -100,7 +104,7 @@ pub struct DataMetrics {
 pub struct FrontendStats {
     labels: ServiceLabels,
     refused: [Counter; 5],
-    drops: [Counter; 7],
+    drops: [Counter; 9],
     /// Backend failures are logged at warn level at most once per 10 s per frontend.
     backend_warnings: std::sync::Mutex<contract::limit::Throttle>,
 }
@@ -129,7 +133,7 @@ struct NodeCollector {
 const CONNECT_FAILURES: [ConnectFailure; 3] = [ConnectFailure::Refused, ConnectFailure::Timeout, ConnectFailure::Error];
 const REFUSALS: [Refusal; 5] =
     [Refusal::NoBackend, Refusal::ServiceFull, Refusal::FdLimit, Refusal::SilentClient, Refusal::BadProxyHeader];
-const DROPS: [Dropped; 7] = [
+const DROPS: [Dropped; 9] = [
     Dropped::SessionLimit,
     Dropped::NoBackend,
     Dropped::FdLimit,
@@ -137,6 +141,8 @@ const DROPS: [Dropped; 7] = [
     Dropped::UpstreamBusy,
     Dropped::SendFailed,
     Dropped::Truncated,
+    Dropped::SourceLimit,
+    Dropped::PrefixLimit,
 ];
 
 fn connect_time_histogram() -> Histogram {
@@ -334,6 +340,8 @@ impl Dropped {
             Dropped::UpstreamBusy => "upstream_busy",
             Dropped::SendFailed => "send_failed",
             Dropped::Truncated => "truncated",
+            Dropped::SourceLimit => "source_limit",
+            Dropped::PrefixLimit => "prefix_limit",
         }
     }
 }

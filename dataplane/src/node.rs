@@ -36,6 +36,7 @@ use crate::{
     relay::{
         self, RelayContext,
         pump::{PipePool, PumpStats},
+        sources::SourceCaps,
     },
     stats::{BackendStats, Passive, StatsRegistry},
     table::RoutingTable,
@@ -58,8 +59,14 @@ pub struct NodeConfig {
     pub accept_proxy_timeout: Duration,
     /// A UDP session with no traffic for this long ends.
     pub udp_idle_timeout: Duration,
+    /// A UDP session whose backend has not answered yet ends after this long without a datagram.
+    pub udp_unanswered_timeout: Duration,
     /// Most UDP sessions per frontend.
     pub udp_max_sessions: usize,
+    /// Most UDP sessions per frontend and client address.
+    pub udp_max_sessions_per_source: usize,
+    /// Most UDP sessions per frontend and client /24 (IPv4) or /64 (IPv6).
+    pub udp_max_sessions_per_prefix: usize,
     /// Shortest time between two load reports.
     pub load_report_interval: Duration,
     /// How long connections of a removed backend go on, and how long a stopping node waits for its
@@ -157,7 +164,11 @@ impl Node {
             passive: config.passive,
             accept_proxy_timeout: config.accept_proxy_timeout,
             udp_idle_timeout: config.udp_idle_timeout,
+            // Never longer than the idle timeout: an answer only ever lengthens a session.
+            udp_unanswered_timeout: config.udp_unanswered_timeout.min(config.udp_idle_timeout),
             udp_max_sessions: config.udp_max_sessions,
+            udp_max_sessions_per_source: config.udp_max_sessions_per_source,
+            udp_max_sessions_per_prefix: config.udp_max_sessions_per_prefix,
             pipes: PipePool::new(config.splice_pipes, config.pipe_size, Arc::clone(&client_fds)),
             client_fds,
             max_connections_per_service: config.max_connections_per_service,
@@ -375,10 +386,12 @@ impl Node {
                     let local = sockets[0].local_addr().map_err(bind_error)?;
                     let kept = copies(&sockets, keep).map_err(bind_error)?;
                     let slots = Limit::new("UDP sessions of one frontend", ctx.udp_max_sessions);
+                    let sources = SourceCaps::new(ctx.udp_max_sessions_per_source, ctx.udp_max_sessions_per_prefix);
                     let stop = CancellationToken::new();
                     let serve = |socket| {
-                        let (ctx, stats, slots) = (Arc::clone(ctx), Arc::clone(&stats), Arc::clone(&slots));
-                        relay::udp::serve(socket, service, ctx, stats, slots, stop.clone())
+                        let (ctx, stats) = (Arc::clone(ctx), Arc::clone(&stats));
+                        let bounds = relay::udp::Bounds { slots: Arc::clone(&slots), sources: Arc::clone(&sources) };
+                        relay::udp::serve(socket, service, ctx, stats, bounds, stop.clone())
                     };
                     Ok((local, workers.spawn_each(sockets, serve), stop, kept))
                 })

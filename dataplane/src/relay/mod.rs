@@ -8,7 +8,9 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{access_log::AccessLog, table::RoutingTable};
 
+mod batch;
 pub mod pump;
+pub mod sources;
 pub mod tcp;
 pub mod udp;
 
@@ -25,8 +27,15 @@ pub struct RelayContext {
     pub accept_proxy_timeout: Duration,
     /// A UDP session with no datagram either way for this long ends.
     pub udp_idle_timeout: Duration,
+    /// A UDP session whose backend has not answered yet ends after this long without a datagram (at
+    /// most `udp_idle_timeout`).
+    pub udp_unanswered_timeout: Duration,
     /// Most UDP sessions one frontend keeps; datagrams that would open more are dropped.
     pub udp_max_sessions: usize,
+    /// Most UDP sessions of one frontend per client address.
+    pub udp_max_sessions_per_source: usize,
+    /// Most UDP sessions of one frontend per client /24 (IPv4) or /64 (IPv6).
+    pub udp_max_sessions_per_prefix: usize,
     /// The descriptors every client of the node shares: a TCP connection takes two, a UDP session one.
     pub client_fds: Arc<Limit>,
     /// Most TCP connections at once per service.

@@ -11,13 +11,17 @@
 //! Memory follows the sessions open, not the sessions ever opened: a session holds no buffer while it
 //! waits (replies are copied through a buffer borrowed from the worker thread), and the table gives its
 //! room back when it empties.
+//!
+//! A flood of new client addresses (spoofed, most often) meets the frontend's bound and the caps per client
+//! address and per prefix ([`super::sources`]), which keep one network from taking the table. A session
+//! whose backend has not answered yet ends after `--udp-unanswered-timeout`, long before the idle timeout.
 
 use std::{
     cell::RefCell,
     collections::HashMap,
-    io::{self, IoSliceMut},
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsRawFd, RawFd},
+    os::fd::AsRawFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -28,7 +32,6 @@ use contract::{
     limit::{Limit, Permit, Throttle, WARN_EVERY},
     model::ServiceKey,
 };
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 use socket2::SockRef;
 use tokio::{
     io::Interest,
@@ -40,7 +43,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span, warn};
 
-use super::RelayContext;
+use super::{
+    RelayContext,
+    batch::{Batch, MAX_DATAGRAM},
+    sources::{SourceCaps, SourceSlot},
+};
 use crate::proxy;
 use crate::{
     access_log::{AccessLog, AccessRecord},
@@ -49,11 +56,7 @@ use crate::{
     table::RoutingTable,
 };
 
-/// Largest UDP payload (and a little more, so a datagram that fills a buffer is never cut short).
-const MAX_DATAGRAM: usize = 65_536;
-
-/// Most datagrams one receive call takes, and most replies a session passes per wake-up.
-pub const BATCH_SIZE: usize = 32;
+pub use super::batch::BATCH_SIZE;
 
 thread_local! {
     /// One reply buffer per worker thread, borrowed for a synchronous receive-and-send, never across an
@@ -78,6 +81,17 @@ struct Session {
     task: AbortHandle,
     /// The session's place in the frontend's bound.
     _slot: Permit,
+    /// Its place under its client address's and prefix's caps.
+    _source: SourceSlot,
+}
+
+/// What bounds the sessions of one frontend, across all its workers.
+#[derive(Debug, Clone)]
+pub struct Bounds {
+    /// The whole table (`--udp-max-sessions`).
+    pub slots: Arc<Limit>,
+    /// Per client address and per prefix.
+    pub sources: Arc<SourceCaps>,
 }
 
 /// What a session's two halves (the frontend's receive path and the session's task) share.
@@ -102,6 +116,10 @@ struct SessionTask {
     shared: Arc<SessionShared>,
     epoch: Instant,
     idle: Duration,
+    /// How long the session may wait for its backend's first reply (`--udp-unanswered-timeout`).
+    unanswered: Duration,
+    /// The backend has replied at least once: the idle timeout applies from then on.
+    answered: bool,
     guard: ConnectionGuard,
     /// The upstream socket's descriptor, from the node's client share.
     _fd: Permit,
@@ -118,13 +136,13 @@ struct SessionTask {
 
 /// Relays datagrams of `service` arriving on one worker's socket until `stop` fires (the frontend closes).
 /// Every session of this socket ends with it, and is waited for, so the port is really released when this
-/// returns. `slots` bounds the frontend's sessions across all its workers.
+/// returns. `bounds` bound the frontend's sessions across all its workers.
 pub async fn serve(
     socket: std::net::UdpSocket,
     service: ServiceKey,
     ctx: Arc<RelayContext>,
     stats: Arc<FrontendStats>,
-    slots: Arc<Limit>,
+    bounds: Bounds,
     stop: CancellationToken,
 ) {
     let local = socket.local_addr().ok();
@@ -140,7 +158,7 @@ pub async fn serve(
         service,
         ctx,
         stats,
-        slots,
+        bounds,
         frontend,
         local,
         epoch: Instant::now(),
@@ -181,7 +199,7 @@ struct FrontendSocket {
     service: ServiceKey,
     ctx: Arc<RelayContext>,
     stats: Arc<FrontendStats>,
-    slots: Arc<Limit>,
+    bounds: Bounds,
     frontend: Arc<UdpSocket>,
     /// The frontend's address, for access-log records.
     local: Option<SocketAddr>,
@@ -287,12 +305,23 @@ impl FrontendSocket {
 
     fn open_session(&mut self, peer: SocketAddr, table: &RoutingTable, now: u64) -> Option<Session> {
         let service = self.service;
-        let Some(slot) = self.slots.try_take(1) else {
+        let Some(slot) = self.bounds.slots.try_take(1) else {
             self.stats.dropped(Dropped::SessionLimit);
             if let Some(held_back) = self.full.admit(Instant::now()) {
-                warn!(%service, max = self.slots.max(), dropped_since_last_warning = held_back + 1, "session table full: datagrams of new clients are dropped");
+                warn!(%service, max = self.bounds.slots.max(), dropped_since_last_warning = held_back + 1, "session table full: datagrams of new clients are dropped");
             }
             return None;
+        };
+        // Taken after the table's slot, so a full table costs no lock; refused, the slot goes back.
+        let source = match self.bounds.sources.try_take(peer.ip(), Instant::now()) {
+            Ok(source) => source,
+            Err(reached) => {
+                self.stats.dropped(reached.cap.dropped());
+                if let Some(held_back) = reached.warn {
+                    warn!(%service, client = %peer, cap = %reached.cap, dropped_since_last_warning = held_back + 1, "session cap reached: datagrams of new clients from there are dropped");
+                }
+                return None;
+            }
         };
         let route = table.route(&service);
         let picked = route
@@ -333,6 +362,8 @@ impl FrontendSocket {
             shared: Arc::clone(&shared),
             epoch: self.epoch,
             idle: self.ctx.udp_idle_timeout,
+            unanswered: self.ctx.udp_unanswered_timeout,
+            answered: false,
             guard: stats.open(),
             _fd: fd,
             ended: self.ended.clone(),
@@ -357,6 +388,7 @@ impl FrontendSocket {
             header,
             task,
             _slot: slot,
+            _source: source,
         })
     }
 }
@@ -373,58 +405,16 @@ fn connect_upstream(backend: SocketAddr) -> io::Result<UdpSocket> {
     UdpSocket::from_std(socket)
 }
 
-/// A worker's receive batch: buffers for [`BATCH_SIZE`] datagrams, filled by one recvmmsg(2).
-struct Batch {
-    buffers: Vec<Vec<u8>>,
-    headers: MultiHeaders<SockaddrStorage>,
-    /// Buffer index, length and sender of each datagram received.
-    received: Vec<(usize, usize, SocketAddr)>,
-}
-
-impl Batch {
-    fn new() -> Self {
-        Batch {
-            buffers: (0..BATCH_SIZE).map(|_| vec![0; MAX_DATAGRAM]).collect(),
-            headers: MultiHeaders::preallocate(BATCH_SIZE, None),
-            received: Vec::with_capacity(BATCH_SIZE),
-        }
-    }
-
-    /// Receives what is waiting, without blocking; `WouldBlock` when nothing is. Returns how many
-    /// datagrams were too large and left out.
-    fn receive(&mut self, fd: RawFd) -> io::Result<usize> {
-        self.received.clear();
-        let mut truncated = 0;
-        let mut slices: Vec<[IoSliceMut<'_>; 1]> =
-            self.buffers.iter_mut().map(|buffer| [IoSliceMut::new(buffer)]).collect();
-        let messages = recvmmsg(fd, &mut self.headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
-        for (index, message) in messages.enumerate() {
-            // Buffers hold the largest datagram; a truncated one is never passed on cut short.
-            if message.flags.contains(MsgFlags::MSG_TRUNC) {
-                truncated += 1;
-            } else if let Some(sender) = message.address.as_ref().and_then(socket_addr) {
-                self.received.push((index, message.bytes, sender));
-            }
-        }
-        Ok(truncated)
-    }
-}
-
-fn socket_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = address.as_sockaddr_in() {
-        return Some(SocketAddr::V4((*v4).into()));
-    }
-    address.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
-}
-
 // === impl SessionTask ===
 
 impl SessionTask {
-    /// Carries replies back to the client until the session is idle or the backend is unreachable.
+    /// Carries replies back to the client until the session is idle (or, before the backend's first
+    /// reply, unanswered for `unanswered`) or the backend is unreachable.
     async fn run(mut self) {
         loop {
             let last = self.shared.last_active.load(Ordering::Relaxed);
-            let idle_at = self.epoch + Duration::from_millis(last) + self.idle;
+            let idle = if self.answered { self.idle } else { self.unanswered };
+            let idle_at = self.epoch + Duration::from_millis(last) + idle;
             let readable = tokio::select! {
                 readable = tokio::time::timeout_at(idle_at, self.upstream.readable()) => readable,
                 () = self.guard.evicted() => {
@@ -438,7 +428,7 @@ impl SessionTask {
                 Ok(Err(error)) => Err(error),
                 // Timed out: idle only if nothing arrived from the client meanwhile either.
                 Err(_) if self.shared.last_active.load(Ordering::Relaxed) == last => {
-                    self.end = "idle";
+                    self.end = if self.answered { "idle" } else { "unanswered" };
                     break;
                 }
                 Err(_) => continue,
@@ -447,6 +437,7 @@ impl SessionTask {
                 // Readiness without a datagram: wait again.
                 Ok(Replies { count: 0, .. }) => {}
                 Ok(Replies { count, bytes, pending }) => {
+                    self.answered = true;
                     self.guard.stats().datagrams_out(count, bytes);
                     self.datagrams_out += count;
                     self.bytes_out += bytes;
@@ -541,27 +532,4 @@ struct Replies {
 
 fn elapsed_ms(epoch: Instant) -> u64 {
     u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn one_call_receives_every_waiting_datagram_with_its_sender() {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.set_nonblocking(true).unwrap();
-        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let mut batch = Batch::new();
-        let empty = batch.receive(socket.as_raw_fd()).unwrap_err();
-        assert_eq!(empty.kind(), io::ErrorKind::WouldBlock);
-        for i in 0..3u8 {
-            client.send_to(&[i; 10], socket.local_addr().unwrap()).unwrap();
-        }
-        assert_eq!(batch.receive(socket.as_raw_fd()).unwrap(), 0);
-        let got: Vec<_> =
-            batch.received.iter().map(|&(i, len, from)| (batch.buffers[i][..len].to_vec(), from)).collect();
-        let sender = client.local_addr().unwrap();
-        assert_eq!(got, (0..3u8).map(|i| (vec![i; 10], sender)).collect::<Vec<_>>());
-    }
 }

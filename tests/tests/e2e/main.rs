@@ -26,3 +26,4 @@ mod soak;
 mod splice;
 mod takeover;
 mod trust;
+mod udp_flood;
