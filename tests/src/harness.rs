@@ -453,6 +453,20 @@ impl DataplaneNode {
     pub async fn state(&self) -> Value {
         http_get_json(&self.host, self.process.addr("admin"), "/api/state").await
     }
+
+    /// Waits until the node's last error (why its link to the controller ended or was refused) says
+    /// `text`, or fails the test after [`DEADLINE`].
+    pub async fn wait_last_error(&self, text: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let state = self.state().await;
+            if state["last_error"].as_str().is_some_and(|e| e.contains(text)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "node {}: no last error saying {text:?}: {state}", self.id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }
 
 /// A gRPC channel to `addr`, connected from `host` (so a client can live in a namespace).

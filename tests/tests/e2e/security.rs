@@ -1,7 +1,7 @@
 //! Who may steer the balancer: bearer tokens at each door, the registration rules (sources, foreign
 //! backends, loops into the balancer, node ids).
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use contract::{
     auth::{Bearer, Token},
@@ -9,11 +9,9 @@ use contract::{
 };
 use serde_json::json;
 use switchboard_tests::harness::{
-    Controller, DEADLINE, DataplaneNode, GrpcRegistration, JsonClient, Net, TcpEcho, free_port, run_to_exit,
-    spawn_agent,
+    Controller, DataplaneNode, GrpcRegistration, JsonClient, Net, TcpEcho, free_port, run_to_exit, spawn_agent,
 };
 use switchboard_tests::hosts::Host;
-use tokio::time::Instant;
 use tonic::{Code, service::interceptor::InterceptedService, transport::Channel};
 
 const AUTH: &str = "registration-token-0001";
@@ -82,15 +80,7 @@ async fn each_door_opens_for_its_own_token_only() {
         DataplaneNode::spawn(Host::Root, &ctl, "good", net.host(11), net.host(254), &["--node-token", NODE]).await;
     let bad = DataplaneNode::spawn(Host::Root, &ctl, "bad", net.host(12), net.host(254), &[]).await;
     ctl.wait_synced(&["good"]).await;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let state = bad.state().await;
-        if state["last_error"].as_str().is_some_and(|e| e.contains("bearer token")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the tokenless node was not refused: {state}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    bad.wait_last_error("bearer token").await;
     assert!(Controller::node(&ctl.state().await, "bad").is_none(), "a refused node is never listed");
     drop((good, bad));
 }
@@ -191,15 +181,7 @@ async fn the_embedded_node_id_is_reserved() {
     let net = Net::new();
     let ctl = Controller::spawn(net, &[]).await;
     let impostor = DataplaneNode::spawn(Host::Root, &ctl, "embedded", net.host(13), net.host(254), &[]).await;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let state = impostor.state().await;
-        if state["last_error"].as_str().is_some_and(|e| e.contains("reserved")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "embedded was not refused: {state}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    impostor.wait_last_error("reserved").await;
     let state = ctl.state().await;
     let node = Controller::node(&state, "embedded").unwrap();
     assert_eq!(node["connected"], true);
@@ -288,29 +270,13 @@ async fn grpc_over_tls_with_the_right_authority_and_nodes_with_certificates_only
     let good = DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(11), net.host(254), &tls).await;
     ctl.wait_synced(&["n1"]).await;
     let bare = DataplaneNode::spawn(Host::Root, &ctl, "n2", net.host(12), net.host(254), &["--ca", &servers_ca]).await;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let state = bare.state().await;
-        if state["last_error"].as_str().is_some_and(|e| e.contains("client certificate")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "a node without a certificate was not refused: {state}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    bare.wait_last_error("client certificate").await;
     assert!(Controller::node(&ctl.state().await, "n2").is_none());
     // A certified node claiming another id than its certificate's name is refused.
     let (other_cert, other_key) = nodes.issue("node-a", net.host(13));
     let tls = ["--ca", &servers_ca, "--tls-cert", &other_cert, "--tls-key", &other_key];
     let liar = DataplaneNode::spawn(Host::Root, &ctl, "x1", net.host(13), net.host(254), &tls).await;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let state = liar.state().await;
-        if state["last_error"].as_str().is_some_and(|e| e.contains("is not a name in the node's certificate")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "a node claiming another id was not refused: {state}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    liar.wait_last_error("is not a name in the node's certificate").await;
     assert!(Controller::node(&ctl.state().await, "x1").is_none());
     drop((good, bare, liar));
     std::fs::remove_dir_all(&dir).unwrap();

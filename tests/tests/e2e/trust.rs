@@ -2,15 +2,14 @@
 //! them, service settings that need authority, quotas per source, loops judged where frontends really are,
 //! node identities, refused empty reloads, forgotten nodes and loopback defaults.
 
-use std::{net::SocketAddr, time::Duration};
+use std::net::SocketAddr;
 
 use serde_json::{Value, json};
 use switchboard_tests::harness::{
-    Controller, DEADLINE, DataplaneNode, GrpcRegistration, JsonClient, Net, Process, TcpEcho, run_to_exit, spawn_agent,
+    Controller, DataplaneNode, GrpcRegistration, JsonClient, Net, Process, TcpEcho, run_to_exit, spawn_agent,
     tcp_roundtrip,
 };
 use switchboard_tests::hosts::Host;
-use tokio::time::Instant;
 
 const AUTH: &str = "registration-token-0001";
 const NODE: &str = "node-token-000000000001";
@@ -214,15 +213,7 @@ async fn a_node_that_connects_again_replaces_its_older_stream_and_left_nodes_are
     ctl.wait_synced(&["n1"]).await;
     // A second process under the same id is not locked out: it takes the id, and the first stream ends.
     let second = DataplaneNode::spawn(Host::Root, &ctl, "n1", net.host(12), net.host(254), &[]).await;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let state = first.state().await;
-        if state["last_error"].as_str().is_some_and(|e| e.contains("connected again")) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the older stream was not ended: {state}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    first.wait_last_error("connected again").await;
     drop(first);
     drop(second);
     // Nodes that left are forgotten after --node-forget-after; the embedded node stays.
