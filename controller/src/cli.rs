@@ -163,6 +163,17 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_JSON_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub json_idle_timeout: Duration,
 
+    /// A connection to any door (JSON, gRPC, admin HTTP) that has not made its first request this long
+    /// after it was accepted is closed: the first JSON line, the HTTP/2 preface and first headers, the
+    /// HTTP request headers.
+    #[arg(long, env = "SWITCHBOARD_FIRST_REQUEST_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub first_request_timeout: Duration,
+
+    /// A gRPC or admin HTTP connection with no request in flight for this long is closed (a `Register`,
+    /// `Sync` or event stream is a request in flight for as long as it lasts).
+    #[arg(long, env = "SWITCHBOARD_IDLE_CONNECTION_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_connection_timeout: Duration,
+
     /// `least_load`: a server's load report (agents' `--report-load`) counts this long; a backend whose
     /// reports stop is then judged by its connections alone.
     #[arg(long, env = "SWITCHBOARD_LOAD_REPORT_MAX_AGE", default_value = "10s", value_parser = humantime::parse_duration)]

@@ -18,8 +18,9 @@ use contract::{
 use dataplane::NodeConfig;
 use tonic::transport::{Certificate, Identity};
 
+pub use crate::api::door::FdShares;
 use crate::{
-    api::auth::Tokens,
+    api::{auth::Tokens, door::DoorTimeouts},
     cli::Cli,
     error::ConfigError,
     probe::ProbeSettings,
@@ -66,6 +67,8 @@ pub struct Config {
     pub registry_limits: RegistryLimits,
     /// A JSON connection that has registered nothing is closed after this long without a request.
     pub json_idle_timeout: Duration,
+    /// How long a connection of any door may go without a request.
+    pub door_timeouts: DoorTimeouts,
     /// Only validate.
     pub check: bool,
     /// Where the registry lives.
@@ -154,20 +157,6 @@ pub const EMBEDDED_NODE: &str = "embedded";
 /// How often the embedded node reports its counts (a remote node's `--load-report-interval` default).
 const EMBEDDED_LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(100);
 
-/// How the process's file-descriptor limit is shared: the control plane's caps come first, so that clients
-/// who exhaust their share never lock out the JSON channel, gRPC or admin HTTP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FdShares {
-    /// Open JSON control connections.
-    pub json: usize,
-    /// Open gRPC connections (agents, nodes, operators).
-    pub grpc: usize,
-    /// Open admin HTTP connections.
-    pub admin: usize,
-    /// Descriptors the embedded node's clients may hold.
-    pub clients: usize,
-}
-
 /// Bounds on what clients may make the store hold, each refused with a reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RegistryLimits {
@@ -246,6 +235,8 @@ impl TryFrom<Cli> for Config {
             ("hello-timeout", cli.hello_timeout),
             ("bind-ack-timeout", cli.bind_ack_timeout),
             ("json-idle-timeout", cli.json_idle_timeout),
+            ("first-request-timeout", cli.first_request_timeout),
+            ("idle-connection-timeout", cli.idle_connection_timeout),
             ("load-report-max-age", cli.load_report_max_age),
             ("node-forget-after", cli.node_forget_after),
         ])?;
@@ -311,6 +302,7 @@ impl TryFrom<Cli> for Config {
                 services_per_source: at_least_one("max-services-per-source", cli.max_services_per_source)?,
             },
             json_idle_timeout: cli.json_idle_timeout,
+            door_timeouts: DoorTimeouts { first_request: cli.first_request_timeout, idle: cli.idle_connection_timeout },
             check: cli.check,
             store,
             static_services: Vec::new(),
@@ -366,27 +358,6 @@ fn check_listeners_apart(listeners: &[(&'static str, SocketAddr)]) -> Result<(),
 
 fn at_least_one(flag: &'static str, value: usize) -> Result<usize, FlagError> {
     if value == 0 { Err(FlagError::new(flag, "must be at least 1")) } else { Ok(value) }
-}
-
-// === impl FdShares ===
-
-impl FdShares {
-    /// Descriptors kept for everything else: listeners, upstream connections of probes, logs, the runtime.
-    const SPARE: usize = 64;
-
-    /// The shares of `limit` when `open` descriptors are in use already.
-    pub fn split(limit: usize, open: usize) -> Self {
-        let json = (limit / 16).max(16);
-        let grpc = (limit / 16).max(16);
-        let admin = (limit / 64).max(8);
-        let clients = limit.saturating_sub(open + json + grpc + admin + Self::SPARE);
-        FdShares { json, grpc, admin, clients }
-    }
-
-    /// The shares of this process's limit.
-    pub fn current() -> Self {
-        FdShares::split(contract::process::fd_limit(), contract::process::open_fds())
-    }
 }
 
 // === impl CidrList ===

@@ -37,8 +37,10 @@ pub mod store;
 
 use std::{net::SocketAddr, os::fd::AsFd, sync::Arc, time::Duration};
 
-use api::listener::CappedListener;
-use contract::limit::Limit;
+use api::{
+    door::{Door, DoorCaps},
+    listener::CappedListener,
+};
 use contract::process::{self, stopped};
 use dataplane::{
     Node,
@@ -234,6 +236,11 @@ impl Controller {
             clients = shares.clients,
             "file descriptors: connections each door may hold, and the embedded node's clients"
         );
+        let timeouts = config.door_timeouts;
+        let json_door = Door::new("json", "JSON control connections", DoorCaps::of(shares.json), timeouts);
+        let grpc_door = Door::new("grpc", "gRPC connections", DoorCaps::of(shares.grpc), timeouts);
+        let admin_door = Door::new("admin", "admin HTTP connections", DoorCaps::of(shares.admin), timeouts);
+        metrics::register_doors(&mut registry, [&json_door, &grpc_door, &admin_door]);
         let json_ctx = Arc::new(api::json::JsonContext {
             store: Arc::clone(&store),
             probe: config.probe,
@@ -241,7 +248,7 @@ impl Controller {
             allow: config.json_allow.clone(),
             guard: config.tokens.registry(),
             token_required: config.tokens.auth.is_some(),
-            connections: Limit::new("JSON control connections", shares.json),
+            door: json_door,
             idle_timeout: config.json_idle_timeout,
             handed_over: json_handed_over,
         });
@@ -281,7 +288,7 @@ impl Controller {
             allow_foreign_backends: config.allow_foreign_backends,
             tls: config.tls.clone(),
         };
-        let grpc = CappedListener::new(grpc, "gRPC connections", shares.grpc);
+        let grpc = CappedListener::new(grpc, grpc_door);
         tasks.spawn(api::grpc::serve(grpc, Arc::clone(&store), settings, shutdown.clone()));
         #[cfg(feature = "etcd")]
         if let config::StoreSettings::Etcd { endpoints, prefix, lease_ttl, id } = config.store.clone() {
@@ -298,7 +305,7 @@ impl Controller {
             let stop = node_stop.clone();
             tasks.spawn(run_embedded_node(node, link, Arc::clone(&store), config.cluster_counts, stop));
         }
-        let admin = CappedListener::new(admin, "admin HTTP connections", shares.admin);
+        let admin = CappedListener::new(admin, admin_door);
         let admin_state = api::http::AdminState { store: Arc::clone(&store), registry: Arc::new(registry) };
         tasks.spawn(api::http::serve(admin, admin_state, config.tokens.admin(), shutdown));
         ready(&line).map_err(ControllerError::Ready)?;

@@ -21,7 +21,10 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::store::{OriginKind, Store};
+use crate::{
+    api::door::Door,
+    store::{OriginKind, Store},
+};
 
 /// The labels of a per-origin series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -45,6 +48,21 @@ pub struct ControllerMetrics {
     pub hello_rtt: Histogram,
     /// From a snapshot's publication to each node's ack of it.
     pub snapshot_push: Histogram,
+}
+
+/// The labels of a per-door series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DoorLabels {
+    door: &'static str,
+}
+
+/// One counter of every door: its name, help, series and how it is read.
+type DoorCount = (&'static str, &'static str, Family<DoorLabels, Counter>, fn(&Door) -> u64);
+
+/// Reads the doors' tables when scraped.
+#[derive(Debug)]
+struct DoorCollector {
+    doors: Vec<Arc<Door>>,
 }
 
 /// Reads the store when scraped.
@@ -94,6 +112,56 @@ pub fn register(registry: &mut Registry, store: &Arc<Store>) {
         metrics.snapshot_push.clone(),
     );
     registry.register_collector(Box::new(StoreCollector { store: Arc::clone(store) }));
+}
+
+/// Registers the series of the doors' tables (open connections, refusals, evictions, timeouts).
+pub fn register_doors<'a>(registry: &mut Registry, doors: impl IntoIterator<Item = &'a Arc<Door>>) {
+    registry.register_collector(Box::new(DoorCollector { doors: doors.into_iter().map(Arc::clone).collect() }));
+}
+
+// === impl DoorCollector ===
+
+impl Collector for DoorCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let open = Family::<DoorLabels, Gauge>::default();
+        let counts: [DoorCount; 3] = [
+            (
+                "door_refused",
+                "Connections refused on arrival: every one under the cap they met had a request in flight.",
+                Family::default(),
+                Door::refusals,
+            ),
+            (
+                "door_evicted",
+                "Connections without a request in flight closed to make room for a newcomer.",
+                Family::default(),
+                Door::evictions,
+            ),
+            (
+                "door_timed_out",
+                "Connections closed for making no request within --first-request-timeout or their idle timeout.",
+                Family::default(),
+                Door::timeouts_fired,
+            ),
+        ];
+        for door in &self.doors {
+            let labels = DoorLabels { door: door.name() };
+            open.get_or_create(&labels).set(i64::try_from(door.open()).unwrap_or(i64::MAX));
+            for (_, _, family, read) in &counts {
+                family.get_or_create(&labels).inc_by(read(door));
+            }
+        }
+        open.encode(encoder.encode_descriptor(
+            "door_connections",
+            "Connections open on each door (json, grpc, admin).",
+            None,
+            open.metric_type(),
+        )?)?;
+        for (name, help, family, _) in &counts {
+            family.encode(encoder.encode_descriptor(name, help, None, family.metric_type())?)?;
+        }
+        Ok(())
+    }
 }
 
 // === impl StoreCollector ===

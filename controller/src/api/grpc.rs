@@ -28,6 +28,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::{
     admin::AdminApi,
     auth::{Caller, Tokens},
+    in_flight::InFlightLayer,
     invalid_argument,
     listener::CappedListener,
     sync::{DataplaneApi, DataplaneServer},
@@ -102,7 +103,11 @@ pub async fn serve(
         }
         server = server.tls_config(config)?;
     }
+    let in_flight = InFlightLayer::new(Arc::clone(listener.door()));
     server
+        // Counts each connection's requests in flight: a connection without one is closed after its
+        // door's timeouts, and is the first to make room when the door is full.
+        .layer(in_flight)
         // Notices dead peers (a node or agent host gone without a FIN) instead of keeping their streams.
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))

@@ -20,6 +20,7 @@ use tokio::sync::watch;
 
 use super::{
     auth::{Guard, http_guard},
+    in_flight::{Connection, track},
     listener::CappedListener,
 };
 use crate::{
@@ -52,8 +53,11 @@ pub async fn serve(
         .route("/metrics", get(dataplane::admin::metrics).with_state(Arc::clone(&state.registry)))
         .layer(middleware::from_fn_with_state(guard, http_guard))
         .route("/", get(dashboard))
-        .with_state(state);
-    axum::serve(listener, app)
+        .with_state(state)
+        // Counts each connection's requests in flight: a connection without one is closed after its
+        // door's timeouts, and is the first to make room when the door is full.
+        .layer(middleware::from_fn(track));
+    axum::serve(listener, app.into_make_service_with_connect_info::<Connection>())
         .with_graceful_shutdown(async move { stopped(&mut shutdown).await })
         .await
         .map_err(ControllerError::Admin)

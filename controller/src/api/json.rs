@@ -9,11 +9,7 @@
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use contract::{
-    limit::{AcceptErrors, Limit, Permit},
-    model::BackendSpec,
-    process::stopped,
-};
+use contract::{limit::AcceptErrors, model::BackendSpec, process::stopped};
 use serde_json::Value;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -25,6 +21,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
     auth::{Caller, Guard},
+    door::{Door, Full, InFlight, Slot},
     framing::{Frame, Framer},
     request::{self, Presented, Request},
 };
@@ -53,8 +50,9 @@ pub struct JsonContext {
     pub guard: Guard,
     /// `--auth-token` is set.
     pub token_required: bool,
-    /// Open control connections: past the bound, a new one is refused.
-    pub connections: Arc<Limit>,
+    /// Open control connections: a full door evicts one that has registered nothing for a newcomer, and
+    /// refuses the newcomer when every one has.
+    pub door: Arc<Door>,
     /// A connection that has registered nothing is closed after this long without a request.
     pub idle_timeout: Duration,
     /// Turns true when a successor took over (`--takeover`): every connection closes, so its server
@@ -93,18 +91,23 @@ struct Connection {
     registration: Registration,
     /// Running while the registration holds backends.
     probe: Option<Probe>,
+    /// Held with the probe: a connection with backends registered is never evicted.
+    registered: Option<InFlight>,
+    /// The connection's place among the open ones.
+    slot: Option<Slot>,
 }
 
 // === impl Connection ===
 
 impl Connection {
     fn new(stream: TcpStream, peer: SocketAddr, ctx: Arc<JsonContext>, registration: Registration) -> Self {
-        Connection { stream: Some(stream), peer, ctx, registration, probe: None }
+        Connection { stream: Some(stream), peer, ctx, registration, probe: None, registered: None, slot: None }
     }
 
     /// Serves the connection; `slot` is its place among the open control connections.
-    async fn run(mut self, slot: Permit) {
-        let _slot = slot;
+    async fn run(mut self, slot: Slot) {
+        let activity = Arc::clone(slot.activity());
+        self.slot = Some(slot);
         let Some(stream) = self.stream.take() else { return };
         let _ = stream.set_nodelay(true);
         let (mut reader, mut writer) = stream.into_split();
@@ -113,11 +116,16 @@ impl Connection {
         let mut buf = vec![0u8; 8192];
         let idle = self.ctx.idle_timeout;
         let mut idle_until = Instant::now() + idle;
+        let first_request = self.ctx.door.timeouts().first_request;
+        let first_until = activity.accepted() + first_request;
         let mut handed_over = self.ctx.handed_over.clone();
         let reason = loop {
             let probe_at = self.probe.as_ref().map(Probe::deadline);
             // Nothing registered: no hello keeps the connection honest, so silence ends it.
             let unregistered = self.probe.is_none();
+            // Before its first request, --first-request-timeout when it comes first.
+            let before_first = !activity.first_seen() && first_until < idle_until;
+            let until = if before_first { first_until } else { idle_until };
             tokio::select! {
                 read = reader.read(&mut buf) => {
                     let n = match read {
@@ -139,10 +147,19 @@ impl Connection {
                     }
                 }
                 () = stopped(&mut handed_over) => break "the controller handed over to its successor".to_owned(),
-                () = tokio::time::sleep_until(idle_until), if unregistered => {
-                    let why = format!("no request for {idle:?} and nothing registered: closing (--json-idle-timeout)");
+                () = tokio::time::sleep_until(until), if unregistered => {
+                    self.ctx.door.timed_out();
+                    let why = match before_first {
+                        true => format!("no request within {first_request:?} of connecting: closing (--first-request-timeout)"),
+                        false => format!("no request for {idle:?} and nothing registered: closing (--json-idle-timeout)"),
+                    };
                     let _ = write(&mut writer, &request::failed(&why)).await;
                     break why;
+                }
+                () = activity.evicted() => {
+                    let why = "the control channel is full: a connection that has registered nothing makes room for a newcomer";
+                    let _ = write(&mut writer, &request::failed(why)).await;
+                    break why.to_owned();
                 }
             }
         };
@@ -159,6 +176,8 @@ impl Connection {
             let reply = match frame {
                 Frame::Value(value) => {
                     requests += 1;
+                    // In flight while it is answered (a registration waits for bind results).
+                    let _request = self.slot.as_ref().map(|slot| slot.activity().enter());
                     self.on_request(&value).await
                 }
                 Frame::Invalid(why) => Some(request::failed(&format!("invalid JSON: {why}"))),
@@ -260,8 +279,14 @@ impl Connection {
     /// Probing runs exactly while the connection has backends registered.
     fn sync_probe(&mut self) {
         match (self.registration.has_backends(), self.probe.is_some()) {
-            (true, false) => self.probe = Some(Probe::new(self.ctx.probe, Instant::now())),
-            (false, true) => self.probe = None,
+            (true, false) => {
+                self.probe = Some(Probe::new(self.ctx.probe, Instant::now()));
+                self.registered = self.slot.as_ref().map(|slot| slot.activity().enter());
+            }
+            (false, true) => {
+                self.probe = None;
+                self.registered = None;
+            }
             _ => {}
         }
     }
@@ -286,15 +311,21 @@ impl Connection {
 
 /// Whether `peer` may open a control connection now: its place among the open ones and its registration,
 /// or why not.
-fn admit(ctx: &JsonContext, peer: SocketAddr) -> Result<(Permit, Registration), String> {
+fn admit(ctx: &JsonContext, peer: SocketAddr) -> Result<(Slot, Registration), String> {
     if let Some(allow) = ctx.allow.as_ref().filter(|allow| !allow.contains(peer.ip())) {
         debug!(%peer, "control connection from a source outside --json-allow");
         return Err(format!("source {} is not allowed on the control channel (--json-allow {allow})", peer.ip()));
     }
-    let Some(slot) = ctx.connections.try_take(1) else {
-        ctx.connections.refused();
-        return Err(format!("the control channel is full ({} connections); try again later", ctx.connections.max()));
-    };
+    let slot = ctx.door.admit(peer).map_err(|full| match full {
+        Full::Door(max) => format!("the control channel is full ({max} connections); try again later"),
+        Full::Source(max) => {
+            format!("source {} holds {max} control connections with registrations already; try again later", peer.ip())
+        }
+        Full::Prefix(max) => format!(
+            "the network of source {} holds {max} control connections with registrations already; try again later",
+            peer.ip()
+        ),
+    })?;
     let registration =
         ctx.store.open_registration(Origin::json(peer), Credential::Anonymous).map_err(|error| error.to_string())?;
     Ok((slot, registration))

@@ -1,89 +1,73 @@
-//! Listeners of the control plane with a bound on open connections, in all and per source address. Past
-//! either, a new connection is closed at once, so a flood of connections to one door cannot take the
-//! descriptors the other doors need, and one host cannot take a whole door; accept errors (out of
-//! descriptors) back off and are logged once in a while, not every time.
+//! Listeners of the control plane with a bound on open connections, in all, per source address and per
+//! prefix (`door.rs`). A connection that makes no request in time is closed, and a full door makes room
+//! for a newcomer by evicting its connection idle the longest, so connections that do nothing cannot
+//! hold it; accept errors (out of descriptors) back off and are logged once in a while, not every time.
 
 use std::{
-    collections::HashMap,
+    future::Future,
     io,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
 };
 
-use contract::limit::{AcceptErrors, Limit, Permit};
+use contract::limit::AcceptErrors;
 use futures::Stream;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
+    time::Sleep,
 };
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// A listener that holds at most `limit` connections open, and a quarter of them (at least 4) from one
-/// source address.
+use super::door::{Activity, Door, Slot};
+
+/// A listener whose connections are held within its [`Door`].
 #[derive(Debug)]
 pub struct CappedListener {
     listener: TcpListener,
-    limit: Arc<Limit>,
-    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    per_source: usize,
+    door: Arc<Door>,
     errors: AcceptErrors,
 }
 
-/// An accepted connection, counted against its listener's limits until dropped.
+/// An accepted connection, counted in its door until dropped. Its reads fail (and the server then closes
+/// it) once it is evicted, or when it has made no request for its door's timeouts.
 #[derive(Debug)]
 pub struct CappedStream {
     inner: TcpStream,
-    _permit: Permit,
-    _source: SourceSlot,
-}
-
-/// One connection of one source address, counted out on drop.
-#[derive(Debug)]
-struct SourceSlot {
-    sources: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
+    slot: Slot,
+    /// Armed at the connection's deadline while no request is in flight.
+    timer: Pin<Box<Sleep>>,
 }
 
 // === impl CappedListener ===
 
 impl CappedListener {
-    /// `listener`, holding at most `max` connections of `what` ("gRPC connections").
-    pub fn new(listener: TcpListener, what: &'static str, max: usize) -> Self {
-        CappedListener {
-            listener,
-            limit: Limit::new(what, max),
-            sources: Arc::default(),
-            per_source: (max / 4).max(4),
-            errors: AcceptErrors::new(what),
-        }
+    /// `listener`, holding its connections within `door`.
+    pub fn new(listener: TcpListener, door: Arc<Door>) -> Self {
+        let errors = AcceptErrors::new(door.name());
+        CappedListener { listener, door, errors }
     }
 
-    /// A slot for one more connection from `ip`, if it holds fewer than its share.
-    fn source_slot(&self, ip: IpAddr) -> Option<SourceSlot> {
-        let ip = ip.to_canonical();
-        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        let held = sources.entry(ip).or_default();
-        if *held >= self.per_source {
-            return None;
-        }
-        *held += 1;
-        Some(SourceSlot { sources: Arc::clone(&self.sources), ip })
+    /// Its door.
+    pub fn door(&self) -> &Arc<Door> {
+        &self.door
     }
 
-    /// The next connection within the limit; those past it are closed on arrival.
+    /// The next connection within the door; those it has no room for are closed on arrival.
     pub async fn accept(&mut self) -> (CappedStream, SocketAddr) {
         loop {
             match self.listener.accept().await {
-                Ok((inner, peer)) => match (self.source_slot(peer.ip()), self.limit.try_take(1)) {
-                    (Some(source), Some(permit)) => {
+                Ok((inner, peer)) => match self.door.admit(peer) {
+                    Ok(slot) => {
                         // gRPC and HTTP write small frames and wait for answers: Nagle's wait for the
                         // peer's delayed ACK would add up to 40 ms to each.
                         let _ = inner.set_nodelay(true);
-                        return (CappedStream { inner, _permit: permit, _source: source }, peer);
+                        let timer = Box::pin(tokio::time::sleep_until(slot.activity().accepted()));
+                        return (CappedStream { inner, slot, timer }, peer);
                     }
-                    _ => self.limit.refused(),
+                    Err(_) => drop(inner),
                 },
                 Err(error) => self.errors.back_off(&error).await,
             }
@@ -112,20 +96,6 @@ impl axum::serve::Listener for CappedListener {
     }
 }
 
-// === impl SourceSlot ===
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(held) = sources.get_mut(&self.ip) {
-            *held -= 1;
-            if *held == 0 {
-                sources.remove(&self.ip);
-            }
-        }
-    }
-}
-
 // === impl CappedStream ===
 
 impl Connected for CappedStream {
@@ -136,9 +106,44 @@ impl Connected for CappedStream {
     }
 }
 
+impl CappedStream {
+    /// What the connection is doing.
+    pub fn activity(&self) -> &Arc<Activity> {
+        self.slot.activity()
+    }
+
+    /// Why the connection is to be closed now, if it is.
+    fn poll_closing(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let activity = self.slot.activity();
+        // Woken when a request ends (the idle timer starts) or a newcomer takes the place.
+        activity.register_reader(cx.waker());
+        if activity.is_evicted() {
+            return Some(io::Error::new(io::ErrorKind::ConnectionAborted, "evicted: the door is full"));
+        }
+        let deadline = activity.deadline(&self.slot.door().timeouts())?;
+        if self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        self.slot.door().timed_out();
+        let why = match activity.first_seen() {
+            false => "no request within --first-request-timeout",
+            true => "no request within --idle-connection-timeout",
+        };
+        tracing::debug!(door = self.slot.door().name(), peer = ?self.inner.peer_addr().ok(), why, "closing");
+        Some(io::Error::new(io::ErrorKind::TimedOut, why))
+    }
+}
+
 impl AsyncRead for CappedStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(error) = this.poll_closing(cx) {
+            return Poll::Ready(Err(error));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -170,26 +175,55 @@ impl AsyncWrite for CappedStream {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
+    use crate::api::door::{DoorCaps, DoorTimeouts};
+
+    fn door(max: usize, first_request: Duration) -> Arc<Door> {
+        let caps = DoorCaps { max, per_source: max, per_prefix: max };
+        Door::new("test", "test connections", caps, DoorTimeouts { first_request, idle: Duration::from_secs(60) })
+    }
 
     #[tokio::test]
-    async fn connections_past_the_cap_are_closed_and_room_comes_back() {
+    async fn a_busy_door_refuses_an_idle_one_makes_room_and_room_comes_back() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut capped = CappedListener::new(listener, "test connections", 1);
+        let mut capped = CappedListener::new(listener, door(1, Duration::from_secs(60)));
         let mut first_client = TcpStream::connect(addr).await.unwrap();
         let (mut first, _) = capped.accept().await;
+        let busy = first.activity().enter();
         // The second is accepted and closed at once; accept goes on waiting for one within the cap.
         let mut second_client = TcpStream::connect(addr).await.unwrap();
-        let third = tokio::spawn(async move { capped.accept().await });
+        let third = tokio::spawn(async move {
+            let (mut third, _) = capped.accept().await;
+            // Idle: the next newcomer takes its place, and its reads fail.
+            let _fourth = capped.accept().await;
+            third.read(&mut [0u8; 1]).await
+        });
         let mut byte = [0u8; 1];
         assert_eq!(second_client.read(&mut byte).await.unwrap(), 0, "closed past the cap");
         first_client.write_all(b"x").await.unwrap();
         first.read_exact(&mut byte).await.unwrap();
+        drop(busy);
         drop(first);
         let _third_client = TcpStream::connect(addr).await.unwrap();
-        let (_third, _) = tokio::time::timeout(std::time::Duration::from_secs(5), third).await.unwrap().unwrap();
+        let _fourth_client = TcpStream::connect(addr).await.unwrap();
+        let evicted = tokio::time::timeout(Duration::from_secs(5), third).await.unwrap().unwrap();
+        assert_eq!(evicted.unwrap_err().kind(), io::ErrorKind::ConnectionAborted);
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_a_request_fails_its_reads_at_its_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut capped = CappedListener::new(listener, door(4, Duration::from_millis(100)));
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (mut silent, _) = capped.accept().await;
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut [0u8; 1])).await.unwrap();
+        assert_eq!(read.unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(silent.slot.door().timeouts_fired(), 1);
     }
 }

@@ -4,9 +4,11 @@
 
 pub mod admin;
 pub mod auth;
+pub mod door;
 pub mod framing;
 pub mod grpc;
 pub mod http;
+pub mod in_flight;
 pub mod json;
 pub mod listener;
 pub mod request;

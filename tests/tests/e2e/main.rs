@@ -7,6 +7,7 @@ mod admin;
 mod agent;
 mod balancing;
 mod config_file;
+mod doors;
 mod failover;
 mod grpc;
 mod json_channel;
