@@ -281,6 +281,7 @@ impl Controller {
             }
         });
         let settings = api::grpc::GrpcSettings {
+            first_message_timeout: config.door_timeouts.first_request,
             probe: config.probe,
             bind_ack_timeout: config.bind_ack_timeout,
             cluster_counts: config.cluster_counts,

@@ -55,6 +55,9 @@ pub struct GrpcSettings {
     pub allow_foreign_backends: bool,
     /// TLS of the listener.
     pub tls: Option<ServerTls>,
+    /// A `Register` or `Sync` stream must send its first message within this (`--first-request-timeout`):
+    /// a stream left waiting would hold its connection as a request in flight.
+    pub first_message_timeout: Duration,
 }
 
 /// Serves every gRPC service on `listener` until `shutdown` turns true. Health and reflection stay open:
@@ -83,6 +86,7 @@ pub async fn serve(
         probe: settings.probe,
         bind_ack_timeout: settings.bind_ack_timeout,
         allow_foreign_backends: settings.allow_foreign_backends,
+        first_message_timeout: settings.first_message_timeout,
         shutdown: shutdown.clone(),
     };
     let dataplane = DataplaneApi {
@@ -91,6 +95,7 @@ pub async fn serve(
         cluster_counts: settings.cluster_counts,
         nodes_need_certificates: settings.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
         messages: Arc::default(),
+        first_message_timeout: settings.first_message_timeout,
     };
     let admin = AdminApi { store, shutdown: shutdown.clone() };
     let mut server = tonic::transport::Server::builder();
@@ -129,6 +134,7 @@ pub struct RegistryApi {
     probe: ProbeSettings,
     bind_ack_timeout: Duration,
     allow_foreign_backends: bool,
+    first_message_timeout: Duration,
     /// Ends every `Register` stream, so a graceful server shutdown does not wait on them forever.
     shutdown: watch::Receiver<bool>,
 }
@@ -149,8 +155,9 @@ impl Registry for RegistryApi {
         let caller = request.extensions().get::<Caller>().copied().unwrap_or(Caller::Anyone);
         let client_kind = request.metadata().get(CLIENT_KIND).cloned();
         let mut inbound = request.into_inner();
-        let first =
-            inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream ended before `register`"))?;
+        let first = first_message(&mut inbound, self.first_message_timeout)
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream ended before `register`"))?;
         let Some(register_request::Msg::Register(first)) = first.msg else {
             return Err(Status::invalid_argument("the first message must be `register`"));
         };
@@ -327,6 +334,17 @@ async fn register_ack(
             RegisterReply { success: false, message: Some(error.to_string()), backend: Some(backend.address) }
         });
     (&reply).into()
+}
+
+/// The first message of a stream, within `timeout`: a stream that waits longer would hold its connection
+/// as a request in flight, which the door never evicts.
+pub(super) async fn first_message<T>(inbound: &mut Streaming<T>, timeout: Duration) -> Result<Option<T>, Status> {
+    match tokio::time::timeout(timeout, inbound.message()).await {
+        Ok(message) => message,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no first message within {timeout:?} of opening the stream (--first-request-timeout)"
+        ))),
+    }
 }
 
 fn response(msg: register_response::Msg) -> RegisterResponse {

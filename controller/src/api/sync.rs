@@ -48,6 +48,8 @@ pub struct DataplaneApi {
     pub nodes_need_certificates: bool,
     /// The latest snapshot, encoded once for every stream.
     pub messages: Arc<SnapshotMessages>,
+    /// The node's hello must come within this (`--first-request-timeout`).
+    pub first_message_timeout: std::time::Duration,
 }
 
 /// The latest snapshot and the latest delta as encoded bytes: with a hundred nodes, one conversion and
@@ -121,7 +123,9 @@ impl DataplaneApi {
             _ => None,
         };
         let mut inbound = request.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| Status::invalid_argument("stream ended before `hello`"))?;
+        let first = super::grpc::first_message(&mut inbound, self.first_message_timeout)
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream ended before `hello`"))?;
         let Some(node_message::Msg::Hello(hello)) = first.msg else {
             return Err(Status::invalid_argument("the first message must be `hello`"));
         };

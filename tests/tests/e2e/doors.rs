@@ -277,3 +277,18 @@ async fn slow_json_connections_cannot_hold_the_control_channel() {
     timeout(DEADLINE, slow.read_to_string(&mut reply)).await.expect("closed in time").unwrap();
     assert!(reply.contains("--first-request-timeout"), "{reply}");
 }
+
+#[tokio::test]
+async fn a_stream_that_never_sends_its_first_message_is_ended_at_the_first_request_timeout() {
+    use contract::v1::{RegisterRequest, registry_client::RegistryClient};
+    let net = Net::new();
+    let ctl = Controller::spawn(net, &["--first-request-timeout", "500ms"]).await;
+    let channel = channel_from(&ctl, net.host(3)).await.unwrap();
+    // A Register stream whose first message never comes: a request in flight the door would never evict.
+    let (_quiet, rx) = tokio::sync::mpsc::channel::<RegisterRequest>(1);
+    let mut registry = RegistryClient::new(channel);
+    let call = registry.register(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let status = timeout(DEADLINE, call).await.expect("the stream was left open").unwrap_err();
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status}");
+    assert!(status.message().contains("--first-request-timeout"), "{status}");
+}
