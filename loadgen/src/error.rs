@@ -1,4 +1,8 @@
-//! Errors of the load driver.
+//! Errors of the load driver. A leaf: it names nothing else of the crate.
+
+use std::{net::SocketAddr, time::Duration};
+
+use contract::client::StreamError;
 
 /// Why a run cannot start or finish.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +36,53 @@ pub enum LoadError {
     },
     /// A control-plane run failed.
     #[error(transparent)]
-    ControlPlane(#[from] crate::control_plane::ControlPlaneError),
+    ControlPlane(#[from] ControlPlaneError),
+}
+
+/// Why a control-plane run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlPlaneError {
+    /// A connection or stream to the controller failed.
+    #[error("{what}: {source}")]
+    Controller {
+        /// Who was talking to the controller.
+        what: String,
+        /// What went wrong.
+        #[source]
+        source: StreamError,
+    },
+    /// The controller refused a registration.
+    #[error("the controller refused backend {backend} of tcp:{port}: {message}")]
+    Refused {
+        /// Service port.
+        port: u16,
+        /// The backend.
+        backend: SocketAddr,
+        /// The controller's reason.
+        message: String,
+    },
+    /// A step did not finish within `--timeout`.
+    #[error("{what}: no answer within {after:?}")]
+    Timeout {
+        /// The step.
+        what: String,
+        /// `--timeout`.
+        after: Duration,
+    },
+    /// A stream ended before the run did.
+    #[error("{what} ended: {why}")]
+    Ended {
+        /// The stream.
+        what: String,
+        /// Why, as far as known.
+        why: String,
+    },
+    /// The figures do not describe the cluster asked for: a broken set-up, not a measurement.
+    #[error("inconsistent run: {0}")]
+    Inconsistent(String),
+    /// The whole run took longer than `--time-limit`.
+    #[error("the run did not finish within --time-limit {0:?}")]
+    TimeLimit(Duration),
 }
 
 /// Why one request failed: the kinds the summary counts separately.

@@ -11,10 +11,18 @@
 //! - [`target`]: which addresses load may go to, and splitting between targets.
 //! - [`workload`]: what one request is; lanes (one connection each).
 //! - [`driver`]: open loop, closed loop, bulk; recording.
-//! - [`report`]: summary, JSON, CSV, SVG.
-//! - [`chart`]: the SVG chart, laid out and drawn.
+//! - [`report`]: summary, JSON, CSV.
+//! - [`chart`]: the SVG chart of a report (`Report::svg`): the layout in `chart/mod.rs`, axes and ticks
+//!   in `chart/scale.rs`, the SVG writer in `chart/svg.rs`.
 //! - [`serve`]: demo backends.
-//! - [`control_plane`]: the controller at scale: simulated nodes, registrations, changes, timed.
+//! - [`control_plane`]: the controller at scale, timed: the run in `control_plane/mod.rs`, what it
+//!   registers in `plan.rs`, simulated nodes in `node.rs`, `Register` streams held as an agent holds them
+//!   in `agent.rs`, its figures in `report.rs`.
+//! - [`error`]: every error of the crate (a leaf: it names no other module).
+//!
+//! Modules depend downward only (no import circle, checked by the tests crate's `module_graph` test):
+//! `control_plane` → `cli`, `target` → `error`; `chart` → `report` → `driver` → `workload`, `target` →
+//! `error`.
 
 #![forbid(unsafe_code)]
 

@@ -1,5 +1,6 @@
-//! What a run reports: a human summary, JSON, CSV (one row per second) and an SVG chart ([`crate::chart`]:
-//! latency by percentile; rate, latency and failures over time).
+//! What a run reports: a human summary, JSON and CSV (one row per second). The SVG chart of a report
+//! (`Report::svg`: latency by percentile; rate, latency and failures over time) is the chart module's,
+//! which reads this one.
 
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr};
 
@@ -215,12 +216,6 @@ impl Report {
             let _ = writeln!(out, "{},{},{},{},{},{}", s.second, s.ok, s.errors, s.bytes, opt(s.p50_us), opt(s.p99_us));
         }
         out
-    }
-
-    /// The chart: latency by percentile, then rate, latency and failures per second on one time axis
-    /// (see [`crate::chart`] for which seconds it shows).
-    pub fn svg(&self) -> String {
-        crate::chart::Chart::of(self).svg()
     }
 }
 
