@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use contract::v1::{self, BackendRef, DrainBackendRequest, SetAlgorithmRequest, admin_client::AdminClient};
 use controller::etcd::{EtcdConfig, Mirror, OwnedKeys, follow};
-use etcd_client::{Client, CompactionOptions, GetOptions};
+use etcd_wire::{Client, CompactionOptions, GetOptions};
 use switchboard_tests::{
     etcd::EtcdCluster,
     harness::{
@@ -81,9 +81,9 @@ async fn after_a_compaction_the_mirror_lists_again_without_a_spurious_removal() 
 
     // While nobody follows: changes, then the history they are in is compacted away.
     client.put("/switchboard-test/c", "3", None).await.unwrap();
-    client.delete("/switchboard-test/b", None).await.unwrap();
+    client.delete("/switchboard-test/b").await.unwrap();
     let latest = client.put("/switchboard-test/a", "1 again", None).await.unwrap();
-    let revision = latest.header().unwrap().revision();
+    let revision = latest.revision();
     client.compact(revision, Some(CompactionOptions::new().with_physical())).await.unwrap();
 
     // Resuming from the held state: the watch's history is gone, so it lists again and diffs.
@@ -116,7 +116,7 @@ async fn owned_keys_come_back_under_a_new_lease_and_vanish_after_the_ttl_once_re
         let mut client = client.clone();
         async move {
             let got = client.get("/switchboard-test/owned/x", None).await.unwrap();
-            got.kvs().first().map(|kv| kv.lease())
+            got.kvs.first().map(|kv| kv.lease)
         }
     };
     let first = lease_of(&mut client).await.expect("the owned key");
@@ -179,7 +179,7 @@ async fn the_mirror_survives_a_lost_member_and_a_whole_outage_without_losing_sta
     let now = wait_mirror(rx, "a write after the outage", |m| m.entries.contains_key("after")).await;
     assert_eq!(now.entries.len(), 3);
     let all = client.get("/switchboard-test/", Some(GetOptions::new().with_prefix())).await.unwrap();
-    assert_eq!(all.kvs().len(), 3);
+    assert_eq!(all.kvs.len(), 3);
     let states = follower.stop().await;
     assert!(states.iter().skip(1).all(|s| s.entries.contains_key("kept")), "a kept key was removed on the way");
     for pair in states.windows(2) {
@@ -282,9 +282,9 @@ async fn three_controllers_on_etcd_every_node_serves_every_service_and_a_dead_co
     // SIGKILL controller a, which n1 follows and agent1 registered through, while a client drives n1.
     let frontend = n1.frontend(echo1.addr.port());
     let load = RoundTrips::start(frontend, 6_000, Duration::from_secs(30));
-    let mut etcd = etcd_client::Client::connect(cluster.endpoints(), None).await.unwrap();
+    let mut etcd = Client::connect(cluster.endpoints(), None).await.unwrap();
     let a_key = format!("/switchboard/v1/backends/tcp:{}/{}/a", echo1.addr.port(), echo1.addr);
-    assert_eq!(etcd.get(a_key.as_str(), None).await.unwrap().kvs().len(), 1, "a published its backend");
+    assert_eq!(etcd.get(a_key.as_str(), None).await.unwrap().kvs.len(), 1, "a published its backend");
     let version_before = n1.state().await["version"].as_u64().unwrap();
     controllers[0].process.kill().await;
     let killed = Instant::now();
@@ -302,12 +302,12 @@ async fn three_controllers_on_etcd_every_node_serves_every_service_and_a_dead_co
     };
     assert!(moved < Duration::from_secs(2), "n1 took {moved:?} to follow another controller");
     // a's key goes with its lease (TTL 3 s), and agent1 re-registers through b.
-    while !etcd.get(a_key.as_str(), None).await.unwrap().kvs().is_empty() {
+    while !etcd.get(a_key.as_str(), None).await.unwrap().kvs.is_empty() {
         assert!(killed.elapsed() < Duration::from_secs(3 + 1), "a's registration outlived its lease");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let b_key = format!("/switchboard/v1/backends/tcp:{}/{}/b", echo1.addr.port(), echo1.addr);
-    while etcd.get(b_key.as_str(), None).await.unwrap().kvs().is_empty() {
+    while etcd.get(b_key.as_str(), None).await.unwrap().kvs.is_empty() {
         assert!(killed.elapsed() < DEADLINE, "agent1 never re-registered through b");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -488,10 +488,10 @@ async fn an_operator_change_made_on_one_controller_reaches_every_node() {
     let mut etcd = Client::connect(cluster.endpoints(), None).await.unwrap();
     let key = format!("/switchboard/v1/services/tcp:{port}");
     let got = etcd.get(key.as_str(), None).await.unwrap();
-    let value: serde_json::Value = serde_json::from_slice(got.kvs()[0].value()).unwrap();
+    let value: serde_json::Value = serde_json::from_slice(&got.kvs[0].value).unwrap();
     assert_eq!((value["protocol"].as_str(), value["port"].as_u64()), (Some("tcp"), Some(u64::from(port))));
     assert_eq!((value["algorithm"].as_str(), value["operator"].as_bool()), (Some("least_connections"), Some(true)));
-    assert_eq!(got.kvs()[0].lease(), 0, "a service's key is durable");
+    assert_eq!(got.kvs[0].lease, 0, "a service's key is durable");
     for ctl in &controllers {
         let state = ctl
             .wait_state("the drain", |s| Controller::backends(s, "tcp", port).iter().any(|b| b["draining"] == true))
@@ -628,7 +628,7 @@ async fn a_compaction_past_a_controllers_watch_makes_it_list_again_and_nodes_los
     let mut last = 0;
     for i in 0..3_000 {
         let put = etcd.put(format!("/switchboard/v1/noise/{}", i % 10), noise.clone(), None).await.unwrap();
-        last = put.header().unwrap().revision();
+        last = put.revision();
     }
     etcd.compact(last, Some(CompactionOptions::new().with_physical())).await.unwrap();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
