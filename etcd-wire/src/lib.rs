@@ -141,4 +141,14 @@ mod tests {
         assert_eq!(again, response);
         assert_eq!(again.header, Some(ResponseHeader { revision: 12 }));
     }
+
+    #[test]
+    fn bytes_that_are_not_etcds_messages_are_an_error_not_a_panic() {
+        // Cut short (events says 127 bytes follow, none do), a field of the wrong wire type (header as a
+        // varint), a varint that never ends, an HTTP/1 answer.
+        let cases: [&[u8]; 4] = [&[0x5a, 0x7f], &[0x08, 1], &[0x18, 0xff, 0xff, 0xff], b"HTTP/1.1 400 Bad Request\r\n"];
+        for wire in cases {
+            assert!(WatchResponse::decode(wire).is_err(), "{wire:?}");
+        }
+    }
 }
