@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the Debian package (switchboard_VERSION-1_ARCH.deb) and prints its path as the last line of
-# stdout. Release binaries of controller (with etcd support: needs protoc), dataplane, agent and
+# stdout. Release binaries of controller (etcd support included; no protoc needed), dataplane, agent and
 # loadgen; man pages and shell completions made from their flags (the packaging crate's
 # switchboard-assets); then `cargo deb`, with the metadata in packaging/Cargo.toml. Needs dpkg-dev (for
 # the package's library dependencies) and installs cargo-deb when it is missing.
@@ -12,7 +12,7 @@ if ! cargo deb --version 2>/dev/null | grep -qx "cargo-deb ${cargo_deb_version}"
     echo "package: installing cargo-deb ${cargo_deb_version}" >&2
     cargo install --quiet --locked cargo-deb --version "${cargo_deb_version}"
 fi
-for tool in protoc:protobuf-compiler dpkg-shlibdeps:dpkg-dev; do
+for tool in dpkg-shlibdeps:dpkg-dev; do
     command -v "${tool%%:*}" >/dev/null 2>&1 ||
         { echo "package: ${tool%%:*} is missing (apt-get install ${tool#*:})" >&2; exit 1; }
 done
@@ -23,7 +23,7 @@ if commit=$(git rev-parse --short=7 HEAD 2>/dev/null); then
     export SWITCHBOARD_BUILD_COMMIT="${commit}"
 fi
 
-cargo build --release -p controller -p dataplane -p agent -p loadgen -p packaging --features controller/etcd >&2
+cargo build --release -p controller -p dataplane -p agent -p loadgen -p packaging >&2
 
 target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
 assets="${target_dir}/release/assets"

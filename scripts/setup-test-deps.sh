@@ -7,11 +7,9 @@ need_apt=()
 command -v ip >/dev/null 2>&1 || need_apt+=(iproute2)
 # prlimit runs the controller under a 1,024 descriptor limit in the flood test.
 command -v prlimit >/dev/null 2>&1 || need_apt+=(util-linux)
-# Controllers as replicas: the tests start their own etcd members; etcd-client's build needs protoc and
-# the well-known .proto files.
+# Controllers as replicas: the tests start their own etcd members. Building needs no protoc: the etcd API,
+# like the contract, is compiled in pure Rust (etcd-wire).
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
-command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
-[ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 # nginx `stream` is the backend that reads the PROXY v2 header Switchboard sends: a parser not ours.
 command -v nginx >/dev/null 2>&1 || need_apt+=(nginx)
 [ -f /usr/lib/nginx/modules/ngx_stream_module.so ] || need_apt+=(libnginx-mod-stream)

@@ -124,12 +124,6 @@ impl StoreSettings {
                 format!("{store:?}: give etcd members as etcd://HOST:PORT[,HOST:PORT...]"),
             ));
         }
-        if !cfg!(feature = "etcd") {
-            return Err(FlagError::new(
-                "store",
-                "this controller was built without etcd support: build it with `cargo build --features controller/etcd` (needs protoc)",
-            ));
-        }
         let prefix = prefix.trim_end_matches('/');
         if !prefix.starts_with('/') || prefix.len() < 2 {
             return Err(FlagError::new("etcd-prefix", "must start with / and name something, e.g. /switchboard/v1"));
@@ -500,19 +494,15 @@ mod tests {
             );
         }
         let etcd = StoreSettings::from_flags("etcd://127.0.0.1:2379, 127.0.0.2:2379", "/sb/", ttl, Some("c1".into()));
-        if cfg!(feature = "etcd") {
-            let StoreSettings::Etcd { endpoints, prefix, id, .. } = etcd.unwrap() else { panic!("not etcd") };
-            assert_eq!((endpoints.len(), prefix.as_str(), id.as_str()), (2, "/sb", "c1"));
-            let short = StoreSettings::from_flags("etcd://h:1", "/sb", Duration::from_secs(1), None);
-            assert_eq!(short.unwrap_err().flag, "etcd-lease-ttl");
-            assert_eq!(StoreSettings::from_flags("etcd://h:1", "sb", ttl, None).unwrap_err().flag, "etcd-prefix");
-            assert_eq!(
-                StoreSettings::from_flags("etcd://h:1", "/sb", ttl, Some("a/b".into())).unwrap_err().flag,
-                "controller-id"
-            );
-        } else {
-            assert!(etcd.unwrap_err().why.contains("without etcd support"));
-        }
+        let StoreSettings::Etcd { endpoints, prefix, id, .. } = etcd.unwrap() else { panic!("not etcd") };
+        assert_eq!((endpoints.len(), prefix.as_str(), id.as_str()), (2, "/sb", "c1"));
+        let short = StoreSettings::from_flags("etcd://h:1", "/sb", Duration::from_secs(1), None);
+        assert_eq!(short.unwrap_err().flag, "etcd-lease-ttl");
+        assert_eq!(StoreSettings::from_flags("etcd://h:1", "sb", ttl, None).unwrap_err().flag, "etcd-prefix");
+        assert_eq!(
+            StoreSettings::from_flags("etcd://h:1", "/sb", ttl, Some("a/b".into())).unwrap_err().flag,
+            "controller-id"
+        );
     }
 
     #[test]
@@ -591,8 +581,6 @@ mod tests {
         };
         assert_eq!(flag(&["--takeover", "/run/sb.sock"]), None);
         assert_eq!(flag(&["--takeover", "/run/sb.sock", "--no-embedded-dataplane"]), Some("takeover"));
-        if cfg!(feature = "etcd") {
-            assert_eq!(flag(&["--takeover", "/run/sb.sock", "--store", "etcd://127.0.0.1:2379"]), Some("takeover"));
-        }
+        assert_eq!(flag(&["--takeover", "/run/sb.sock", "--store", "etcd://127.0.0.1:2379"]), Some("takeover"));
     }
 }

@@ -18,8 +18,9 @@ use std::{
 };
 
 use contract::backoff::Backoff;
-use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions, WatchResponse, WatchStream,
+use etcd_wire::{
+    Client, ConnectOptions, GetOptions, PutOptions, WatchOptions, WatchStream, etcdserverpb::WatchResponse,
+    mvccpb::event::EventType,
 };
 use thiserror::Error;
 use tokio::sync::watch;
@@ -41,7 +42,7 @@ pub struct EtcdConfig {
 pub enum EtcdError {
     /// etcd did not answer or refused.
     #[error("store unavailable: {0}")]
-    Unavailable(#[from] etcd_client::Error),
+    Unavailable(#[from] etcd_wire::Error),
     /// A watch ended in a way the follower handles by listing again.
     #[error("the watch ended: {0}")]
     WatchEnded(String),
@@ -97,37 +98,34 @@ impl EtcdConfig {
 impl Mirror {
     /// Applies one watch response's events (at most one revision's worth, in order).
     fn apply(&mut self, config: &EtcdConfig, response: &WatchResponse) {
-        for event in response.events() {
-            let Some(kv) = event.kv() else { continue };
-            let Some(key) = config.strip(kv.key()) else { continue };
-            match event.event_type() {
+        for event in &response.events {
+            let Some(kv) = &event.kv else { continue };
+            let Some(key) = config.strip(&kv.key) else { continue };
+            match event.r#type() {
                 EventType::Put => {
-                    let entry =
-                        Entry { value: kv.value().to_vec(), mod_revision: kv.mod_revision(), lease: kv.lease() };
+                    let entry = Entry { value: kv.value.clone(), mod_revision: kv.mod_revision, lease: kv.lease };
                     self.entries.insert(key.to_owned(), entry);
                 }
                 EventType::Delete => {
                     self.entries.remove(key);
-                    self.last_removal = self.last_removal.max(kv.mod_revision());
+                    self.last_removal = self.last_removal.max(kv.mod_revision);
                 }
             }
         }
-        if let Some(header) = response.header() {
-            self.revision = self.revision.max(header.revision());
-        }
+        self.revision = self.revision.max(response.revision());
     }
 }
 
 /// Lists the whole prefix: the state at the list's revision.
 pub async fn list(client: &mut Client, config: &EtcdConfig) -> Result<Mirror, EtcdError> {
     let response = client.get(config.key(""), Some(GetOptions::new().with_prefix())).await?;
-    let revision = response.header().map_or(0, |h| h.revision());
+    let revision = response.revision();
     let entries = response
-        .kvs()
-        .iter()
+        .kvs
+        .into_iter()
         .filter_map(|kv| {
-            let key = config.strip(kv.key())?.to_owned();
-            Some((key, Entry { value: kv.value().to_vec(), mod_revision: kv.mod_revision(), lease: kv.lease() }))
+            let key = config.strip(&kv.key)?.to_owned();
+            Some((key, Entry { value: kv.value, mod_revision: kv.mod_revision, lease: kv.lease }))
         })
         .collect();
     Ok(Mirror { revision, entries, last_removal: 0 })
@@ -208,20 +206,17 @@ async fn follow_once(
             () = mirror.closed() => return Ok(()),
         };
         let Some(response) = response else { return Err(EtcdError::WatchEnded("the stream ended".into())) };
-        if response.compact_revision() > 0 {
+        if response.compact_revision > 0 {
             *listed = false;
-            info!(
-                compacted = response.compact_revision(),
-                "etcd compacted the history this watch needed: listing again"
-            );
-            return Err(EtcdError::WatchEnded(format!("compacted at revision {}", response.compact_revision())));
+            info!(compacted = response.compact_revision, "etcd compacted the history this watch needed: listing again");
+            return Err(EtcdError::WatchEnded(format!("compacted at revision {}", response.compact_revision)));
         }
-        if response.canceled() {
+        if response.canceled {
             *listed = false;
-            return Err(EtcdError::WatchEnded(format!("cancelled: {}", response.cancel_reason())));
+            return Err(EtcdError::WatchEnded(format!("cancelled: {}", response.cancel_reason)));
         }
         reachable(down);
-        if response.created() && response.events().is_empty() {
+        if response.created && response.events.is_empty() {
             continue;
         }
         let mut next = Mirror::clone(&mirror.borrow());
@@ -265,14 +260,14 @@ impl OwnedKeys {
         self.keys.lock().unwrap_or_else(|e| e.into_inner()).insert(key.to_owned(), value.clone());
         let lease = self.granted().await;
         let response = client.put(self.config.key(key), value, Some(PutOptions::new().with_lease(lease))).await?;
-        Ok(response.header().map_or(0, |h| h.revision()))
+        Ok(response.revision())
     }
 
     /// Deletes `key` and forgets it.
     pub async fn delete(&self, client: &mut Client, key: &str) -> Result<i64, EtcdError> {
         self.keys.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
-        let response = client.delete(self.config.key(key), None).await?;
-        Ok(response.header().map_or(0, |h| h.revision()))
+        let response = client.delete(self.config.key(key)).await?;
+        Ok(response.revision())
     }
 
     async fn granted(&self) -> i64 {
@@ -298,7 +293,7 @@ impl OwnedKeys {
                 let lease = match held {
                     Some(lease) => lease,
                     None => {
-                        let lease = client.lease_grant(ttl, None).await?.id();
+                        let lease = client.lease_grant(ttl).await?.id;
                         self.rewrite(&mut client, lease).await?;
                         self.lease.send_replace(lease);
                         held = Some(lease);
@@ -310,7 +305,7 @@ impl OwnedKeys {
                 loop {
                     keeper.keep_alive().await?;
                     match answers.message().await? {
-                        Some(answer) if answer.ttl() > 0 => backoff.reset(),
+                        Some(answer) if answer.ttl > 0 => backoff.reset(),
                         _ => {
                             held = None;
                             return Err::<(), EtcdError>(EtcdError::WatchEnded(format!("lease {lease} expired")));

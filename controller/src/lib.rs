@@ -12,8 +12,8 @@
 //! - [`api`]: JSON channel, gRPC, admin HTTP (with `/metrics` and the dashboard), and the doors' tokens
 //!   and connection caps.
 //! - [`metrics`]: the controller's Prometheus series.
-//! - `etcd` (feature `etcd`): the link to etcd of controllers run as replicas: a mirror of the prefix,
-//!   followed through compactions and outages, and the keys a controller owns under its lease; `replica`:
+//! - [`etcd`]: the link to etcd of controllers run as replicas: a mirror of the prefix,
+//!   followed through compactions and outages, and the keys a controller owns under its lease; [`replica`]:
 //!   what a controller publishes there and imports from the others.
 //! - [`error`]: one error enum per boundary.
 //!
@@ -26,11 +26,9 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod error;
-#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod metrics;
 pub mod probe;
-#[cfg(feature = "etcd")]
 pub mod replica;
 pub mod statics;
 pub mod store;
@@ -291,7 +289,6 @@ impl Controller {
         };
         let grpc = CappedListener::new(grpc, grpc_door);
         tasks.spawn(api::grpc::serve(grpc, Arc::clone(&store), settings, shutdown.clone()));
-        #[cfg(feature = "etcd")]
         if let config::StoreSettings::Etcd { endpoints, prefix, lease_ttl, id } = config.store.clone() {
             let etcd = etcd::EtcdConfig { endpoints, prefix, lease_ttl };
             let replica = replica::ReplicaConfig { etcd, id };

@@ -37,7 +37,7 @@ use contract::{
     model::{Algorithm, BackendSpec, ProxyProtocol, RoutingSnapshot, ServiceKey, ServiceSpec, Weight},
     process::stopped,
 };
-use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_wire::Client;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -344,9 +344,7 @@ async fn create_service(
 ) -> Result<(), EtcdError> {
     let key = format!("{}/{SERVICES}{}", etcd.prefix, backend.service);
     let value = service_value(ServiceValue::default(), backend.service, backend.algorithm, false);
-    let absent = Compare::create_revision(key.clone(), CompareOp::Equal, 0);
-    let put = TxnOp::put(key, serde_json::to_vec(&value).unwrap_or_default(), None);
-    connected(etcd, client).await?.txn(Txn::new().when([absent]).and_then([put])).await?;
+    connected(etcd, client).await?.put_if_absent(key, serde_json::to_vec(&value).unwrap_or_default()).await?;
     Ok(())
 }
 
@@ -518,7 +516,7 @@ async fn forget_unheld(
         }
     }
     for key in stale {
-        connected(etcd, client).await?.delete(format!("{}/{key}", etcd.prefix), None).await?;
+        connected(etcd, client).await?.delete(format!("{}/{key}", etcd.prefix)).await?;
         unheld.remove(&key);
         debug!(%key, "a service's or backend's key no controller holds any more: forgotten");
     }

@@ -22,6 +22,7 @@ mod operator;
 mod proxy_protocol;
 mod relay;
 mod replicas;
+mod replicas_etcd;
 mod security;
 mod soak;
 mod splice;
