@@ -65,6 +65,12 @@ impl JsonClient {
         self.writer.lock().await.write_all(bytes).await.expect("control channel write");
     }
 
+    /// Writes raw bytes, and says whether the controller took them all (it may close a connection that
+    /// sends it garbage before the write ends).
+    pub async fn try_send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.lock().await.write_all(bytes).await
+    }
+
     /// Writes one JSON object and a newline.
     pub async fn send(&mut self, value: &Value) {
         let mut line = value.to_string();

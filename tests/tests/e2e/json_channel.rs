@@ -105,8 +105,10 @@ async fn oversized_input_gets_a_reply_then_the_connection_closes_and_nothing_pan
     // Hostile bytes on fresh connections: binary garbage, deep nesting, a NUL flood.
     for garbage in [vec![0xff_u8; 4096], "[".repeat(100_000).into_bytes(), vec![0u8; 10_000]] {
         let mut client = JsonClient::connect(&ctl, net.host(3)).await;
-        client.send_raw(&garbage).await;
-        client.send_raw(b"\n").await;
+        // The controller may close the connection before all of it is written: that is an answer too.
+        if client.try_send_raw(&garbage).await.is_ok() {
+            let _ = client.try_send_raw(b"\n").await;
+        }
         drop(client);
     }
     assert!(ctl.process.is_running(), "the controller survived");

@@ -81,9 +81,11 @@ async fn metrics_follow_tcp_and_udp_traffic_and_a_failing_health_check() {
     }
 
     // The node: counters moved by exactly the traffic, through handles taken at snapshot apply.
-    let samples = scrape_until(node_admin, "five connections closed", |s| {
+    let samples = scrape_until(node_admin, "five connections closed and three datagrams counted", |s| {
         sample(s, "switchboard_backend_current_connections", &tcp) == Some(0.0)
             && sample(s, "switchboard_backend_connections_total", &tcp) == Some(connections_before + 5.0)
+            && sample(s, "switchboard_backend_udp_datagrams_in_total", &udp_labels) == Some(3.0)
+            && sample(s, "switchboard_backend_udp_datagrams_out_total", &udp_labels) == Some(3.0)
     })
     .await;
     assert!(sample(&samples, "switchboard_backend_bytes_in_total", &tcp).unwrap() >= 5.0 * 16.0);
