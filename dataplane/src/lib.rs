@@ -4,8 +4,8 @@
 //! the controller's `Dataplane.Sync` stream.
 //!
 //! The node consumes snapshots from a `watch` channel and answers with `NodeReport`s (which frontends are
-//! bound, per-backend connection counts); both types are the contract crate's. The data path reads one immutable [`RoutingTable`] per connection
-//! or new UDP session, swapped atomically, so it takes no lock. When the controller is gone a remote node
+//! bound, per-backend connection counts); both types are the contract crate's. The data path reads one
+//! immutable routing table per connection or new UDP session, swapped atomically, so it takes no lock. When the controller is gone a remote node
 //! keeps serving its last snapshot.
 //!
 //! # Surface

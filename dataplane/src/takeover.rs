@@ -165,7 +165,8 @@ struct Received {
 // === successor ===
 
 /// Takes over the node listening at `path`: none when nobody listens there (no file, or a stale one),
-/// else everything it hands over. The old node keeps accepting until [`Predecessor::release`].
+/// else everything it hands over. The old node keeps accepting until the successor serves
+/// ([`EmbeddedNode::inherit`](crate::EmbeddedNode::inherit) releases it).
 pub async fn take_over(path: &Path) -> Result<Option<Inherited>, TakeoverError> {
     match std::fs::symlink_metadata(path) {
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
