@@ -171,7 +171,7 @@ pub enum ControllerError {
     Node(#[from] dataplane::DataplaneError),
     /// Taking over from the controller at `--takeover` failed.
     #[error(transparent)]
-    Takeover(#[from] dataplane::takeover::TakeoverError),
+    Takeover(#[from] dataplane::TakeoverError),
     /// The READY line could not be written.
     #[error("writing the READY line: {0}")]
     Ready(#[source] io::Error),

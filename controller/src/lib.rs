@@ -40,10 +40,7 @@ use api::{
     listener::CappedListener,
 };
 use contract::process::{self, stopped};
-use dataplane::{
-    Node,
-    takeover::{Inherited, TakeoverListener},
-};
+use dataplane::{EmbeddedNode, Inherited};
 use tokio::{
     net::TcpListener,
     signal::unix::{Signal, SignalKind, signal},
@@ -90,7 +87,7 @@ impl Controller {
     /// actually bound.
     pub async fn bind(config: Config) -> Result<Self, ControllerError> {
         let mut inherited = match config.embedded_node.as_ref().and_then(|node| node.takeover.as_deref()) {
-            Some(path) => dataplane::takeover::take_over(path).await?,
+            Some(path) => dataplane::take_over(path).await?,
             None => None,
         };
         // A listener of the controller that ran before is taken when it listens where this one would bind.
@@ -169,13 +166,7 @@ impl Controller {
         let mut registry = contract::metrics::registry("controller");
         metrics::register(&mut registry, &store);
         let mut node = match &config.embedded_node {
-            Some(node) => {
-                let data = dataplane::metrics::DataMetrics::default();
-                data.register(&mut registry);
-                let node = Node::new(node.clone(), &data)?;
-                dataplane::metrics::register_node(&mut registry, node.handle());
-                Some(node)
-            }
+            Some(node) => Some(EmbeddedNode::new(node.clone(), &mut registry)?),
             None => None,
         };
         if let (Some(node), Some(inherited)) = (node.as_mut(), inherited) {
@@ -319,20 +310,19 @@ impl Controller {
 /// register again with the successor) and the node drains. The returned task ends then, or at `shutdown`.
 fn serve_successor<R: FnOnce() + Send + 'static>(
     path: &std::path::Path,
-    node: &mut Node,
+    node: &mut EmbeddedNode,
     listeners: [(&'static str, &TcpListener); 3],
     mut shutdown: watch::Receiver<bool>,
     released: R,
 ) -> Result<impl Future<Output = Result<(), ControllerError>> + use<R>, ControllerError> {
-    let listener = TakeoverListener::bind(path).map_err(dataplane::DataplaneError::from)?;
+    let successor = node.listen_for_successor(path)?;
     let copies = listeners
         .into_iter()
         .filter_map(|(name, listener)| Some((name, listener.as_fd().try_clone_to_owned().ok()?)))
         .collect();
-    let steps = node.takeover_link();
     Ok(async move {
         tokio::select! {
-            () = listener.serve(steps, copies, |_| released()) => {}
+            () = successor.serve(copies, |_| released()) => {}
             () = stopped(&mut shutdown) => {}
         }
         Ok(())
@@ -416,7 +406,7 @@ impl Reload {
 /// store's snapshots directly and its reports go straight into the store, exactly as a remote node's would
 /// after crossing the network.
 async fn run_embedded_node(
-    node: Node,
+    node: EmbeddedNode,
     link: store::NodeLink,
     store: Arc<Store>,
     cluster_counts: bool,
@@ -425,10 +415,10 @@ async fn run_embedded_node(
     let (reports_tx, mut reports) = mpsc::unbounded_channel();
     // The other nodes' counts, as a remote node gets them on its sync stream.
     let cluster = cluster_counts.then(|| {
-        let (handle, mut feed) = (node.handle(), link.cluster_load());
+        let (remote, mut feed) = (node.remote_load(), link.cluster_load());
         tokio::spawn(async move {
             loop {
-                handle.set_remote_load(&feed.changed().await);
+                remote.set(&feed.changed().await);
             }
         })
     });

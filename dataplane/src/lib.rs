@@ -4,41 +4,55 @@
 //! the controller's `Dataplane.Sync` stream.
 //!
 //! The node consumes snapshots from a `watch` channel and answers with `NodeReport`s (which frontends are
-//! bound, per-backend connection counts); both types are the contract crate's. The data path reads one immutable [`RoutingTable`] per connection
-//! or new UDP session, swapped atomically, so it takes no lock. When the controller is gone a remote node
+//! bound, per-backend connection counts); both types are the contract crate's. The data path reads one
+//! immutable routing table per connection or new UDP session, swapped atomically, so it takes no lock. When the controller is gone a remote node
 //! keeps serving its last snapshot.
 //!
+//! # Surface
+//! What other crates use, all at this root: [`EmbeddedNode`] (with [`take_over`], [`Inherited`],
+//! [`Successor`], [`RemoteLoad`] and [`metrics_endpoint`]) to embed a node, as the controller does;
+//! [`Dataplane`] and [`Cli`] for the `dataplane` binary, which runs an [`EmbeddedNode`] too; [`NodeArgs`]
+//! and [`NodeConfig`], a node's flags and settings; the error types. Every module is private.
+//!
 //! # Layout
-//! - [`node`]: the reconcile loop: table swap, frontends opened and closed, drains, reports.
-//! - [`table`]: a snapshot resolved for the data path.
-//! - [`balance`]: which backend takes the next connection.
-//! - [`relay`]: TCP and UDP relays.
-//! - [`listener`]: how frontend sockets are bound.
-//! - [`stats`]: per-backend connection counters and evictions; [`metrics`]: their Prometheus series, and
-//!   the node's; [`access_log`]: one line per finished connection, written off the data path.
-//! - [`workers`]: the data path's threads, one runtime per core.
-//! - [`proxy`]: the PROXY protocol, sent to backends and read from a balancer in front.
-//! - [`sync`]: the remote node's link to the controller; [`sys`]: the one module that calls libc.
-//! - [`takeover`]: upgrades that drop nothing: a successor takes over the listening sockets.
-//! - [`cli`], [`admin`]: the `dataplane` binary's flags (and [`NodeArgs`], which the controller takes for
+//! - `embed`: the one way in, [`EmbeddedNode`].
+//! - `node`: the reconcile loop: table swap, frontends opened and closed, drains, reports.
+//! - `table`: a snapshot resolved for the data path.
+//! - `balance`: which backend takes the next connection.
+//! - `relay`: TCP and UDP relays.
+//! - `listener`: how frontend sockets are bound.
+//! - `stats`: per-backend connection counters and evictions; `metrics`: their Prometheus series, and
+//!   the node's gauges, which the node hands it (a leaf, like `error`); `access_log`: one line per
+//!   finished connection, written off the data path.
+//! - `workers`: the data path's threads, one runtime per core.
+//! - `proxy`: the PROXY protocol, sent to backends and read from a balancer in front (public with the
+//!   `fuzzing` feature, for the fuzz targets).
+//! - `sync`: the remote node's link to the controller; `sys`: the one module that calls libc, with a
+//!   safe surface.
+//! - `takeover`: upgrades that drop nothing: a successor takes over the listening sockets.
+//! - `cli`, `admin`: the `dataplane` binary's flags (and [`NodeArgs`], which the controller takes for
 //!   its embedded node) and admin HTTP server.
 
-pub mod access_log;
-pub mod admin;
-pub mod balance;
-pub mod cli;
-pub mod error;
-pub mod listener;
-pub mod metrics;
-pub mod node;
+mod access_log;
+mod admin;
+mod balance;
+mod cli;
+mod embed;
+mod error;
+mod listener;
+mod metrics;
+mod node;
+#[cfg(not(feature = "fuzzing"))]
+mod proxy;
+#[cfg(feature = "fuzzing")]
 pub mod proxy;
-pub mod relay;
-pub mod stats;
-pub mod sync;
-pub mod sys;
-pub mod table;
-pub mod takeover;
-pub mod workers;
+mod relay;
+mod stats;
+mod sync;
+mod sys;
+mod table;
+mod takeover;
+mod workers;
 
 use std::{net::SocketAddr, os::fd::AsFd, sync::Arc};
 
@@ -48,11 +62,12 @@ use tokio::{
     sync::{mpsc, watch},
 };
 
+pub use admin::metrics as metrics_endpoint;
 pub use cli::{Cli, DataplaneConfig, NodeArgs};
-pub use error::{DataplaneError, FrontendError};
-pub use node::{Node, NodeConfig, NodeHandle, ServedState};
-pub use table::RoutingTable;
-use takeover::{Inherited, TakeoverListener};
+pub use embed::{EmbeddedNode, RemoteLoad, Successor};
+pub use error::{DataplaneError, TakeoverError};
+pub use node::NodeConfig;
+pub use takeover::{Inherited, take_over};
 
 /// A `dataplane` process whose admin listener is bound, ready to [`run`](Dataplane::run).
 #[derive(Debug)]
@@ -71,7 +86,7 @@ impl Dataplane {
     /// snapshots list them.
     pub async fn bind(config: DataplaneConfig) -> Result<Self, DataplaneError> {
         let mut inherited = match &config.node.takeover {
-            Some(path) => takeover::take_over(path).await?,
+            Some(path) => take_over(path).await?,
             None => None,
         };
         let addr = config.admin_listen;
@@ -104,16 +119,14 @@ impl Dataplane {
         let line = self.ready_line();
         let Dataplane { config, admin, inherited } = self;
         let mut registry = contract::metrics::registry("dataplane");
-        let (data, link) = (metrics::DataMetrics::default(), metrics::SyncMetrics::default());
-        data.register(&mut registry);
+        let link = metrics::SyncMetrics::default();
         link.register(&mut registry);
-        let mut node = Node::new(config.node.clone(), &data)?;
-        metrics::register_node(&mut registry, node.handle());
+        let mut node = EmbeddedNode::new(config.node.clone(), &mut registry)?;
         let first = match inherited {
             Some(inherited) => node.inherit(inherited).await,
             None => RoutingSnapshot::default(),
         };
-        let takeover = config.node.takeover.as_deref().map(TakeoverListener::bind).transpose()?;
+        let takeover = config.node.takeover.as_deref().map(|path| node.listen_for_successor(path)).transpose()?;
         let (snapshots_tx, snapshots_rx) = watch::channel(Arc::new(first));
         let (reports_tx, reports_rx) = mpsc::unbounded_channel();
         let (status_tx, status_rx) = watch::channel(sync::SyncStatus::default());
@@ -131,8 +144,8 @@ impl Dataplane {
         let sync = tokio::spawn(sync::run(config.sync, snapshots_tx, reports_rx, status_tx, node.handle(), link));
         let successor = takeover.map(|takeover| {
             let listeners = admin_copy.into_iter().map(|fd| ("admin", fd)).collect();
-            let (steps, sync, admin_stop) = (node.takeover_link(), sync.abort_handle(), admin_stop.clone());
-            tokio::spawn(takeover.serve(steps, listeners, move |taken| {
+            let (sync, admin_stop) = (sync.abort_handle(), admin_stop.clone());
+            tokio::spawn(takeover.serve(listeners, move |taken| {
                 // The successor may take this node's id: leave the controller now.
                 sync.abort();
                 if taken.iter().any(|name| name == "admin") {

@@ -22,8 +22,6 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::node::NodeHandle;
-
 /// A gauge of a count.
 pub type CountGauge = Gauge<u64, AtomicU64>;
 
@@ -124,10 +122,42 @@ pub struct SyncMetrics {
     pub reconnects: Counter,
 }
 
+/// What a node's state-describing gauges read when scraped. The node fills it in: this module knows the
+/// series, not the node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodeGauges {
+    /// Version of the routing snapshot served.
+    pub snapshot_version: u64,
+    /// Frontends open.
+    pub frontends: u64,
+    /// Data-path worker threads.
+    pub workers: u64,
+    /// Splice pipes holding bytes in flight.
+    pub pipes_in_use: u64,
+    /// Splice pipes in existence.
+    pub pipes: u64,
+    /// Descriptors the node's clients hold.
+    pub client_fds: u64,
+    /// Descriptors the node's clients may hold.
+    pub client_fds_max: u64,
+    /// Bytes the TCP relay moved by splice(2).
+    pub spliced_bytes: u64,
+    /// Bytes the TCP relay copied through a buffer.
+    pub copied_bytes: u64,
+    /// Bulk bursts that found no pipe and were copied.
+    pub pipe_pool_empty: u64,
+}
+
+/// A node as its collector sees it: something that reads its gauges now.
+pub trait GaugeSource: std::fmt::Debug + Send + Sync + 'static {
+    /// The gauges' values at this moment.
+    fn gauges(&self) -> NodeGauges;
+}
+
 /// Reads a node's state-describing gauges when scraped.
 #[derive(Debug)]
-struct NodeCollector {
-    node: NodeHandle,
+struct NodeCollector<S> {
+    node: S,
 }
 
 const CONNECT_FAILURES: [ConnectFailure; 3] = [ConnectFailure::Refused, ConnectFailure::Timeout, ConnectFailure::Error];
@@ -281,11 +311,6 @@ impl DataMetrics {
 // === impl FrontendStats ===
 
 impl FrontendStats {
-    /// Handles registered nowhere (tests).
-    pub fn detached(service: ServiceKey) -> Arc<Self> {
-        DataMetrics::default().frontend(service)
-    }
-
     /// A TCP client was closed for `why`.
     pub fn refused(&self, why: Refusal) {
         self.refused[why as usize].inc();
@@ -370,32 +395,29 @@ impl SyncMetrics {
 // === impl NodeCollector ===
 
 /// Registers the gauges read from `node` when scraped: snapshot version, warm-up, relay and descriptors.
-pub fn register_node(registry: &mut Registry, node: NodeHandle) {
+pub fn register_node(registry: &mut Registry, node: impl GaugeSource) {
     registry.register_collector(Box::new(NodeCollector { node }));
 }
 
-impl Collector for NodeCollector {
+impl<S: GaugeSource> Collector for NodeCollector<S> {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let state = self.node.state();
-        let relay = self.node.pump_stats();
-        let (fds_held, fds_max) = self.node.client_fds();
-        let open = state.frontends.iter().filter(|f| f.result.is_ok()).count();
+        let g = self.node.gauges();
         let gauges = [
-            ("node_snapshot_version", "Version of the routing snapshot the node serves.", state.snapshot.version),
-            ("node_frontends", "Frontends the node has open.", open as u64),
-            ("node_workers", "Data-path worker threads.", self.node.workers() as u64),
-            ("relay_pipes_in_use", "Splice pipes holding bytes in flight.", relay.pipes_in_use as u64),
-            ("relay_pipes", "Splice pipes in existence.", relay.pipes as u64),
-            ("node_client_fds", "File descriptors the node's clients hold.", fds_held as u64),
-            ("node_client_fds_max", "File descriptors the node's clients may hold.", fds_max as u64),
+            ("node_snapshot_version", "Version of the routing snapshot the node serves.", g.snapshot_version),
+            ("node_frontends", "Frontends the node has open.", g.frontends),
+            ("node_workers", "Data-path worker threads.", g.workers),
+            ("relay_pipes_in_use", "Splice pipes holding bytes in flight.", g.pipes_in_use),
+            ("relay_pipes", "Splice pipes in existence.", g.pipes),
+            ("node_client_fds", "File descriptors the node's clients hold.", g.client_fds),
+            ("node_client_fds_max", "File descriptors the node's clients may hold.", g.client_fds_max),
         ];
         for (name, help, value) in gauges {
             const_gauge(&mut encoder, name, help, value)?;
         }
         let counters = [
-            ("relay_spliced_bytes", "Bytes the TCP relay moved by splice(2).", relay.spliced_bytes),
-            ("relay_copied_bytes", "Bytes the TCP relay copied through a buffer.", relay.copied_bytes),
-            ("relay_pipe_pool_empty", "Bulk bursts that found no pipe and were copied.", relay.pipe_pool_empty),
+            ("relay_spliced_bytes", "Bytes the TCP relay moved by splice(2).", g.spliced_bytes),
+            ("relay_copied_bytes", "Bytes the TCP relay copied through a buffer.", g.copied_bytes),
+            ("relay_pipe_pool_empty", "Bulk bursts that found no pipe and were copied.", g.pipe_pool_empty),
         ];
         for (name, help, value) in counters {
             const_counter(&mut encoder, name, help, value)?;

@@ -29,10 +29,10 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::{Instrument, info, warn};
 
 use crate::{
-    DataplaneError, FrontendError,
     access_log::{AccessLog, AccessLogTarget},
+    error::{DataplaneError, FrontendError},
     listener,
-    metrics::{DataMetrics, FrontendStats},
+    metrics::{DataMetrics, FrontendStats, GaugeSource, NodeGauges},
     relay::{
         self, RelayContext,
         pump::{PipePool, PumpStats},
@@ -152,7 +152,7 @@ impl Node {
         let access_log = match &config.access_log {
             Some(target) => Some(
                 AccessLog::open(target, metrics.access_log_dropped.clone())
-                    .map_err(|source| DataplaneError::AccessLog { target: target.clone(), source })?,
+                    .map_err(|source| DataplaneError::AccessLog { target: target.to_string(), source })?,
             ),
             None => None,
         };
@@ -502,6 +502,24 @@ impl NodeHandle {
     /// Takes in the other nodes' connection counts (sums per backend), for the load-aware algorithms.
     pub fn set_remote_load(&self, rows: &[BackendLoad]) {
         self.stats.set_remote(rows);
+    }
+}
+
+impl GaugeSource for NodeHandle {
+    fn gauges(&self) -> NodeGauges {
+        let (state, relay, (client_fds, client_fds_max)) = (self.state(), self.pump_stats(), self.client_fds());
+        NodeGauges {
+            snapshot_version: state.snapshot.version,
+            frontends: state.frontends.iter().filter(|f| f.result.is_ok()).count() as u64,
+            workers: self.workers as u64,
+            pipes_in_use: relay.pipes_in_use as u64,
+            pipes: relay.pipes as u64,
+            client_fds: client_fds as u64,
+            client_fds_max: client_fds_max as u64,
+            spliced_bytes: relay.spliced_bytes,
+            copied_bytes: relay.copied_bytes,
+            pipe_pool_empty: relay.pipe_pool_empty,
+        }
     }
 }
 

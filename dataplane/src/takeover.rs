@@ -26,10 +26,10 @@
 
 use std::{
     collections::HashMap,
-    io::{self, IoSlice, IoSliceMut},
+    io::{self, IoSlice},
     net::SocketAddr,
     os::{
-        fd::{AsRawFd, OwnedFd, RawFd},
+        fd::{AsFd, AsRawFd, OwnedFd, RawFd},
         unix::fs::{FileTypeExt, MetadataExt, PermissionsExt},
     },
     path::{Path, PathBuf},
@@ -41,9 +41,7 @@ use contract::{
     model::{Protocol, RoutingSnapshot, ServiceKey},
     v1,
 };
-use nix::sys::socket::{
-    self, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, sockopt,
-};
+use nix::sys::socket::{self, AddressFamily, Backlog, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr, sockopt};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use socket2::{SockRef, Socket, Type};
@@ -53,6 +51,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
+use crate::error::TakeoverError;
 use crate::sys;
 
 /// Version of the exchange; a successor of another version is refused.
@@ -67,36 +66,6 @@ const FDS_PER_MESSAGE: usize = 32;
 const MAX_SNAPSHOT: usize = 64 << 20;
 /// Most frontend sockets a successor takes (ports × workers).
 const MAX_SOCKETS: usize = 1 << 16;
-
-/// Why a takeover did not happen.
-#[derive(Debug, thiserror::Error)]
-pub enum TakeoverError {
-    /// A system call on the takeover socket failed.
-    #[error("takeover socket {path}: {what}: {source}")]
-    Io {
-        /// `--takeover`.
-        path: PathBuf,
-        /// What was being done.
-        what: &'static str,
-        /// What the OS said.
-        #[source]
-        source: io::Error,
-    },
-    /// Something other than a socket is at the path: never removed, in case it is someone's file.
-    #[error("takeover socket {0}: the path exists and is not a socket; remove it or choose another --takeover path")]
-    NotASocket(PathBuf),
-    /// The other side runs as another user.
-    #[error("takeover socket {path}: the other process runs as user {uid}, not as this one's")]
-    Foreign {
-        /// `--takeover`.
-        path: PathBuf,
-        /// Its user.
-        uid: u32,
-    },
-    /// The other side broke the exchange.
-    #[error("takeover exchange: {0}")]
-    Exchange(String),
-}
 
 /// What a node hands its successor: duplicates of its frontends' sockets and the routing state they
 /// serve. The node keeps its own descriptors until it is released.
@@ -131,13 +100,13 @@ pub enum InheritedSockets {
 #[derive(Debug)]
 pub struct Inherited {
     /// The routing state the old node served.
-    pub snapshot: RoutingSnapshot,
+    pub(crate) snapshot: RoutingSnapshot,
     /// The old node's frontends.
-    pub frontends: HashMap<ServiceKey, InheritedSockets>,
+    pub(crate) frontends: HashMap<ServiceKey, InheritedSockets>,
     /// The old process's other listeners, by name (`admin`; the controller's `json`, `grpc`).
-    pub listeners: HashMap<String, std::net::TcpListener>,
+    pub(crate) listeners: HashMap<String, std::net::TcpListener>,
     /// The link to the old node, to release it.
-    pub predecessor: Predecessor,
+    pub(crate) predecessor: Predecessor,
 }
 
 /// The successor's link to the node it takes over.
@@ -196,7 +165,8 @@ struct Received {
 // === successor ===
 
 /// Takes over the node listening at `path`: none when nobody listens there (no file, or a stale one),
-/// else everything it hands over. The old node keeps accepting until [`Predecessor::release`].
+/// else everything it hands over. The old node keeps accepting until the successor serves
+/// ([`EmbeddedNode::inherit`](crate::EmbeddedNode::inherit) releases it).
 pub async fn take_over(path: &Path) -> Result<Option<Inherited>, TakeoverError> {
     match std::fs::symlink_metadata(path) {
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -384,17 +354,14 @@ impl TakeoverListener {
         let path = &self.link.path;
         let fd = loop {
             let mut ready = self.link.fd.readable().await.map_err(|source| self.link.io("accept", source))?;
-            let accepted = ready.try_io(|fd| {
-                socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK)
-                    .map_err(io::Error::from)
-            });
+            // socket2's accept is accept4 with close-on-exec, and hands back an owned socket.
+            let accepted = ready.try_io(|fd| SockRef::from(fd.get_ref()).accept().map(|(socket, _)| socket));
             match accepted {
                 Ok(result) => break result.map_err(|source| self.link.io("accept", source))?,
                 Err(_would_block) => continue,
             }
         };
-        let fd = sys::own_new_descriptors(&[fd]).pop().ok_or_else(|| exchange("accept returned no socket"))?;
-        let link = Link::new(fd, path)?;
+        let link = Link::new(fd.into(), path)?;
         link.check_peer()?;
         Ok(link)
     }
@@ -507,21 +474,9 @@ impl Link {
             let mut space = nix::cmsg_space!([RawFd; FDS_PER_MESSAGE]);
             loop {
                 let mut ready = self.fd.readable().await?;
-                let got = ready.try_io(|fd| {
-                    let mut iov = [IoSliceMut::new(&mut body)];
-                    let message =
-                        socket::recvmsg::<()>(fd.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-                            .map_err(io::Error::from)?;
-                    let mut fds = Vec::new();
-                    for cmsg in message.cmsgs().map_err(io::Error::from)? {
-                        if let ControlMessageOwned::ScmRights(raw) = cmsg {
-                            fds.extend(sys::own_new_descriptors(&raw));
-                        }
-                    }
-                    Ok((message.bytes, message.flags.contains(MsgFlags::MSG_TRUNC), fds))
-                });
+                let got = ready.try_io(|fd| sys::recv_with_descriptors(fd.get_ref().as_fd(), &mut body, &mut space));
                 if let Ok(result) = got {
-                    let (len, truncated, fds) = result?;
+                    let sys::ReceivedMessage { len, truncated, fds } = result?;
                     body.truncate(len);
                     return Ok::<_, io::Error>((body, truncated, fds));
                 }

@@ -51,11 +51,6 @@ impl Workers {
         self.handles.len()
     }
 
-    /// Never true: there is always one worker.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
-    }
-
     /// Runs `serve(socket)` for each of `sockets` (one per worker, in worker order) on its worker.
     pub fn spawn_each<S, F>(&self, sockets: Vec<S>, serve: impl Fn(S) -> F) -> Vec<JoinHandle<()>>
     where

@@ -50,7 +50,7 @@ pub async fn serve(
     let app = Router::new()
         .route("/api/state", get(view))
         .route("/api/events", get(events))
-        .route("/metrics", get(dataplane::admin::metrics).with_state(Arc::clone(&state.registry)))
+        .route("/metrics", get(dataplane::metrics_endpoint).with_state(Arc::clone(&state.registry)))
         .layer(middleware::from_fn_with_state(guard, http_guard))
         .route("/", get(dashboard))
         .with_state(state)

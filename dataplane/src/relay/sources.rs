@@ -152,6 +152,7 @@ impl SourceCaps {
     }
 
     /// Sessions `ip`'s address and `ip`'s prefix hold now.
+    #[cfg(test)]
     pub fn held(&self, ip: IpAddr) -> (usize, usize) {
         let source = ip.to_canonical();
         let held = self.lock();
