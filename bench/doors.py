@@ -10,7 +10,8 @@ from 127.0.0.1 then tries the door three times: a gRPC connection must get the s
 an admin one `GET /api/state` 200, a JSON one an answer to `{"cmd":"hello"}`. The door is held when all
 three fail. Modes: `silent` connections send nothing, `slow` ones send one byte of a request every second,
 `streams` (gRPC only) open a `Registry.Register` stream each and never send its first message (requests
-in flight: the worst case), answering the controller's PINGs. Prints one JSON object per door. Everything
+in flight: the worst case), answering the controller's PINGs. A door found held is tried again every 0.5 s
+for up to 30 s, and `held_for_seconds` says when the newcomer got in. Prints one JSON object per door. Everything
 runs on 127.0.0.0/8 and stops by itself.
 """
 
@@ -163,9 +164,18 @@ def probe(door, args):
             per_source = max(1, -(-(size * 5 // 4) // k))
             conns, stop = hold(door, ctl.addrs[door], sources, per_source, args.mode)
             time.sleep(0.5)
+            opened = time.time()
             held = not any(newcomer_gets_in(door, ctl.addrs[door]) or time.sleep(0.5) for _ in range(3))
             log(f"{door} {args.mode}: {k} sources x {per_source} = {len(conns)} connections: "
                 f"{'held' if held else 'open'}")
+            if held:
+                # For how long: the newcomer keeps trying (every 0.5 s, at most 30 s) while the
+                # connections stay open and keep answering PINGs.
+                while time.time() - opened < 30 and not newcomer_gets_in(door, ctl.addrs[door]):
+                    time.sleep(0.5)
+                if time.time() - opened < 30:
+                    result["held_for_seconds"] = round(time.time() - opened, 1)
+                log(f"{door} {args.mode}: held for {result.get('held_for_seconds', 'over 30')} s")
             stop.set()
             for s in conns:
                 s.close()
