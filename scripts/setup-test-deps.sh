@@ -38,6 +38,12 @@ if ! python3 -c 'import prometheus_client.parser' >/dev/null 2>&1; then
     python3 -m pip install --quiet --disable-pip-version-check prometheus_client
 fi
 
+# mdBook builds the book under docs/ (.ci/run); from crates.io, pinned by its own lock file.
+if ! command -v mdbook >/dev/null 2>&1; then
+    echo "setup: installing mdbook (crates.io)" >&2
+    cargo install --locked mdbook
+fi
+
 for component in rustfmt clippy; do
     if ! rustup component list --installed 2>/dev/null | grep -q "^${component}"; then
         echo "setup: adding rustup component ${component}" >&2

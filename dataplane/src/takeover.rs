@@ -23,6 +23,30 @@
 //! side checks the other's credentials (`SO_PEERCRED`). Every step has a timeout, the successor checks
 //! each socket it receives (type, listening state, port) and bounds what it takes, and a successor that
 //! fails half way leaves the old node serving as before.
+//!
+//! # Life of an upgrade
+//!
+//! A node started with `--takeover PATH` listens there (`EmbeddedNode::listen_for_successor`, a
+//! `TakeoverListener`: `SOCK_SEQPACKET`, mode 0600, peer credentials checked). Its successor, started with
+//! the same flags:
+//!
+//! 1. **Take over.** `take_over` connects and says hello; the old node's run loop answers a `TakeoverStep::Offer`
+//!    between two snapshots with copies of every frontend's sockets (kept since `Node::open`) and the
+//!    snapshot they serve; the process adds its listeners (admin; for a controller also JSON and gRPC). They
+//!    cross with `SCM_RIGHTS`, 32 per message, and are owned where they are received
+//!    (`sys::recv_with_descriptors`: no raw descriptor number leaves `sys.rs`); the successor checks each
+//!    socket's type, state and port.
+//! 2. **Accept.** `Node::inherit` applies the inherited snapshot with those sockets (`open` takes them
+//!    instead of binding; a successor with more workers adds sockets to the `SO_REUSEPORT` group). Both
+//!    processes now accept on the same sockets.
+//! 3. **Release.** `Predecessor::release` sends `A`; the old node's `TakeoverStep::Release` cancels
+//!    `RelayContext::handed_over`: TCP frontends stop accepting (their stop tokens are its children), UDP
+//!    frontends stop reading and keep only their sessions' replies. The old process leaves its controller
+//!    (the node id is free), stops the listeners the successor took, and answers `D`.
+//! 4. **Serve.** The successor binds `PATH` (aside, then renamed over the old file), prints READY and
+//!    follows the controller from the inherited version. The old node drains as at SIGTERM (`Node::stop`,
+//!    UDP sessions until idle) and exits; it never removes the file. A controller's successor serves the
+//!    inherited state through its warm-up while servers register again on the inherited listeners.
 
 use std::{
     collections::HashMap,

@@ -17,6 +17,91 @@
 //! gets [`StoreError::Invariant`], nothing is published). Otherwise the draft becomes the registry, the
 //! version goes up by one, and the snapshot of that version is published on a watch channel that every
 //! node follows.
+//!
+//! # Life of a registration
+//!
+//! 1. **Connect.** `api/json.rs` accepts a connection within its share of descriptors and `--json-allow`
+//!    (or `api/grpc.rs` a `Register` stream, past the token check of `api/auth.rs` and the listener cap of
+//!    `api/listener.rs`) and opens a `Registration` handle (`store/registration.rs`,
+//!    `Store::open_registration`, bounded per source address). Dropping the handle ends the registration.
+//! 2. **Parse.** JSON bytes go through `api/framing.rs` (NDJSON, glued, split, 64 KiB) and `api/request.rs`
+//!    (fields to `ServiceKey`, `Weight`, `Algorithm` of `contract::model`). A gRPC `register` message becomes
+//!    a `RegistrationRequest` in `contract/convert/registry.rs`. The backend is the peer's IP and
+//!    `backend_port` (default: the service port).
+//! 3. **Change.** `Registration::register` calls `Store::register` (`store/changes.rs`): the port policy,
+//!    the backend not being the balancer itself, the bounds, the algorithm rule, then the change on a draft
+//!    of the registry (`store/registry.rs`). Over gRPC, `BackendRules` (`api/grpc.rs`) first refuses another
+//!    host's backend unless the caller is an operator. Each registration carries the `Credential` its token
+//!    proved (a JSON message's `"token"` field, gRPC's bearer token); with `--auth-token` set an anonymous one
+//!    chooses no service settings, and each source creates at most `--max-services-per-source` services. A
+//!    backend owned by another registration moves to this one only under the owner rule
+//!    (`Store::check_owner`: same credential from the same address, or an operator); an identical
+//!    re-registration returns the current version. Loops are judged by the addresses each node's hello says
+//!    its frontends listen on.
+//! 4. **Commit.** `Store::commit` (`store/mod.rs`) checks the draft's invariants. A draft that breaks one is
+//!    refused: nothing is published and the caller gets `StoreError::Invariant`. Otherwise the draft becomes
+//!    the registry, the version goes up by one, and `Registry::snapshot` (only backends neither draining nor
+//!    of an unhealthy registration) is published on a `watch` channel. `store/events.rs` emits the events.
+//! 5. **Publish.** The embedded node reads the watch channel; `api/sync.rs` sends each remote node the
+//!    snapshot (`contract/convert/routing.rs`) on its `Sync` stream: whole first, then as a `RoutingDelta`
+//!    from the last one sent, each encoded once for all the streams that need it. `dataplane/src/sync.rs`
+//!    rebuilds the snapshot and feeds it into the same `Node`. A watch keeps the latest value: a node may
+//!    skip versions, never state.
+//! 6. **Apply.** `Node::apply` (`dataplane/src/node.rs`) swaps in a new `RoutingTable` (`table.rs`; a
+//!    service whose algorithm and backends did not change keeps its route whole, the others get balancers
+//!    that continue, counters in `stats.rs` are reused), schedules drains for backends that left with
+//!    open connections, closes the frontends of services that left (waiting until the port is free), and
+//!    opens new ones (`listener.rs`); a failed bind is retried with every later snapshot.
+//! 7. **Report.** The node reports `NodeReport::Applied { version, frontends }` (one `Ok(addr)` or
+//!    `Err("bind ADDR: OS error")` per service), in process for the embedded node, as a `SnapshotAck` for a
+//!    remote one (only the results that changed since its last ack, `NodeReport::AppliedChanges`, when the
+//!    controller's `Sync` response says it takes them). It reaches `store/nodes.rs` through the node's `NodeLink`, which wakes the waiters.
+//! 8. **Verdict.** `Store::await_frontend` waits until every connected node acked the registration's
+//!    version or later, at most `--bind-ack-timeout`: **Serving** (one node listens; the others' errors as a
+//!    note), **Failed** (every node's error; `Store::withdraw` removes a backend this call created), or
+//!    **NoNodes**. `api/json.rs` answers `successful`/`failed`; `api/grpc.rs` an ack.
+//! 9. **Probe.** `probe.rs` sends hellos while the registration holds backends. Unanswered hellos, a closed
+//!    connection or an ended stream drop the handle, and `Store::close_registration` removes its backends in
+//!    one new version; nodes close the ports of services left with no backend.
+//!
+//! Operators' changes take the same path from step 3: `api/admin.rs` converts the request
+//! (`contract/convert/admin.rs`) and calls `Store::drain_backend`, `set_weight` or `set_algorithm`. An
+//! agent is one more gRPC `Register` client (`agent/src/register.rs`): it registers with its check's verdict,
+//! answers hellos with `hello_ack{seq, healthy}` (`Registration::set_healthy`: unhealthy backends stay in the
+//! store, out of the snapshot), pushes a verdict change at once, retries with `contract::backoff`, and
+//! deregisters on SIGTERM.
+//!
+//! Static services of the `--config` file take the same path from step 3 without a connection:
+//! `statics.rs` validates the `[[service]]` sections, runs the first check of each new static backend, and
+//! `Store::apply_static` (`store/statics.rs`) makes the whole file one version, each static backend held by a
+//! registration of origin `config`. One checker task per static backend (`contract::check::follow`, the
+//! agent's checks) records verdicts with `Store::set_static_healthy`. SIGHUP (`Reload` in `lib.rs`) reads
+//! the file again through `Config::reload` and applies only the difference, or logs why it refuses it.
+//!
+//! # Invariants
+//!
+//! `Registry::check_invariants` runs on every commit, and a change that breaks one is refused:
+//!
+//! - Every service has at least one backend; a service goes with its last backend.
+//! - Every backend has exactly one owning registration, which lists it, and every (service, backend) a
+//!   registration lists is owned by it.
+//! - No service is both served and retired.
+//! - Weights are in 1..=10000: `contract::model::Weight` cannot hold another value.
+//!
+//! Versions: a fresh store is at 0 with an empty snapshot. Every commit adds exactly 1 and publishes exactly
+//! one snapshot, under the store's mutex, so versions are published in order and never twice. Refused
+//! requests and requests that change nothing make no version; a node joining or leaving is not a commit. A
+//! published snapshot is never mutated. The one jump: a node's `hello` reporting a version at or above the
+//! store's makes `Store::observe_version` continue above it. A `Sync` stream sends only increasing versions,
+//! and a `dataplane` ignores a snapshot that is not newer than its own. A registration's reply counts only
+//! acks of its version or later. The controller's own ports are never frontends. With `--store etcd://`
+//! (`Store::replicated`), commits change the registry only: the replica publishes the snapshot made from
+//! etcd, whose version is the revision of the latest routing change there, the same on every controller;
+//! a registration then waits for its key's revision.
+//!
+//! Warm-up: for `--resync-grace` after start, snapshots carry `warming_up` and the services `retired` since
+//! start; a node keeps serving services it has that are neither listed nor retired
+//! (`RoutingSnapshot::applied_over`), so servers can re-register after a controller restart.
 
 mod changes;
 pub mod events;

@@ -1,5 +1,5 @@
 //! The Admin API: drains, weights, events, error codes; and grpcurl, an independent gRPC client, against
-//! every method (the README's commands).
+//! every method (the commands of the book's gRPC chapter, docs/src/grpc.md).
 
 use std::{process::Stdio, time::Duration};
 
