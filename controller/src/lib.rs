@@ -4,18 +4,24 @@
 //! process, so a single command gives a working load balancer.
 //!
 //! # Layout
-//! - [`cli`] and [`config`]: flags, and the validated configuration built from them.
+//! - [`cli`] and [`config`]: flags, and the validated configuration built from them. `config` builds the
+//!   value types of the modules that use them (the store's port ranges and bounds, the JSON door's address
+//!   blocks, gRPC's TLS) and owns none.
 //! - [`store`]: the single source of truth, in rooms: registry and commit, nodes and cluster load, events,
 //!   read model.
 //! - [`probe`]: the hello health check shared by both registration channels.
 //! - [`statics`]: the static services of the `--config` file and the controller's checks of their backends.
 //! - [`api`]: JSON channel, gRPC, admin HTTP (with `/metrics` and the dashboard), and the doors' tokens
 //!   and connection caps.
-//! - [`metrics`]: the controller's Prometheus series.
+//! - [`metrics`]: the controller's Prometheus series; a leaf, reading the store and the doors through the
+//!   traits it defines.
 //! - [`etcd`]: the link to etcd of controllers run as replicas: a mirror of the prefix,
 //!   followed through compactions and outages, and the keys a controller owns under its lease; [`replica`]:
 //!   what a controller publishes there and imports from the others.
-//! - [`error`]: one error enum per boundary.
+//! - [`error`]: one error enum per boundary; a leaf too.
+//!
+//! No module imports one that imports it back (`tests/tests/module_graph.rs` fails on a circle): `config`
+//! above `api`, `statics` and `store`; `api` above `store`; `store` above `metrics` and `error`.
 //!
 //! The domain types and their wire conversions are the contract crate's; the `dataplane` crate is used only
 //! to embed a node.
@@ -128,10 +134,9 @@ impl Controller {
         // Static services are in the store before READY; replicated, once etcd is reached (in `run`).
         let mut statics = statics::Statics::new(Arc::clone(&store));
         if !store.is_replicated() {
-            statics
-                .apply(&config.static_services)
-                .await
-                .map_err(|source| ControllerError::static_services(config.source.as_ref(), source))?;
+            statics.apply(&config.static_services).await.map_err(|source| {
+                ControllerError::static_services(config.source.as_ref().map(config::ConfigSource::path), source)
+            })?;
         }
         // Taken before READY, so a SIGHUP from then on reloads and never kills.
         let hangups = signal(SignalKind::hangup()).map_err(ControllerError::Signal)?;
@@ -164,7 +169,7 @@ impl Controller {
         let Controller { config, json, grpc, admin, store, embedded, statics, hangups, inherited } = self;
         let mut tasks = JoinSet::new();
         let mut registry = contract::metrics::registry("controller");
-        metrics::register(&mut registry, &store);
+        metrics::register(&mut registry, store.metrics(), Arc::clone(&store) as Arc<dyn metrics::StoreReadout>);
         let mut node = match &config.embedded_node {
             Some(node) => Some(EmbeddedNode::new(node.clone(), &mut registry)?),
             None => None,
@@ -229,7 +234,11 @@ impl Controller {
         let json_door = Door::new("json", "JSON control connections", DoorCaps::of(shares.json), timeouts);
         let grpc_door = Door::new("grpc", "gRPC connections", DoorCaps::of(shares.grpc), timeouts);
         let admin_door = Door::new("admin", "admin HTTP connections", DoorCaps::of(shares.admin), timeouts);
-        metrics::register_doors(&mut registry, [&json_door, &grpc_door, &admin_door]);
+        let doors = [&json_door, &grpc_door, &admin_door];
+        metrics::register_doors(
+            &mut registry,
+            doors.map(|door| Arc::clone(door) as Arc<dyn metrics::DoorReadout>).into(),
+        );
         let json_ctx = Arc::new(api::json::JsonContext {
             store: Arc::clone(&store),
             probe: config.probe,
@@ -353,7 +362,12 @@ impl Reload {
                         () = stopped(&mut shutdown) => return Ok(()),
                     }
                 }
-                Err(source) => return Err(ControllerError::static_services(self.source.as_ref(), source)),
+                Err(source) => {
+                    return Err(ControllerError::static_services(
+                        self.source.as_ref().map(config::ConfigSource::path),
+                        source,
+                    ));
+                }
             }
         }
         loop {

@@ -56,7 +56,7 @@ impl Store {
         record.credential = credential;
         let ended = record.ended_by_operator.subscribe();
         Self::keep(&mut state, draft)?;
-        self.metrics.registration_opened(origin.kind);
+        self.metrics.registration_opened(origin.kind.as_str());
         Ok((id, ended))
     }
 

@@ -6,6 +6,7 @@
 //! - [`nodes`]: connected nodes, the addresses their frontends listen on and their bind results (the
 //!   verdict a registration waits for).
 //! - [`load`]: the nodes' connection counts summed into each node's cluster view, and servers' load reports.
+//! - [`policy`]: the ports services may use and the bounds on what registrations may hold.
 //! - [`events`]: the broadcast of state changes.
 //! - [`shared`]: with replicas, the backends this controller publishes and the ones it imports.
 //! - [`statics`]: the static backends of the configuration file, each (re)load one version.
@@ -22,6 +23,7 @@ mod changes;
 pub mod events;
 pub mod load;
 pub mod nodes;
+mod policy;
 pub mod registration;
 mod registry;
 pub mod shared;
@@ -40,15 +42,12 @@ use tokio::sync::{broadcast, watch};
 use tracing::{error, info, warn};
 
 pub use load::ClusterLoadFeed;
-pub use nodes::{FrontendVerdict, NodeLink};
+pub use nodes::{EMBEDDED_NODE, FrontendVerdict, NodeLink};
+pub use policy::{PortRanges, RegistryLimits};
 pub use registration::{Credential, Origin, OriginKind, Registration, Requester};
 
 use self::{nodes::NodeTable, registry::Registry};
-use crate::{
-    config::{PortRanges, RegistryLimits},
-    error::StoreError,
-    metrics::ControllerMetrics,
-};
+use crate::{error::StoreError, metrics::ControllerMetrics};
 
 /// Which ports services may use, and which backends are the balancer itself.
 #[derive(Debug, Clone)]

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use contract::model::{BackendView, FrontendStatus, FrontendView, NodeView, ServiceView, StateView};
 
-use super::{State, Store, load::sum_load};
-use crate::config::EMBEDDED_NODE;
+use super::{EMBEDDED_NODE, OriginKind, State, Store, load::sum_load};
+use crate::metrics::StoreReadout;
 
 // === impl Store ===
 
@@ -19,6 +19,17 @@ impl Store {
             view.version = self.snapshot().version;
         }
         view
+    }
+}
+
+impl StoreReadout for Store {
+    fn view(&self) -> StateView {
+        Store::view(self)
+    }
+
+    fn registrations_by_origin(&self) -> Vec<(&'static str, usize)> {
+        let counts = Store::registrations_by_origin(self);
+        counts.into_iter().map(|(kind, count): (OriginKind, usize)| (kind.as_str(), count)).collect()
     }
 }
 
