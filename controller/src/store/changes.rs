@@ -343,7 +343,7 @@ impl Store {
         let mut state = self.lock();
         let current = state.version;
         // Replicated, versions are etcd's revisions: they only go up, whatever a node knew.
-        if version < current || self.is_replicated() {
+        if version < current || !self.replication.follows_node_versions() {
             return Ok(current);
         }
         state.version = version;

@@ -13,11 +13,11 @@ use crate::metrics::StoreReadout;
 impl Store {
     /// The whole state.
     pub fn view(&self) -> StateView {
-        let mut view = self.lock().view(self.policy.load_report_max_age);
-        if self.is_replicated() {
-            // The version nodes get is the shared store's revision, not this controller's commit count.
-            view.version = self.snapshot().version;
-        }
+        let state = self.lock();
+        let mut view = state.view(self.policy.load_report_max_age);
+        // The version nodes get: the commit's alone (a commit publishes under the lock), the shared
+        // store's revision with replicas, not this controller's commit count.
+        view.version = self.snapshot().version;
         view
     }
 }
