@@ -1,30 +1,22 @@
 //! The validated configuration of a controller, built from [`crate::Cli`]: parse first, bind later.
 
-use std::{
-    ffi::OsString,
-    fmt,
-    net::{IpAddr, SocketAddr},
-    path::Path,
-    str::FromStr,
-    time::Duration,
-};
+use std::{ffi::OsString, net::SocketAddr, time::Duration};
 
 use contract::{
     auth::Token,
-    client::{read_identity, read_pem},
     config_file::{self, ConfigFile, ParseError},
     process::FlagError,
 };
 use dataplane::NodeConfig;
-use tonic::transport::{Certificate, Identity};
 
 pub use crate::api::door::FdShares;
 use crate::{
-    api::{auth::Tokens, door::DoorTimeouts},
+    api::{auth::Tokens, cidr::CidrList, door::DoorTimeouts, tls::ServerTls},
     cli::Cli,
     error::ConfigError,
     probe::ProbeSettings,
     statics::{self, StaticService},
+    store::{EMBEDDED_NODE, PortRanges, RegistryLimits},
 };
 
 /// Everything a controller needs to start.
@@ -90,6 +82,15 @@ pub struct ConfigSource {
     pub file: ConfigFile,
 }
 
+// === impl ConfigSource ===
+
+impl ConfigSource {
+    /// The `--config` file's path.
+    pub fn path(&self) -> &std::path::Path {
+        &self.file.path
+    }
+}
+
 /// Where the registry lives (`--store`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreSettings {
@@ -145,78 +146,8 @@ impl StoreSettings {
     }
 }
 
-/// The name of the node that runs inside the controller.
-pub const EMBEDDED_NODE: &str = "embedded";
-
 /// How often the embedded node reports its counts (a remote node's `--load-report-interval` default).
 const EMBEDDED_LOAD_REPORT_INTERVAL: Duration = Duration::from_millis(100);
-
-/// Bounds on what clients may make the store hold, each refused with a reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RegistryLimits {
-    /// Live registrations from one source address.
-    pub registrations_per_source: usize,
-    /// Backends one registration may hold.
-    pub backends_per_registration: usize,
-    /// Services (frontends on every node) in total.
-    pub services: usize,
-    /// Services the registrations of one source address may create.
-    pub services_per_source: usize,
-}
-
-impl Default for RegistryLimits {
-    fn default() -> Self {
-        RegistryLimits {
-            registrations_per_source: 64,
-            backends_per_registration: 256,
-            services: 4096,
-            services_per_source: 256,
-        }
-    }
-}
-
-/// A set of port ranges, e.g. `80,8000-8999`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortRanges(Vec<(u16, u16)>);
-
-/// TLS of the gRPC listener: its certificate and key, and the authority nodes' certificates must chain to.
-#[derive(Clone)]
-pub struct ServerTls {
-    /// Certificate and key.
-    pub identity: Identity,
-    /// Authority of nodes' certificates (mutual TLS).
-    pub client_ca: Option<Certificate>,
-}
-
-// === impl ServerTls ===
-
-impl fmt::Debug for ServerTls {
-    /// Never the key.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ServerTls").field("client_ca", &self.client_ca.is_some()).finish_non_exhaustive()
-    }
-}
-
-impl ServerTls {
-    fn from_flags(
-        cert: Option<&Path>,
-        key: Option<&Path>,
-        client_ca: Option<&Path>,
-    ) -> Result<Option<Self>, FlagError> {
-        let Some(identity) = read_identity(cert, key)? else {
-            return match client_ca {
-                Some(_) => Err(FlagError::new("client-ca", "needs --tls-cert and --tls-key")),
-                None => Ok(None),
-            };
-        };
-        let client_ca = client_ca.map(|path| read_pem("client-ca", path).map(Certificate::from_pem)).transpose()?;
-        Ok(Some(ServerTls { identity, client_ca }))
-    }
-}
-
-/// A set of address blocks, e.g. `10.0.0.0/8,127.0.0.1/32,::1/128`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CidrList(Vec<(IpAddr, u8)>);
 
 // === impl Config ===
 
@@ -354,130 +285,6 @@ fn at_least_one(flag: &'static str, value: usize) -> Result<usize, FlagError> {
     if value == 0 { Err(FlagError::new(flag, "must be at least 1")) } else { Ok(value) }
 }
 
-// === impl CidrList ===
-
-impl CidrList {
-    /// True when `ip` is in one of the blocks (an IPv4 address seen as `::ffff:a.b.c.d` counts as IPv4).
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.0.iter().any(|&(net, len)| match (net, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                prefix(u128::from(u32::from(net)) << 96, u128::from(u32::from(ip)) << 96, len)
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => prefix(u128::from(net), u128::from(ip), len),
-            _ => false,
-        })
-    }
-}
-
-/// The longest prefix of `ip`'s family.
-fn max_len(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() { 32 } else { 128 }
-}
-
-/// True when `a` and `b` agree on their first `len` bits.
-fn prefix(a: u128, b: u128, len: u8) -> bool {
-    len == 0 || (a ^ b) >> (128 - u32::from(len)) == 0
-}
-
-impl FromStr for CidrList {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut blocks = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (ip, len) = part.split_once('/').ok_or_else(|| match part.parse::<IpAddr>() {
-                // One address: the block of that address alone.
-                Ok(ip) => format!("{part:?} is not ADDRESS/LENGTH, e.g. {ip}/{} for that address alone", max_len(ip)),
-                Err(_) => format!("{part:?} is not ADDRESS/LENGTH, e.g. 10.0.0.0/8 or ::1/128"),
-            })?;
-            let ip: IpAddr = ip
-                .parse()
-                .map_err(|_| format!("{ip:?} in {part:?} is not an IP address, e.g. 10.0.0.0/8 or ::1/128"))?;
-            let max = max_len(ip);
-            let len = len.parse::<u8>().ok().filter(|&l| l <= max);
-            let len = len.ok_or_else(|| format!("the prefix length of {part:?} is not in 0..={max}"))?;
-            // Clients are matched in canonical form, so an IPv4-mapped block is matched as IPv4.
-            match ip.to_canonical() {
-                IpAddr::V4(v4) if ip.is_ipv6() && len >= 96 => blocks.push((IpAddr::V4(v4), len - 96)),
-                _ => blocks.push((ip, len)),
-            }
-        }
-        if blocks.is_empty() {
-            return Err(
-                "no address block given, e.g. 127.0.0.0/8,::1/128 (or 0.0.0.0/0,::/0 for any source)".to_owned()
-            );
-        }
-        Ok(CidrList(blocks))
-    }
-}
-
-impl fmt::Display for CidrList {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, (ip, len)) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            write!(f, "{ip}/{len}")?;
-        }
-        Ok(())
-    }
-}
-
-// === impl PortRanges ===
-
-impl PortRanges {
-    /// True when `port` is in one of the ranges.
-    pub fn contains(&self, port: u16) -> bool {
-        self.0.iter().any(|&(lo, hi)| (lo..=hi).contains(&port))
-    }
-}
-
-impl Default for PortRanges {
-    fn default() -> Self {
-        PortRanges(vec![(1, 65535)])
-    }
-}
-
-impl FromStr for PortRanges {
-    type Err = ConfigError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |why: String| ConfigError::AllowedPorts { value: s.to_owned(), why };
-        let port = |p: &str| match p.trim().parse::<u16>() {
-            Ok(0) | Err(_) => Err(err(format!("{p:?} is not a port in 1..=65535"))),
-            Ok(p) => Ok(p),
-        };
-        let mut ranges = Vec::new();
-        for part in s.split(',').filter(|p| !p.trim().is_empty()) {
-            let (lo, hi) = match part.split_once('-') {
-                Some((lo, hi)) => (port(lo)?, port(hi)?),
-                None => (port(part)?, port(part)?),
-            };
-            if lo > hi {
-                return Err(err(format!("range {part:?} is backwards")));
-            }
-            ranges.push((lo, hi));
-        }
-        if ranges.is_empty() {
-            return Err(err("no port given".to_owned()));
-        }
-        Ok(PortRanges(ranges))
-    }
-}
-
-impl fmt::Display for PortRanges {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, &(lo, hi)) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str(",")?;
-            }
-            if lo == hi { write!(f, "{lo}")? } else { write!(f, "{lo}-{hi}")? }
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -503,44 +310,6 @@ mod tests {
             StoreSettings::from_flags("etcd://h:1", "/sb", ttl, Some("a/b".into())).unwrap_err().flag,
             "controller-id"
         );
-    }
-
-    #[test]
-    fn port_ranges_parse_and_match() {
-        let r: PortRanges = "80, 8000-8999".parse().unwrap();
-        assert!(r.contains(80) && r.contains(8000) && r.contains(8999));
-        assert!(!r.contains(81) && !r.contains(9000));
-        assert_eq!(r.to_string(), "80,8000-8999");
-        for bad in ["", "0", "70000", "9-1", "a-b", "1-"] {
-            assert!(bad.parse::<PortRanges>().is_err(), "{bad}");
-        }
-        let refused = "8000-80".parse::<PortRanges>().unwrap_err().to_string();
-        assert!(refused.ends_with("e.g. 80,8000-8999"), "{refused}");
-    }
-
-    #[test]
-    fn cidr_lists_parse_and_match() {
-        let list: CidrList = "127.0.0.0/30, ::1/128".parse().unwrap();
-        for ip in ["127.0.0.1", "127.0.0.3", "::1", "::ffff:127.0.0.2"] {
-            assert!(list.contains(ip.parse().unwrap()), "{ip}");
-        }
-        for ip in ["127.0.0.4", "10.0.0.1", "::2"] {
-            assert!(!list.contains(ip.parse().unwrap()), "{ip}");
-        }
-        let mapped: CidrList = "::ffff:10.0.0.0/104".parse().unwrap();
-        assert!(mapped.contains("10.1.2.3".parse().unwrap()) && !mapped.contains("11.0.0.1".parse().unwrap()));
-        let all: CidrList = "0.0.0.0/0,::/0".parse().unwrap();
-        assert!(all.contains("192.0.2.1".parse().unwrap()) && all.contains("2001:db8::1".parse().unwrap()));
-        assert_eq!(all.to_string(), "0.0.0.0/0,::/0");
-        for bad in ["", "127.0.0.1", "127.0.0.1/33", "::1/129", "nowhere/8", "10.0.0.0/x"] {
-            assert!(bad.parse::<CidrList>().is_err(), "{bad}");
-        }
-        // A refusal shows how to write a block.
-        let why = |list: &str| list.parse::<CidrList>().unwrap_err();
-        assert_eq!(why("10.0.0.1"), r#""10.0.0.1" is not ADDRESS/LENGTH, e.g. 10.0.0.1/32 for that address alone"#);
-        assert!(why("::1").ends_with("e.g. ::1/128 for that address alone"), "{}", why("::1"));
-        assert!(why("nowhere/8").ends_with("e.g. 10.0.0.0/8 or ::1/128"), "{}", why("nowhere/8"));
-        assert!(why("").contains("e.g. 127.0.0.0/8,::1/128"), "{}", why(""));
     }
 
     #[test]

@@ -189,9 +189,9 @@ pub enum ControllerError {
 }
 
 impl ControllerError {
-    /// The store refused the static services of the file `source` was read from.
-    pub fn static_services(source: Option<&crate::config::ConfigSource>, refused: StoreError) -> Self {
-        ControllerError::Static { path: source.map(|s| s.file.path.clone()).unwrap_or_default(), source: refused }
+    /// The store refused the static services of the file at `path`.
+    pub fn static_services(path: Option<&std::path::Path>, refused: StoreError) -> Self {
+        ControllerError::Static { path: path.map(std::path::Path::to_path_buf).unwrap_or_default(), source: refused }
     }
 }
 

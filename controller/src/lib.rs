@@ -4,18 +4,26 @@
 //! process, so a single command gives a working load balancer.
 //!
 //! # Layout
-//! - [`cli`] and [`config`]: flags, and the validated configuration built from them.
+//! - [`cli`] and [`config`]: flags, and the validated configuration built from them. `config` builds the
+//!   value types of the modules that use them (the store's port ranges and bounds, the JSON door's address
+//!   blocks, gRPC's TLS) and owns none.
 //! - [`store`]: the single source of truth, in rooms: registry and commit, nodes and cluster load, events,
 //!   read model.
 //! - [`probe`]: the hello health check shared by both registration channels.
 //! - [`statics`]: the static services of the `--config` file and the controller's checks of their backends.
 //! - [`api`]: JSON channel, gRPC, admin HTTP (with `/metrics` and the dashboard), and the doors' tokens
 //!   and connection caps.
-//! - [`metrics`]: the controller's Prometheus series.
+//! - [`metrics`]: the controller's Prometheus series; a leaf, reading the store and the doors through the
+//!   traits it defines.
 //! - [`etcd`]: the link to etcd of controllers run as replicas: a mirror of the prefix,
 //!   followed through compactions and outages, and the keys a controller owns under its lease; [`replica`]:
-//!   what a controller publishes there and imports from the others.
-//! - [`error`]: one error enum per boundary.
+//!   the store's port on etcd (the store publishes through [`store::Replication`], alone or replicated,
+//!   with no branch on which), the key schema and its codecs, what a controller derives from the mirror,
+//!   and the loop that publishes there and imports from the others.
+//! - [`error`]: one error enum per boundary; a leaf too.
+//!
+//! No module imports one that imports it back (`tests/tests/module_graph.rs` fails on a circle): `config`
+//! above `api`, `statics` and `store`; `api` above `store`; `store` above `metrics` and `error`.
 //!
 //! The domain types and their wire conversions are the contract crate's; the `dataplane` crate is used only
 //! to embed a node.
@@ -62,6 +70,8 @@ pub struct Controller {
     grpc: TcpListener,
     admin: TcpListener,
     store: Arc<Store>,
+    /// The store's port with replicas (`--store etcd://`).
+    replica: Option<Arc<replica::Etcd>>,
     embedded: Option<store::NodeLink>,
     statics: statics::Statics,
     hangups: Signal,
@@ -113,12 +123,17 @@ impl Controller {
             settings_need_authority: config.tokens.auth.is_some(),
             node_forget_after: config.node_forget_after,
         };
-        let store = match config.store {
-            config::StoreSettings::Memory => Store::new(policy, config.print_state),
-            config::StoreSettings::Etcd { .. } => Store::replicated(policy, config.print_state),
+        // The store's port: alone, commits are published at once; replicated, through etcd.
+        let replica = match config.store {
+            config::StoreSettings::Memory => None,
+            config::StoreSettings::Etcd { .. } => Some(Arc::new(replica::Etcd::default())),
+        };
+        let store = match &replica {
+            None => Store::new(policy, config.print_state),
+            Some(port) => Store::with_replication(policy, config.print_state, Arc::clone(port) as _),
         };
         // Replicated, the state is etcd's from the first list on: nothing to relearn.
-        if !config.resync_grace.is_zero() && !store.is_replicated() {
+        if !config.resync_grace.is_zero() && replica.is_none() {
             store.begin_warm_up()?;
         }
         // The embedded node counts as connected from the start: a registration that arrives right after
@@ -127,15 +142,14 @@ impl Controller {
             config.embedded_node.as_ref().map(|node| store.connect_node(&node.node_id, None, None)).transpose()?;
         // Static services are in the store before READY; replicated, once etcd is reached (in `run`).
         let mut statics = statics::Statics::new(Arc::clone(&store));
-        if !store.is_replicated() {
-            statics
-                .apply(&config.static_services)
-                .await
-                .map_err(|source| ControllerError::static_services(config.source.as_ref(), source))?;
+        if replica.is_none() {
+            statics.apply(&config.static_services).await.map_err(|source| {
+                ControllerError::static_services(config.source.as_ref().map(config::ConfigSource::path), source)
+            })?;
         }
         // Taken before READY, so a SIGHUP from then on reloads and never kills.
         let hangups = signal(SignalKind::hangup()).map_err(ControllerError::Signal)?;
-        Ok(Controller { config, json, grpc, admin, store, embedded, statics, hangups, inherited })
+        Ok(Controller { config, json, grpc, admin, store, replica, embedded, statics, hangups, inherited })
     }
 
     /// Where the listeners are bound.
@@ -161,10 +175,10 @@ impl Controller {
     ) -> Result<(), ControllerError> {
         let line = self.ready_line();
         let addrs = self.local_addrs();
-        let Controller { config, json, grpc, admin, store, embedded, statics, hangups, inherited } = self;
+        let Controller { config, json, grpc, admin, store, replica, embedded, statics, hangups, inherited } = self;
         let mut tasks = JoinSet::new();
         let mut registry = contract::metrics::registry("controller");
-        metrics::register(&mut registry, &store);
+        metrics::register(&mut registry, store.metrics(), Arc::clone(&store) as Arc<dyn metrics::StoreReadout>);
         let mut node = match &config.embedded_node {
             Some(node) => Some(EmbeddedNode::new(node.clone(), &mut registry)?),
             None => None,
@@ -200,12 +214,12 @@ impl Controller {
         let shutdown = control;
         let reload = Reload {
             statics,
-            pending: store.is_replicated().then(|| config.static_services.clone()),
+            pending: replica.is_some().then(|| config.static_services.clone()),
             source: config.source.clone(),
             hangups,
         };
         tasks.spawn(reload.run(shutdown.clone()));
-        if !config.resync_grace.is_zero() && !store.is_replicated() {
+        if !config.resync_grace.is_zero() && replica.is_none() {
             let store = Arc::clone(&store);
             let (grace, mut shutdown) = (config.resync_grace, shutdown.clone());
             tasks.spawn(async move {
@@ -229,7 +243,11 @@ impl Controller {
         let json_door = Door::new("json", "JSON control connections", DoorCaps::of(shares.json), timeouts);
         let grpc_door = Door::new("grpc", "gRPC connections", DoorCaps::of(shares.grpc), timeouts);
         let admin_door = Door::new("admin", "admin HTTP connections", DoorCaps::of(shares.admin), timeouts);
-        metrics::register_doors(&mut registry, [&json_door, &grpc_door, &admin_door]);
+        let doors = [&json_door, &grpc_door, &admin_door];
+        metrics::register_doors(
+            &mut registry,
+            doors.map(|door| Arc::clone(door) as Arc<dyn metrics::DoorReadout>).into(),
+        );
         let json_ctx = Arc::new(api::json::JsonContext {
             store: Arc::clone(&store),
             probe: config.probe,
@@ -280,12 +298,14 @@ impl Controller {
         };
         let grpc = CappedListener::new(grpc, grpc_door);
         tasks.spawn(api::grpc::serve(grpc, Arc::clone(&store), settings, shutdown.clone()));
-        if let config::StoreSettings::Etcd { endpoints, prefix, lease_ttl, id } = config.store.clone() {
+        if let (config::StoreSettings::Etcd { endpoints, prefix, lease_ttl, id }, Some(port)) =
+            (config.store.clone(), replica)
+        {
             let etcd = etcd::EtcdConfig { endpoints, prefix, lease_ttl };
             let replica = replica::ReplicaConfig { etcd, id };
             let (store, shutdown) = (Arc::clone(&store), shutdown.clone());
             tasks.spawn(async move {
-                replica::run(replica, store, shutdown).await;
+                replica::run(replica, store, port, shutdown).await;
                 Ok(())
             });
         }
@@ -353,7 +373,12 @@ impl Reload {
                         () = stopped(&mut shutdown) => return Ok(()),
                     }
                 }
-                Err(source) => return Err(ControllerError::static_services(self.source.as_ref(), source)),
+                Err(source) => {
+                    return Err(ControllerError::static_services(
+                        self.source.as_ref().map(config::ConfigSource::path),
+                        source,
+                    ));
+                }
             }
         }
         loop {

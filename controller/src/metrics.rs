@@ -2,6 +2,9 @@
 //! round trips, snapshot push times), and what is read from the store when scraped (registrations and
 //! nodes now, each backend's health, weight, drain and cluster-wide connections). The embedded node's
 //! data-path series are registered in the same registry.
+//!
+//! A leaf: the store and the doors are read through [`StoreReadout`] and [`DoorReadout`], which they
+//! implement, so this module names no module above it.
 
 use std::sync::Arc;
 
@@ -21,10 +24,27 @@ use prometheus_client::{
     registry::{Registry, Unit},
 };
 
-use crate::{
-    api::door::Door,
-    store::{OriginKind, Store},
-};
+/// What the store shows when scraped.
+pub trait StoreReadout: Send + Sync + std::fmt::Debug + 'static {
+    /// The read model: services, backends and nodes now.
+    fn view(&self) -> StateView;
+    /// Live registrations by origin name (`json`, `grpc`, `agent`, `static`, `replica`).
+    fn registrations_by_origin(&self) -> Vec<(&'static str, usize)>;
+}
+
+/// What a door shows when scraped.
+pub trait DoorReadout: Send + Sync + std::fmt::Debug + 'static {
+    /// The door's name: `json`, `grpc` or `admin`.
+    fn name(&self) -> &'static str;
+    /// Connections open now.
+    fn open(&self) -> usize;
+    /// Connections refused on arrival so far.
+    fn refusals(&self) -> u64;
+    /// Idle connections closed to make room so far.
+    fn evictions(&self) -> u64;
+    /// Connections closed for their first-request or idle timeout so far.
+    fn timeouts_fired(&self) -> u64;
+}
 
 /// The labels of a per-origin series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -57,18 +77,18 @@ struct DoorLabels {
 }
 
 /// One counter of every door: its name, help, series and how it is read.
-type DoorCount = (&'static str, &'static str, Family<DoorLabels, Counter>, fn(&Door) -> u64);
+type DoorCount = (&'static str, &'static str, Family<DoorLabels, Counter>, fn(&dyn DoorReadout) -> u64);
 
 /// Reads the doors' tables when scraped.
 #[derive(Debug)]
 struct DoorCollector {
-    doors: Vec<Arc<Door>>,
+    doors: Vec<Arc<dyn DoorReadout>>,
 }
 
 /// Reads the store when scraped.
 #[derive(Debug)]
 struct StoreCollector {
-    store: Arc<Store>,
+    store: Arc<dyn StoreReadout>,
 }
 
 // === impl ControllerMetrics ===
@@ -85,15 +105,14 @@ impl Default for ControllerMetrics {
 }
 
 impl ControllerMetrics {
-    /// A registration from `origin` opened.
-    pub fn registration_opened(&self, origin: OriginKind) {
-        self.registrations.get_or_create(&OriginLabels { origin: origin.as_str() }).inc();
+    /// A registration from `origin` (its name: `json`, `grpc`, ...) opened.
+    pub fn registration_opened(&self, origin: &'static str) {
+        self.registrations.get_or_create(&OriginLabels { origin }).inc();
     }
 }
 
-/// Registers the controller's series, those counted in `store` and those read from it, in `registry`.
-pub fn register(registry: &mut Registry, store: &Arc<Store>) {
-    let metrics = store.metrics();
+/// Registers the controller's series, those counted in `metrics` and those read from `store`, in `registry`.
+pub fn register(registry: &mut Registry, metrics: &ControllerMetrics, store: Arc<dyn StoreReadout>) {
     registry.register(
         "registrations_opened",
         "Registrations opened, by origin (json, grpc, agent)",
@@ -111,12 +130,12 @@ pub fn register(registry: &mut Registry, store: &Arc<Store>) {
         Unit::Seconds,
         metrics.snapshot_push.clone(),
     );
-    registry.register_collector(Box::new(StoreCollector { store: Arc::clone(store) }));
+    registry.register_collector(Box::new(StoreCollector { store }));
 }
 
 /// Registers the series of the doors' tables (open connections, refusals, evictions, timeouts).
-pub fn register_doors<'a>(registry: &mut Registry, doors: impl IntoIterator<Item = &'a Arc<Door>>) {
-    registry.register_collector(Box::new(DoorCollector { doors: doors.into_iter().map(Arc::clone).collect() }));
+pub fn register_doors(registry: &mut Registry, doors: Vec<Arc<dyn DoorReadout>>) {
+    registry.register_collector(Box::new(DoorCollector { doors }));
 }
 
 // === impl DoorCollector ===
@@ -129,26 +148,26 @@ impl Collector for DoorCollector {
                 "door_refused",
                 "Connections refused on arrival: every one under the cap they met had a request in flight.",
                 Family::default(),
-                Door::refusals,
+                |door| door.refusals(),
             ),
             (
                 "door_evicted",
                 "Connections without a request in flight closed to make room for a newcomer.",
                 Family::default(),
-                Door::evictions,
+                |door| door.evictions(),
             ),
             (
                 "door_timed_out",
                 "Connections closed for making no request within --first-request-timeout or their idle timeout.",
                 Family::default(),
-                Door::timeouts_fired,
+                |door| door.timeouts_fired(),
             ),
         ];
         for door in &self.doors {
             let labels = DoorLabels { door: door.name() };
             open.get_or_create(&labels).set(i64::try_from(door.open()).unwrap_or(i64::MAX));
             for (_, _, family, read) in &counts {
-                family.get_or_create(&labels).inc_by(read(door));
+                family.get_or_create(&labels).inc_by(read(door.as_ref()));
             }
         }
         open.encode(encoder.encode_descriptor(
@@ -178,7 +197,7 @@ impl Collector for StoreCollector {
 
         let family = Family::<OriginLabels, Gauge>::default();
         for (origin, count) in registrations {
-            family.get_or_create(&OriginLabels { origin: origin.as_str() }).set(count as i64);
+            family.get_or_create(&OriginLabels { origin }).set(count as i64);
         }
         family.encode(encoder.encode_descriptor(
             "registrations",

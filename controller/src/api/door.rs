@@ -23,6 +23,8 @@ use contract::limit::{Throttle, WARN_EVERY};
 use futures::task::AtomicWaker;
 use tokio::time::Instant;
 
+use crate::metrics::DoorReadout;
+
 /// How long a connection of a door may stay without a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DoorTimeouts {
@@ -265,6 +267,28 @@ impl Door {
     /// Counts a connection closed for its silence.
     pub fn timed_out(&self) {
         self.timed_out.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl DoorReadout for Door {
+    fn name(&self) -> &'static str {
+        Door::name(self)
+    }
+
+    fn open(&self) -> usize {
+        Door::open(self)
+    }
+
+    fn refusals(&self) -> u64 {
+        Door::refusals(self)
+    }
+
+    fn evictions(&self) -> u64 {
+        Door::evictions(self)
+    }
+
+    fn timeouts_fired(&self) -> u64 {
+        Door::timeouts_fired(self)
     }
 }
 

@@ -32,9 +32,9 @@ use super::{
     invalid_argument,
     listener::CappedListener,
     sync::{DataplaneApi, DataplaneServer},
+    tls::ServerTls,
 };
 use crate::{
-    config::ServerTls,
     error::ControllerError,
     probe::{Probe, ProbeAction, ProbeSettings},
     store::{Credential, Origin, OriginKind, Registration, Requester, Store},

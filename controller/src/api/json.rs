@@ -21,12 +21,12 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::{
     auth::{Caller, Guard},
+    cidr::CidrList,
     door::{Door, Full, InFlight, Slot},
     framing::{Frame, Framer},
     request::{self, Presented, Request},
 };
 use crate::{
-    config::CidrList,
     probe::{Probe, ProbeAction, ProbeSettings},
     store::{Credential, Origin, Registration, Store},
 };

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cidr;
 pub mod door;
 pub mod framing;
 pub mod grpc;
@@ -13,6 +14,7 @@ pub mod json;
 pub mod listener;
 pub mod request;
 pub mod sync;
+pub mod tls;
 
 use contract::convert::ConvertError;
 use tonic::Status;

@@ -32,7 +32,7 @@ use tonic_prost::{ProstCodec, ProstDecoder};
 use tracing::{debug, warn};
 
 use super::invalid_argument;
-use crate::config::EMBEDDED_NODE;
+use crate::store::EMBEDDED_NODE;
 use crate::store::{ClusterLoadFeed, NodeLink, Store};
 
 /// `switchboard.v1.Dataplane`.

@@ -56,7 +56,7 @@ impl Store {
         record.credential = credential;
         let ended = record.ended_by_operator.subscribe();
         Self::keep(&mut state, draft)?;
-        self.metrics.registration_opened(origin.kind);
+        self.metrics.registration_opened(origin.kind.as_str());
         Ok((id, ended))
     }
 
@@ -343,7 +343,7 @@ impl Store {
         let mut state = self.lock();
         let current = state.version;
         // Replicated, versions are etcd's revisions: they only go up, whatever a node knew.
-        if version < current || self.is_replicated() {
+        if version < current || !self.replication.follows_node_versions() {
             return Ok(current);
         }
         state.version = version;

@@ -6,8 +6,12 @@
 //! - [`nodes`]: connected nodes, the addresses their frontends listen on and their bind results (the
 //!   verdict a registration waits for).
 //! - [`load`]: the nodes' connection counts summed into each node's cluster view, and servers' load reports.
+//! - [`policy`]: the ports services may use and the bounds on what registrations may hold.
 //! - [`events`]: the broadcast of state changes.
-//! - [`shared`]: with replicas, the backends this controller publishes and the ones it imports.
+//! - [`replication`]: the port commits are published through: alone, at once; with replicas, through the
+//!   shared store (`crate::replica`).
+//! - [`shared`]: with replicas, the backends this controller publishes and the ones it imports, the
+//!   operators' choices made anywhere, and the snapshots made from the shared store.
 //! - [`statics`]: the static backends of the configuration file, each (re)load one version.
 //! - [`view`]: the read model operators see, and `--print-state`.
 //!
@@ -107,8 +111,10 @@ mod changes;
 pub mod events;
 pub mod load;
 pub mod nodes;
+mod policy;
 pub mod registration;
 mod registry;
+pub mod replication;
 pub mod shared;
 pub mod statics;
 mod view;
@@ -122,18 +128,16 @@ use std::{
 
 use contract::model::{Event, RoutingSnapshot};
 use tokio::sync::{broadcast, watch};
-use tracing::{error, info, warn};
+use tracing::error;
 
 pub use load::ClusterLoadFeed;
-pub use nodes::{FrontendVerdict, NodeLink};
+pub use nodes::{EMBEDDED_NODE, FrontendVerdict, NodeLink};
+pub use policy::{PortRanges, RegistryLimits};
 pub use registration::{Credential, Origin, OriginKind, Registration, Requester};
+pub use replication::{InMemory, Replication};
 
 use self::{nodes::NodeTable, registry::Registry};
-use crate::{
-    config::{PortRanges, RegistryLimits},
-    error::StoreError,
-    metrics::ControllerMetrics,
-};
+use crate::{error::StoreError, metrics::ControllerMetrics};
 
 /// Which ports services may use, and which backends are the balancer itself.
 #[derive(Debug, Clone)]
@@ -186,17 +190,8 @@ pub struct Store {
     recent: Mutex<events::Recent>,
     /// What the store counts for `/metrics`.
     metrics: ControllerMetrics,
-    /// With a shared store: why it cannot be reached now (then changes are refused).
-    shared_down: Mutex<Option<String>>,
-    /// With a shared store, the snapshots nodes get are made from etcd by the replica, not by commits:
-    /// then this holds, per backend of this controller's own registrations, the etcd revision at which
-    /// its key holds what was last committed (0: not there yet).
-    shared_revisions: Option<watch::Sender<std::collections::HashMap<(contract::model::ServiceKey, SocketAddr), u64>>>,
-    /// Bumped on every commit and every change of this controller's nodes (a node joining, leaving or
-    /// acking): what a replica publishes moves with it.
-    local_changes: watch::Sender<u64>,
-    /// With a shared store: where this controller's operator changes go to be shared.
-    operator: Mutex<Option<tokio::sync::mpsc::UnboundedSender<shared::OperatorChange>>>,
+    /// How commits reach nodes: at once, or through the shared store.
+    replication: Arc<dyn Replication>,
     /// Every connected node's counts summed, computed once per change of any of them and outside the
     /// state lock; each node's view is this less its own rows.
     totals: Mutex<load::ClusterTotals>,
@@ -221,19 +216,16 @@ const PUBLISHED_KEPT: usize = 64;
 // === impl Store ===
 
 impl Store {
-    /// An empty store at version 0.
+    /// An empty store at version 0, alone: every commit is published at once.
     pub fn new(policy: Policy, print_state: bool) -> Arc<Self> {
-        Self::build(policy, print_state, false)
+        Self::with_replication(policy, print_state, Arc::new(InMemory))
     }
 
-    /// A store whose snapshots come from the shared store (`--store etcd://`): commits change the
-    /// registry (this controller's registrations and what it imported) but publish nothing; the replica
-    /// publishes the snapshot of every etcd revision, the same on every controller.
-    pub fn replicated(policy: Policy, print_state: bool) -> Arc<Self> {
-        Self::build(policy, print_state, true)
-    }
-
-    fn build(policy: Policy, print_state: bool, replicated: bool) -> Arc<Self> {
+    /// An empty store at version 0 whose commits reach nodes through `replication`. With a shared store
+    /// (`--store etcd://`), commits change the registry (this controller's registrations and what it
+    /// imported) but publish nothing; the replica publishes the snapshot of every etcd revision, the same
+    /// on every controller.
+    pub fn with_replication(policy: Policy, print_state: bool, replication: Arc<dyn Replication>) -> Arc<Self> {
         Arc::new(Store {
             state: Mutex::default(),
             policy,
@@ -243,10 +235,7 @@ impl Store {
             events: broadcast::Sender::new(1024),
             recent: Mutex::default(),
             metrics: ControllerMetrics::default(),
-            shared_down: Mutex::default(),
-            local_changes: watch::Sender::new(0),
-            shared_revisions: replicated.then(|| watch::Sender::new(Default::default())),
-            operator: Mutex::default(),
+            replication,
             totals: Mutex::default(),
         })
     }
@@ -268,47 +257,25 @@ impl Store {
         Self::check(state, &draft)?;
         state.version += 1;
         state.registry = draft;
-        self.local_changes.send_modify(|n| *n += 1);
-        if self.shared_revisions.is_none() {
-            self.snapshots.send_replace(Arc::new(state.registry.snapshot(state.version)));
+        let version = state.version;
+        if let Some(snapshot) = self.replication.committed(&|| state.registry.snapshot(version)) {
+            self.snapshots.send_replace(Arc::new(snapshot));
         }
         if state.published.len() == PUBLISHED_KEPT {
             state.published.pop_front();
         }
-        let version = state.version;
         state.published.push_back((version, Instant::now()));
         Ok(version)
     }
 
-    /// With a shared store: records whether it can be reached (`None`) or why not. While it cannot,
-    /// registrations and operator changes are refused with [`StoreError::Unavailable`]; what is
-    /// registered stays served, and a registration that ends is still removed.
-    pub fn set_shared_down(&self, why: Option<String>) {
-        let mut down = self.shared_down.lock().unwrap_or_else(|e| e.into_inner());
-        match (&*down, &why) {
-            (None, Some(why)) => warn!(%why, "shared store unavailable: refusing changes, serving what is registered"),
-            (Some(_), None) => info!("shared store reachable again: taking changes"),
-            _ => {}
-        }
-        *down = why;
-    }
-
     /// Refuses a change while the shared store cannot be reached.
     pub fn check_shared(&self) -> Result<(), StoreError> {
-        match &*self.shared_down.lock().unwrap_or_else(|e| e.into_inner()) {
-            Some(why) => Err(StoreError::Unavailable(why.clone())),
-            None => Ok(()),
-        }
-    }
-
-    /// Moves on every commit and every change of this controller's nodes.
-    pub fn watch_local_changes(&self) -> watch::Receiver<u64> {
-        self.local_changes.subscribe()
+        self.replication.check()
     }
 
     /// A node of this controller joined, left or acked.
     fn node_changed(&self) {
-        self.local_changes.send_modify(|n| *n += 1);
+        self.replication.nodes_changed();
     }
 
     /// What the store counts for `/metrics`.

@@ -19,6 +19,9 @@ use tracing::info;
 use super::{State, Store};
 use crate::error::StoreError;
 
+/// The name of the node that runs inside the controller.
+pub const EMBEDDED_NODE: &str = "embedded";
+
 /// Every node that ever connected.
 #[derive(Debug, Default)]
 pub(super) struct NodeTable {

@@ -99,18 +99,13 @@ impl Registration {
         ack_timeout: Duration,
     ) -> Result<RegisterReply, StoreError> {
         let mut registered = self.store.register(self.id, service, backend, ask)?;
-        if self.store.is_replicated() {
-            // Nodes see it once the shared store holds it: wait for its revision.
-            match self.store.shared_revision(service, backend.address, ack_timeout).await {
-                Some(revision) => registered.version = revision,
-                None => {
-                    let why = "registered; the shared store has not confirmed it yet, nodes get it when it does";
-                    return Ok(RegisterReply {
-                        success: true,
-                        message: Some(why.into()),
-                        backend: Some(backend.address),
-                    });
-                }
+        // With replicas, nodes see it once the shared store holds it: the version is its revision.
+        let replication = &self.store.replication;
+        match replication.confirmed(service, backend.address, registered.version, ack_timeout).await {
+            Some(version) => registered.version = version,
+            None => {
+                let why = "registered; the shared store has not confirmed it yet, nodes get it when it does";
+                return Ok(RegisterReply { success: true, message: Some(why.into()), backend: Some(backend.address) });
             }
         }
         let reply =

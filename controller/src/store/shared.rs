@@ -1,17 +1,13 @@
 //! Backends shared between controllers run as replicas: the ones this controller's own registrations
 //! hold (which it publishes), and the ones other controllers hold (which it imports, each under a
 //! registration of origin [`OriginKind::Replica`] that lives exactly as long as the other controller's
-//! key). A backend a local registration holds is never overwritten by an imported one.
+//! key). A backend a local registration holds is never overwritten by an imported one. Also the
+//! operators' choices made on any controller, and the snapshots made from the shared store. Where these
+//! are read and written is the replica's (`crate::replica`): the store names no etcd type.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::SocketAddr,
-    sync::Arc,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc};
 
 use contract::model::{Algorithm, Event, EventKind, ProxyProtocol, RoutingSnapshot, ServiceKey, Weight};
-use tokio::sync::mpsc;
 use tracing::info;
 
 use super::{
@@ -182,17 +178,9 @@ pub struct OperatorChoices {
 }
 
 impl Store {
-    /// The operator changes made on this controller from now on (one reader: the replica task).
-    pub fn operator_changes(&self) -> mpsc::UnboundedReceiver<OperatorChange> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        *self.operator.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
-        rx
-    }
-
+    /// An operator changed something here: the port shares it (with replicas).
     pub(super) fn operator_changed(&self, change: OperatorChange) {
-        if let Some(tx) = &*self.operator.lock().unwrap_or_else(|e| e.into_inner()) {
-            let _ = tx.send(change);
-        }
+        self.replication.operator_changed(change);
     }
 
     /// Applies what operators chose on any controller, in one version when anything changes here.
@@ -253,15 +241,9 @@ impl Store {
 }
 
 impl Store {
-    /// True when snapshots come from the shared store (see [`Store::replicated`]).
-    pub fn is_replicated(&self) -> bool {
-        self.shared_revisions.is_some()
-    }
-
     /// Publishes `snapshot`, made from the shared store at its revision, to every node following this
-    /// controller (unless it is not newer than the one published); `own` says, per backend of this
-    /// controller's registrations, the revision at which its key holds what was last committed.
-    pub fn publish_shared(&self, snapshot: RoutingSnapshot, own: HashMap<(ServiceKey, SocketAddr), u64>) {
+    /// controller, unless it is not newer than the one published.
+    pub fn publish(&self, snapshot: RoutingSnapshot) {
         let version = snapshot.version;
         let newer = self.snapshots.send_if_modified(|current| {
             if version <= current.version {
@@ -276,27 +258,8 @@ impl Store {
                 state.published.pop_front();
             }
             state.published.push_back((version, std::time::Instant::now()));
-        }
-        if let Some(revisions) = &self.shared_revisions {
-            revisions.send_if_modified(|held| {
-                let changed = *held != own;
-                *held = own;
-                changed
-            });
-        }
-        if newer {
+            drop(state);
             self.node_updates.send_modify(|n| *n += 1);
         }
-    }
-
-    /// The revision at which the shared store holds what this controller last committed for `backend`
-    /// of `service`, waiting for it at most `timeout`.
-    pub async fn shared_revision(&self, service: ServiceKey, backend: SocketAddr, timeout: Duration) -> Option<u64> {
-        let revisions = self.shared_revisions.as_ref()?;
-        let mut seen = revisions.subscribe();
-        let found =
-            tokio::time::timeout(timeout, seen.wait_for(|r| r.get(&(service, backend)).is_some_and(|&v| v > 0)));
-        let revisions = found.await.ok()?.ok()?;
-        revisions.get(&(service, backend)).copied()
     }
 }

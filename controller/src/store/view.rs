@@ -5,20 +5,31 @@ use std::collections::HashMap;
 
 use contract::model::{BackendView, FrontendStatus, FrontendView, NodeView, ServiceView, StateView};
 
-use super::{State, Store, load::sum_load};
-use crate::config::EMBEDDED_NODE;
+use super::{EMBEDDED_NODE, OriginKind, State, Store, load::sum_load};
+use crate::metrics::StoreReadout;
 
 // === impl Store ===
 
 impl Store {
     /// The whole state.
     pub fn view(&self) -> StateView {
-        let mut view = self.lock().view(self.policy.load_report_max_age);
-        if self.is_replicated() {
-            // The version nodes get is the shared store's revision, not this controller's commit count.
-            view.version = self.snapshot().version;
-        }
+        let state = self.lock();
+        let mut view = state.view(self.policy.load_report_max_age);
+        // The version nodes get: the commit's alone (a commit publishes under the lock), the shared
+        // store's revision with replicas, not this controller's commit count.
+        view.version = self.snapshot().version;
         view
+    }
+}
+
+impl StoreReadout for Store {
+    fn view(&self) -> StateView {
+        Store::view(self)
+    }
+
+    fn registrations_by_origin(&self) -> Vec<(&'static str, usize)> {
+        let counts = Store::registrations_by_origin(self);
+        counts.into_iter().map(|(kind, count): (OriginKind, usize)| (kind.as_str(), count)).collect()
     }
 }
 

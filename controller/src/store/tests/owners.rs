@@ -6,9 +6,8 @@ use contract::model::{Algorithm, ServiceAsk, ServiceKey};
 
 use super::{backend, origin, requester, store};
 use crate::{
-    config::RegistryLimits,
     error::StoreError,
-    store::{Credential, Origin, Policy, Store},
+    store::{Credential, Origin, Policy, RegistryLimits, Store},
 };
 
 #[test]
