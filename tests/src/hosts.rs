@@ -120,8 +120,8 @@ pub struct Network {
 }
 
 impl Network {
-    /// Why network namespaces cannot be made here, if they cannot (not root). Tests that need them print
-    /// this and skip; as root, a failure to create them is a test failure.
+    /// Why network namespaces cannot be made here, if they cannot (not root). Tests that need them skip
+    /// with this reason ([`crate::tools::skip`]); as root, a failure to create them is a test failure.
     pub fn unavailable() -> Option<String> {
         (!nix::unistd::geteuid().is_root()).then(|| "network namespaces need root".to_owned())
     }

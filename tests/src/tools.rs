@@ -1,15 +1,54 @@
 //! Outside programs the tests drive as real peers (Python's Prometheus parser, Chromium), and the rule for
 //! a missing one: the test fails naming what to install, unless `SWITCHBOARD_SKIP_MISSING_TOOLS=1` turns
-//! that into a skip printed on stderr.
+//! that into a skip. Every skip goes through [`skip`], which prints it and writes it to the skip log that
+//! `scripts/test.sh` counts.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::missing_panics_doc)]
 
-use std::{collections::BTreeMap, io::Write, process::Stdio};
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    path::{Path, PathBuf},
+    process::Stdio,
+};
 
 use serde_json::Value;
 
 /// The opt-out: set to `1`, a test whose tool is missing is skipped (and says so) instead of failing.
 pub const SKIP_MISSING: &str = "SWITCHBOARD_SKIP_MISSING_TOOLS";
+
+/// Where skips are written: the file named by this variable (`scripts/test.sh` sets it, and empties the
+/// file first), else `test-skips.log` in the target directory of the running test.
+pub const SKIP_LOG: &str = "SWITCHBOARD_SKIP_LOG";
+
+/// The skip log (see [`SKIP_LOG`]).
+pub fn skip_log() -> PathBuf {
+    if let Some(path) = std::env::var_os(SKIP_LOG) {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/e2e-HASH -> target, as harness::bin finds it.
+    let exe = std::env::current_exe().expect("test executable path");
+    let target = exe.ancestors().nth(3).expect("target directory");
+    target.join("test-skips.log")
+}
+
+/// Skips the running test: prints `SKIPPED: <test>: <reason>` on stderr and appends the same line to the
+/// [`skip_log`], because cargo shows no stderr of a test that passes. The caller then returns.
+pub fn skip(reason: &str) {
+    skip_to(&skip_log(), reason);
+}
+
+/// [`skip`], written to `log`. The test's name is its thread's, which is how the test harness names it.
+pub fn skip_to(log: &Path, reason: &str) {
+    let thread = std::thread::current();
+    let line = format!("SKIPPED: {}: {reason}", thread.name().unwrap_or("a test"));
+    eprintln!("{line}");
+    let written =
+        std::fs::OpenOptions::new().create(true).append(true).open(log).and_then(|mut file| writeln!(file, "{line}"));
+    if let Err(e) = written {
+        panic!("cannot record the skip in {}: {e}", log.display());
+    }
+}
 
 /// True when `probe` (a program and its arguments) runs and succeeds. Otherwise the test fails naming
 /// `what` and `install`, or, with [`SKIP_MISSING`] set, prints that it is skipped and returns false.
@@ -24,9 +63,9 @@ pub fn require(what: &str, probe: &[&str], install: &str) -> bool {
     if ok {
         return true;
     }
-    let why = format!("{what} is missing: {install} (scripts/setup-test-deps.sh installs it)");
+    let why = format!("{what} is missing: {install} (scripts/test.sh installs it)");
     assert!(std::env::var(SKIP_MISSING).is_ok_and(|v| v == "1"), "{why}; or set {SKIP_MISSING}=1 to skip");
-    eprintln!("SKIPPED: {why}");
+    skip(&why);
     false
 }
 
@@ -35,7 +74,7 @@ pub fn require_prometheus_parser() -> bool {
     require(
         "Python's prometheus_client",
         &["python3", "-c", "import prometheus_client.parser"],
-        "pip install prometheus_client",
+        "apt-get install python3-prometheus-client",
     )
 }
 
@@ -98,4 +137,21 @@ pub fn sample(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option
         .iter()
         .find(|s| s.name == name && labels.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
         .map(|s| s.value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_skip_is_appended_to_the_log_with_the_test_name_and_reason() {
+        let log = std::env::temp_dir().join(format!("switchboard-skips-{}.log", std::process::id()));
+        let _ = std::fs::remove_file(&log);
+        skip_to(&log, "first reason");
+        skip_to(&log, "second reason");
+        let text = std::fs::read_to_string(&log).unwrap();
+        std::fs::remove_file(&log).unwrap();
+        let name = "tools::tests::a_skip_is_appended_to_the_log_with_the_test_name_and_reason";
+        assert_eq!(text, format!("SKIPPED: {name}: first reason\nSKIPPED: {name}: second reason\n"));
+    }
 }

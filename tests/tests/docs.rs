@@ -228,6 +228,21 @@ fn every_chapter_is_in_the_summary() {
     assert!(missing.is_empty(), "chapters missing from {}: {}", summary.display(), missing.join(", "));
 }
 
+/// The README and the introduction open with two commands; the second is the test command, a script that
+/// runs `cargo test --workspace` after the set-up and counts the skips.
+#[test]
+fn the_second_command_shown_first_is_the_test_command() {
+    for doc in ["README.md", "docs/src/introduction.md"] {
+        let text = read(Path::new(doc));
+        let block: Vec<&str> = text.split("```sh\n").nth(1).expect("a sh block").lines().take(2).collect();
+        assert_eq!(block, ["cargo run --release --bin controller", "scripts/test.sh"], "{doc}");
+    }
+    let script = read(Path::new("scripts/test.sh"));
+    for step in ["bash scripts/setup-test-deps.sh\n", "cargo test --workspace \"$@\"", "echo \"skipped: $skips\""] {
+        assert!(script.contains(step), "scripts/test.sh does not run {step}");
+    }
+}
+
 #[test]
 fn the_slug_rules_are_mdbooks_and_githubs() {
     assert_eq!(slug(" The JSON channel"), "the-json-channel");

