@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The test command: installs what the suite needs (scripts/setup-test-deps.sh: as root the Debian packages;
 # not as root it prints the one command to run and stops before compiling), then runs
-# `cargo test --workspace` with any arguments given, then prints one line counting the skipped tests
-# (`skipped: N`) and each skip's reason. Exits non-zero when a test failed, or, with CI set, when any test
+# `cargo test --workspace` with any arguments given, then prints each skip's reason, one line counting the
+# skipped tests (`skipped: N`) and one tally of every test binary's results (`tests: N passed, N failed,
+# N skipped`, a skipped test counted as skipped, not passed). Exits non-zero when a test failed, or, with CI set, when any test
 # was skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,8 @@ export SWITCHBOARD_SKIP_LOG="$target/test-skips.log"
 : >"$SWITCHBOARD_SKIP_LOG"
 
 status=0
-cargo test --workspace "$@" || status=$?
+output="$target/test-output.log"
+cargo test --workspace "$@" 2>&1 | tee "$output" || status=$?
 
 skips=0
 if [ -s "$SWITCHBOARD_SKIP_LOG" ]; then
@@ -29,6 +31,10 @@ if [ -s "$SWITCHBOARD_SKIP_LOG" ]; then
     skips=$(wc -l <"$SWITCHBOARD_SKIP_LOG")
 fi
 echo "skipped: $skips"
+# One tally of the "test result: ok. N passed; N failed; ..." lines of every test binary.
+read -r passed failed < <(sed -n 's/^test result: [A-Za-z]*\. \([0-9]*\) passed; \([0-9]*\) failed;.*/\1 \2/p' "$output" |
+    awk '{ p += $1; f += $2 } END { print p + 0, f + 0 }')
+echo "tests: $((passed - skips)) passed, $failed failed, $skips skipped"
 if ((status != 0)); then
     exit "$status"
 fi
