@@ -41,7 +41,7 @@ pub struct EtcdConfig {
 #[derive(Debug, Error)]
 pub enum EtcdError {
     /// etcd did not answer or refused.
-    #[error("store unavailable: {0}")]
+    #[error("etcd: {0}")]
     Unavailable(#[from] etcd_wire::Error),
     /// A watch ended in a way the follower handles by listing again.
     #[error("the watch ended: {0}")]
