@@ -155,7 +155,7 @@ impl Registry for RegistryApi {
         let caller = request.extensions().get::<Caller>().copied().unwrap_or(Caller::Anyone);
         let client_kind = request.metadata().get(CLIENT_KIND).cloned();
         let mut inbound = request.into_inner();
-        let first = first_message(&mut inbound, self.first_message_timeout)
+        let first = super::first_message(&mut inbound, self.first_message_timeout)
             .await?
             .ok_or_else(|| Status::invalid_argument("stream ended before `register`"))?;
         let Some(register_request::Msg::Register(first)) = first.msg else {
@@ -334,17 +334,6 @@ async fn register_ack(
             RegisterReply { success: false, message: Some(error.to_string()), backend: Some(backend.address) }
         });
     (&reply).into()
-}
-
-/// The first message of a stream, within `timeout`: a stream that waits longer would hold its connection
-/// as a request in flight, which the door never evicts.
-pub(super) async fn first_message<T>(inbound: &mut Streaming<T>, timeout: Duration) -> Result<Option<T>, Status> {
-    match tokio::time::timeout(timeout, inbound.message()).await {
-        Ok(message) => message,
-        Err(_) => Err(Status::deadline_exceeded(format!(
-            "no first message within {timeout:?} of opening the stream (--first-request-timeout)"
-        ))),
-    }
 }
 
 fn response(msg: register_response::Msg) -> RegisterResponse {

@@ -16,8 +16,10 @@ pub mod request;
 pub mod sync;
 pub mod tls;
 
+use std::time::Duration;
+
 use contract::convert::ConvertError;
-use tonic::Status;
+use tonic::{Status, Streaming};
 
 use crate::error::StoreError;
 
@@ -49,4 +51,15 @@ impl From<StoreError> for Status {
 /// A request that does not make a valid domain value is the client's mistake.
 fn invalid_argument(error: ConvertError) -> Status {
     Status::invalid_argument(error.to_string())
+}
+
+/// The first message of a stream, within `timeout`: a stream that waits longer would hold its connection
+/// as a request in flight, which the door never evicts.
+async fn first_message<T>(inbound: &mut Streaming<T>, timeout: Duration) -> Result<Option<T>, Status> {
+    match tokio::time::timeout(timeout, inbound.message()).await {
+        Ok(message) => message,
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "no first message within {timeout:?} of opening the stream (--first-request-timeout)"
+        ))),
+    }
 }

@@ -123,7 +123,7 @@ impl DataplaneApi {
             _ => None,
         };
         let mut inbound = request.into_inner();
-        let first = super::grpc::first_message(&mut inbound, self.first_message_timeout)
+        let first = super::first_message(&mut inbound, self.first_message_timeout)
             .await?
             .ok_or_else(|| Status::invalid_argument("stream ended before `hello`"))?;
         let Some(node_message::Msg::Hello(hello)) = first.msg else {

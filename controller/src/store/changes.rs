@@ -13,8 +13,8 @@ use tracing::{info, warn};
 
 use super::{
     State, Store,
-    registration::{Credential, Origin, OriginKind, Requester},
-    registry::{Backend, RegistrationId, RegistrationRecord},
+    registration::{Credential, Origin, OriginKind, RegistrationId, Requester},
+    registry::{Backend, RegistrationRecord},
     shared::OperatorChange,
 };
 use crate::error::StoreError;

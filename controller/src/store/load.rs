@@ -93,7 +93,7 @@ impl Store {
     }
 
     /// Records the load a registration's server reported for each of its backends.
-    pub(super) fn report_load(&self, registration: super::registry::RegistrationId, load: u32) {
+    pub(super) fn report_load(&self, registration: super::registration::RegistrationId, load: u32) {
         let mut state = self.lock();
         let Some(reg) = state.registry.registrations.get(&registration) else { return };
         let backends: Vec<_> = reg.backends.iter().copied().collect();

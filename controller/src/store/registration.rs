@@ -11,8 +11,18 @@ use std::{
 use contract::model::{BackendSpec, RegisterReply, ServiceAsk, ServiceKey};
 use tokio::sync::watch;
 
-use super::{FrontendVerdict, Store, registry::RegistrationId};
+use super::{FrontendVerdict, Store};
 use crate::error::StoreError;
+
+/// Identifies a registration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RegistrationId(pub(super) u64);
+
+impl std::fmt::Display for RegistrationId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "r{}", self.0)
+    }
+}
 
 /// Where a registration comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,18 +12,8 @@ use contract::model::{Algorithm, BackendSpec, ProxyProtocol, RoutingSnapshot, Se
 
 use tokio::sync::watch;
 
-use super::registration::{Credential, Origin};
+use super::registration::{Credential, Origin, RegistrationId};
 use crate::error::StoreError;
-
-/// Identifies a registration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RegistrationId(pub(super) u64);
-
-impl std::fmt::Display for RegistrationId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "r{}", self.0)
-    }
-}
 
 /// Services, backends and registrations. Cloned into a draft for every change, so a change that fails the
 /// invariants leaves it untouched.

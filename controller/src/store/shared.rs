@@ -12,8 +12,8 @@ use tracing::info;
 
 use super::{
     Store,
-    registration::{Origin, OriginKind},
-    registry::{Backend, RegistrationId},
+    registration::{Origin, OriginKind, RegistrationId},
+    registry::Backend,
 };
 
 /// One backend as controllers share it.

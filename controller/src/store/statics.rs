@@ -16,8 +16,9 @@ use tracing::info;
 
 use super::{
     Store,
+    registration::RegistrationId,
     registration::{Origin, OriginKind},
-    registry::{Backend, RegistrationId},
+    registry::Backend,
 };
 use crate::error::StoreError;
 
