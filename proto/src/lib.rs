@@ -13,6 +13,7 @@
 //! - [`addr`]: the parsers of address flags, whose errors show an example.
 //! - [`auth`]: bearer tokens, presented by clients and checked by the controller.
 //! - [`limit`]: bounds on what clients can make a process hold, and throttled refusal logs.
+//! - [`sources`]: counts per source address and per /24 or /64 prefix, for caps per source.
 //! - [`metrics`]: the Prometheus exposition every admin listener serves at `/metrics`.
 //! - [`config_file`]: `--config PATH`, a TOML file of flags and sections beneath the command line.
 //! - [`check`]: health checks of a server and the rise/fall rule (agents and static backends).
@@ -33,6 +34,7 @@ pub mod limit;
 pub mod metrics;
 pub mod model;
 pub mod process;
+pub mod sources;
 
 /// Generated code of package `switchboard.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

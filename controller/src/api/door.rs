@@ -10,7 +10,7 @@ use std::{
     collections::HashMap,
     fmt,
     future::poll_fn,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -19,7 +19,10 @@ use std::{
     time::Duration,
 };
 
-use contract::limit::{Throttle, WARN_EVERY};
+use contract::{
+    limit::{Throttle, WARN_EVERY},
+    sources::{Prefix, SourceCounts},
+};
 use futures::task::AtomicWaker;
 use tokio::time::Instant;
 
@@ -82,15 +85,8 @@ struct Table {
     next: u64,
     open: HashMap<u64, Arc<Activity>>,
     by_peer: HashMap<SocketAddr, u64>,
-    sources: HashMap<IpAddr, usize>,
-    prefixes: HashMap<Prefix, usize>,
-}
-
-/// A /24 of IPv4 or a /64 of IPv6.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Prefix {
-    V4(u32),
-    V6(u64),
+    /// Connections per source address and per /24 or /64.
+    counts: SourceCounts,
 }
 
 /// Which cap a newcomer ran into: the narrowest full one.
@@ -154,9 +150,10 @@ impl Door {
         let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
         let (ip, prefix) = (peer.ip(), Prefix::of(peer.ip()));
         let mut table = self.table.lock().unwrap_or_else(|e| e.into_inner());
-        let full = if table.sources.get(&ip).copied().unwrap_or(0) >= self.caps.per_source {
+        let (by_source, by_prefix) = table.counts.held(ip);
+        let full = if by_source >= self.caps.per_source {
             Some(Full::Source(self.caps.per_source))
-        } else if table.prefixes.get(&prefix).copied().unwrap_or(0) >= self.caps.per_prefix {
+        } else if by_prefix >= self.caps.per_prefix {
             Some(Full::Prefix(self.caps.per_prefix))
         } else if table.open.len() >= self.caps.max {
             Some(Full::Door(self.caps.max))
@@ -296,8 +293,7 @@ impl DoorReadout for Door {
 
 impl Table {
     fn insert(&mut self, activity: Arc<Activity>) {
-        *self.sources.entry(activity.peer.ip()).or_default() += 1;
-        *self.prefixes.entry(Prefix::of(activity.peer.ip())).or_default() += 1;
+        self.counts.take(activity.peer.ip());
         self.by_peer.insert(activity.peer, activity.id);
         self.open.insert(activity.id, activity);
     }
@@ -308,32 +304,8 @@ impl Table {
         if self.by_peer.get(&activity.peer) == Some(&id) {
             self.by_peer.remove(&activity.peer);
         }
-        let ip = activity.peer.ip();
-        if let Some(held) = self.sources.get_mut(&ip) {
-            *held -= 1;
-            if *held == 0 {
-                self.sources.remove(&ip);
-            }
-        }
-        let prefix = Prefix::of(ip);
-        if let Some(held) = self.prefixes.get_mut(&prefix) {
-            *held -= 1;
-            if *held == 0 {
-                self.prefixes.remove(&prefix);
-            }
-        }
+        self.counts.give_back(activity.peer.ip());
         Some(activity)
-    }
-}
-
-// === impl Prefix ===
-
-impl Prefix {
-    fn of(ip: IpAddr) -> Self {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => Prefix::V4(u32::from(v4) >> 8),
-            IpAddr::V6(v6) => Prefix::V6((u128::from(v6) >> 64) as u64),
-        }
     }
 }
 

@@ -10,28 +10,18 @@
 //! like a [`contract::limit::Permit`].
 
 use std::{
-    collections::HashMap,
     fmt,
-    hash::Hash,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    net::IpAddr,
     sync::{Arc, Mutex},
 };
 
-use contract::limit::{Throttle, WARN_EVERY};
+use contract::{
+    limit::{Throttle, WARN_EVERY},
+    sources::{Prefix, SourceCounts},
+};
 use tokio::time::Instant;
 
 use crate::metrics::Dropped;
-
-/// The network a client address counts in for the per-prefix cap: its /24 for IPv4 (an IPv4-mapped IPv6
-/// address is IPv4 here, as a dual-stack socket reports IPv4 clients that way) and its /64 for IPv6, the
-/// smallest network a site is usually given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Prefix {
-    /// The first three octets of an IPv4 address.
-    V4([u8; 3]),
-    /// The first 64 bits of an IPv6 address.
-    V6(u64),
-}
 
 /// Per-source and per-prefix caps of one frontend, shared by its workers.
 #[derive(Debug)]
@@ -44,10 +34,8 @@ pub struct SourceCaps {
 
 #[derive(Debug)]
 struct Held {
-    /// Sessions per client address (canonical: an IPv4-mapped address is its IPv4 address).
-    sources: HashMap<IpAddr, usize>,
-    /// Sessions per prefix.
-    prefixes: HashMap<Prefix, usize>,
+    /// Sessions per client address and per prefix.
+    counts: SourceCounts,
     /// Refusals are logged at most once per interval for the whole frontend.
     warnings: Throttle,
 }
@@ -87,33 +75,6 @@ pub enum Cap {
     },
 }
 
-// === impl Prefix ===
-
-impl Prefix {
-    /// The prefix `ip` counts in.
-    pub fn of(ip: IpAddr) -> Prefix {
-        match ip.to_canonical() {
-            IpAddr::V4(v4) => {
-                let [a, b, c, _] = v4.octets();
-                Prefix::V4([a, b, c])
-            }
-            IpAddr::V6(v6) => {
-                let [a, b, c, d, ..] = v6.segments();
-                Prefix::V6(u64::from(a) << 48 | u64::from(b) << 32 | u64::from(c) << 16 | u64::from(d))
-            }
-        }
-    }
-}
-
-impl fmt::Display for Prefix {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Prefix::V4([a, b, c]) => write!(f, "{}/24", Ipv4Addr::new(a, b, c, 0)),
-            Prefix::V6(bits) => write!(f, "{}/64", Ipv6Addr::from_bits(u128::from(bits) << 64)),
-        }
-    }
-}
-
 // === impl SourceCaps ===
 
 impl SourceCaps {
@@ -122,11 +83,7 @@ impl SourceCaps {
         Arc::new(SourceCaps {
             per_source,
             per_prefix,
-            held: Mutex::new(Held {
-                sources: HashMap::new(),
-                prefixes: HashMap::new(),
-                warnings: Throttle::new(WARN_EVERY),
-            }),
+            held: Mutex::new(Held { counts: SourceCounts::default(), warnings: Throttle::new(WARN_EVERY) }),
         })
     }
 
@@ -136,9 +93,10 @@ impl SourceCaps {
         let source = ip.to_canonical();
         let prefix = Prefix::of(source);
         let mut held = self.lock();
-        let cap = if held.sources.get(&source).copied().unwrap_or(0) >= self.per_source {
+        let (by_source, by_prefix) = held.counts.held(source);
+        let cap = if by_source >= self.per_source {
             Some(Cap::Source { source, max: self.per_source })
-        } else if held.prefixes.get(&prefix).copied().unwrap_or(0) >= self.per_prefix {
+        } else if by_prefix >= self.per_prefix {
             Some(Cap::Prefix { prefix, max: self.per_prefix })
         } else {
             None
@@ -146,18 +104,14 @@ impl SourceCaps {
         if let Some(cap) = cap {
             return Err(CapReached { cap, warn: held.warnings.admit(now) });
         }
-        *held.sources.entry(source).or_insert(0) += 1;
-        *held.prefixes.entry(prefix).or_insert(0) += 1;
+        held.counts.take(source);
         Ok(SourceSlot { caps: Arc::clone(self), source })
     }
 
     /// Sessions `ip`'s address and `ip`'s prefix hold now.
     #[cfg(test)]
     pub fn held(&self, ip: IpAddr) -> (usize, usize) {
-        let source = ip.to_canonical();
-        let held = self.lock();
-        let count = |n: Option<&usize>| n.copied().unwrap_or(0);
-        (count(held.sources.get(&source)), count(held.prefixes.get(&Prefix::of(source))))
+        self.lock().counts.held(ip)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
@@ -168,23 +122,7 @@ impl SourceCaps {
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        let mut held = self.caps.lock();
-        release(&mut held.sources, self.source);
-        release(&mut held.prefixes, Prefix::of(self.source));
-    }
-}
-
-/// One count less for `key`; a key at zero leaves the map, and a map emptied after a flood gives its
-/// room back.
-fn release<K: Eq + Hash>(counts: &mut HashMap<K, usize>, key: K) {
-    if let Some(count) = counts.get_mut(&key) {
-        *count = count.saturating_sub(1);
-        if *count == 0 {
-            counts.remove(&key);
-            if counts.capacity() > 64 && counts.len() < counts.capacity() / 4 {
-                counts.shrink_to(counts.len() * 2);
-            }
-        }
+        self.caps.lock().counts.give_back(self.source);
     }
 }
 
@@ -221,21 +159,6 @@ mod tests {
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()
-    }
-
-    #[test]
-    fn prefixes_are_the_slash_24_of_ipv4_even_mapped_and_the_slash_64_of_ipv6() {
-        assert_eq!(Prefix::of(ip("192.0.2.7")), Prefix::V4([192, 0, 2]));
-        assert_eq!(Prefix::of(ip("192.0.2.7")), Prefix::of(ip("192.0.2.250")));
-        assert_ne!(Prefix::of(ip("192.0.2.7")), Prefix::of(ip("192.0.3.7")));
-        assert_eq!(Prefix::of(ip("::ffff:192.0.2.9")), Prefix::V4([192, 0, 2]), "mapped IPv4 is IPv4");
-        assert_eq!(Prefix::of(ip("2001:db8:1:2:aaaa::1")), Prefix::V6(0x2001_0db8_0001_0002));
-        assert_eq!(Prefix::of(ip("2001:db8:1:2:aaaa::1")), Prefix::of(ip("2001:db8:1:2:ffff:1:2:3")));
-        assert_ne!(Prefix::of(ip("2001:db8:1:2::1")), Prefix::of(ip("2001:db8:1:3::1")));
-        // ::1 is not a mapped address: it is IPv6, in ::/64.
-        assert_eq!(Prefix::of(ip("::1")), Prefix::V6(0));
-        assert_eq!(Prefix::of(ip("198.51.100.20")).to_string(), "198.51.100.0/24");
-        assert_eq!(Prefix::of(ip("2001:db8:1:2:aaaa::1")).to_string(), "2001:db8:1:2::/64");
     }
 
     #[test]
@@ -290,8 +213,6 @@ mod tests {
             .collect();
         assert_eq!(caps.held(ip("10.9.7.1")), (1, 2));
         drop(slots);
-        let held = caps.lock();
-        assert!(held.sources.is_empty() && held.prefixes.is_empty());
-        assert!(held.sources.capacity() <= 64, "room given back: {}", held.sources.capacity());
+        assert!(caps.lock().counts.is_empty(), "no entry left behind (the room given back: contract::sources)");
     }
 }
