@@ -16,6 +16,8 @@ use axum::{
 use contract::auth::{AUTHORIZATION, Token};
 use tonic::{Status, service::Interceptor};
 
+use crate::store::Credential;
+
 /// Who a call comes from, as its token says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Caller {
@@ -110,6 +112,19 @@ pub fn exposure_warnings(
         warnings.push(format!("--json-allow {allow}: JSON registrations from these sources need no token"));
     }
     warnings
+}
+
+// === impl Caller ===
+
+impl Caller {
+    /// What the caller's token proves, for the owner rule (a node's token proves nothing at the registry).
+    pub fn credential(self) -> Credential {
+        match self {
+            Caller::Operator => Credential::Operator,
+            Caller::Registrant => Credential::Registrant,
+            Caller::Anyone | Caller::Node => Credential::Anonymous,
+        }
+    }
 }
 
 // === impl Guard ===

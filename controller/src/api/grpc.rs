@@ -37,7 +37,7 @@ use super::{
 use crate::{
     error::ControllerError,
     probe::{Probe, ProbeAction, ProbeSettings},
-    store::{Credential, Origin, OriginKind, Registration, Requester, Store},
+    store::{Origin, OriginKind, Registration, Requester, Store},
 };
 
 /// How the gRPC services behave.
@@ -173,7 +173,7 @@ impl Registry for RegistryApi {
         // Not taken while the shared store is out of reach: the stream fails with UNAVAILABLE, which
         // clients retry (an ack refusing it would read as a final no).
         self.store.check_shared()?;
-        let registration = self.store.open_registration(origin, credential(caller))?;
+        let registration = self.store.open_registration(origin, caller.credential())?;
         registration.set_healthy(first.healthy.unwrap_or(true))?;
         let (tx, rx) = mpsc::channel(16);
         let ack = register_ack(&registration, &first, peer, self.bind_ack_timeout).await;
@@ -201,7 +201,7 @@ impl Registry for RegistryApi {
         let request = Deregistration::try_from(request.get_ref()).map_err(invalid_argument)?;
         BackendRules { caller, peer, allow_foreign: self.allow_foreign_backends }.check(request.backend)?;
         let backend = request.backend.resolve(peer.ip(), request.service);
-        let requester = Requester { registration: None, credential: credential(caller), peer: peer.ip() };
+        let requester = Requester { registration: None, credential: caller.credential(), peer: peer.ip() };
         let version = self.store.unregister(request.service, backend, requester, "deregistered over gRPC")?;
         Ok(Response::new(DeregisterResponse { version }))
     }
@@ -277,15 +277,6 @@ impl RegisterStream {
             }
         };
         self.registration.close(reason);
-    }
-}
-
-/// What a caller's token proves, for the owner rule.
-fn credential(caller: Caller) -> Credential {
-    match caller {
-        Caller::Operator => Credential::Operator,
-        Caller::Registrant => Credential::Registrant,
-        Caller::Anyone | Caller::Node => Credential::Anonymous,
     }
 }
 
